@@ -1,0 +1,20 @@
+//! Error policy.
+//!
+//! 1. Inside modules, `thiserror` enums whose variants carry the *what*: the path, the
+//!    dataset, the config field, the command line. A message must let a sysadmin act
+//!    without reading the source.
+//! 2. External commands fail with [`crate::exec::CommandError`]: the shell-escaped command,
+//!    its exit status or signal, and the tail of its stderr. Providers classify known
+//!    stderr into typed variants conservatively; failure itself is decided by exit status.
+//! 3. `anyhow` appears only at the edge (`main.rs`, `lib.rs::run`, `job.rs`), with
+//!    context naming the job or file; it is printed with `{:#}`.
+//! 4. View errors map to an errno ([`crate::view::ViewError::errno`]); the FUSE adapter
+//!    logs each once and replies with the errno.
+//! 5. No `unwrap()` in `Drop`: log and carry on, cleanup must finish its other steps.
+//!
+//! Exit codes of the binary: 0 success, 1 a job/operation failed, 2 usage or config error.
+
+/// Exit code for "the work failed" (a job, a file in `decrypt`).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad usage, config or input: nothing was attempted.
+pub const EXIT_USAGE: u8 = 2;

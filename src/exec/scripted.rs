@@ -1,0 +1,120 @@
+//! A runner for tests that replays recorded command lines: a queue of
+//! `(expected argv, Output)`. It panics on the first unexpected command and, when
+//! dropped, on expectations left over, so a test pins the exact sequence a provider
+//! issues (how LVM and `zfs send -w` are verified on machines that cannot run them).
+
+use super::{Cmd, Output, Runner, RunningChild};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct ScriptedRunner {
+    expected: Mutex<VecDeque<(Vec<String>, Output)>>,
+    seen: Mutex<Vec<Vec<String>>>,
+}
+
+impl ScriptedRunner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Expects `argv` next (program and arguments, e.g. `["lvs", "--noheadings", ...]`)
+    /// and answers with `out`.
+    pub fn expect<S: AsRef<str>>(&self, argv: &[S], out: Output) -> &Self {
+        let argv = argv.iter().map(|s| s.as_ref().to_owned()).collect();
+        self.expected.lock().unwrap().push_back((argv, out));
+        self
+    }
+
+    /// Every command line seen so far.
+    pub fn seen(&self) -> Vec<Vec<String>> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn next(&self, cmd: &Cmd) -> Output {
+        let argv = cmd.argv();
+        self.seen.lock().unwrap().push(argv.clone());
+        let mut q = self.expected.lock().unwrap();
+        match q.pop_front() {
+            Some((want, out)) if want == argv => out,
+            Some((want, _)) => {
+                drop(q);
+                panic!("unexpected command\n  got:  {argv:?}\n  want: {want:?}")
+            }
+            None => {
+                drop(q);
+                panic!("unexpected command (no more expected): {argv:?}")
+            }
+        }
+    }
+}
+
+impl Runner for ScriptedRunner {
+    fn output(&self, cmd: &Cmd) -> io::Result<Output> {
+        Ok(self.next(cmd))
+    }
+
+    fn spawn(&self, cmd: &Cmd) -> io::Result<Box<dyn RunningChild>> {
+        let out = self.next(cmd);
+        Ok(Box::new(ScriptedChild {
+            out: Some(out),
+            lines: Vec::new(),
+        }))
+    }
+}
+
+impl Drop for ScriptedRunner {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let left = self.expected.lock().map(|q| q.len()).unwrap_or(0);
+        if left > 0 {
+            let q = self.expected.lock().unwrap();
+            panic!(
+                "{left} expected command(s) never ran, first: {:?}",
+                q.front().map(|e| &e.0)
+            );
+        }
+    }
+}
+
+struct ScriptedChild {
+    out: Option<Output>,
+    lines: Vec<Vec<u8>>,
+}
+
+impl RunningChild for ScriptedChild {
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+    fn write_stdin(&mut self, _data: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn close_stdin(&mut self) {}
+    fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.lines.is_empty() {
+            if let Some(out) = self.out.as_mut() {
+                let text = std::mem::take(&mut out.stdout);
+                self.lines = text
+                    .split_inclusive(|b| *b == b'\n')
+                    .rev()
+                    .map(|l| l.to_vec())
+                    .collect();
+            }
+        }
+        Ok(self.lines.pop())
+    }
+    fn signal(&mut self, _sig: i32) -> io::Result<()> {
+        Ok(())
+    }
+    fn wait(mut self: Box<Self>) -> io::Result<Output> {
+        let mut out = self.out.take().unwrap_or_else(|| Output::ok(""));
+        let rest: Vec<u8> = self.lines.drain(..).rev().flatten().collect();
+        if out.stdout.is_empty() {
+            out.stdout = rest;
+        }
+        Ok(out)
+    }
+}

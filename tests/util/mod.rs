@@ -1,0 +1,72 @@
+//! Shared helpers for integration tests: running the binary, guards for real system
+//! parts (FUSE mounts, loop devices, pools, sshd) that clean up even when a test fails.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_snapveil"))
+}
+
+/// Shared material beside the repository (`../shared`).
+pub fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+/// Runs a command and prints everything about it when it did not do what was expected.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    out
+}
+
+pub fn describe(cmd: &Command, out: &Output) -> String {
+    format!(
+        "command: {cmd:?}\nstatus: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs and asserts success, returning stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "expected success\n{}",
+        describe(cmd, &out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs and asserts failure, returning stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        !out.status.success(),
+        "expected failure\n{}",
+        describe(cmd, &out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Fails the test with a clear message when a required tool is missing, unless
+/// SNAPVEIL_TEST_SKIP_MISSING=1 is set (never in CI): a silent skip would pass vacuously.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+            eprintln!("SKIP: {tool} not installed");
+            return false;
+        }
+        panic!("{tool} is not installed: run `make deps` (or set SNAPVEIL_TEST_SKIP_MISSING=1 locally)");
+    }
+    true
+}
