@@ -8,6 +8,7 @@ pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod logging;
+pub mod signals;
 
 use std::process::ExitCode;
 
