@@ -137,3 +137,120 @@ pub fn join_cpath(parent: &[u8], name: &[u8]) -> Vec<u8> {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::config::{dashed_hex, KeyConfig};
+    use super::*;
+    use std::path::PathBuf;
+
+    fn vectors() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/gocryptfs-reverse")
+    }
+
+    fn kat(variant: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(vectors().join(variant).join("kat.json")).unwrap())
+            .unwrap()
+    }
+
+    fn keys_of(variant: &str) -> (KeyConfig, MasterKey) {
+        let p = vectors().join(variant).join("gocryptfs.reverse.conf");
+        let kc = KeyConfig::load_public(&p).unwrap();
+        let mk = kc.unlock(b"PASSWORD").unwrap();
+        (kc, mk)
+    }
+
+    #[test]
+    fn unlocks_gocryptfs_configs_to_the_known_master_key() {
+        for v in ["encnames", "deterministic", "plaintextnames"] {
+            let (_, mk) = keys_of(v);
+            let want = std::fs::read_to_string(vectors().join(v).join("masterkey.hex")).unwrap();
+            assert_eq!(hex::encode(mk.bytes()), want.trim().replace('-', ""), "{v}");
+        }
+        let (kc, _) = keys_of("encnames");
+        assert!(matches!(
+            kc.unlock(b"wrong"),
+            Err(ConfigError::WrongPassword { .. })
+        ));
+    }
+
+    #[test]
+    fn dashed_hex_is_gocryptfs_paper_form() {
+        let (_, mk) = keys_of("encnames");
+        assert_eq!(
+            &*dashed_hex(&mk),
+            "99efb9c8-e12526c6-ae7c4dc3-f6249446-8baf88f1-c8cf903d-5781c7c9-d6469356"
+        );
+        assert_eq!(format!("{mk:?}"), "MasterKey(<redacted>)");
+    }
+
+    #[test]
+    fn names_dirivs_and_symlinks_match_known_answers() {
+        let (kc, mk) = keys_of("encnames");
+        let keys = Keys::new(&mk, kc.flags);
+        let k = kat("encnames");
+        for d in k["dirs"].as_array().unwrap() {
+            let cdir = d["cipher_dir"].as_str().unwrap();
+            assert_eq!(
+                hex::encode(names::dir_iv(NameMode::DirIv, cdir.as_bytes())),
+                d["diriv_hex"].as_str().unwrap(),
+                "diriv of {cdir:?}"
+            );
+        }
+        let mut checked = 0;
+        for n in k["names"].as_array().unwrap() {
+            let cdir = n["cipher_dir"].as_str().unwrap();
+            let iv = names::dir_iv(NameMode::DirIv, cdir.as_bytes());
+            let plain = n["plain_name"].as_str().unwrap();
+            let enc = names::encrypt_component(&keys, &iv, plain.as_bytes());
+            let want = n["encrypted_name"].as_str().unwrap();
+            assert_eq!(
+                enc.long.as_deref().unwrap_or(&enc.shown),
+                want,
+                "name {plain:?}"
+            );
+            assert_eq!(
+                names::decrypt_name(&keys, &iv, want).unwrap(),
+                plain.as_bytes()
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10);
+        for s in k["symlinks"].as_array().unwrap() {
+            let cpath = s["cipher_path"].as_str().unwrap();
+            let name = cpath.rsplit_once('/').map_or(cpath, |(_, n)| n);
+            let got = names::encrypt_symlink(
+                &keys,
+                cpath.as_bytes(),
+                name.as_bytes(),
+                s["target"].as_str().unwrap().as_bytes(),
+            );
+            assert_eq!(got, s["encrypted_target"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn refuses_what_gocryptfs_refuses() {
+        let base =
+            std::fs::read_to_string(vectors().join("encnames/gocryptfs.reverse.conf")).unwrap();
+        for (from, to, why) in [
+            ("\"Version\": 2", "\"Version\": 1", "version"),
+            ("\"AESSIV\"", "\"AESSIV\", \"Nope\"", "unknown feature flag"),
+            ("\"N\": 1024", "\"N\": 512", "scrypt"),
+            (
+                "\"DirIV\",",
+                "\"DirIV\", \"PlaintextNames\",",
+                "PlaintextNames excludes",
+            ),
+            ("\t\t\"AESSIV\"\n", "\t\t\"XChaCha20Poly1305\"\n", "AESSIV"),
+        ] {
+            assert!(base.contains(from), "{from}");
+            let e = KeyConfig::parse(
+                std::path::Path::new("x.conf"),
+                base.replace(from, to).into_bytes(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
+    }
+}
