@@ -161,6 +161,7 @@ impl Filesystem for VeilFs {
         let Some(h) = self.handles.lock().expect("handles lock").get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
+        tracing::trace!(ino, offset, size, "read");
         let core = Arc::clone(&self.core);
         rayon::spawn(move || match core.read(&h, offset.max(0) as u64, size) {
             Ok(d) => reply.data(&d),
