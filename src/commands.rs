@@ -1,14 +1,18 @@
 //! The CLI edge of the view: `init`, `mount`, `umount`, `decrypt`. Turns arguments into
 //! calls of `crypto`, `view` and `decrypt`, with `anyhow` context for the user.
 
-use crate::cli::{DecryptArgs, InitArgs, MountArgs, UmountArgs};
+use crate::cli::{DecryptArgs, InitArgs, MountArgs, OpenArgs, UmountArgs};
 use crate::crypto::config::{self, dashed_hex, write_new_private};
+use crate::crypto::names::CONF_NAME;
 use crate::crypto::{KeyConfig, Keys, MasterKey, NameMode};
 use crate::view::{self, ViewOptions};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
 
 pub fn init(a: InitArgs) -> Result<ExitCode> {
     if a.key.config.exists() {
@@ -86,22 +90,12 @@ pub fn mount(a: MountArgs) -> Result<ExitCode> {
     if a.background {
         return mount_background(&a);
     }
-    let daemon = std::env::var_os(DAEMON_ENV).is_some();
-    if daemon {
-        // Leave the caller's session so its terminal's hangup does not reach us.
-        let _ = nix::unistd::setsid();
-    }
+    let ready = daemon_ready();
     // Fail fast on every checkable input before anything is mounted.
     view::mount::check_paths(&a.source, &a.mountpoint)?;
     let opts = view_options(&a)?;
-    view::mount::run_foreground(&a.source, &a.mountpoint, opts, move || {
-        if daemon {
-            println!("ready");
-            let _ = std::io::stdout().flush();
-            detach_stdio();
-        }
-    })
-    .with_context(|| format!("serving {}", a.mountpoint.display()))?;
+    view::mount::run_foreground(&a.source, &a.mountpoint, opts, ready)
+        .with_context(|| format!("serving {}", a.mountpoint.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -121,24 +115,29 @@ fn detach_stdio() {
     }
 }
 
-/// Runs ourselves in the foreground as a detached child and returns once it reports
-/// that the mount answers; its errors reach our stderr before that.
 fn mount_background(a: &MountArgs) -> Result<ExitCode> {
     view::mount::check_paths(&a.source, &a.mountpoint)?;
     // Unlock here too so a wrong password is reported by this process, not lost.
     drop(view_options(a)?);
+    let mut args: Vec<OsString> = vec![
+        "mount".into(),
+        "--config".into(),
+        a.key.config.clone().into(),
+    ];
+    args.extend(["--passfile".into(), a.key.passfile.clone().into()]);
+    for e in &a.exclude {
+        args.extend(["--exclude".into(), e.into()]);
+    }
+    args.extend([a.source.clone().into(), a.mountpoint.clone().into()]);
+    spawn_daemon(&args, &a.mountpoint)
+}
+
+/// Runs ourselves in the foreground as a detached child and returns once it reports
+/// that the mount answers; its errors reach our stderr before that.
+fn spawn_daemon(args: &[OsString], mountpoint: &Path) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the snapveil binary")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("mount")
-        .arg("--config")
-        .arg(&a.key.config)
-        .arg("--passfile")
-        .arg(&a.key.passfile);
-    for e in &a.exclude {
-        cmd.arg("--exclude").arg(e);
-    }
-    cmd.arg(&a.source)
-        .arg(&a.mountpoint)
+    cmd.args(args)
         .env(DAEMON_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -147,14 +146,30 @@ fn mount_background(a: &MountArgs) -> Result<ExitCode> {
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line).ok();
     if line.trim() == "ready" {
-        println!("{}: mounted (pid {})", a.mountpoint.display(), child.id());
+        println!("{}: mounted (pid {})", mountpoint.display(), child.id());
         return Ok(ExitCode::SUCCESS);
     }
     let status = child.wait()?;
     bail!(
         "{}: mount daemon exited before the mount answered ({status})",
-        a.mountpoint.display()
+        mountpoint.display()
     )
+}
+
+/// In the daemon child: leave the caller's session, and once the mount answers, tell
+/// the parent and let go of its terminal.
+fn daemon_ready() -> impl FnOnce() + Send + 'static {
+    let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    if daemon {
+        let _ = nix::unistd::setsid();
+    }
+    move || {
+        if daemon {
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            detach_stdio();
+        }
+    }
 }
 
 pub fn umount(a: UmountArgs) -> Result<ExitCode> {
@@ -162,21 +177,47 @@ pub fn umount(a: UmountArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
-    let conf_path = a
-        .config
-        .clone()
-        .unwrap_or_else(|| a.encrypted_tree.join(crate::crypto::names::CONF_NAME));
+/// Keys for reading a backup copy: its own `gocryptfs.conf` unless `--config` is given.
+fn copy_keys(config: Option<&Path>, tree: &Path, passfile: &Path) -> Result<Keys> {
+    let conf_path = config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| tree.join(CONF_NAME));
     // A config inside a backup copy is not secret on its own (scrypt-wrapped) and rsync
     // may have stored it with any mode; an explicit --config must be private.
-    let key = if a.config.is_some() {
+    let key = if config.is_some() {
         KeyConfig::load(&conf_path)?
     } else {
         KeyConfig::load_public(&conf_path)?
     };
-    let master = key.unlock_with_passfile(&a.passfile)?;
-    let keys = Keys::new(&master, key.flags);
-    drop(master);
+    let master = key.unlock_with_passfile(passfile)?;
+    Ok(Keys::new(&master, key.flags))
+}
+
+pub fn open(a: OpenArgs) -> Result<ExitCode> {
+    let keys = copy_keys(a.config.as_deref(), &a.target_dir, &a.passfile)?;
+    view::mount::check_paths(&a.target_dir, &a.mountpoint)?;
+    if a.background {
+        drop(keys);
+        let mut args: Vec<OsString> = vec![
+            "open".into(),
+            "--passfile".into(),
+            a.passfile.clone().into(),
+        ];
+        if let Some(c) = &a.config {
+            args.extend(["--config".into(), c.clone().into()]);
+        }
+        args.extend([a.target_dir.clone().into(), a.mountpoint.clone().into()]);
+        return spawn_daemon(&args, &a.mountpoint);
+    }
+    let ready = daemon_ready();
+    let core = Arc::new(view::forward::ForwardCore::new(&a.target_dir, keys)?);
+    tracing::info!(copy = %a.target_dir.display(), mountpoint = %a.mountpoint.display(), "serving decrypted view of a backup copy");
+    view::mount::serve(core, &a.mountpoint, ready)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
+    let keys = copy_keys(a.config.as_deref(), &a.encrypted_tree, &a.passfile)?;
     let r = crate::decrypt::decrypt_tree(&keys, &a.encrypted_tree, &a.out_dir)?;
     eprintln!(
         "snapveil: decrypted {} files ({} bytes), {} directories, {} symlinks, {} other into {}",

@@ -12,8 +12,9 @@
 //! encrypted path.
 
 use crate::crypto::content::{self, BLOCK, CBLOCK, HEADER_LEN};
-use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_SUFFIX};
+use crate::crypto::names::{self, DIRIV_NAME};
 use crate::crypto::{join_cpath, Keys, NameMode};
+use crate::view::forward::{decode_entry, dir_iv_of};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -87,65 +88,10 @@ impl Walker<'_> {
     }
 
     fn dir_iv(&self, dir: &Path, cpath: &[u8], r: &mut Report) -> [u8; 16] {
-        let mode = self.keys.flags.names;
-        if mode != NameMode::DirIv {
-            return [0u8; 16];
-        }
-        match fs::read(dir.join(DIRIV_NAME)) {
-            Ok(b) if b.len() == 16 && b.iter().any(|x| *x != 0) => b.try_into().expect("16 bytes"),
-            Ok(_) => {
-                self.fail(
-                    r,
-                    &dir.join(DIRIV_NAME),
-                    "corrupt directory IV (not 16 non-zero bytes)",
-                );
-                names::dir_iv(mode, cpath)
-            }
-            Err(_) => {
-                tracing::debug!(dir = %dir.display(), "no gocryptfs.diriv; deriving it from the encrypted path");
-                names::dir_iv(mode, cpath)
-            }
-        }
-    }
-
-    /// Plaintext name of entry `shown` in `dir`, or None for metadata files.
-    fn plain_name(
-        &self,
-        dir: &Path,
-        shown: &OsStr,
-        iv: &[u8; 16],
-        root: bool,
-    ) -> Option<Result<Vec<u8>, String>> {
-        let b = shown.as_bytes();
-        let mode = self.keys.flags.names;
-        if root && b == CONF_NAME.as_bytes() {
-            return None;
-        }
-        if mode == NameMode::Plaintext {
-            return Some(Ok(b.to_vec()));
-        }
-        if b == DIRIV_NAME.as_bytes()
-            || (b.starts_with(names::LONGNAME_PREFIX.as_bytes())
-                && b.ends_with(LONGNAME_SUFFIX.as_bytes()))
-        {
-            return None;
-        }
-        let cname = if names::is_long_hash(b) {
-            let np = dir.join(format!("{}{LONGNAME_SUFFIX}", shown.to_string_lossy()));
-            match fs::read(&np) {
-                Ok(c) if !c.is_empty() && c.len() <= 344 => {
-                    String::from_utf8_lossy(&c).into_owned()
-                }
-                Ok(_) => return Some(Err(format!("{}: invalid long-name file", np.display()))),
-                Err(e) => return Some(Err(format!("{}: {e}", np.display()))),
-            }
-        } else {
-            shown.to_string_lossy().into_owned()
-        };
-        Some(
-            names::decrypt_name(self.keys, iv, &cname)
-                .map_err(|e| format!("cannot decrypt name: {e}")),
-        )
+        dir_iv_of(self.keys, dir, cpath).unwrap_or_else(|why| {
+            self.fail(r, &dir.join(DIRIV_NAME), why);
+            names::dir_iv(self.keys.flags.names, cpath)
+        })
     }
 
     fn dir(&self, src: &Path, cpath: &[u8], out: &Path, root: bool, r: &mut Report) {
@@ -160,7 +106,7 @@ impl Walker<'_> {
             .collect();
         ents.sort();
         for (shown, path) in ents {
-            let pname = match self.plain_name(src, &shown, &iv, root) {
+            let pname = match decode_entry(self.keys, src, &shown, &iv, root) {
                 None => continue,
                 Some(Ok(p)) => p,
                 Some(Err(why)) => {

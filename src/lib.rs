@@ -27,5 +27,6 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::Mount(a) => commands::mount(a),
         cli::Command::Umount(a) => commands::umount(a),
         cli::Command::Decrypt(a) => commands::decrypt(a),
+        cli::Command::Open(a) => commands::open(a),
     }
 }

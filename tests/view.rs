@@ -558,3 +558,39 @@ mod bad_input {
         assert_eq!(fs::read(out.join("f")).unwrap(), b"data");
     }
 }
+
+#[test]
+fn open_mounts_a_backup_copy_as_the_plaintext_tree() {
+    for mode in VARIANTS {
+        let t = TempDir::new().unwrap();
+        let src = t.path().join("src");
+        make_edge_tree(&src);
+        let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+        ok(Command::new(bin())
+            .args(["init", "--scrypt-n", "10", "--config"])
+            .arg(&conf)
+            .arg("--passfile")
+            .arg(&pass)
+            .args(snapveil_init_flags(mode)));
+        let copy = t.path().join("copy");
+        {
+            let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
+            ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
+        }
+        let mnt = t.path().join("open");
+        fs::create_dir(&mnt).unwrap();
+        let _g = crate::util::fuse::Mounted { path: mnt.clone() };
+        ok(Command::new(bin())
+            .arg("open")
+            .arg("--background")
+            .arg("--passfile")
+            .arg(&pass)
+            .arg(&copy)
+            .arg(&mnt));
+        let d = diff(&manifest(&src), &manifest(&mnt));
+        assert!(
+            d.is_empty(),
+            "mode {mode}: open view differs from the source:\n{d}"
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! moves reads off the request loop onto the rayon pool so that several reads are
 //! encrypted at once while the loop keeps answering lookups.
 
-use super::{Attr, Handle, Kind, ViewCore, ROOT_INO};
+use super::{Attr, Kind, Tree, ROOT_INO};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, Request,
@@ -17,16 +17,16 @@ use std::time::Duration;
 /// the life of the mount (an hour, refreshed on use).
 const TTL: Duration = Duration::from_secs(3600);
 
-pub struct VeilFs {
-    core: Arc<ViewCore>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+pub struct VeilFs<T: Tree> {
+    core: Arc<T>,
+    handles: Mutex<HashMap<u64, Arc<T::Handle>>>,
     next_fh: AtomicU64,
     /// Called once the kernel has initialised the session: the mount answers.
     on_init: Option<Box<dyn FnOnce() + Send>>,
 }
 
-impl VeilFs {
-    pub fn new(core: Arc<ViewCore>) -> Self {
+impl<T: Tree> VeilFs<T> {
+    pub fn new(core: Arc<T>) -> Self {
         VeilFs {
             core,
             handles: Mutex::new(HashMap::new()),
@@ -80,7 +80,7 @@ fn log_err(op: &str, ino: u64, e: &super::ViewError) {
     }
 }
 
-impl Filesystem for VeilFs {
+impl<T: Tree> Filesystem for VeilFs<T> {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         // Large reads: fewer round trips, more blocks to encrypt in parallel per request.
         let _ = config.set_max_readahead(1 << 20);

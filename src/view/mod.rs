@@ -16,6 +16,7 @@
 //! count 1), so the result never depends on order or remounts and `rsync -H` can never
 //! link two different ciphertexts together.
 
+pub mod forward;
 pub mod fuse;
 pub mod mount;
 
@@ -154,6 +155,55 @@ pub struct Listing {
     pub entries: Vec<(u64, OsString, Kind)>,
     by_name: HashMap<OsString, u64>,
     excluded: HashSet<OsString>,
+}
+
+impl Listing {
+    pub fn new(entries: Vec<(u64, OsString, Kind)>, excluded: HashSet<OsString>) -> Self {
+        let by_name = entries.iter().map(|(i, n, _)| (n.clone(), *i)).collect();
+        Listing {
+            entries,
+            by_name,
+            excluded,
+        }
+    }
+
+    pub fn get(&self, name: &OsStr) -> Option<u64> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// What the FUSE adapter needs from a tree: the reverse (encrypting) view over a
+/// snapshot, or the forward (decrypting) view over a backup copy.
+pub trait Tree: Send + Sync + 'static {
+    type Handle: Send + Sync + 'static;
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError>;
+    fn getattr(&self, ino: u64) -> Result<Attr, ViewError>;
+    fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError>;
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, ViewError>;
+    fn open(&self, ino: u64) -> Result<Self::Handle, ViewError>;
+    fn read(&self, h: &Self::Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError>;
+}
+
+impl Tree for ViewCore {
+    type Handle = Handle;
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError> {
+        ViewCore::lookup(self, parent, name)
+    }
+    fn getattr(&self, ino: u64) -> Result<Attr, ViewError> {
+        ViewCore::getattr(self, ino)
+    }
+    fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError> {
+        ViewCore::listing(self, ino)
+    }
+    fn readlink(&self, ino: u64) -> Result<Vec<u8>, ViewError> {
+        ViewCore::readlink(self, ino)
+    }
+    fn open(&self, ino: u64) -> Result<Handle, ViewError> {
+        ViewCore::open(self, ino)
+    }
+    fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError> {
+        ViewCore::read(self, h, offset, size)
+    }
 }
 
 #[derive(Default)]
@@ -411,8 +461,8 @@ impl ViewCore {
     /// `NotFound`, `Excluded` (EPERM, as gocryptfs), or I/O errors of the source.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError> {
         let l = self.listing(parent)?;
-        match l.by_name.get(name) {
-            Some(ino) => self.getattr(*ino),
+        match l.get(name) {
+            Some(ino) => self.getattr(ino),
             None if l.excluded.contains(name) => Err(ViewError::Excluded),
             None => Err(ViewError::NotFound),
         }
@@ -571,7 +621,7 @@ fn parent_cpath(cpath: &[u8]) -> &[u8] {
     }
 }
 
-fn kind_of_ft(ft: &fs::FileType) -> Kind {
+pub(crate) fn kind_of_ft(ft: &fs::FileType) -> Kind {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         Kind::Dir
@@ -590,7 +640,14 @@ fn kind_of_ft(ft: &fs::FileType) -> Kind {
     }
 }
 
-fn attr_from(ino: u64, kind: Kind, size: u64, nlink: u32, perm: u16, m: &Metadata) -> Attr {
+pub(crate) fn attr_from(
+    ino: u64,
+    kind: Kind,
+    size: u64,
+    nlink: u32,
+    perm: u16,
+    m: &Metadata,
+) -> Attr {
     Attr {
         ino,
         kind,

@@ -6,7 +6,7 @@
 //! a dead "transport endpoint is not connected" mount behind.
 
 use super::fuse::VeilFs;
-use super::{ExportedConf, ViewCore, ViewError};
+use super::{ExportedConf, Tree, ViewCore, ViewError};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use fuser::{MountOption, Session};
 use std::fs;
@@ -317,6 +317,20 @@ pub fn run_foreground(
 ) -> Result<(), MountError> {
     check_paths(source, mountpoint)?;
     let core = build_core(source, opts)?;
+    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
+    serve(core, mountpoint, ready)
+}
+
+/// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
+/// terminating signal arrives (which unmounts cleanly).
+///
+/// # Errors
+/// The mount or the session loop failing.
+pub fn serve<T: Tree>(
+    core: Arc<T>,
+    mountpoint: &Path,
+    ready: impl FnOnce() + Send + 'static,
+) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
     let fs = VeilFs::new(core).on_init(move || {
         // Called on the session thread during INIT: check the answer from another
@@ -354,7 +368,6 @@ pub fn run_foreground(
             }
         }
     });
-    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
     let r = session.run();
     handle.close();
     let _ = waiter.join();
