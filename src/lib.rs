@@ -11,6 +11,7 @@ pub mod decrypt;
 pub mod error;
 pub mod exec;
 pub mod logging;
+pub mod manifest;
 pub mod signals;
 pub mod view;
 

@@ -254,3 +254,32 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn encrypt_path_matches_the_vectors_tree() {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/vectors/gocryptfs-reverse/encnames/gocryptfs.reverse.conf");
+        let kc = KeyConfig::load_public(&p).unwrap();
+        let keys = Keys::new(&kc.unlock(b"PASSWORD").unwrap(), kc.flags);
+        let e = names::encrypt_path(&keys, "sub/deeper/d33.bin".as_bytes());
+        assert_eq!(
+            String::from_utf8(e.cpath).unwrap(),
+            "b5ts0S7ODFM70qH0VIzNzQ/QdEHu3UKkF29h2389be2NA/bJUjlYSK-AW9VQFtxxk58w"
+        );
+        assert_eq!(e.parents.len(), 2);
+        let d = "D".repeat(200);
+        let e = names::encrypt_path(&keys, format!("{d}/link_to_long").as_bytes());
+        assert_eq!(
+            String::from_utf8(e.cpath).unwrap(),
+            "gocryptfs.longname.ltcGDYcovqxi_r8NLqg0aBTqXZklDeUmpolEHDm7VAI/hiKQ6qteRq30ISJBY7WuSw"
+        );
+        assert_eq!(
+            e.long_name_files,
+            vec![b"gocryptfs.longname.ltcGDYcovqxi_r8NLqg0aBTqXZklDeUmpolEHDm7VAI.name".to_vec()]
+        );
+    }
+}

@@ -137,3 +137,50 @@ pub fn decrypt_symlink(keys: &Keys, shown: &[u8]) -> Result<Vec<u8>, NameError> 
         .map_err(|_| NameError::Base64)?;
     super::content::decrypt_block(keys, 0, None, &blob).map_err(|_| NameError::Invalid)
 }
+
+/// Where a plaintext path lives in the encrypted tree, computed locally (reverse mode
+/// derives every directory IV from the encrypted path), so a restore can fetch exactly
+/// the files it needs without listing the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncPath {
+    /// Encrypted relative path of the entry itself.
+    pub cpath: Vec<u8>,
+    /// Encrypted paths of the `.name` companions of long-named components.
+    pub long_name_files: Vec<Vec<u8>>,
+    /// Encrypted paths of the parent directories, outermost first (the root excluded).
+    pub parents: Vec<Vec<u8>>,
+}
+
+/// Maps a plaintext relative path (components separated by `/`) to its encrypted path.
+pub fn encrypt_path(keys: &Keys, plain_rel: &[u8]) -> EncPath {
+    let mut cdir: Vec<u8> = Vec::new();
+    let mut out = EncPath {
+        cpath: Vec::new(),
+        long_name_files: Vec::new(),
+        parents: Vec::new(),
+    };
+    for comp in plain_rel
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        let shown = match keys.flags.names {
+            NameMode::Plaintext => comp.to_vec(),
+            mode => {
+                let e = encrypt_component(keys, &dir_iv(mode, &cdir), comp);
+                if e.long.is_some() {
+                    out.long_name_files.push(join_cpath(
+                        &cdir,
+                        format!("{}{LONGNAME_SUFFIX}", e.shown).as_bytes(),
+                    ));
+                }
+                e.shown.into_bytes()
+            }
+        };
+        if !out.cpath.is_empty() || !cdir.is_empty() {
+            out.parents.push(cdir.clone());
+        }
+        cdir = join_cpath(&cdir, &shown);
+        out.cpath = cdir.clone();
+    }
+    out
+}
