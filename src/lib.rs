@@ -9,7 +9,9 @@ pub mod error;
 pub mod exec;
 pub mod logging;
 pub mod signals;
+pub mod snapshot;
 
+use anyhow::Context;
 use std::process::ExitCode;
 
 /// Runs one CLI invocation. `runner` executes every external command.
@@ -17,8 +19,19 @@ use std::process::ExitCode;
 /// # Errors
 /// Any failure of the chosen command, with context; `main` prints it and exits 1.
 pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    let _ = runner;
     match cli.command {
+        cli::Command::Snapshot(a) => {
+            signals::install().context("installing signal handlers")?;
+            snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {
+                format!("job {}: snapshot of {}", a.target.job, a.target.source)
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Cleanup(a) => {
+            snapshot::cmd::cleanup_cli(runner, &a)
+                .with_context(|| format!("job {}: cleanup of {}", a.target.job, a.target.source))?;
+            Ok(ExitCode::SUCCESS)
+        }
         cli::Command::Init(_)
         | cli::Command::Mount(_)
         | cli::Command::Umount(_)
