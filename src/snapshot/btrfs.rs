@@ -11,6 +11,7 @@ use super::{
     io_err, parse_err, parse_name, FirstError, ParseError, SnapshotError, SnapshotOptions, Tools,
 };
 use crate::exec::{Cmd, Runner};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug)]
@@ -167,6 +168,14 @@ pub(crate) fn cleanup_stale(
     let mut first = FirstError::default();
     for n in candidates {
         let path = dir.join(&n);
+        // The root directory of a subvolume always has inode 256
+        // (BTRFS_FIRST_FREE_OBJECTID); a plain directory with our name is not ours.
+        let is_subvolume =
+            std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.ino() == 256);
+        if !is_subvolume {
+            tracing::warn!(path = %path.display(), "named like a snapshot of this job but not a subvolume: left alone");
+            continue;
+        }
         let info = match show(runner, tools, &path) {
             Ok(i) => i,
             Err(e) => {

@@ -70,3 +70,6 @@ pub fn require_tool(tool: &str) -> bool {
     }
     true
 }
+
+pub mod btrfs;
+pub mod zfs;
