@@ -422,6 +422,7 @@ mod tests {
 
     // `lvs --noheadings --nosuffix --units b --separator '|' -o LVS_FIELDS vg0`, in the
     // format of lvm2 2.03 (Debian 12): indented rows, empty fields for non-snapshots.
+    // Hand-written (no device-mapper here to record from).
     const LVS: &str = include_str!("../../tests/fixtures/outputs/lvs-vg0.txt");
 
     #[test]
