@@ -28,6 +28,8 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         cli::Command::Cleanup(a) => {
+            // A Ctrl-C must not cut a cleanup in half: the flag is only polled, never fatal.
+            signals::install().context("installing signal handlers")?;
             snapshot::cmd::cleanup_cli(runner, &a)
                 .with_context(|| format!("job {}: cleanup of {}", a.target.job, a.target.source))?;
             Ok(ExitCode::SUCCESS)
