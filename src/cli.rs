@@ -38,6 +38,14 @@ pub enum Command {
     Decrypt(DecryptArgs),
     /// Mount a backup copy of the view as a read-only decrypted tree, for browsing.
     Open(OpenArgs),
+    /// Run the configured jobs (all when none is named): snapshot, encrypt, rsync.
+    Run(RunArgs),
+    /// Validate the config without side effects; errors name file, line and field.
+    CheckConfig(ConfigArg),
+    /// Last run of each job: result, duration, bytes sent, generations.
+    Status(ConfigArg),
+    /// List the generations and restore points of a job on its target.
+    List(ListArgs),
     /// Take a temporary snapshot of a source and print its name and read-only path;
     /// release it at once unless --hold or --wait.
     Snapshot(SnapshotArgs),
@@ -160,4 +168,27 @@ pub struct SnapshotArgs {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub target: SnapshotSourceArgs,
+}
+
+/// The job config file.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Job config (TOML).
+    #[arg(long = "config", value_name = "FILE", env = "SNAPVEIL_CONFIG", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Jobs to run (default: all, in config order).
+    pub jobs: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    pub job: String,
 }

@@ -241,3 +241,188 @@ pub fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
         Ok(ExitCode::from(crate::error::EXIT_FAILURE))
     }
 }
+
+/// Loads the job config; on errors prints every problem and exits 2.
+fn load_config(
+    a: &crate::cli::ConfigArg,
+) -> Result<std::result::Result<crate::config::Config, ExitCode>> {
+    match crate::config::load(&a.config) {
+        Ok(c) => {
+            for w in &c.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(Ok(c))
+        }
+        Err(e) => {
+            eprintln!("snapveil: invalid config:\n{e}");
+            Ok(Err(ExitCode::from(crate::error::EXIT_USAGE)))
+        }
+    }
+}
+
+pub fn check_config(a: crate::cli::ConfigArg) -> Result<ExitCode> {
+    let cfg = match load_config(&a)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "{}: OK, {} job(s): {}",
+        a.config.display(),
+        cfg.jobs.len(),
+        cfg.jobs
+            .iter()
+            .map(|j| j.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_jobs(runner: &dyn crate::exec::Runner, a: crate::cli::RunArgs) -> Result<ExitCode> {
+    let cfg = match load_config(&a.config)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    crate::signals::install().context("installing signal handlers")?;
+    let jobs: Vec<&crate::config::Job> = if a.jobs.is_empty() {
+        cfg.jobs.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for n in &a.jobs {
+            match cfg.job(n) {
+                Some(j) => v.push(j),
+                None => {
+                    eprintln!(
+                        "snapveil: no job named {n:?} in {}",
+                        a.config.config.display()
+                    );
+                    return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+                }
+            }
+        }
+        v
+    };
+    let mut failed = Vec::new();
+    for job in jobs {
+        if crate::signals::cancelled() {
+            failed.push(format!("{} (not started: interrupted)", job.name));
+            continue;
+        }
+        let st = crate::job::run_job(runner, &cfg, job);
+        if st.result == "failure" {
+            failed.push(job.name.clone());
+        }
+        println!(
+            "{}: {} in {:.1} s, {} bytes sent{}",
+            st.job,
+            st.result,
+            st.duration_s,
+            st.bytes_sent,
+            st.error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    let names: Vec<String> = cfg.jobs.iter().map(|j| j.name.clone()).collect();
+    if let Err(e) = crate::status::write_prometheus(&cfg.state_dir, &names) {
+        tracing::warn!(
+            "cannot write {}: {e}",
+            cfg.state_dir.join("snapveil.prom").display()
+        );
+    }
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("snapveil: failed: {}", failed.join(", "));
+        Ok(ExitCode::from(crate::error::EXIT_FAILURE))
+    }
+}
+
+pub fn status(a: crate::cli::ConfigArg) -> Result<ExitCode> {
+    let cfg = match load_config(&a)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "{:<16} {:<21} {:<8} {:>9} {:>14} {:>11}  {}",
+        "JOB", "LAST RUN (UTC)", "RESULT", "DURATION", "BYTES SENT", "GENERATIONS", "NOTE"
+    );
+    for j in &cfg.jobs {
+        match crate::status::load(&cfg.state_dir, &j.name) {
+            Some(s) => println!(
+                "{:<16} {:<21} {:<8} {:>8.1}s {:>14} {:>11}  {}{}",
+                s.job,
+                s.finished,
+                s.result,
+                s.duration_s,
+                s.bytes_sent,
+                s.generations
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                if s.consistent || s.result == "failure" {
+                    ""
+                } else {
+                    "NOT a snapshot (live tree) "
+                },
+                s.error.unwrap_or_default()
+            ),
+            None => println!("{:<16} {:<21}", j.name, "never"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result<ExitCode> {
+    let cfg = match load_config(&a.config)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(job) = cfg.job(&a.job) else {
+        eprintln!("snapveil: no job named {:?}", a.job);
+        return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+    };
+    let gens = crate::job::generations(runner, &cfg, job)?;
+    let runs: std::collections::BTreeSet<String> = match &job.target {
+        crate::config::Target::Local(root) => std::fs::read_dir(root.join("runs"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        t => crate::rsync::list(runner, &cfg.tools, t, &job.ssh_args, "runs")?
+            .into_iter()
+            .map(|l| l.name)
+            .collect(),
+    };
+    let points: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.strip_suffix(".json"))
+        .map(String::from)
+        .collect();
+    println!("target {}", job.target);
+    println!(
+        "{:<18} {:<13} {}",
+        "STAMP", "RESTORE POINT", "GENERATION DIR"
+    );
+    let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
+    all.extend(points.iter().cloned());
+    for s in all.iter().rev() {
+        println!(
+            "{:<18} {:<13} {}",
+            s,
+            if points.contains(s) {
+                "yes"
+            } else {
+                "no (failed)"
+            },
+            if gens.contains(s) {
+                format!("generations/{s}/")
+            } else {
+                "-".into()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

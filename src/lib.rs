@@ -6,14 +6,20 @@
 
 pub mod cli;
 mod commands;
+pub mod config;
 pub mod crypto;
 pub mod decrypt;
 pub mod error;
 pub mod exec;
+pub mod hooks;
+pub mod job;
+pub mod lock;
 pub mod logging;
 pub mod manifest;
+pub mod rsync;
 pub mod signals;
 pub mod snapshot;
+pub mod status;
 pub mod view;
 
 use anyhow::Context;
@@ -30,6 +36,10 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::Umount(a) => commands::umount(a),
         cli::Command::Decrypt(a) => commands::decrypt(a),
         cli::Command::Open(a) => commands::open(a),
+        cli::Command::Run(a) => commands::run_jobs(runner, a),
+        cli::Command::CheckConfig(a) => commands::check_config(a),
+        cli::Command::Status(a) => commands::status(a),
+        cli::Command::List(a) => commands::list(runner, a),
         cli::Command::Snapshot(a) => {
             signals::install().context("installing signal handlers")?;
             snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {

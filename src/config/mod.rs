@@ -1,0 +1,206 @@
+//! The job config (`/etc/snapveil/snapveil.toml`): the raw serde document (`raw.rs`), and
+//! the validated, typed [`Config`] the runner uses (`validate.rs`). Every error names the
+//! file, the line and the field, because the person reading it is at 2 a.m. with an editor.
+//!
+//! Owns: parsing and validation without side effects. Does not own: what a job does.
+
+mod raw;
+mod validate;
+
+pub use validate::{load, load_str, parse_duration};
+
+use crate::snapshot::{SnapshotOptions, Source, Tools as SnapshotTools};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_PATH: &str = "/etc/snapveil/snapveil.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// One or more problems, each already formatted as `FILE:LINE: FIELD: reason`.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// What a job does with its source. Only `file` runs today; `zfs-raw` (incremental
+/// `zfs send -w`) is parsed so configs can be written ahead, and refused by `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    File,
+    ZfsRaw,
+}
+
+/// Where backups go. Pull kinds (a backup server reading our view) come later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Local(PathBuf),
+    Ssh {
+        user: Option<String>,
+        host: String,
+        path: String,
+    },
+    RsyncDaemon {
+        host: String,
+        port: Option<u16>,
+        module: String,
+        path: String,
+    },
+}
+
+impl Target {
+    /// The rsync destination for a path below the target root (`sub` without leading /).
+    pub fn rsync_dest(&self, sub: &str) -> String {
+        let join = |base: &str| {
+            if sub.is_empty() {
+                format!("{}/", base.trim_end_matches('/'))
+            } else {
+                format!("{}/{}", base.trim_end_matches('/'), sub)
+            }
+        };
+        match self {
+            Target::Local(p) => join(&p.to_string_lossy()),
+            Target::Ssh { user, host, path } => {
+                let u = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
+                format!("{u}{host}:{}", join(path))
+            }
+            Target::RsyncDaemon {
+                host,
+                port,
+                module,
+                path,
+            } => {
+                let p = port.map(|p| format!(":{p}")).unwrap_or_default();
+                let base = if path.is_empty() {
+                    module.clone()
+                } else {
+                    format!("{module}/{path}")
+                };
+                format!("rsync://{host}{p}/{}", join(&base))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.rsync_dest("");
+        f.write_str(s.trim_end_matches('/'))
+    }
+}
+
+/// restic `forget`-style policy as written in the config; the retention module plans with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub last: Option<i64>,
+    pub hourly: Option<i64>,
+    pub daily: Option<i64>,
+    pub weekly: Option<i64>,
+    pub monthly: Option<i64>,
+    pub yearly: Option<i64>,
+    pub within: Option<String>,
+    pub within_hourly: Option<String>,
+    pub within_daily: Option<String>,
+    pub within_weekly: Option<String>,
+    pub within_monthly: Option<String>,
+    pub within_yearly: Option<String>,
+    /// Prune after a successful run.
+    pub prune: bool,
+}
+
+impl RetentionPolicy {
+    pub fn is_empty(&self) -> bool {
+        [
+            self.last,
+            self.hourly,
+            self.daily,
+            self.weekly,
+            self.monthly,
+            self.yearly,
+        ]
+        .iter()
+        .all(Option::is_none)
+            && [
+                &self.within,
+                &self.within_hourly,
+                &self.within_daily,
+                &self.within_weekly,
+                &self.within_monthly,
+                &self.within_yearly,
+            ]
+            .iter()
+            .all(|w| w.is_none())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    PreSnapshot,
+    PostSnapshot,
+    PostBackup,
+    OnFailure,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::PreSnapshot => "pre_snapshot",
+            Phase::PostSnapshot => "post_snapshot",
+            Phase::PostBackup => "post_backup",
+            Phase::OnFailure => "on_failure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub phase: Phase,
+    /// argv; a config string becomes `["sh", "-c", string]`.
+    pub argv: Vec<String>,
+    pub held: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub name: String,
+    pub mode: Mode,
+    pub source: Source,
+    pub target: Target,
+    pub key_config: PathBuf,
+    pub passfile: PathBuf,
+    pub excludes: Vec<String>,
+    pub rsync_args: Vec<String>,
+    pub ssh_args: Vec<String>,
+    pub snapshot: SnapshotOptions,
+    pub retention: RetentionPolicy,
+    pub hooks: Vec<Hook>,
+    pub verify_every: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub rsync: PathBuf,
+    pub ssh: PathBuf,
+    pub snapshot: SnapshotTools,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub state_dir: PathBuf,
+    pub tools: Tools,
+    pub jobs: Vec<Job>,
+    /// Problems that do not stop a run (e.g. a `dir:` source, which is not a snapshot).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    pub fn job(&self, name: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+}

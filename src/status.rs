@@ -1,0 +1,151 @@
+//! What the last run of each job did, for `snapveil status`, for monitoring
+//! (`STATE_DIR/snapveil.prom`, node_exporter's textfile collector) and for the target's
+//! `runs/STAMP.json` record. Files are written to a temporary name and renamed, so a
+//! reader never sees half a file.
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunStatus {
+    pub job: String,
+    pub stamp: String,
+    /// "success", "warning" (e.g. files vanished) or "failure".
+    pub result: String,
+    pub started: String,
+    pub finished: String,
+    pub duration_s: f64,
+    pub bytes_sent: u64,
+    pub files_transferred: u64,
+    /// False for `dir:` sources: read live, not from a snapshot.
+    pub consistent: bool,
+    pub generations: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Writes `data` to `path` atomically (temp file in the same directory, then rename).
+///
+/// # Errors
+/// I/O errors, with the path.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
+        std::process::id()
+    ));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn status_path(state_dir: &Path, job: &str) -> PathBuf {
+    state_dir.join("status").join(format!("{job}.json"))
+}
+
+/// # Errors
+/// I/O errors writing the status file.
+pub fn save(state_dir: &Path, s: &RunStatus) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(s).expect("status serializes");
+    write_atomic(&status_path(state_dir, &s.job), &json)
+}
+
+pub fn load(state_dir: &Path, job: &str) -> Option<RunStatus> {
+    serde_json::from_slice(&fs::read(status_path(state_dir, job)).ok()?).ok()
+}
+
+/// Prometheus text exposition of the last run of each job.
+pub fn prometheus(statuses: &[RunStatus]) -> String {
+    let mut out = String::new();
+    let metrics: [(&str, &str, &str, fn(&RunStatus) -> f64); 6] = [
+        (
+            "snapveil_last_run_success",
+            "gauge",
+            "1 if the last run succeeded (warnings count as success)",
+            |s| (s.result != "failure") as u8 as f64,
+        ),
+        (
+            "snapveil_last_run_timestamp_seconds",
+            "gauge",
+            "end of the last run, unix time",
+            |s| {
+                chrono::DateTime::parse_from_rfc3339(&s.finished)
+                    .map(|t| t.timestamp() as f64)
+                    .unwrap_or(0.0)
+            },
+        ),
+        (
+            "snapveil_last_run_duration_seconds",
+            "gauge",
+            "duration of the last run",
+            |s| s.duration_s,
+        ),
+        (
+            "snapveil_last_run_bytes_sent",
+            "gauge",
+            "bytes rsync sent in the last run",
+            |s| s.bytes_sent as f64,
+        ),
+        (
+            "snapveil_last_run_consistent",
+            "gauge",
+            "1 if the last run read a snapshot (0 for dir: sources)",
+            |s| s.consistent as u8 as f64,
+        ),
+        (
+            "snapveil_generations",
+            "gauge",
+            "generation directories on the target",
+            |s| s.generations.unwrap_or(0) as f64,
+        ),
+    ];
+    for (name, kind, help, f) in metrics {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for s in statuses {
+            out += &format!("{name}{{job=\"{}\"}} {}\n", s.job, f(s));
+        }
+    }
+    out
+}
+
+/// Rewrites `STATE_DIR/snapveil.prom` from the status files of `jobs`.
+///
+/// # Errors
+/// I/O errors writing the file.
+pub fn write_prometheus(state_dir: &Path, jobs: &[String]) -> std::io::Result<()> {
+    let st: Vec<RunStatus> = jobs.iter().filter_map(|j| load(state_dir, j)).collect();
+    write_atomic(&state_dir.join("snapveil.prom"), prometheus(&st).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_lines() {
+        let s = RunStatus {
+            job: "home".into(),
+            stamp: "20261124T010000Z".into(),
+            result: "success".into(),
+            started: "2026-11-24T01:00:00Z".into(),
+            finished: "2026-11-24T01:00:10Z".into(),
+            duration_s: 10.0,
+            bytes_sent: 42,
+            files_transferred: 1,
+            consistent: true,
+            generations: Some(3),
+            error: None,
+        };
+        let p = prometheus(&[s]);
+        assert!(p.contains("snapveil_last_run_success{job=\"home\"} 1\n"));
+        assert!(
+            p.contains("snapveil_last_run_timestamp_seconds{job=\"home\"} 1795482010\n"),
+            "{p}"
+        );
+        assert!(p.contains("snapveil_generations{job=\"home\"} 3\n"));
+    }
+}
