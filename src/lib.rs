@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod logging;
 pub mod manifest;
+pub mod prune;
 pub mod retention;
 pub mod signals;
 pub mod view;

@@ -535,6 +535,7 @@ pub(crate) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
     (t.format("%Y%m%dT%H%M%SZ").to_string() == s).then(|| t.and_utc())
 }
 
+#[cfg(test)]
 pub(crate) fn format_stamp(t: DateTime<Utc>) -> String {
     t.format("%Y%m%dT%H%M%SZ").to_string()
 }
