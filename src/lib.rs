@@ -31,5 +31,6 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::Umount(a) => commands::umount(a),
         cli::Command::Decrypt(a) => commands::decrypt(a),
         cli::Command::Open(a) => commands::open(a),
+        cli::Command::Prune(a) => prune::command(runner, &a),
     }
 }

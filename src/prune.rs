@@ -1070,5 +1070,56 @@ impl fmt::Display for PruneReport {
     }
 }
 
+/// `snapveil prune --target …`: prints the report on stdout.
+///
+/// # Errors
+/// A bad policy (exit 2: nothing was touched) or a failed prune, with context.
+pub fn command(
+    runner: &dyn Runner,
+    a: &crate::cli::PruneArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    let k = &a.keep;
+    let policy = match Policy::from_parts(
+        [
+            k.keep_last,
+            k.keep_hourly,
+            k.keep_daily,
+            k.keep_weekly,
+            k.keep_monthly,
+            k.keep_yearly,
+        ],
+        [
+            k.keep_within.as_deref(),
+            k.keep_within_hourly.as_deref(),
+            k.keep_within_daily.as_deref(),
+            k.keep_within_weekly.as_deref(),
+            k.keep_within_monthly.as_deref(),
+            k.keep_within_yearly.as_deref(),
+        ],
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("snapveil: error: {e}");
+            return Ok(std::process::ExitCode::from(crate::error::EXIT_USAGE));
+        }
+    };
+    let ssh = a.ssh.split_whitespace().map(String::from).collect();
+    let target = TargetSpec::parse(&a.target, ssh, !a.rsync_only);
+    let opts = PruneOptions {
+        dry_run: a.dry_run,
+        rsync: a.rsync.clone().into(),
+        local: if a.utc {
+            &retention::utc
+        } else {
+            &retention::system_local
+        },
+    };
+    let report = anyhow::Context::with_context(prune(runner, &target, &policy, &opts), || {
+        format!("prune {target} ({policy})")
+    })?;
+    print!("{report}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests;
