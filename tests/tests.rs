@@ -1,4 +1,5 @@
 //! One integration-test binary; one module per area (ripgrep's layout).
 
+mod retention;
 mod util;
 mod view;
