@@ -38,6 +38,11 @@ pub enum Command {
     Decrypt(DecryptArgs),
     /// Mount a backup copy of the view as a read-only decrypted tree, for browsing.
     Open(OpenArgs),
+    /// Take a temporary snapshot of a source and print its name and read-only path;
+    /// release it at once unless --hold or --wait.
+    Snapshot(SnapshotArgs),
+    /// Remove the snapshots, clones and mounts a crashed or killed run of a job left behind.
+    Cleanup(CleanupArgs),
     /// Delete restore points of a target by a retention policy, merging generations.
     Prune(PruneArgs),
 }
@@ -196,4 +201,50 @@ pub struct OpenArgs {
     /// The encrypted copy (e.g. TARGET/current, or an sshfs mount of it).
     pub target_dir: PathBuf,
     pub mountpoint: PathBuf,
+}
+
+/// Which source to snapshot for which job, and how.
+#[derive(Debug, Args)]
+pub struct SnapshotSourceArgs {
+    /// What to snapshot: zfs:POOL/DATASET, btrfs:/SUBVOLUME, lvm:VG/LV or dir:/PATH.
+    #[arg(long, value_name = "SPEC")]
+    pub source: crate::snapshot::Source,
+    /// Job name; snapshots are named snapveil-JOB-STAMP.
+    #[arg(long, value_name = "NAME")]
+    pub job: String,
+    /// State directory; clones and snapshot LVs are mounted under STATE_DIR/work/JOB.
+    #[arg(long, value_name = "DIR", default_value = crate::snapshot::cmd::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// btrfs: directory for snapshots, on the subvolume's filesystem
+    /// (default: .snapveil beside the subvolume).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// ZFS: snapshot the child datasets too and show them beneath the root.
+    #[arg(long)]
+    pub recursive: bool,
+    /// LVM: copy-on-write space, a percentage of the origin ("10%", the default) or a
+    /// size ("2G").
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// LVM: extra mount option for the snapshot (repeatable).
+    #[arg(long = "mount-option", value_name = "OPT")]
+    pub mount_options: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub target: SnapshotSourceArgs,
+    /// Keep the snapshot for inspection; the next run or `snapveil cleanup` removes it.
+    #[arg(long, conflicts_with = "wait")]
+    pub hold: bool,
+    /// Keep the snapshot until SIGINT/SIGTERM (Ctrl-C), then release it.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub target: SnapshotSourceArgs,
 }

@@ -15,8 +15,10 @@ pub mod manifest;
 pub mod prune;
 pub mod retention;
 pub mod signals;
+pub mod snapshot;
 pub mod view;
 
+use anyhow::Context;
 use std::process::ExitCode;
 
 /// Runs one CLI invocation. `runner` executes every external command.
@@ -24,7 +26,6 @@ use std::process::ExitCode;
 /// # Errors
 /// Any failure of the chosen command, with context; `main` prints it and exits 1.
 pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    let _ = runner;
     match cli.command {
         cli::Command::Init(a) => commands::init(a),
         cli::Command::Mount(a) => commands::mount(a),
@@ -32,5 +33,19 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::Decrypt(a) => commands::decrypt(a),
         cli::Command::Open(a) => commands::open(a),
         cli::Command::Prune(a) => prune::command(runner, &a),
+        cli::Command::Snapshot(a) => {
+            signals::install().context("installing signal handlers")?;
+            snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {
+                format!("job {}: snapshot of {}", a.target.job, a.target.source)
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Cleanup(a) => {
+            // A Ctrl-C must not cut a cleanup in half: the flag is only polled, never fatal.
+            signals::install().context("installing signal handlers")?;
+            snapshot::cmd::cleanup_cli(runner, &a)
+                .with_context(|| format!("job {}: cleanup of {}", a.target.job, a.target.source))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -85,6 +85,9 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         // Large reads: fewer round trips, more blocks to encrypt in parallel per request.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(16);
+        // Entries and their attributes in one reply: a `find` or rsync walk then needs no
+        // separate LOOKUP per file.
+        let _ = config.add_capabilities(fuser::consts::FUSE_DO_READDIRPLUS);
         if let Some(f) = self.on_init.take() {
             f();
         }
@@ -224,6 +227,58 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         off = off.max(2);
         for (i, (eino, name, kind)) in l.entries.iter().enumerate().skip((off - 2) as usize) {
             if reply.add(*eino, i as i64 + 3, file_type(*kind), name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let l = match self.core.listing(ino) {
+            Ok(l) => l,
+            Err(e) => {
+                log_err("readdirplus", ino, &e);
+                return reply.error(e.errno());
+            }
+        };
+        let dir = match self.core.getattr(ino) {
+            Ok(mut a) => {
+                if ino == ROOT_INO {
+                    a.ino = ROOT_INO;
+                }
+                to_fuse(&a)
+            }
+            Err(e) => {
+                log_err("readdirplus", ino, &e);
+                return reply.error(e.errno());
+            }
+        };
+        let mut off = offset;
+        if off < 1 && reply.add(ino, 1, ".", &TTL, &dir, 0) {
+            return reply.ok();
+        }
+        off = off.max(1);
+        if off < 2 && reply.add(ino, 2, "..", &TTL, &dir, 0) {
+            return reply.ok();
+        }
+        off = off.max(2);
+        for (i, (eino, name, _)) in l.entries.iter().enumerate().skip((off - 2) as usize) {
+            let attr = match self.core.getattr(*eino) {
+                Ok(a) => to_fuse(&a),
+                Err(e) => {
+                    // Vanished under a live (dir:) source: leave it out of this listing.
+                    log_err("readdirplus", *eino, &e);
+                    continue;
+                }
+            };
+            if reply.add(*eino, i as i64 + 3, name, &TTL, &attr, 0) {
                 break;
             }
         }

@@ -89,3 +89,5 @@ pub fn passfile(path: &std::path::Path, password: &str) {
     std::fs::write(path, format!("{password}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+pub mod btrfs;
+pub mod zfs;
