@@ -51,6 +51,93 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Remove the snapshots, clones and mounts a crashed or killed run of a job left behind.
     Cleanup(CleanupArgs),
+    /// Delete restore points of a target by a retention policy, merging generations.
+    Prune(PruneArgs),
+}
+
+/// `snapveil prune --target T --keep-… [--dry-run]` (restic's `forget` semantics).
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Target: a local path, `[user@]host:path` (ssh) or `rsync://host[:port]/module/path`.
+    #[arg(long, value_name = "TARGET")]
+    pub target: String,
+    /// Only print what would be deleted and merged.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The ssh key may only run `rsync --server` (rrsync): no merges, whole deletions.
+    #[arg(long)]
+    pub rsync_only: bool,
+    /// ssh command line for ssh targets.
+    #[arg(long, value_name = "CMD", default_value = "ssh")]
+    pub ssh: String,
+    /// rsync program.
+    #[arg(long, value_name = "PATH", default_value = "rsync")]
+    pub rsync: String,
+    /// Count hours, days, weeks… in UTC instead of the local time zone.
+    #[arg(long)]
+    pub utc: bool,
+    #[command(flatten)]
+    pub keep: KeepArgs,
+}
+
+/// Retention rules: counts (-1 = unlimited) and durations like 14d, 2w, 1y2m3d, 36h.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Retention")]
+pub struct KeepArgs {
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_last: i64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_hourly: i64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_daily: i64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_weekly: i64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_monthly: i64,
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub keep_yearly: i64,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_hourly: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_daily: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_weekly: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_monthly: Option<String>,
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_yearly: Option<String>,
 }
 
 /// The key material of a view: a gocryptfs config and the passfile that unlocks it.

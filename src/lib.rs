@@ -17,6 +17,8 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod rsync;
+pub mod prune;
+pub mod retention;
 pub mod signals;
 pub mod snapshot;
 pub mod status;
@@ -40,6 +42,7 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::CheckConfig(a) => commands::check_config(a),
         cli::Command::Status(a) => commands::status(a),
         cli::Command::List(a) => commands::list(runner, a),
+        cli::Command::Prune(a) => prune::command(runner, &a),
         cli::Command::Snapshot(a) => {
             signals::install().context("installing signal handlers")?;
             snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {

@@ -72,6 +72,7 @@ pub fn require_tool(tool: &str) -> bool {
 }
 
 pub mod fuse;
+pub mod rsyncd;
 pub mod tree;
 
 /// A private copy of a file (mode 0600), as snapveil requires for key material.
