@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(fuse3 gocryptfs rsync openssh-server openssh-client btrfs-progs zfs-fuse e2fsprogs util-linux procps psmisc python3)
 # the real-kernel tier (scripts/vm, make test-vm): qemu boots a Debian guest that debootstrap builds
-pkgs+=(qemu-system-x86 debootstrap debian-archive-keyring)
+pkgs+=(qemu-system-x86 debootstrap debian-archive-keyring shellcheck)
 pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do

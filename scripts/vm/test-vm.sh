@@ -31,8 +31,14 @@ summary() {
     ((failed == 0))
 }
 
+# The tier's own scripts first (shellcheck, mirror parser): seconds, no guest.
+self_out=$("$HERE/selftest.sh" 2>&1) || true
+echo "$self_out"
+[[ $(tail -n 1 <<<"$self_out") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]] || vm_die "selftest.sh printed no tally"
+SELF_PASSED=${BASH_REMATCH[1]} SELF_FAILED=${BASH_REMATCH[2]}
+
 t=$(date +%s.%N)
-GUEST=$("$HERE/build-guest.sh") || { echo "FAIL: building the guest"; summary 0 1; exit 1; }
+GUEST=$("$HERE/build-guest.sh") || { echo "FAIL: building the guest"; summary "$SELF_PASSED" $((SELF_FAILED + 1)); exit 1; }
 T_BUILD=$(vm_elapsed "$t")
 
 # Stage the build under test: a copy, so a concurrent `cargo build` cannot change the
@@ -51,7 +57,7 @@ mapfile -t disks < <(sed -n 's/^# disks: *//p' "$REPO"/tests/vm/[0-9][0-9]-*.sh 
 vm_start "$GUEST" "${disks[@]}"
 if ! vm_wait; then
     echo "FAIL: the guest did not boot"
-    summary 0 1
+    summary "$SELF_PASSED" $((SELF_FAILED + 1))
     exit 1
 fi
 
@@ -61,6 +67,7 @@ rc=0
 vm_ssh bash /mnt/host/tests-vm/run.sh "$@" </dev/null > >(tee "$LOG") 2>&1 || rc=$?
 wait $! || true # tee has written everything
 T_TESTS=$(vm_elapsed "$t")
+pid=$VM_PID run=$VM_RUN
 vm_stop
 
 line=$(tail -n 1 "$LOG")
@@ -75,4 +82,12 @@ else
     passed=$(grep -c '^PASS: ' "$LOG" || true)
     failed=$(($(grep -c '^FAIL: ' "$LOG" || true) + 1))
 fi
-summary "$passed" "$failed"
+# The guard's promise, checked on the normal path out (the other paths: docs/vm-tier.md).
+if ! kill -0 "$pid" 2>/dev/null && [[ ! -e $run ]]; then
+    echo "PASS: guest stopped: no qemu (pid $pid), no run dir or scratch disk left"
+    passed=$((passed + 1))
+else
+    echo "FAIL: qemu $pid or $run still there after the guest was stopped"
+    failed=$((failed + 1))
+fi
+summary $((passed + SELF_PASSED)) $((failed + SELF_FAILED))

@@ -31,7 +31,6 @@ VM_ZFS_SUITE=${SNAPVEIL_VM_ZFS_SUITE:-bookworm}
 VM_MEM=${SNAPVEIL_VM_MEM:-3072}
 VM_CPUS=${SNAPVEIL_VM_CPUS:-2}
 VM_ACCEL=${SNAPVEIL_VM_ACCEL:-auto}
-VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # Packages of the guest. Kernel, headers and the compiler go in first: zfs-dkms's postinst
 # builds zfs.ko for every kernel whose headers it finds (the host's running kernel is
@@ -50,7 +49,8 @@ vm_elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a
 # deb822 (*.sources) and one-line (sources.list, *.list) formats alike.
 _vm_apt_entries() {
     local f
-    for f in /etc/apt/sources.list.d/*.sources; do
+    local etc=${VM_APT_ETC:-/etc/apt}
+    for f in "$etc"/sources.list.d/*.sources; do
         [[ -r $f ]] || continue
         awk '
             function flush(   n, m, i, j, u, s) {
@@ -71,7 +71,7 @@ _vm_apt_entries() {
             key == "enabled:" { enabled = (tolower(val) != "no") }
             END { flush() }' "$f"
     done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    for f in "$etc"/sources.list "$etc"/sources.list.d/*.list; do
         [[ -r $f ]] || continue
         awk '$1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ } print $i, $(i + 1) }' "$f"
     done
@@ -143,6 +143,7 @@ vm_cache_key() {
     vm_host_mirror
     VM_VERSIONS=$(vm_resolve_versions) || exit 1
     [[ -n $VM_VERSIONS ]] || vm_die "could not resolve the guest's package versions"
+    # shellcheck disable=SC2034 # used by build-guest.sh
     VM_KEY=$({
         echo "suite $VM_SUITE zfs $VM_ZFS_SUITE"
         declare -f build_in_namespace vm_sources_list
@@ -185,8 +186,8 @@ vm_cleanup() {
     if [[ -n $VM_PID ]] && kill -0 "$VM_PID" 2>/dev/null; then
         vm_log "guard: stopping qemu pid $VM_PID"
         kill "$VM_PID" 2>/dev/null || true
-        local i
-        for i in $(seq 1 10); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.5; done
+
+        for _ in $(seq 1 10); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$VM_PID" 2>/dev/null || true
     fi
     [[ -n $VM_PID ]] && { wait "$VM_PID" 2>/dev/null || true; }
@@ -199,8 +200,8 @@ vm_cleanup() {
 }
 
 _vm_free_port() {
-    local p i
-    for i in $(seq 1 50); do
+    local p
+    for _ in $(seq 1 50); do
         p=$((20000 + RANDOM % 30000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
     done
@@ -247,7 +248,7 @@ vm_start() {
         accel=(-accel kvm -cpu host)
         VM_BOOT_TIMEOUT=${SNAPVEIL_VM_BOOT_TIMEOUT:-120}
     else
-        accel=(-accel tcg,thread=multi -cpu max)
+        accel=(-accel "tcg,thread=multi" -cpu max)
         VM_BOOT_TIMEOUT=${SNAPVEIL_VM_BOOT_TIMEOUT:-600}
     fi
     local try
@@ -318,10 +319,10 @@ vm_wait() {
 # Clean poweroff; the guard kills qemu if it does not stop within 30 s.
 vm_stop() {
     [[ -n $VM_PID ]] || return 0
-    local t0 i
+    local t0
     t0=$(date +%s.%N)
     vm_ssh 'sync; (sleep 0.2; systemctl poweroff) >/dev/null 2>&1 &' </dev/null 2>/dev/null || true
-    for i in $(seq 1 60); do
+    for _ in $(seq 1 60); do
         kill -0 "$VM_PID" 2>/dev/null || break
         sleep 0.5
     done
