@@ -190,7 +190,7 @@ case ${1:-} in
     *) vm_die "usage: build-guest.sh [--key|--force|--gc]" ;;
 esac
 
-for tool in debootstrap mkfs.ext4 ssh-keygen unshare chroot apt-cache; do
+for tool in debootstrap mkfs.ext4 ssh-keygen unshare setpriv chroot apt-cache; do
     command -v "$tool" >/dev/null || vm_die "$tool is missing: run scripts/install-deps.sh"
 done
 [[ -r /usr/share/keyrings/debian-archive-keyring.gpg ]] || vm_die "debian-archive-keyring is missing: run scripts/install-deps.sh"
@@ -209,7 +209,12 @@ if [[ ! -e $dir/complete ]]; then
     t0=$(date +%s)
     mkdir -p "$dir.build"
     echo "$VM_VERSIONS" >"$dir.build/versions.wanted"
-    unshare --mount --propagation private -- "$0" --in-namespace "$dir.build" "$VM_MIRROR" "$VM_SECURITY_MIRROR"
+    # A private mount namespace (the chroot mounts die with it) and a PID namespace whose
+    # init is the build: when this shell dies, even by SIGKILL, setpriv's pdeathsig kills
+    # unshare, --kill-child kills the build's init, and the kernel kills every process
+    # left in the namespace (apt, dkms, compilers); no mount or process outlives us.
+    setpriv --pdeathsig KILL -- unshare --mount --propagation private --pid --fork --kill-child=KILL -- \
+        "$0" --in-namespace "$dir.build" "$VM_MIRROR" "$VM_SECURITY_MIRROR"
     rm -rf "$dir"
     mv "$dir.build/guest" "$dir"
     touch "$dir/complete"
