@@ -36,6 +36,8 @@ pub enum Command {
     Umount(UmountArgs),
     /// Decrypt a copy of the view (e.g. the backup target) into OUT_DIR, without FUSE.
     Decrypt(DecryptArgs),
+    /// Mount a backup copy of the view as a read-only decrypted tree, for browsing.
+    Open(OpenArgs),
 }
 
 /// The key material of a view: a gocryptfs config and the passfile that unlocks it.
@@ -92,4 +94,19 @@ pub struct DecryptArgs {
     pub passfile: PathBuf,
     pub encrypted_tree: PathBuf,
     pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// Key config; defaults to TARGET_DIR/gocryptfs.conf.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub passfile: PathBuf,
+    /// Return once the mount answers, leaving a daemon serving it.
+    #[arg(long)]
+    pub background: bool,
+    /// The encrypted copy (e.g. TARGET/current, or an sshfs mount of it).
+    pub target_dir: PathBuf,
+    pub mountpoint: PathBuf,
 }

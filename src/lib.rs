@@ -5,10 +5,15 @@
 //! FUSE, `exec` is the one seam through which every external command runs.
 
 pub mod cli;
+mod commands;
+pub mod crypto;
+pub mod decrypt;
 pub mod error;
 pub mod exec;
 pub mod logging;
+pub mod manifest;
 pub mod signals;
+pub mod view;
 
 use std::process::ExitCode;
 
@@ -19,11 +24,10 @@ use std::process::ExitCode;
 pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let _ = runner;
     match cli.command {
-        cli::Command::Init(_)
-        | cli::Command::Mount(_)
-        | cli::Command::Umount(_)
-        | cli::Command::Decrypt(_) => {
-            anyhow::bail!("not built yet")
-        }
+        cli::Command::Init(a) => commands::init(a),
+        cli::Command::Mount(a) => commands::mount(a),
+        cli::Command::Umount(a) => commands::umount(a),
+        cli::Command::Decrypt(a) => commands::decrypt(a),
+        cli::Command::Open(a) => commands::open(a),
     }
 }

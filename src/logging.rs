@@ -18,9 +18,12 @@ pub fn init(format: LogFormat, verbose: u8) {
     };
     let filter =
         EnvFilter::try_from_env("SNAPVEIL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only on a terminal: journald and log files get plain lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Plain => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().try_init(),

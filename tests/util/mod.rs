@@ -70,3 +70,21 @@ pub fn require_tool(tool: &str) -> bool {
     }
     true
 }
+
+pub mod fuse;
+pub mod tree;
+
+/// A private copy of a file (mode 0600), as snapveil requires for key material.
+pub fn private_copy(src: &std::path::Path, dst: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(src, dst)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Writes a passfile with mode 0600.
+pub fn passfile(path: &std::path::Path, password: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

@@ -1,0 +1,301 @@
+//! Restoring a copy of the view without FUSE: walks an encrypted tree (what rsync put on
+//! the target), decrypts names, contents and symlink targets, and recreates modes, mtimes,
+//! owners (as root) and special files. Our first restore path, and the same job forward
+//! `gocryptfs` does on a mounted copy.
+//!
+//! A block that fails authentication fails its file (named with the block number); the
+//! partial output is deleted, so unauthenticated plaintext is never left on disk. The
+//! walk carries on with the rest and reports every failure at the end.
+//!
+//! Missing `gocryptfs.diriv` files (a generation directory holds only the files a run
+//! replaced) are re-derived: in reverse mode a directory IV is a function of its
+//! encrypted path.
+
+use crate::crypto::content::{self, BLOCK, CBLOCK, HEADER_LEN};
+use crate::crypto::names::{self, DIRIV_NAME};
+use crate::crypto::{join_cpath, Keys, NameMode};
+use crate::view::forward::{decode_entry, dir_iv_of};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecryptError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: output directory is not empty; refusing to write into it")]
+    OutNotEmpty { path: PathBuf },
+}
+
+/// What a decryption did; `failures` name each path that could not be restored.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub others: u64,
+    pub bytes: u64,
+    pub failures: Vec<(PathBuf, String)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DecryptError + '_ {
+    move |source| DecryptError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Decrypts the tree at `src` into `out` (created if missing, must be empty).
+///
+/// # Errors
+/// Only for problems with `src` or `out` themselves; per-entry problems go into the report.
+pub fn decrypt_tree(keys: &Keys, src: &Path, out: &Path) -> Result<Report, DecryptError> {
+    if out.exists() {
+        if fs::read_dir(out).map_err(io(out))?.next().is_some() {
+            return Err(DecryptError::OutNotEmpty { path: out.into() });
+        }
+    } else {
+        fs::create_dir_all(out).map_err(io(out))?;
+    }
+    fs::read_dir(src).map_err(io(src))?;
+    let mut report = Report::default();
+    let w = Walker {
+        keys,
+        as_root: nix::unistd::geteuid().is_root(),
+    };
+    w.dir(src, b"", out, true, &mut report);
+    let m = fs::metadata(src).map_err(io(src))?;
+    w.finish_meta(out, &m, &mut report);
+    Ok(report)
+}
+
+struct Walker<'a> {
+    keys: &'a Keys,
+    as_root: bool,
+}
+
+impl Walker<'_> {
+    fn fail(&self, r: &mut Report, path: &Path, why: impl Into<String>) {
+        let why = why.into();
+        tracing::error!(path = %path.display(), "{why}");
+        r.failures.push((path.into(), why));
+    }
+
+    fn dir_iv(&self, dir: &Path, cpath: &[u8], r: &mut Report) -> [u8; 16] {
+        dir_iv_of(self.keys, dir, cpath).unwrap_or_else(|why| {
+            self.fail(r, &dir.join(DIRIV_NAME), why);
+            names::dir_iv(self.keys.flags.names, cpath)
+        })
+    }
+
+    fn dir(&self, src: &Path, cpath: &[u8], out: &Path, root: bool, r: &mut Report) {
+        let iv = self.dir_iv(src, cpath, r);
+        let rd = match fs::read_dir(src) {
+            Ok(rd) => rd,
+            Err(e) => return self.fail(r, src, e.to_string()),
+        };
+        let mut ents: Vec<(OsString, PathBuf)> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| (e.file_name(), e.path()))
+            .collect();
+        ents.sort();
+        for (shown, path) in ents {
+            let pname = match decode_entry(self.keys, src, &shown, &iv, root) {
+                None => continue,
+                Some(Ok(p)) => p,
+                Some(Err(why)) => {
+                    self.fail(r, &path, why);
+                    continue;
+                }
+            };
+            let ccpath = join_cpath(cpath, shown.as_bytes());
+            let dest = out.join(OsString::from_vec(pname));
+            let m = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.fail(r, &path, e.to_string());
+                    continue;
+                }
+            };
+            let ft = m.file_type();
+            if ft.is_dir() {
+                if let Err(e) = fs::create_dir(&dest) {
+                    self.fail(r, &dest, e.to_string());
+                    continue;
+                }
+                r.dirs += 1;
+                self.dir(&path, &ccpath, &dest, false, r);
+                self.finish_meta(&dest, &m, r);
+            } else if ft.is_symlink() {
+                self.symlink(&path, &dest, &m, r);
+            } else if ft.is_file() {
+                match self.file(&path, &dest) {
+                    Ok(n) => {
+                        r.files += 1;
+                        r.bytes += n;
+                        self.finish_meta(&dest, &m, r);
+                    }
+                    Err(why) => {
+                        let _ = fs::remove_file(&dest);
+                        self.fail(r, &path, why);
+                    }
+                }
+            } else {
+                self.special(&path, &dest, &m, r);
+            }
+        }
+    }
+
+    fn symlink(&self, path: &Path, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+        let shown = match fs::read_link(path) {
+            Ok(t) => t.into_os_string().into_vec(),
+            Err(e) => return self.fail(r, path, e.to_string()),
+        };
+        let target = if self.keys.flags.names == NameMode::Plaintext {
+            shown
+        } else {
+            match names::decrypt_symlink(self.keys, &shown) {
+                Ok(t) => t,
+                Err(e) => return self.fail(r, path, format!("cannot decrypt symlink target: {e}")),
+            }
+        };
+        if let Err(e) = std::os::unix::fs::symlink(OsStr::from_bytes(&target), dest) {
+            return self.fail(r, dest, e.to_string());
+        }
+        r.symlinks += 1;
+        if self.as_root {
+            let _ = nix::unistd::fchownat(
+                None,
+                dest,
+                Some(m.uid().into()),
+                Some(m.gid().into()),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+        }
+        let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+        let _ = nix::sys::stat::utimensat(
+            None,
+            dest,
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        );
+    }
+
+    fn special(&self, path: &Path, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+        let kind = nix::sys::stat::SFlag::from_bits_truncate(m.mode() & libc::S_IFMT);
+        let perm = nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o7777);
+        match nix::sys::stat::mknod(dest, kind, perm, m.rdev()) {
+            Ok(()) => {
+                r.others += 1;
+                self.finish_meta(dest, m, r);
+            }
+            Err(e) => self.fail(r, path, format!("cannot recreate special file: {e}")),
+        }
+    }
+
+    /// Decrypts one file into `dest`; returns the plaintext size.
+    fn file(&self, path: &Path, dest: &Path) -> Result<u64, String> {
+        let f = File::open(path).map_err(|e| e.to_string())?;
+        let size = f.metadata().map_err(|e| e.to_string())?.len();
+        if content::plain_size(size).is_none() {
+            return Err(format!("impossible ciphertext size {size} (truncated?)"));
+        }
+        let out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode_private()
+            .open(dest)
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, out);
+        if size <= HEADER_LEN {
+            w.flush().map_err(|e| e.to_string())?;
+            return Ok(0);
+        }
+        let mut rd = BufReader::with_capacity(1 << 20, f);
+        let mut header = [0u8; HEADER_LEN as usize];
+        rd.read_exact(&mut header).map_err(|e| e.to_string())?;
+        if header[..2] != [0, 2] {
+            return Err(format!(
+                "unsupported file header version {:02x}{:02x}",
+                header[0], header[1]
+            ));
+        }
+        let file_id: [u8; 16] = header[2..].try_into().expect("16 bytes");
+        if file_id == [0u8; 16] {
+            return Err("all-zero file ID in header".into());
+        }
+        let mut buf = vec![0u8; CBLOCK as usize];
+        let mut n = 0u64;
+        let mut total = 0u64;
+        loop {
+            let got = read_full(&mut rd, &mut buf).map_err(|e| e.to_string())?;
+            if got == 0 {
+                break;
+            }
+            let pt = content::decrypt_block(self.keys, n, Some(&file_id), &buf[..got])
+                .map_err(|e| format!("block {n}: {e}"))?;
+            debug_assert!(pt.len() as u64 <= BLOCK);
+            w.write_all(&pt)
+                .map_err(|e| format!("{}: {e}", dest.display()))?;
+            total += pt.len() as u64;
+            n += 1;
+        }
+        w.flush().map_err(|e| format!("{}: {e}", dest.display()))?;
+        Ok(total)
+    }
+
+    /// Mode, owner (as root) and times, applied after content so mtimes stick.
+    fn finish_meta(&self, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+        if self.as_root {
+            if let Err(e) = nix::unistd::chown(dest, Some(m.uid().into()), Some(m.gid().into())) {
+                self.fail(r, dest, format!("chown: {e}"));
+            }
+        }
+        if let Err(e) = fs::set_permissions(dest, fs::Permissions::from_mode(m.mode() & 0o7777)) {
+            self.fail(r, dest, format!("chmod: {e}"));
+        }
+        let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+        let a = nix::sys::time::TimeSpec::new(m.atime(), m.atime_nsec());
+        if let Err(e) = nix::sys::stat::utimensat(
+            None,
+            dest,
+            &a,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        ) {
+            self.fail(r, dest, format!("utimensat: {e}"));
+        }
+    }
+}
+
+trait PrivateMode {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl PrivateMode for fs::OpenOptions {
+    /// Plaintext is created unreadable by others until its real mode is applied.
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}

@@ -1,0 +1,210 @@
+//! Checksum manifests of an encrypted tree in `sha1sum` format, so that on the backup
+//! host `cd TARGET/current && sha1sum -c ../manifests/STAMP.sha1` works with no snapveil
+//! installed. Regular files only: symlink targets in the view are ciphertext, which
+//! `sha1sum` would try to follow.
+
+use rayon::prelude::*;
+use sha1::{Digest, Sha1};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path relative to the tree root, raw bytes.
+    pub path: Vec<u8>,
+    pub sha1: [u8; 20],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{file}:{line}: not a sha1sum line")]
+    Parse { file: String, line: usize },
+}
+
+fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    let rd = fs::read_dir(dir).map_err(|source| ManifestError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    for e in rd {
+        let e = e.map_err(|source| ManifestError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let ft = e.file_type().map_err(|source| ManifestError::Io {
+            path: e.path(),
+            source,
+        })?;
+        if ft.is_dir() {
+            files(root, &e.path(), out)?;
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+pub fn sha1_file(path: &Path) -> io::Result<[u8; 20]> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha1::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// Hashes every regular file under `root` (several at once), sorted by path.
+///
+/// # Errors
+/// The first unreadable directory or file, by path.
+pub fn build(root: &Path) -> Result<Vec<Entry>, ManifestError> {
+    let mut paths = Vec::new();
+    files(root, root, &mut paths)?;
+    let mut out: Vec<Entry> = paths
+        .par_iter()
+        .map(|p| {
+            let sha1 = sha1_file(p).map_err(|source| ManifestError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            Ok(Entry { path: rel, sha1 })
+        })
+        .collect::<Result<_, ManifestError>>()?;
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// `sha1sum` output format, with GNU's escaping of `\` and newline in names.
+pub fn format(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let needs = e.path.iter().any(|b| *b == b'\\' || *b == b'\n');
+        if needs {
+            out.push(b'\\');
+        }
+        out.extend_from_slice(hex::encode(e.sha1).as_bytes());
+        out.extend_from_slice(b"  ");
+        for b in &e.path {
+            match b {
+                b'\\' if needs => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b => out.push(*b),
+            }
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Parses `sha1sum` output (as written by [`format`] or by `sha1sum` itself).
+///
+/// # Errors
+/// A line that is not `HEX40  PATH`, naming `file` and the line number.
+pub fn parse(file: &str, data: &[u8]) -> Result<Vec<Entry>, ManifestError> {
+    let mut out = Vec::new();
+    for (i, line) in data.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let err = || ManifestError::Parse {
+            file: file.into(),
+            line: i + 1,
+        };
+        let (escaped, line) = match line.strip_prefix(b"\\") {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        if line.len() < 43 || &line[40..42] != b"  " && &line[40..42] != b" *" {
+            return Err(err());
+        }
+        let mut sha1 = [0u8; 20];
+        hex::decode_to_slice(&line[..40], &mut sha1).map_err(|_| err())?;
+        let raw = &line[42..];
+        let path = if escaped {
+            let mut p = Vec::with_capacity(raw.len());
+            let mut it = raw.iter();
+            while let Some(b) = it.next() {
+                if *b == b'\\' {
+                    match it.next() {
+                        Some(b'n') => p.push(b'\n'),
+                        Some(b'\\') => p.push(b'\\'),
+                        _ => return Err(err()),
+                    }
+                } else {
+                    p.push(*b);
+                }
+            }
+            p
+        } else {
+            raw.to_vec()
+        };
+        out.push(Entry { path, sha1 });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_and_parse_round_trip_with_escapes() {
+        let e = vec![
+            Entry {
+                path: b"a/b".to_vec(),
+                sha1: [1; 20],
+            },
+            Entry {
+                path: b"new\nline\\x".to_vec(),
+                sha1: [2; 20],
+            },
+        ];
+        let text = format(&e);
+        assert!(text.starts_with(b"0101010101010101010101010101010101010101  a/b\n\\0202"));
+        assert_eq!(parse("m", &text).unwrap(), e);
+        assert!(matches!(
+            parse("m", b"zz  x\n"),
+            Err(ManifestError::Parse { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn sha1sum_checks_what_we_write() {
+        let t = tempfile::TempDir::new().unwrap();
+        let root = t.path().join("tree");
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/f"), b"hello").unwrap();
+        fs::write(root.join("odd\\name"), b"x").unwrap();
+        let m = build(&root).unwrap();
+        assert_eq!(m.len(), 2);
+        let mf = t.path().join("m.sha1");
+        fs::write(&mf, format(&m)).unwrap();
+        let check = || {
+            std::process::Command::new("sha1sum")
+                .arg("-c")
+                .arg("--quiet")
+                .arg(&mf)
+                .current_dir(&root)
+                .status()
+                .unwrap()
+        };
+        assert!(check().success());
+        fs::write(root.join("d/f"), b"tampered").unwrap();
+        assert!(!check().success());
+    }
+}

@@ -1,0 +1,420 @@
+//! Mounting the view: checks on the mountpoint, the in-process mount used by jobs
+//! ([`MountedView`], unmounted on drop), and the foreground loop of `snapveil mount`.
+//!
+//! Mounts use fusermount3's `auto_unmount`: fusermount stays alive beside us and
+//! unmounts the moment our process dies, even by SIGKILL, so a crashed run never leaves
+//! a dead "transport endpoint is not connected" mount behind.
+
+use super::fuse::VeilFs;
+use super::{ExportedConf, Tree, ViewCore, ViewError};
+use crate::crypto::{KeyConfig, Keys, MasterKey};
+use fuser::{MountOption, Session};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{path}: source does not exist or cannot be read: {source}")]
+    Source {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: source is not a directory")]
+    SourceNotDir { path: PathBuf },
+    #[error("{path}: mountpoint does not exist or cannot be read: {source}")]
+    Mountpoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: mountpoint is not a directory")]
+    MountpointNotDir { path: PathBuf },
+    #[error("{path}: mountpoint is busy (something is already mounted there)")]
+    Busy { path: PathBuf },
+    #[error("{path}: mountpoint is not empty")]
+    NotEmpty { path: PathBuf },
+    #[error("{path}: {source}")]
+    View { path: PathBuf, source: ViewError },
+    #[error("{path}: mounting failed: {source}")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: the mount did not answer: {reason}")]
+    NoAnswer { path: PathBuf, reason: String },
+    #[error("{path}: not a snapveil mount")]
+    NotOurs { path: PathBuf },
+    #[error("{path}: unmount failed: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Everything that defines a view besides its source.
+pub struct ViewOptions {
+    pub key: KeyConfig,
+    pub master: MasterKey,
+    /// gitignore-style patterns on plaintext paths.
+    pub excludes: Vec<String>,
+}
+
+/// Our mounts carry this fsname/subtype, so that cleanup recognizes them and nothing else.
+const FSNAME: &str = "snapveil";
+
+fn mount_options() -> Vec<MountOption> {
+    let mut o = vec![
+        MountOption::RO,
+        MountOption::FSName(FSNAME.into()),
+        MountOption::Subtype(FSNAME.into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+        MountOption::AutoUnmount,
+    ];
+    if nix::unistd::geteuid().is_root() {
+        // With default_permissions the kernel still applies the source's modes, so other
+        // users (a pulling backup account) see exactly what they could read in clear.
+        o.push(MountOption::AllowOther);
+    }
+    o
+}
+
+/// One line of /proc/self/mountinfo: (mountpoint, fstype).
+fn mounts() -> Vec<(PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((
+                PathBuf::from(unescape(f.get(4)?)),
+                f.get(sep + 1)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The fstype mounted exactly at `path`, if any.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    let p = canonical(path);
+    mounts()
+        .into_iter()
+        .rev()
+        .find(|(m, _)| *m == p)
+        .map(|(_, t)| t)
+}
+
+fn is_ours(fstype: &str) -> bool {
+    fstype == "fuse.snapveil"
+}
+
+/// Checks that SOURCE is a readable directory and MOUNTPOINT an empty, unused directory.
+///
+/// # Errors
+/// The first problem found, naming the path.
+pub fn check_paths(source: &Path, mountpoint: &Path) -> Result<(), MountError> {
+    let m = fs::metadata(source).map_err(|e| MountError::Source {
+        path: source.into(),
+        source: e,
+    })?;
+    if !m.is_dir() {
+        return Err(MountError::SourceNotDir {
+            path: source.into(),
+        });
+    }
+    let m = fs::metadata(mountpoint).map_err(|e| MountError::Mountpoint {
+        path: mountpoint.into(),
+        source: e,
+    })?;
+    if !m.is_dir() {
+        return Err(MountError::MountpointNotDir {
+            path: mountpoint.into(),
+        });
+    }
+    if mounted_fstype(mountpoint).is_some() {
+        return Err(MountError::Busy {
+            path: mountpoint.into(),
+        });
+    }
+    let mut rd = fs::read_dir(mountpoint).map_err(|e| MountError::Mountpoint {
+        path: mountpoint.into(),
+        source: e,
+    })?;
+    if rd.next().is_some() {
+        return Err(MountError::NotEmpty {
+            path: mountpoint.into(),
+        });
+    }
+    Ok(())
+}
+
+fn build_core(source: &Path, opts: ViewOptions) -> Result<Arc<ViewCore>, MountError> {
+    let keys = Keys::new(&opts.master, opts.key.flags);
+    drop(opts.master);
+    let conf = ExportedConf {
+        bytes: Arc::from(opts.key.raw.clone()),
+        stat_path: opts.key.path.clone(),
+    };
+    let core =
+        ViewCore::new(source, keys, Some(conf), &opts.excludes).map_err(|e| MountError::View {
+            path: source.into(),
+            source: e,
+        })?;
+    Ok(Arc::new(core))
+}
+
+/// Blocks until the kernel has talked to the session and the mountpoint shows the view.
+fn wait_answer(mountpoint: &Path, init: mpsc::Receiver<()>) -> Result<(), MountError> {
+    init.recv_timeout(Duration::from_secs(30))
+        .map_err(|_| MountError::NoAnswer {
+            path: mountpoint.into(),
+            reason: "no FUSE init within 30 s".into(),
+        })?;
+    let parent = mountpoint.parent().unwrap_or(Path::new("/"));
+    let pdev = fs::metadata(parent).map(|m| m.dev()).unwrap_or(0);
+    match fs::metadata(mountpoint) {
+        Ok(m) if m.dev() != pdev => Ok(()),
+        Ok(_) => Err(MountError::NoAnswer {
+            path: mountpoint.into(),
+            reason: "mountpoint still shows the parent filesystem".into(),
+        }),
+        Err(e) => Err(MountError::NoAnswer {
+            path: mountpoint.into(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A view mounted by this process, served on background threads. Dropping it unmounts.
+pub struct MountedView {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl MountedView {
+    /// Mounts and returns once the mount answers.
+    ///
+    /// # Errors
+    /// Bad source or mountpoint, exclude patterns, or the mount itself failing.
+    pub fn mount(source: &Path, mountpoint: &Path, opts: ViewOptions) -> Result<Self, MountError> {
+        check_paths(source, mountpoint)?;
+        let core = build_core(source, opts)?;
+        let (tx, rx) = mpsc::channel();
+        let fs = VeilFs::new(core).on_init(move || {
+            let _ = tx.send(());
+        });
+        let session =
+            Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+                path: mountpoint.into(),
+                source: e,
+            })?;
+        let bg = session.spawn().map_err(|e| MountError::Mount {
+            path: mountpoint.into(),
+            source: e,
+        })?;
+        let view = MountedView {
+            session: Some(bg),
+            mountpoint: mountpoint.into(),
+        };
+        wait_answer(mountpoint, rx)?;
+        tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "encrypted view mounted");
+        Ok(view)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts and waits for the serving thread to end.
+    ///
+    /// # Errors
+    /// When the mountpoint is still mounted afterwards (e.g. busy).
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> Result<(), MountError> {
+        let Some(bg) = self.session.take() else {
+            return Ok(());
+        };
+        // Unmount ourselves first (auto_unmount would only detach lazily when fusermount
+        // notices), then let the session loop see ENODEV and end.
+        let r = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty());
+        if let Err(e) = r {
+            if mounted_fstype(&self.mountpoint).is_some() {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount failed ({e}); detaching lazily");
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let fuser::BackgroundSession { guard, .. } = bg;
+        match guard.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session ended with {e}")
+            }
+            Err(_) => {
+                tracing::error!(mountpoint = %self.mountpoint.display(), "FUSE session thread panicked")
+            }
+        }
+        if mounted_fstype(&self.mountpoint).is_some_and(|t| is_ours(&t)) {
+            return Err(MountError::Unmount {
+                path: self.mountpoint.clone(),
+                source: std::io::Error::other("still mounted"),
+            });
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), "encrypted view unmounted");
+        Ok(())
+    }
+}
+
+impl Drop for MountedView {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmount() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// Serves the view in this thread until it is unmounted (`snapveil umount`,
+/// `fusermount3 -u`) or SIGTERM/SIGINT/SIGHUP arrives, which unmounts cleanly.
+/// `ready` is called once the mount answers.
+///
+/// # Errors
+/// Bad paths, the mount failing, or the session loop failing.
+pub fn run_foreground(
+    source: &Path,
+    mountpoint: &Path,
+    opts: ViewOptions,
+    ready: impl FnOnce() + Send + 'static,
+) -> Result<(), MountError> {
+    check_paths(source, mountpoint)?;
+    let core = build_core(source, opts)?;
+    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
+    serve(core, mountpoint, ready)
+}
+
+/// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
+/// terminating signal arrives (which unmounts cleanly).
+///
+/// # Errors
+/// The mount or the session loop failing.
+pub fn serve<T: Tree>(
+    core: Arc<T>,
+    mountpoint: &Path,
+    ready: impl FnOnce() + Send + 'static,
+) -> Result<(), MountError> {
+    let mp = mountpoint.to_path_buf();
+    let fs = VeilFs::new(core).on_init(move || {
+        // Called on the session thread during INIT: check the answer from another
+        // thread, since our own stat would wait for this very loop.
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
+                    ready();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    });
+    let mut session =
+        Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+            path: mountpoint.into(),
+            source: e,
+        })?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(
+            |e| MountError::Mount {
+                path: mountpoint.into(),
+                source: e,
+            },
+        )?;
+    let handle = signals.handle();
+    let mp = mountpoint.to_path_buf();
+    let waiter = std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "signal received; unmounting {}", mp.display());
+            if nix::mount::umount2(&mp, nix::mount::MntFlags::empty()).is_err() {
+                let _ = unmounter.unmount();
+            }
+        }
+    });
+    let r = session.run();
+    handle.close();
+    let _ = waiter.join();
+    r.map_err(|e| MountError::Mount {
+        path: mountpoint.into(),
+        source: e,
+    })
+}
+
+/// Unmounts a snapveil view at `mountpoint`, refusing anything else.
+///
+/// # Errors
+/// Not a snapveil mount, or the unmount failing (e.g. busy).
+pub fn unmount_path(mountpoint: &Path) -> Result<(), MountError> {
+    match mounted_fstype(mountpoint) {
+        Some(t) if is_ours(&t) => {}
+        _ => {
+            return Err(MountError::NotOurs {
+                path: mountpoint.into(),
+            })
+        }
+    }
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()).map_err(|e| {
+        MountError::Unmount {
+            path: mountpoint.into(),
+            source: std::io::Error::from_raw_os_error(e as i32),
+        }
+    })
+}
+
+/// Removes a snapveil mount left at `mountpoint` by a killed run (lazily, so a hung
+/// one cannot block). Returns whether there was one. Leaves other filesystems alone.
+///
+/// # Errors
+/// When a stale mount exists and cannot be detached.
+pub fn cleanup_stale_mount(mountpoint: &Path) -> Result<bool, MountError> {
+    match mounted_fstype(mountpoint) {
+        Some(t) if is_ours(&t) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "removing a stale snapveil mount");
+            nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                MountError::Unmount {
+                    path: mountpoint.into(),
+                    source: std::io::Error::from_raw_os_error(e as i32),
+                }
+            })?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}

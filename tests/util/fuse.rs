@@ -1,0 +1,105 @@
+//! Guards for FUSE mounts made by tests (snapveil's and gocryptfs's): unmounted on drop,
+//! lazily if busy, so a failing assertion never leaves a mount behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Mounted {
+    pub path: PathBuf,
+}
+
+impl Mounted {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(|m| Path::new(m) == p)
+            .unwrap_or(false)
+    })
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if !is_mounted(&self.path) {
+            return;
+        }
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Mounts SOURCE with `snapveil mount --background` and returns a guard.
+pub fn snapveil_mount(
+    config: &Path,
+    passfile: &Path,
+    source: &Path,
+    mnt: &Path,
+    extra: &[&str],
+) -> Mounted {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut c = Command::new(super::bin());
+    c.arg("mount")
+        .arg("--config")
+        .arg(config)
+        .arg("--passfile")
+        .arg(passfile)
+        .arg("--background");
+    c.args(extra).arg(source).arg(mnt);
+    super::ok(&mut c);
+    assert!(
+        is_mounted(mnt),
+        "{} not mounted after snapveil mount --background",
+        mnt.display()
+    );
+    Mounted {
+        path: mnt.to_path_buf(),
+    }
+}
+
+/// `gocryptfs -reverse` (the oracle) of SOURCE at MNT.
+pub fn gocryptfs_reverse(
+    config: Option<&Path>,
+    passfile: &Path,
+    source: &Path,
+    mnt: &Path,
+) -> Mounted {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut c = Command::new("gocryptfs");
+    c.args(["-reverse", "-q", "-passfile"]).arg(passfile);
+    if let Some(cf) = config {
+        c.arg("-config").arg(cf);
+    }
+    c.arg(source).arg(mnt);
+    super::ok(&mut c);
+    Mounted {
+        path: mnt.to_path_buf(),
+    }
+}
+
+/// Forward `gocryptfs -ro` of an encrypted copy.
+pub fn gocryptfs_forward(passfile: &Path, cipherdir: &Path, mnt: &Path) -> Mounted {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut c = Command::new("gocryptfs");
+    c.args(["-ro", "-q", "-passfile"])
+        .arg(passfile)
+        .arg(cipherdir)
+        .arg(mnt);
+    super::ok(&mut c);
+    Mounted {
+        path: mnt.to_path_buf(),
+    }
+}

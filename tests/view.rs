@@ -1,0 +1,596 @@
+//! The encrypted view against the real thing: the stored gocryptfs vectors, live
+//! `gocryptfs -reverse` mounts of the same tree and config, forward `gocryptfs` and
+//! `gocryptfs -fsck` on a copy of our view, and `snapveil decrypt`.
+
+use crate::util::fuse::{gocryptfs_forward, gocryptfs_reverse, is_mounted, snapveil_mount};
+use crate::util::tree::{diff, make_edge_tree, manifest, Manifest};
+use crate::util::{bin, describe, fails, ok, passfile, private_copy, require_tool, shared};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use tempfile::TempDir;
+
+const VARIANTS: [&str; 3] = ["encnames", "deterministic", "plaintextnames"];
+
+/// A manifest in the vectors' TSV format: `f size sha256 path`, `l len target path`,
+/// `d - - path`, sorted bytewise.
+fn tsv(m: &Manifest) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .iter()
+        .map(|(k, e)| {
+            let p = String::from_utf8_lossy(k);
+            match e.kind {
+                'f' => format!("f\t{}\t{}\t{p}", e.size, e.data),
+                'l' => format!("l\t{}\t{}\t{p}", e.size, e.data),
+                'd' => format!("d\t-\t-\t{p}"),
+                _ => format!("o\t-\t-\t{p}"),
+            }
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn vector_tree(dir: &Path) {
+    let script = shared().join("vectors/gocryptfs-reverse/make_tree.sh");
+    ok(Command::new("bash").arg(script).arg(dir).arg("long"));
+}
+
+#[test]
+fn view_matches_gocryptfs_vectors_in_all_name_modes() {
+    require_tool("fusermount3");
+    for v in VARIANTS {
+        let t = TempDir::new().unwrap();
+        let vdir = shared().join("vectors/gocryptfs-reverse").join(v);
+        let plain = t.path().join("plain");
+        vector_tree(&plain);
+        let conf = t.path().join("conf");
+        private_copy(&vdir.join("gocryptfs.reverse.conf"), &conf);
+        let pass = t.path().join("pass");
+        passfile(&pass, "PASSWORD");
+        let m = snapveil_mount(&conf, &pass, &plain, &t.path().join("mnt"), &[]);
+        let got = tsv(&manifest(m.path()));
+        let mut want: Vec<String> = fs::read_to_string(vdir.join("manifest.tsv"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        want.sort();
+        assert!(want.len() > 20);
+        assert_eq!(
+            got, want,
+            "variant {v}: view differs from gocryptfs's manifest"
+        );
+    }
+}
+
+/// Sizes of ciphertexts of the hard-linked pair: gocryptfs 2.3 gives both paths the
+/// IVs of whichever was opened first, we derive per path, so only sizes compare.
+fn mask_hardlinks(m: &mut Manifest) {
+    let hl = snapveil::crypto::content::cipher_size(5000);
+    for e in m.values_mut() {
+        if e.kind == 'f' && e.size == hl {
+            e.data.clear();
+        }
+    }
+}
+
+fn init_flags(mode: &str) -> &'static [&'static str] {
+    match mode {
+        "deterministic" => &["-deterministic-names"],
+        "plaintextnames" => &["-plaintextnames"],
+        _ => &[],
+    }
+}
+
+fn snapveil_init_flags(mode: &str) -> &'static [&'static str] {
+    match mode {
+        "deterministic" => &["--deterministic-names"],
+        "plaintextnames" => &["--plaintext-names"],
+        _ => &[],
+    }
+}
+
+#[test]
+fn gocryptfs_config_works_with_snapveil_and_views_are_identical() {
+    require_tool("gocryptfs");
+    for mode in VARIANTS {
+        let t = TempDir::new().unwrap();
+        let src = t.path().join("src");
+        make_edge_tree(&src);
+        let pass = t.path().join("pass");
+        passfile(&pass, "correct horse");
+        let mut c = Command::new("gocryptfs");
+        c.args(["-init", "-reverse", "-q", "-scryptn", "10", "-passfile"])
+            .arg(&pass)
+            .args(init_flags(mode))
+            .arg(&src);
+        ok(&mut c);
+        let conf = src.join(".gocryptfs.reverse.conf");
+        let g = gocryptfs_reverse(None, &pass, &src, &t.path().join("g"));
+        let s = snapveil_mount(&conf, &pass, &src, &t.path().join("s"), &[]);
+        let (mut gm, mut sm) = (manifest(g.path()), manifest(s.path()));
+        assert!(
+            gm.len() > 40,
+            "gocryptfs view unexpectedly small: {}",
+            gm.len()
+        );
+        mask_hardlinks(&mut gm);
+        mask_hardlinks(&mut sm);
+        let d = diff(&gm, &sm);
+        assert!(
+            d.is_empty(),
+            "mode {mode}: gocryptfs (left) and snapveil (right) views differ:\n{d}"
+        );
+    }
+}
+
+#[test]
+fn snapveil_config_works_with_gocryptfs_and_copies_restore_with_stock_gocryptfs() {
+    require_tool("gocryptfs");
+    for mode in VARIANTS {
+        let t = TempDir::new().unwrap();
+        let src = t.path().join("src");
+        make_edge_tree(&src);
+        let keys = t.path().join("keys");
+        fs::create_dir(&keys).unwrap();
+        let conf = keys.join("home.conf");
+        let pass = keys.join("home.pass");
+        let mut c = Command::new(bin());
+        c.args(["init", "--scrypt-n", "10", "--config"])
+            .arg(&conf)
+            .arg("--passfile")
+            .arg(&pass)
+            .args(snapveil_init_flags(mode));
+        let out = ok(&mut c);
+        assert!(
+            out.lines()
+                .any(|l| l.trim().len() == 71 && l.trim().split('-').count() == 8),
+            "no dashed master key in:\n{out}"
+        );
+        assert_eq!(fs::metadata(&pass).unwrap().mode() & 0o777, 0o600);
+
+        // 2. our config drives gocryptfs -reverse, and both show the same tree.
+        let g = gocryptfs_reverse(Some(&conf), &pass, &src, &t.path().join("g"));
+        let s = snapveil_mount(&conf, &pass, &src, &t.path().join("s"), &[]);
+        let (mut gm, mut sm) = (manifest(g.path()), manifest(s.path()));
+        // With -config elsewhere gocryptfs shows no gocryptfs.conf; ours always does.
+        assert!(
+            sm.remove(b"gocryptfs.conf".as_slice()).is_some(),
+            "view lacks gocryptfs.conf"
+        );
+        mask_hardlinks(&mut gm);
+        mask_hardlinks(&mut sm);
+        let d = diff(&gm, &sm);
+        assert!(
+            d.is_empty(),
+            "mode {mode}: gocryptfs (left) and snapveil (right) views differ:\n{d}"
+        );
+        drop(g);
+
+        // 3. a copy of our view (self-describing: it carries gocryptfs.conf) restores
+        // with the stock binary, passes its fsck, and with snapveil decrypt.
+        let copy = t.path().join("copy");
+        ok(Command::new("cp").arg("-a").arg(s.path()).arg(&copy));
+        drop(s);
+        ok(Command::new("gocryptfs")
+            .args(["-fsck", "-q", "-passfile"])
+            .arg(&pass)
+            .arg(&copy));
+        let plain = manifest(&src);
+        let fwd = gocryptfs_forward(&pass, &copy, &t.path().join("fwd"));
+        let d = diff(&plain, &manifest(fwd.path()));
+        assert!(
+            d.is_empty(),
+            "mode {mode}: forward gocryptfs of the copy differs from the source:\n{d}"
+        );
+        drop(fwd);
+        let out = t.path().join("out");
+        ok(Command::new(bin())
+            .arg("decrypt")
+            .arg("--passfile")
+            .arg(&pass)
+            .arg(&copy)
+            .arg(&out));
+        let d = diff(&plain, &manifest(&out));
+        assert!(
+            d.is_empty(),
+            "mode {mode}: snapveil decrypt differs from the source:\n{d}"
+        );
+    }
+}
+
+#[test]
+fn hardlinks_are_separate_files_with_path_derived_ciphertext() {
+    let t = TempDir::new().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), vec![7u8; 9000]).unwrap();
+    fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+    ok(Command::new(bin())
+        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
+        .arg(&conf)
+        .arg("--passfile")
+        .arg(&pass));
+    let read = |first: &str, second: &str| {
+        let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
+        let x = fs::read(m.path().join(first)).unwrap();
+        let y = fs::read(m.path().join(second)).unwrap();
+        let (ma, mb) = (
+            fs::metadata(m.path().join("a")).unwrap(),
+            fs::metadata(m.path().join("b")).unwrap(),
+        );
+        assert_eq!(
+            (ma.nlink(), mb.nlink()),
+            (1, 1),
+            "hardlinked paths must show link count 1"
+        );
+        assert_ne!(
+            ma.ino(),
+            mb.ino(),
+            "hardlinked paths must be separate files in the view"
+        );
+        if first == "a" {
+            (x, y)
+        } else {
+            (y, x)
+        }
+    };
+    let (a1, b1) = read("a", "b");
+    let (a2, b2) = read("b", "a");
+    assert_eq!(a1, a2, "ciphertext of a depends on access order");
+    assert_eq!(b1, b2, "ciphertext of b depends on access order");
+    assert_ne!(a1, b1, "each path derives its own file ID");
+}
+
+#[test]
+fn excludes_hide_plaintext_paths_gitignore_style() {
+    let t = TempDir::new().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("logs/deep")).unwrap();
+    fs::create_dir_all(src.join("keep")).unwrap();
+    fs::write(src.join("keep/a.log"), b"x").unwrap();
+    fs::write(src.join("keep/a.txt"), b"x").unwrap();
+    fs::write(src.join("logs/deep/z"), b"x").unwrap();
+    fs::write(src.join("cache.tmp"), b"x").unwrap();
+    let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+    ok(Command::new(bin())
+        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
+        .arg(&conf)
+        .arg("--passfile")
+        .arg(&pass));
+    let m = snapveil_mount(
+        &conf,
+        &pass,
+        &src,
+        &t.path().join("m"),
+        &[
+            "--exclude",
+            "*.log",
+            "--exclude",
+            "/logs/",
+            "--exclude",
+            "cache.tmp",
+        ],
+    );
+    let names: Vec<String> = manifest(m.path())
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(names, vec!["gocryptfs.conf", "keep", "keep/a.txt"]);
+    let e = fs::metadata(m.path().join("keep/a.log")).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EPERM),
+        "direct access to an excluded path"
+    );
+}
+
+#[test]
+fn special_files_are_listed_but_not_readable_and_decrypt_recreates_them() {
+    let t = TempDir::new().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+    ok(Command::new(bin())
+        .args(["init", "--scrypt-n", "10", "--config"])
+        .arg(&conf)
+        .arg("--passfile")
+        .arg(&pass));
+    let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
+    let view = manifest(m.path());
+    let fifo = view
+        .iter()
+        .find(|(_, e)| e.kind == 'o')
+        .map(|(k, _)| m.path().join(String::from_utf8_lossy(k).as_ref()));
+    let fifo = fifo.expect("the FIFO is listed under an encrypted name");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    let copy = t.path().join("copy");
+    ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
+    drop(m);
+    let out = t.path().join("out");
+    ok(Command::new(bin())
+        .arg("decrypt")
+        .arg("--passfile")
+        .arg(&pass)
+        .arg(&copy)
+        .arg(&out));
+    let md = fs::symlink_metadata(out.join("pipe")).unwrap();
+    assert!(md.file_type().is_fifo());
+    assert_eq!(md.mode() & 0o777, 0o640);
+}
+
+#[test]
+fn sigterm_unmounts_a_foreground_mount_cleanly() {
+    let t = TempDir::new().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+    ok(Command::new(bin())
+        .args(["init", "--scrypt-n", "10", "--config"])
+        .arg(&conf)
+        .arg("--passfile")
+        .arg(&pass));
+    let mnt = t.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let guard = crate::util::fuse::Mounted { path: mnt.clone() };
+    let mut child = Command::new(bin())
+        .arg("mount")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--passfile")
+        .arg(&pass)
+        .arg(&src)
+        .arg(&mnt)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !is_mounted(&mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "foreground mount never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(fs::read_dir(&mnt).unwrap().count() >= 3);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "mount exited with {st} after SIGTERM");
+    assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
+    drop(guard);
+}
+
+mod bad_input {
+    use super::*;
+
+    fn setup() -> (
+        TempDir,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        let t = TempDir::new().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+        ok(Command::new(bin())
+            .args(["init", "--scrypt-n", "10", "--config"])
+            .arg(&conf)
+            .arg("--passfile")
+            .arg(&pass));
+        fs::create_dir(t.path().join("m")).unwrap();
+        (t, src, conf, pass)
+    }
+
+    fn mount(conf: &Path, pass: &Path, src: &Path, mnt: &Path) -> String {
+        let mut c = Command::new(bin());
+        c.arg("mount")
+            .arg("--background")
+            .arg("--config")
+            .arg(conf)
+            .arg("--passfile")
+            .arg(pass)
+            .arg(src)
+            .arg(mnt);
+        let err = fails(&mut c);
+        assert!(!is_mounted(mnt), "mounted despite the error");
+        err
+    }
+
+    #[test]
+    fn wrong_password() {
+        let (t, src, conf, _) = setup();
+        let wrong = t.path().join("wrong");
+        passfile(&wrong, "not the password");
+        let err = mount(&conf, &wrong, &src, &t.path().join("m"));
+        assert!(
+            err.contains("password incorrect") && err.contains(&conf.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn passfile_too_open_or_missing() {
+        let (t, src, conf, pass) = setup();
+        fs::set_permissions(&pass, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = mount(&conf, &pass, &src, &t.path().join("m"));
+        assert!(
+            err.contains(&pass.display().to_string()) && err.contains("chmod 600"),
+            "{err}"
+        );
+        let err = mount(&conf, &t.path().join("nope"), &src, &t.path().join("m"));
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_or_unknown_version_config() {
+        let (t, src, conf, pass) = setup();
+        let text = fs::read_to_string(&conf).unwrap();
+        fs::set_permissions(&conf, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&conf, text.replace("\"Version\": 2", "\"Version\": 3")).unwrap();
+        let err = mount(&conf, &pass, &src, &t.path().join("m"));
+        assert!(
+            err.contains("version 3") && err.contains(&conf.display().to_string()),
+            "{err}"
+        );
+        fs::write(&conf, &text[..text.len() / 2]).unwrap();
+        let err = mount(&conf, &pass, &src, &t.path().join("m"));
+        assert!(err.contains("not a gocryptfs config"), "{err}");
+        fs::write(
+            &conf,
+            text.replace("\"AESSIV\"", "\"AESSIV\",\n\t\t\"Bogus\""),
+        )
+        .unwrap();
+        let err = mount(&conf, &pass, &src, &t.path().join("m"));
+        assert!(err.contains("unknown feature flag \"Bogus\""), "{err}");
+    }
+
+    #[test]
+    fn source_missing_mountpoint_nonempty_or_busy() {
+        let (t, src, conf, pass) = setup();
+        let m = t.path().join("m");
+        let err = mount(&conf, &pass, &t.path().join("absent"), &m);
+        assert!(err.contains("absent") && err.contains("source"), "{err}");
+        fs::write(m.join("x"), b"").unwrap();
+        let err = mount(&conf, &pass, &src, &m);
+        assert!(
+            err.contains("not empty") && err.contains(&m.display().to_string()),
+            "{err}"
+        );
+        fs::remove_file(m.join("x")).unwrap();
+        let _held = snapveil_mount(&conf, &pass, &src, &m, &[]);
+        let mut c = Command::new(bin());
+        c.arg("mount")
+            .arg("--background")
+            .arg("--config")
+            .arg(&conf)
+            .arg("--passfile")
+            .arg(&pass)
+            .arg(&src)
+            .arg(&m);
+        let err = fails(&mut c);
+        assert!(err.contains("busy"), "{err}");
+    }
+
+    #[test]
+    fn init_refuses_overwrite_and_open_passfile() {
+        let (t, _src, conf, pass) = setup();
+        let before = fs::read(&conf).unwrap();
+        let err = fails(
+            Command::new(bin())
+                .args(["init", "--scrypt-n", "10", "--config"])
+                .arg(&conf)
+                .arg("--passfile")
+                .arg(&pass),
+        );
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        assert_eq!(fs::read(&conf).unwrap(), before);
+        let open = t.path().join("open.pass");
+        fs::write(&open, "pw\n").unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = fails(
+            Command::new(bin())
+                .args(["init", "--scrypt-n", "10", "--config"])
+                .arg(t.path().join("c2"))
+                .arg("--passfile")
+                .arg(&open),
+        );
+        assert!(
+            err.contains("open.pass") && err.contains("group or others"),
+            "{err}"
+        );
+        assert!(!t.path().join("c2").exists());
+    }
+
+    #[test]
+    fn decrypt_of_a_tampered_block_fails_that_file_only() {
+        let (t, src, conf, pass) = setup();
+        fs::write(src.join("big"), vec![1u8; 3 * 4096]).unwrap();
+        fs::write(src.join("other"), b"intact").unwrap();
+        let copy = t.path().join("copy");
+        {
+            let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
+            ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
+        }
+        // Find the ciphertext of "big" (the only 3-block file) and flip a byte in block 1.
+        let victim = fs::read_dir(&copy)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| fs::metadata(p).unwrap().len() == 18 + 3 * 4128)
+            .unwrap();
+        let mut data = fs::read(&victim).unwrap();
+        data[18 + 4128 + 100] ^= 0x01;
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&victim, data).unwrap();
+        let out = t.path().join("out");
+        let mut c = Command::new(bin());
+        c.arg("decrypt")
+            .arg("--passfile")
+            .arg(&pass)
+            .arg(&copy)
+            .arg(&out);
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", describe(&c, &o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&victim.display().to_string()) && err.contains("block 1"),
+            "{err}"
+        );
+        assert!(
+            !out.join("big").exists(),
+            "unauthenticated plaintext written"
+        );
+        assert_eq!(fs::read(out.join("other")).unwrap(), b"intact");
+        assert_eq!(fs::read(out.join("f")).unwrap(), b"data");
+    }
+}
+
+#[test]
+fn open_mounts_a_backup_copy_as_the_plaintext_tree() {
+    for mode in VARIANTS {
+        let t = TempDir::new().unwrap();
+        let src = t.path().join("src");
+        make_edge_tree(&src);
+        let (conf, pass) = (t.path().join("c"), t.path().join("p"));
+        ok(Command::new(bin())
+            .args(["init", "--scrypt-n", "10", "--config"])
+            .arg(&conf)
+            .arg("--passfile")
+            .arg(&pass)
+            .args(snapveil_init_flags(mode)));
+        let copy = t.path().join("copy");
+        {
+            let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
+            ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
+        }
+        let mnt = t.path().join("open");
+        fs::create_dir(&mnt).unwrap();
+        let _g = crate::util::fuse::Mounted { path: mnt.clone() };
+        ok(Command::new(bin())
+            .arg("open")
+            .arg("--background")
+            .arg("--passfile")
+            .arg(&pass)
+            .arg(&copy)
+            .arg(&mnt));
+        let d = diff(&manifest(&src), &manifest(&mnt));
+        assert!(
+            d.is_empty(),
+            "mode {mode}: open view differs from the source:\n{d}"
+        );
+    }
+}
