@@ -12,13 +12,14 @@ SHARE=/mnt/host
 SNAPVEIL=$SHARE/bin/snapveil
 export SNAPVEIL_LOG=${SNAPVEIL_LOG:-info}
 
-# check DESCRIPTION SNIPPET: runs SNIPPET (bash, eval'd so compound tests read naturally);
-# exit 0 passes. On failure its output's tail is printed, indented.
+# check DESCRIPTION SNIPPET: runs SNIPPET (bash, eval'd in a subshell so compound tests
+# read naturally and an `exit` or `cd` in it stays there); exit 0 passes. On failure its
+# output's tail is printed, indented.
 check() {
     local desc=$1 snippet=$2 out rc=0 t0
     out=$(mktemp)
     t0=$(date +%s.%N)
-    eval "$snippet" >"$out" 2>&1 </dev/null || rc=$?
+    (eval "$snippet") >"$out" 2>&1 </dev/null || rc=$?
     local dt
     dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     if ((rc == 0)); then
@@ -42,10 +43,11 @@ disk() {
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
-# tree_digest DIR: one digest over every entry's type, mode, size, path, symlink target
-# and content, so two trees compare equal only if they are.
+# tree_digest DIR: one digest over every entry's type, mode, path, symlink target and
+# content, so two trees compare equal only if they are. (Not directory sizes: they are
+# the file system's business, ZFS counts entries, ext4 blocks.)
 tree_digest() {
-    (cd "$1" && find . -mindepth 1 -printf '%y %m %s %p %l\n' | LC_ALL=C sort &&
+    (cd "$1" && find . -mindepth 1 -printf '%y %m %p %l\n' | LC_ALL=C sort &&
         find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum | cut -d' ' -f1
 }
 
