@@ -1,9 +1,11 @@
 # The two commands of the README:
 #   make demo   a real backup end to end on a built-in demo (installs what it needs)
 #   make test   the whole test suite (installs what it needs); .ci/run calls exactly this
+#               It ends with the real-kernel tier (make test-vm): OpenZFS and LVM in a
+#               qemu guest, see docs/vm-tier.md.
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-unit test-integration bench clean
+.PHONY: deps build demo test test-unit test-integration test-vm bench clean
 
 deps:
 	./scripts/install-deps.sh
@@ -17,6 +19,13 @@ demo: deps build
 test: deps
 	$(CARGO) build --all-targets
 	$(CARGO) test -- --test-threads=2
+	./scripts/vm/test-vm.sh
+
+# The real-kernel tier alone: builds the guest on first use (cached in
+# /var/tmp/snapveil-vm, keyed by package versions), boots it once, runs tests/vm/ in it.
+test-vm: deps
+	$(CARGO) build --bin snapveil
+	./scripts/vm/test-vm.sh
 
 bench: deps build
 	./scripts/bench.sh

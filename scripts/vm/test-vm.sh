@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# test-vm.sh: the real-kernel test tier (`make test-vm`). Builds the guest if the cache
+# has none for the current key, stages the build under test, boots ONE guest, runs every
+# tests/vm/[0-9][0-9]-*.sh in it, powers it off, and ends with exactly one line
+# `N passed, N failed`; the exit status is non-zero on any failure.
+#
+# Usage: scripts/vm/test-vm.sh [PATTERN...]
+#   PATTERN   run only the guest test files whose name contains one of them
+# Env: SNAPVEIL_BIN   binary under test (default target/debug/snapveil; `make test-vm`
+#                     builds it). Host and guest are both bookworm (glibc 2.36).
+#      SNAPVEIL_VM_LOG  copy of the whole guest output (default target/vm-test.log)
+#      and vmlib.sh's SNAPVEIL_VM_* settings.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=vmlib.sh
+. "$HERE/vmlib.sh"
+
+T0=$(date +%s.%N)
+BIN=${SNAPVEIL_BIN:-$REPO/target/debug/snapveil}
+LOG=${SNAPVEIL_VM_LOG:-$REPO/target/vm-test.log}
+[[ -x $BIN ]] || vm_die "$BIN is missing: run \`cargo build\` (or set SNAPVEIL_BIN)"
+mkdir -p "$(dirname "$LOG")"
+
+# Boot failures and a lost ssh connection count as failures too: the last line
+# always says what happened.
+summary() {
+    local passed=$1 failed=$2
+    echo "== tier: build/cache ${T_BUILD:-?}s, boot ${VM_BOOT_S:-?}s, tests ${T_TESTS:-?}s, total $(vm_elapsed "$T0")s"
+    echo "$passed passed, $failed failed"
+    ((failed == 0))
+}
+
+# The tier's own scripts first (shellcheck, mirror parser): seconds, no guest.
+self_out=$("$HERE/selftest.sh" 2>&1) || true
+echo "$self_out"
+[[ $(tail -n 1 <<<"$self_out") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]] || vm_die "selftest.sh printed no tally"
+SELF_PASSED=${BASH_REMATCH[1]} SELF_FAILED=${BASH_REMATCH[2]}
+
+t=$(date +%s.%N)
+GUEST=$("$HERE/build-guest.sh") || { echo "FAIL: building the guest"; summary "$SELF_PASSED" $((SELF_FAILED + 1)); exit 1; }
+T_BUILD=$(vm_elapsed "$t")
+
+# Stage the build under test: a copy, so a concurrent `cargo build` cannot change the
+# binary mid-run, exported read-only (the guest cannot write into the host's tree).
+vm_rundir
+share=$VM_RUN/share
+install -D -m 755 "$BIN" "$share/bin/snapveil"
+cp -r "$REPO/tests/vm" "$share/tests-vm"
+for d in tests/fixtures hooks examples; do
+    [[ -d $REPO/$d ]] && mkdir -p "$share/$(dirname "$d")" && cp -r "$REPO/$d" "$share/$d"
+done
+cp "$GUEST/versions.txt" "$share/guest-versions.txt"
+
+# One disk per test file that needs one (each file owns and wipes its disks), sparse.
+mapfile -t disks < <(sed -n 's/^# disks: *//p' "$REPO"/tests/vm/[0-9][0-9]-*.sh | tr ' ' '\n' | sed '/^$/d' | sort -u)
+vm_start "$GUEST" "${disks[@]}"
+if ! vm_wait; then
+    echo "FAIL: the guest did not boot"
+    summary "$SELF_PASSED" $((SELF_FAILED + 1))
+    exit 1
+fi
+
+t=$(date +%s.%N)
+rc=0
+# not a pipeline: bash would defer a TERM's trap until the pipeline ends
+vm_ssh bash /mnt/host/tests-vm/run.sh "$@" </dev/null > >(tee "$LOG") 2>&1 || rc=$?
+wait $! || true # tee has written everything
+T_TESTS=$(vm_elapsed "$t")
+pid=$VM_PID run=$VM_RUN
+vm_stop
+
+line=$(tail -n 1 "$LOG")
+if [[ $line =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+    passed=${BASH_REMATCH[1]} failed=${BASH_REMATCH[2]}
+    if ((rc != 0 && failed == 0)); then
+        echo "FAIL: the guest run exited $rc"
+        failed=1
+    fi
+else
+    echo "FAIL: the guest run ended without a summary (exit $rc; ssh lost?)"
+    passed=$(grep -c '^PASS: ' "$LOG" || true)
+    failed=$(($(grep -c '^FAIL: ' "$LOG" || true) + 1))
+fi
+# The guard's promise, checked on the normal path out (the other paths: docs/vm-tier.md).
+if ! kill -0 "$pid" 2>/dev/null && [[ ! -e $run ]]; then
+    echo "PASS: guest stopped: no qemu (pid $pid), no run dir or scratch disk left"
+    passed=$((passed + 1))
+else
+    echo "FAIL: qemu $pid or $run still there after the guest was stopped"
+    failed=$((failed + 1))
+fi
+summary $((passed + SELF_PASSED)) $((failed + SELF_FAILED))
