@@ -73,6 +73,7 @@ pub fn require_tool(tool: &str) -> bool {
 
 pub mod fuse;
 pub mod rsyncd;
+pub mod sshd;
 pub mod tree;
 
 /// A private copy of a file (mode 0600), as snapveil requires for key material.
