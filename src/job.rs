@@ -246,7 +246,19 @@ fn run_steps<'a>(
         stamp,
     );
     tracing::info!(cmd = %cmd, "transferring");
-    let out = crate::rsync::transfer(runner, &cmd, &job.target)?;
+    let out = crate::rsync::transfer(runner, &cmd, &job.target).map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if format!("{e}").contains("in --backup-dir") {
+            // rrsync refuses `..`; an absolute path is anchored at its directory.
+            e.context(format!(
+                "the ssh key of {} is restricted by rrsync: write the target path as an \
+                 absolute path below rrsync's directory (host:/PATH)",
+                job.target
+            ))
+        } else {
+            e
+        }
+    })?;
     check_cancel()?;
     if let Some(s) = held.snapshot.as_ref() {
         s.verify()

@@ -120,7 +120,7 @@ pub fn transfer_cmd(
             "--out-format=>%n",
         ])
         .arg("--backup")
-        .arg(format!("--backup-dir=../generations/{stamp}"))
+        .arg(format!("--backup-dir={}", target.backup_dir(stamp)))
         .args(extra)
         .arg(format!("{}/", view.display()))
         .arg(target.rsync_dest("current"))
@@ -271,8 +271,12 @@ pub fn list(
     let out = runner.output(&cmd).map_err(RsyncError::Spawn)?;
     match out.exit {
         Exit::Code(0) => Ok(parse_list(&out.stdout_str())),
-        // 23: partial transfer, which is how a missing source directory ends.
-        Exit::Code(23) if out.stderr_str().contains("No such file or directory") => Ok(Vec::new()),
+        // 23: partial transfer, which is how a missing source directory ends; 12: rrsync
+        // (a key restricted to `command="rrsync DIR"`) refuses a path it cannot resolve
+        // before rsync starts ("post-realpath open failed ... No such file or directory").
+        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => {
+            Ok(Vec::new())
+        }
         exit => Err(RsyncError::Failed {
             target: target.to_string(),
             exit,
@@ -336,7 +340,20 @@ mod tests {
         );
         let argv = c.argv();
         assert_eq!(argv[1..3], ["-e".to_string(), "ssh -p 2222".to_string()]);
-        assert!(argv.contains(&"--backup-dir=../generations/20261124T010000Z".to_string()));
+        assert!(argv.contains(&"--backup-dir=/srv/b/generations/20261124T010000Z".to_string()));
+        let rel = Target::Ssh {
+            user: None,
+            host: "h".into(),
+            path: "b".into(),
+        };
+        assert_eq!(rel.backup_dir("S"), "../generations/S");
+        let daemon = Target::RsyncDaemon {
+            host: "h".into(),
+            port: None,
+            module: "m".into(),
+            path: "job/".into(),
+        };
+        assert_eq!(daemon.backup_dir("S"), "/job/generations/S");
         assert_eq!(
             argv[argv.len() - 2..],
             ["/run/v/".to_string(), "bk@h:/srv/b/current".to_string()]

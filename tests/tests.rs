@@ -1,5 +1,6 @@
 //! One integration-test binary; one module per area (ripgrep's layout).
 
+mod job;
 mod retention;
 mod snapshot;
 mod util;

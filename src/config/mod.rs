@@ -86,6 +86,36 @@ impl Target {
     }
 }
 
+impl Target {
+    /// `--backup-dir` for run `stamp`: `TARGET/generations/STAMP/`, written so that the
+    /// receiving side resolves it to exactly that place. rsync resolves a relative
+    /// backup dir against the destination (`current/`), but a daemon sanitizes `..` away
+    /// (which would put generations *inside* `current/`) and rrsync refuses it; both
+    /// anchor an absolute path at the module or restricted directory. So: absolute
+    /// wherever the target path is absolute or daemon-relative, `../` only for an ssh path
+    /// relative to the remote home.
+    pub fn backup_dir(&self, stamp: &str) -> String {
+        match self {
+            Target::Local(p) => format!(
+                "{}/generations/{stamp}",
+                p.to_string_lossy().trim_end_matches('/')
+            ),
+            Target::Ssh { path, .. } if path.starts_with('/') => {
+                format!("{}/generations/{stamp}", path.trim_end_matches('/'))
+            }
+            Target::Ssh { .. } => format!("../generations/{stamp}"),
+            Target::RsyncDaemon { path, .. } => {
+                let p = path.trim_matches('/');
+                if p.is_empty() {
+                    format!("/generations/{stamp}")
+                } else {
+                    format!("/{p}/generations/{stamp}")
+                }
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.rsync_dest("");

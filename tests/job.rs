@@ -1,0 +1,690 @@
+//! `snapveil run` end to end with real parts: btrfs on a loop device, the FUSE view, rsync
+//! to a local directory and to a real sshd on 127.0.0.1, restores with snapveil and with
+//! stock gocryptfs; and every way a run can fail leaves no snapshot, mount or lock behind.
+
+use crate::util::btrfs::BtrfsLoop;
+use crate::util::fuse::{gocryptfs_forward, is_mounted};
+use crate::util::sshd::Sshd;
+use crate::util::tree::{diff, manifest};
+use crate::util::{bin, describe, fails, ok};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A work dir with a key made by `snapveil init`, a state dir and a config file.
+struct Setup {
+    work: tempfile::TempDir,
+    key: PathBuf,
+    pass: PathBuf,
+    state: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let work = tempfile::Builder::new()
+            .prefix("snapveil-job-")
+            .tempdir()
+            .unwrap();
+        let keys = work.path().join("keys");
+        fs::create_dir(&keys).unwrap();
+        let key = keys.join("key.conf");
+        let pass = keys.join("key.pass");
+        ok(Command::new(bin())
+            .args(["init", "--scrypt-n", "10", "--config"])
+            .arg(&key)
+            .arg("--passfile")
+            .arg(&pass));
+        let state = work.path().join("state");
+        let config = work.path().join("snapveil.toml");
+        Setup {
+            work,
+            key,
+            pass,
+            state,
+            config,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.work.path().join(rel)
+    }
+
+    /// A `[[job]]` table with this setup's key; `extra` is appended verbatim.
+    fn job(&self, name: &str, source: &str, target: &str, extra: &str) -> String {
+        format!(
+            "[[job]]\nname = {name:?}\nsource = {source:?}\ntarget = {target:?}\n\
+             key_config = {:?}\npassfile = {:?}\n{extra}\n",
+            self.key.display().to_string(),
+            self.pass.display().to_string()
+        )
+    }
+
+    fn write_config(&self, jobs: &[String]) {
+        let mut s = format!("state_dir = {:?}\n\n", self.state.display().to_string());
+        for j in jobs {
+            s.push_str(j);
+            s.push('\n');
+        }
+        fs::write(&self.config, s).unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args).arg("--config").arg(&self.config);
+        c
+    }
+
+    fn run(&self, jobs: &[&str]) -> Output {
+        let mut c = self.cmd(&["run"]);
+        c.args(jobs);
+        c.output().unwrap()
+    }
+
+    fn run_ok(&self, jobs: &[&str]) -> String {
+        let mut c = self.cmd(&["run"]);
+        c.args(jobs);
+        ok(&mut c)
+    }
+
+    fn spawn_run(&self, job: &str) -> Child {
+        self.cmd(&["run"])
+            .arg(job)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn decrypt(&self, tree: &Path, out: &Path) {
+        ok(Command::new(bin())
+            .arg("decrypt")
+            .arg("--config")
+            .arg(&self.key)
+            .arg("--passfile")
+            .arg(&self.pass)
+            .arg(tree)
+            .arg(out));
+    }
+
+    fn view_mountpoint(&self, job: &str) -> PathBuf {
+        self.state.join("view").join(job)
+    }
+
+    /// Nothing of job `job` is left: no snapshot subvolume, no view mount, no held lock.
+    fn assert_clean(&self, job: &str, fs_: &BtrfsLoop) {
+        let snaps: Vec<String> = fs_
+            .subvolumes()
+            .into_iter()
+            .filter(|s| s.contains(&format!("snapveil-{job}-")))
+            .collect();
+        assert!(snaps.is_empty(), "snapshots left behind: {snaps:?}");
+        assert!(
+            !is_mounted(&self.view_mountpoint(job)),
+            "view of {job} still mounted"
+        );
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(self.state.to_str().unwrap()),
+            "a mount under the state dir is left:\n{mounts}"
+        );
+        let lock = self.state.join("locks").join(format!("{job}.lock"));
+        if lock.exists() {
+            let st = Command::new("flock")
+                .args(["-n", "-E", "75"])
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .unwrap();
+            assert!(st.success(), "lock {} is still held", lock.display());
+        }
+    }
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, data).unwrap();
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut v))
+        .unwrap();
+    v
+}
+
+/// A small tree with the shapes that matter: nested dirs, a block-edge size, a symlink.
+fn sample_tree(root: &Path) {
+    write(root, "keep.txt", b"unchanged\n");
+    write(root, "change.txt", b"version one\n");
+    write(root, "delete.txt", b"deleted in run two\n");
+    write(root, "sub/deep/block.bin", &random(4096 * 3 + 1));
+    write(root, "sub/empty", b"");
+    std::os::unix::fs::symlink("sub/deep/block.bin", root.join("link")).unwrap();
+    fs::create_dir_all(root.join("emptydir")).unwrap();
+}
+
+/// The change between run one and run two.
+fn change_tree(root: &Path) {
+    fs::write(root.join("change.txt"), b"version two, longer\n").unwrap();
+    fs::remove_file(root.join("delete.txt")).unwrap();
+    write(root, "new.txt", b"added in run two\n");
+}
+
+fn dirs(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits until `cond` holds, or panics after `secs`.
+fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the run's view is mounted; a run that ended instead fails the test with
+/// its output.
+fn wait_mounted(child: &mut Child, mp: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !is_mounted(mp) {
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            panic!("the run ended before its view was mounted:\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {}",
+            mp.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks a target after two runs over `sample_tree` + `change_tree`: current/ decrypts to
+/// the source as of run two, the one generation holds run one's versions of the changed
+/// and the deleted file, encrypted, and both runs are restore points.
+fn check_two_runs(s: &Setup, target: &Path, source_now: &Path) {
+    let out = s.path("restore-current");
+    s.decrypt(&target.join("current"), &out);
+    let d = diff(&manifest(source_now), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+
+    let runs = dirs(&target.join("runs"));
+    assert_eq!(runs.len(), 2, "two restore points: {runs:?}");
+    let gens = dirs(&target.join("generations"));
+    assert_eq!(gens.len(), 1, "one generation (run two's): {gens:?}");
+    assert_eq!(format!("{}.json", gens[0]), runs[1]);
+    let gen = target.join("generations").join(&gens[0]);
+    let names = dirs(&gen);
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("change") && !n.contains("delete")),
+        "plaintext names on the target: {names:?}"
+    );
+    let old = s.path("restore-generation");
+    s.decrypt(&gen, &old);
+    assert_eq!(fs::read(old.join("change.txt")).unwrap(), b"version one\n");
+    assert_eq!(
+        fs::read(old.join("delete.txt")).unwrap(),
+        b"deleted in run two\n"
+    );
+    assert!(
+        !old.join("keep.txt").exists(),
+        "an unchanged file landed in the generation"
+    );
+}
+
+#[test]
+fn btrfs_to_local_target_two_runs_keep_generations_and_restore() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        target.to_str().unwrap(),
+        "",
+    )]);
+    let out = s.run_ok(&[]);
+    assert!(out.contains("home: success"), "{out}");
+    s.assert_clean("home", &b);
+    // Stamps have one-second resolution.
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    let out = s.run_ok(&["home"]);
+    assert!(out.contains("home: success"), "{out}");
+    s.assert_clean("home", &b);
+    check_two_runs(&s, &target, &src);
+
+    // The stock gocryptfs binary reads current/ as it is.
+    let mnt = s.path("gocryptfs");
+    {
+        let _m = gocryptfs_forward(&s.pass, &target.join("current"), &mnt);
+        let d = diff(&manifest(&src), &manifest(&mnt));
+        assert!(d.is_empty(), "gocryptfs sees a different tree:\n{d}");
+    }
+
+    let st = ok(&mut s.cmd(&["status"]));
+    let line = st.lines().find(|l| l.starts_with("home ")).unwrap();
+    assert!(line.contains("success"), "{st}");
+    let gens = dirs(&target.join("generations"));
+    let list = ok(&mut s.cmd(&["list", "home"]));
+    assert!(
+        list.contains(&format!("generations/{}/", gens[0])),
+        "list shows the generation:\n{list}"
+    );
+    assert_eq!(
+        list.lines().filter(|l| l.contains(" yes ")).count(),
+        2,
+        "two restore points:\n{list}"
+    );
+    let prom = fs::read_to_string(s.state.join("snapveil.prom")).unwrap();
+    assert!(prom.contains("job=\"home\""), "{prom}");
+}
+
+/// Over ssh to a real sshd on 127.0.0.1, once with a key that may run anything and once
+/// with a key confined by rrsync, as backup hosts set them up.
+#[test]
+fn btrfs_to_ssh_target_full_and_rrsync_keys() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let jail = s.path("rrsync-root");
+    fs::create_dir_all(&jail).unwrap();
+    let sshd = Sshd::start(s.work.path(), &jail);
+    let full_target = s.path("ssh-target");
+    let toml_list = |v: Vec<String>| {
+        format!(
+            "[{}]",
+            v.iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    s.write_config(&[
+        s.job(
+            "full",
+            &format!("btrfs:{}", src.display()),
+            &sshd.target(&full_target),
+            &format!("ssh_args = {}", toml_list(sshd.ssh_args(&sshd.full_key))),
+        ),
+        s.job(
+            "jailed",
+            &format!("btrfs:{}", src.display()),
+            &format!("{}@127.0.0.1:/backup/jailed", sshd.user),
+            &format!("ssh_args = {}", toml_list(sshd.ssh_args(&sshd.rrsync_key))),
+        ),
+    ]);
+    let out = s.run(&[]);
+    assert!(
+        out.status.success(),
+        "{}\nsshd log:\n{}",
+        describe(&Command::new("snapveil run"), &out),
+        sshd.log()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    let out = s.run(&[]);
+    assert!(
+        out.status.success(),
+        "{}\nsshd log:\n{}",
+        describe(&Command::new("snapveil run"), &out),
+        sshd.log()
+    );
+    s.assert_clean("full", &b);
+    s.assert_clean("jailed", &b);
+    check_two_runs(&s, &full_target, &src);
+    let jailed = jail.join("backup/jailed");
+    let out2 = s.path("restore-jailed");
+    s.decrypt(&jailed.join("current"), &out2);
+    let d = diff(&manifest(&src), &manifest(&out2));
+    assert!(d.is_empty(), "rrsync target differs:\n{d}");
+    // rrsync makes the backup dir of a run even when it replaces nothing (plain rsync only
+    // when it needs it): one generation holds files, run two's.
+    let jg: Vec<String> = dirs(&jailed.join("generations"))
+        .into_iter()
+        .filter(|g| !dirs(&jailed.join("generations").join(g)).is_empty())
+        .collect();
+    assert_eq!(jg.len(), 1, "{jg:?}");
+    let list = ok(&mut s.cmd(&["list", "jailed"]));
+    assert_eq!(
+        list.lines().filter(|l| l.contains(" yes ")).count(),
+        2,
+        "two restore points over rrsync:\n{list}"
+    );
+}
+
+/// A failing pre-snapshot hook aborts its job before any snapshot exists, runs the
+/// on-failure hooks, and does not stop the next job; the exit status says one failed.
+#[test]
+fn failing_hook_aborts_before_the_snapshot_and_other_jobs_still_run() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let log = s.path("hooks.log");
+    let src_spec = format!("btrfs:{}", src.display());
+    s.write_config(&[
+        s.job(
+            "bad",
+            &src_spec,
+            s.path("t-bad").to_str().unwrap(),
+            &format!(
+                "[[job.hooks]]\nphase = \"pre_snapshot\"\ncommand = \"echo pre >>{log}; exit 3\"\n\
+                 [[job.hooks]]\nphase = \"on_failure\"\ncommand = \"echo \\\"failure: $SNAPVEIL_ERROR\\\" >>{log}\"\n\
+                 [[job.hooks]]\nphase = \"post_snapshot\"\ncommand = \"echo post_snapshot >>{log}\"\n",
+                log = log.display()
+            ),
+        ),
+        s.job("good", &src_spec, s.path("t-good").to_str().unwrap(), ""),
+    ]);
+    let out = s.run(&[]);
+    assert!(!out.status.success(), "a failed job must fail the run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("bad: failure"), "{stdout}");
+    assert!(stdout.contains("good: success"), "{stdout}");
+    let hooks = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = hooks.lines().collect();
+    assert_eq!(lines[0], "pre", "{hooks}");
+    assert!(
+        lines[1].starts_with("failure: ") && lines[1].contains("pre_snapshot"),
+        "on_failure sees the error: {hooks}"
+    );
+    assert_eq!(
+        lines.len(),
+        2,
+        "no post_snapshot hook after a failed pre hook"
+    );
+    assert!(!s.path("t-bad/current").exists(), "nothing sent for bad");
+    assert_eq!(dirs(&s.path("t-good/runs")).len(), 1);
+    s.assert_clean("bad", &b);
+    s.assert_clean("good", &b);
+    let st = ok(&mut s.cmd(&["status"]));
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("bad ") && l.contains("failure")),
+        "{st}"
+    );
+}
+
+/// rsync failing (the target lies below a regular file) fails the job and releases all.
+#[test]
+fn failing_rsync_leaves_nothing_behind() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    fs::write(s.path("plainfile"), b"not a directory").unwrap();
+    s.write_config(&[s.job(
+        "r",
+        &format!("btrfs:{}", src.display()),
+        s.path("plainfile/below").to_str().unwrap(),
+        "",
+    )]);
+    let out = s.run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plainfile"),
+        "the error names the target: {err}"
+    );
+    s.assert_clean("r", &b);
+    assert_eq!(
+        fs::read(s.path("plainfile")).unwrap(),
+        b"not a directory",
+        "the file in the way is untouched"
+    );
+}
+
+/// SIGTERM in the middle of a slow transfer: the run stops, unmounts, destroys the
+/// snapshot, frees the lock and exits non-zero. While it runs, a second run of the same
+/// job is refused. After a kill -9 instead, the next run removes what was left and
+/// completes the transfer.
+#[test]
+fn sigterm_and_kill9_mid_transfer_then_next_run_recovers() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    write(&src, "big.bin", &random(24 << 20));
+    let s = Setup::new();
+    let target = s.path("target");
+    let job = |extra: &str| {
+        s.job(
+            "slow",
+            &format!("btrfs:{}", src.display()),
+            target.to_str().unwrap(),
+            extra,
+        )
+    };
+    s.write_config(&[job("rsync_args = [\"--bwlimit=1M\"]")]);
+
+    // SIGTERM
+    let mut child = s.spawn_run("slow");
+    wait_mounted(&mut child, &s.view_mountpoint("slow"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = fails(&mut s.cmd(&["run", "slow"]));
+    assert!(
+        second.contains("another run holds") && second.contains("slow.lock"),
+        "second run refused with a clear message: {second}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first run goes on after a refused second one"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "SIGTERM must end in a non-zero exit");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "stopping took {:?}",
+        t0.elapsed()
+    );
+    s.assert_clean("slow", &b);
+    assert!(
+        dirs(&target.join("runs")).is_empty(),
+        "an interrupted run is not a restore point"
+    );
+
+    // kill -9: the snapshot stays (nothing can remove it then), the FUSE mount goes with
+    // the process (auto_unmount).
+    let mut child = s.spawn_run("slow");
+    wait_mounted(&mut child, &s.view_mountpoint("slow"));
+    std::thread::sleep(Duration::from_millis(1000));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale: Vec<String> = b
+        .subvolumes()
+        .into_iter()
+        .filter(|v| v.contains("snapveil-slow-"))
+        .collect();
+    assert_eq!(stale.len(), 1, "kill -9 leaves its snapshot: {stale:?}");
+    wait_for(20, "auto_unmount after kill -9", || {
+        !is_mounted(&s.view_mountpoint("slow"))
+    });
+
+    // The next run (no bandwidth limit) removes the stale snapshot and completes.
+    s.write_config(&[job("")]);
+    let out = s.run_ok(&["slow"]);
+    assert!(out.contains("slow: success"), "{out}");
+    s.assert_clean("slow", &b);
+    let restored = s.path("restored");
+    s.decrypt(&target.join("current"), &restored);
+    let d = diff(&manifest(&src), &manifest(&restored));
+    assert!(d.is_empty(), "after recovery current/ differs:\n{d}");
+}
+
+/// Phases run in order with their environment; a held pre-snapshot hook says READY,
+/// holds while the snapshot is taken and is released (stdin closed) right after it.
+#[test]
+fn hooks_run_in_order_with_env_and_held_hook_spans_the_snapshot() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let log = s.path("hooks.log");
+    let snapdir = b.mnt.join(".snapveil");
+    let held = s.path("held.sh");
+    fs::write(
+        &held,
+        format!(
+            "#!/bin/sh\n\
+             echo \"held start $SNAPVEIL_PHASE held=$SNAPVEIL_HELD snaps=$(ls {snapdir} 2>/dev/null | wc -l)\" >>{log}\n\
+             echo READY\n\
+             cat >/dev/null\n\
+             echo \"held released snaps=$(ls {snapdir} | grep -c snapveil-hk-)\" >>{log}\n",
+            snapdir = snapdir.display(),
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&held, fs::Permissions::from_mode(0o755)).unwrap();
+    let rec = |phase: &str| {
+        format!(
+            "[[job.hooks]]\nphase = \"{phase}\"\ncommand = [\"sh\", \"-c\", \
+             \"echo \\\"$SNAPVEIL_PHASE job=$SNAPVEIL_JOB stamp=$SNAPVEIL_STAMP \
+             src=$SNAPVEIL_SOURCE snap=${{SNAPVEIL_SNAPSHOT_PATH:-none}} \
+             result=${{SNAPVEIL_RESULT:-none}}\\\" >>{}\"]\n",
+            log.display()
+        )
+    };
+    let hooks = format!(
+        "{}[[job.hooks]]\nphase = \"pre_snapshot\"\ncommand = [{:?}]\nheld = true\ntimeout = \"30s\"\n{}{}",
+        rec("pre_snapshot"),
+        held.display().to_string(),
+        rec("post_snapshot"),
+        rec("post_backup")
+    );
+    s.write_config(&[s.job(
+        "hk",
+        &format!("btrfs:{}", src.display()),
+        s.path("target").to_str().unwrap(),
+        &hooks,
+    )]);
+    s.run_ok(&[]);
+    s.assert_clean("hk", &b);
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines[0].starts_with("pre_snapshot job=hk stamp=2"),
+        "{text}"
+    );
+    assert!(lines[0].contains("snap=none"), "{text}");
+    assert!(
+        lines[1].starts_with("held start pre_snapshot held=1 snaps=0"),
+        "held hook starts before any snapshot: {text}"
+    );
+    assert_eq!(
+        lines[2], "held released snaps=1",
+        "held hook released after the snapshot exists: {text}"
+    );
+    assert!(lines[3].starts_with("post_snapshot "), "{text}");
+    let snap = lines[3]
+        .split(' ')
+        .find_map(|w| w.strip_prefix("snap="))
+        .unwrap();
+    assert!(
+        snap.contains("snapveil-hk-"),
+        "post_snapshot sees the snapshot path: {text}"
+    );
+    assert!(
+        lines[4].starts_with("post_backup ") && lines[4].ends_with("result=success"),
+        "{text}"
+    );
+    let stamp = |l: &str| {
+        l.split(' ')
+            .find_map(|w| w.strip_prefix("stamp="))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(stamp(lines[0]), stamp(lines[4]), "one stamp per run");
+    assert!(lines[0].contains(&format!("src=btrfs:{}", src.display())));
+
+    // A held hook that never says READY times out; the job fails before any snapshot.
+    fs::write(&held, "#!/bin/sh\nsleep 30\n").unwrap();
+    let hooks = format!(
+        "[[job.hooks]]\nphase = \"pre_snapshot\"\ncommand = [{:?}]\nheld = true\ntimeout = \"2s\"\n",
+        held.display().to_string()
+    );
+    s.write_config(&[s.job(
+        "hk",
+        &format!("btrfs:{}", src.display()),
+        s.path("target").to_str().unwrap(),
+        &hooks,
+    )]);
+    let t0 = Instant::now();
+    let out = s.run(&[]);
+    assert!(!out.status.success());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "timeout honoured: {:?}",
+        t0.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("READY") || err.contains("timed out"), "{err}");
+    s.assert_clean("hk", &b);
+}
+
+/// check-config names the file, line and field of each problem and touches nothing.
+#[test]
+fn check_config_names_file_line_and_field() {
+    let s = Setup::new();
+    let good = s.job("ok", "dir:/srv", s.path("t").to_str().unwrap(), "");
+    s.write_config(&[good.clone()]);
+    ok(&mut s.cmd(&["check-config"]));
+    assert!(!s.state.exists(), "check-config has no side effects");
+
+    let cases: [(&str, String, &str); 4] = [
+        (
+            "unknown key",
+            good.replace("[[job]]\n", "[[job]]\nsorce = \"x\"\n"),
+            "sorce",
+        ),
+        ("bad source", good.replace("dir:/srv", "nfs:/srv"), "source"),
+        ("bad job name", good.replace("\"ok\"", "\"a b\""), "name"),
+        (
+            "bad duration",
+            format!("{good}hook_timeout = \"ten minutes\"\n"),
+            "hook_timeout",
+        ),
+    ];
+    for (what, text, field) in cases {
+        s.write_config(&[text]);
+        let err = fails(&mut s.cmd(&["check-config"]));
+        let cfg = s.config.display().to_string();
+        assert!(
+            err.contains(&format!("{cfg}:")) && err.contains(field),
+            "{what}: error must name {cfg}:LINE and {field}: {err}"
+        );
+    }
+
+    // Key material readable by others is refused, naming the file.
+    fs::set_permissions(&s.pass, fs::Permissions::from_mode(0o644)).unwrap();
+    s.write_config(&[good]);
+    let err = fails(&mut s.cmd(&["check-config"]));
+    assert!(
+        err.contains(s.pass.to_str().unwrap()),
+        "names the loose passfile: {err}"
+    );
+}
