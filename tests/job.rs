@@ -373,6 +373,37 @@ fn btrfs_to_ssh_target_full_and_rrsync_keys() {
     );
 }
 
+/// To an rsync daemon module: generations land beside current/, not inside it (a daemon
+/// sanitizes `--backup-dir=../…` into a path below the destination).
+#[test]
+fn btrfs_to_rsync_daemon_target_keeps_generations_beside_current() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let module = s.path("module");
+    fs::create_dir_all(&module).unwrap();
+    let d = crate::util::rsyncd::RsyncDaemon::start(s.work.path(), "backup", &module);
+    s.write_config(&[s.job(
+        "d",
+        &format!("btrfs:{}", src.display()),
+        &format!("{}/hosts/d", d.url("backup")),
+        "",
+    )]);
+    s.run_ok(&[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    s.run_ok(&[]);
+    s.assert_clean("d", &b);
+    let target = module.join("hosts/d");
+    assert_eq!(
+        dirs(&target),
+        ["current", "generations", "runs"],
+        "target layout"
+    );
+    check_two_runs(&s, &target, &src);
+}
+
 /// A failing pre-snapshot hook aborts its job before any snapshot exists, runs the
 /// on-failure hooks, and does not stop the next job; the exit status says one failed.
 #[test]

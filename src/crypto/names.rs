@@ -132,6 +132,11 @@ pub fn decrypt_symlink(keys: &Keys, shown: &[u8]) -> Result<Vec<u8>, NameError> 
         return Ok(Vec::new());
     }
     let s = std::str::from_utf8(shown).map_err(|_| NameError::Base64)?;
+    // An rsync daemon without chroot stores symlink targets "munged" (prefixed) unless the
+    // module says `munge symlinks = no`. An encrypted target is base64 and never starts
+    // with '/', so the prefix is unambiguous and a copy read straight from such a
+    // module's directory still restores.
+    let s = s.strip_prefix("/rsyncd-munged/").unwrap_or(s);
     let blob = URL_SAFE_NO_PAD
         .decode(s.trim_end_matches('='))
         .map_err(|_| NameError::Base64)?;
