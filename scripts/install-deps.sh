@@ -2,7 +2,7 @@
 # Installs the system packages snapveil's demo and tests use, from Debian's archive.
 # Idempotent: runs `apt-get update` once and installs only what is missing.
 set -euo pipefail
-pkgs=(fuse3 gocryptfs rsync openssh-server openssh-client btrfs-progs zfs-fuse e2fsprogs util-linux procps psmisc python3)
+pkgs=(fuse3 gocryptfs rsync openssh-server openssh-client btrfs-progs zfs-fuse e2fsprogs util-linux procps psmisc python3 systemd)
 # the real-kernel tier (scripts/vm, make test-vm): qemu boots a Debian guest that debootstrap builds
 pkgs+=(qemu-system-x86 debootstrap debian-archive-keyring shellcheck)
 pkgs+=("$@")

@@ -1,6 +1,7 @@
 //! One integration-test binary; one module per area (ripgrep's layout).
 
 mod job;
+mod ops;
 mod retention;
 mod snapshot;
 mod util;

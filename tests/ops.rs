@@ -1,0 +1,322 @@
+//! What ships beside the binary: the example config parses with every option it shows,
+//! the hook scripts speak their protocols (against recording stand-ins for mysql, psql,
+//! pg_dumpall and fsfreeze: no database server runs here), a held hook works through a
+//! real `snapveil run`, and the systemd units say what the README promises.
+
+use crate::util::{bin, ok};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script(path: &Path, body: &str) {
+    fs::write(path, body).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A PATH dir with recording stand-ins; each appends its argv and stdin lines to LOG.
+fn fakes(dir: &Path, log: &Path) -> String {
+    fs::create_dir_all(dir).unwrap();
+    let log = log.display();
+    script(
+        &dir.join("mysql"),
+        &format!(
+            "#!/bin/sh\necho \"mysql $*\" >>{log}\nwhile IFS= read -r l; do\n  echo \"sql: $l\" >>{log}\n  case $l in\n    *\"SELECT 'snapveil-locked'\"*) echo snapveil-locked;;\n    *\"SELECT 'snapveil-unlocked'\"*) echo snapveil-unlocked;;\n  esac\ndone\necho \"mysql exit\" >>{log}\n"
+        ),
+    );
+    script(
+        &dir.join("psql"),
+        &format!("#!/bin/sh\necho \"psql $*\" >>{log}\n"),
+    );
+    script(
+        &dir.join("pg_dumpall"),
+        &format!("#!/bin/sh\necho \"pg_dumpall $*\" >>{log}\necho '-- dump'\n"),
+    );
+    script(
+        &dir.join("fsfreeze"),
+        &format!("#!/bin/sh\necho \"fsfreeze $*\" >>{log}\n"),
+    );
+    format!("{}:{}", dir.display(), std::env::var("PATH").unwrap())
+}
+
+fn hook(name: &str) -> PathBuf {
+    repo().join("hooks").join(name)
+}
+
+/// The example config, with its key and hook paths pointed at real files, has no errors.
+#[test]
+fn example_config_checks_clean() {
+    let work = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(repo().join("examples/snapveil.toml")).unwrap();
+    let keys = work.path().join("keys");
+    fs::create_dir(&keys).unwrap();
+    for name in ["db", "pg", "www", "etc"] {
+        ok(Command::new(bin())
+            .args(["init", "--scrypt-n", "10", "--config"])
+            .arg(keys.join(format!("{name}.conf")))
+            .arg("--passfile")
+            .arg(keys.join(format!("{name}.pass"))));
+    }
+    let text = text
+        .replace("/etc/snapveil/keys/", &format!("{}/", keys.display()))
+        .replace(
+            "/usr/share/snapveil/hooks/",
+            &format!("{}/", repo().join("hooks").display()),
+        );
+    let cfg = work.path().join("snapveil.toml");
+    fs::write(&cfg, text).unwrap();
+    let out = ok(Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg));
+    assert!(out.contains("OK, 4 job(s): db, pg, www, etc"), "{out}");
+}
+
+/// mysql-flush-lock: one session takes the lock, READY only after the lock answered,
+/// holds until stdin closes, then unlocks in the same session.
+#[test]
+fn mysql_hook_holds_the_lock_in_one_session_until_stdin_closes() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    let path = fakes(&work.path().join("bin"), &log);
+    let mut child = Command::new(hook("mysql-flush-lock"))
+        .arg("--defaults-file=/etc/test.cnf")
+        .env("PATH", &path)
+        .env("SNAPVEIL_MYSQL", "mysql")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "READY\n");
+    let held = fs::read_to_string(&log).unwrap();
+    assert!(
+        held.contains("sql: FLUSH TABLES WITH READ LOCK;") && !held.contains("UNLOCK"),
+        "locked and holding: {held}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "still holding");
+    child.stdin.take().unwrap().flush().unwrap(); // drop closes stdin
+    let st = child.wait().unwrap();
+    assert!(st.success());
+    let all = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("mysql --")).count(),
+        1,
+        "one session: {all}"
+    );
+    assert!(lines[0].contains("--defaults-file=/etc/test.cnf"), "{all}");
+    let lock = lines
+        .iter()
+        .position(|l| l.contains("FLUSH TABLES"))
+        .unwrap();
+    let unlock = lines
+        .iter()
+        .position(|l| l.contains("UNLOCK TABLES"))
+        .unwrap();
+    assert!(
+        lock < unlock && lines.last() == Some(&"mysql exit"),
+        "{all}"
+    );
+}
+
+/// A client that fails (wrong credentials) makes the hook fail before READY.
+#[test]
+fn mysql_hook_fails_without_ready_when_the_client_fails() {
+    let work = tempfile::tempdir().unwrap();
+    let bin_dir = work.path().join("bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    script(
+        &bin_dir.join("mysql"),
+        "#!/bin/sh\necho 'ERROR 1045 (28000): Access denied'\nexit 1\n",
+    );
+    let out = Command::new(hook("mysql-flush-lock"))
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("SNAPVEIL_MYSQL", "mysql")
+        .env("SNAPVEIL_MYSQL_LOCK_TIMEOUT", "5")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("READY"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Access denied"));
+}
+
+/// postgresql: checkpoint runs CHECKPOINT; dump writes the file whole, via a temp name.
+#[test]
+fn postgresql_hook_checkpoint_and_atomic_dump() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    let path = fakes(&work.path().join("bin"), &log);
+    let run = |args: &[&str]| {
+        let o = Command::new(hook("postgresql"))
+            .args(args)
+            .env("PATH", &path)
+            .env("SNAPVEIL_PG_USER", "")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    run(&["checkpoint", "-p", "5433"]);
+    let dump = work.path().join("data/pg.sql");
+    fs::create_dir_all(dump.parent().unwrap()).unwrap();
+    run(&["dump", dump.to_str().unwrap(), "--clean"]);
+    let all = fs::read_to_string(&log).unwrap();
+    assert!(
+        all.contains("psql -X -q -v ON_ERROR_STOP=1 -c CHECKPOINT -p 5433"),
+        "{all}"
+    );
+    assert!(all.contains("pg_dumpall --clean"), "{all}");
+    assert_eq!(fs::read_to_string(&dump).unwrap(), "-- dump\n");
+    assert!(!dump.with_extension("sql.tmp").exists());
+    let bad = Command::new(hook("postgresql"))
+        .arg("vacuum")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+/// fsfreeze: freezes, READY, thaws on EOF, and also thaws when killed by a timeout.
+#[test]
+fn fsfreeze_hook_thaws_on_eof_and_on_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    let path = fakes(&work.path().join("bin"), &log);
+    for kill in [false, true] {
+        let _ = fs::remove_file(&log);
+        let mut child = Command::new(hook("fsfreeze"))
+            .arg("/proc")
+            .env("PATH", &path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "READY\n");
+        assert_eq!(fs::read_to_string(&log).unwrap(), "fsfreeze -f /proc\n");
+        if kill {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        } else {
+            drop(child.stdin.take());
+        }
+        child.wait().unwrap();
+        assert_eq!(
+            fs::read_to_string(&log).unwrap(),
+            "fsfreeze -f /proc\nfsfreeze -u /proc\n",
+            "thawed (killed: {kill})"
+        );
+    }
+    let not_mp = Command::new(hook("fsfreeze"))
+        .arg(work.path())
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(!not_mp.status.success());
+}
+
+/// The held mysql hook through a real run: the lock is taken before the (dir:) source is
+/// read and released after; the run succeeds.
+#[test]
+fn held_mysql_hook_in_a_real_run() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    let path = fakes(&work.path().join("bin"), &log);
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("table.ibd"), b"rows").unwrap();
+    let key = work.path().join("k.conf");
+    let pass = work.path().join("k.pass");
+    ok(Command::new(bin())
+        .args(["init", "--scrypt-n", "10", "--config"])
+        .arg(&key)
+        .arg("--passfile")
+        .arg(&pass));
+    let cfg = work.path().join("c.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "state_dir = {st:?}\n[[job]]\nname = \"db\"\nsource = \"dir:{src}\"\ntarget = {t:?}\n\
+             key_config = {key:?}\npassfile = {pass:?}\n\
+             [[job.hooks]]\nphase = \"pre_snapshot\"\ncommand = [{hook:?}]\nheld = true\ntimeout = \"20s\"\n\
+             [[job.hooks]]\nphase = \"post_snapshot\"\ncommand = \"echo post_snapshot >>{log}\"\n",
+            st = work.path().join("state").display().to_string(),
+            src = src.display(),
+            t = work.path().join("target").display().to_string(),
+            key = key.display().to_string(),
+            pass = pass.display().to_string(),
+            hook = hook("mysql-flush-lock").display().to_string(),
+            log = log.display(),
+        ),
+    )
+    .unwrap();
+    ok(Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("PATH", &path)
+        .env("SNAPVEIL_MYSQL", "mysql"));
+    let all = fs::read_to_string(&log).unwrap();
+    let pos = |s: &str| {
+        all.find(s)
+            .unwrap_or_else(|| panic!("{s:?} missing in:\n{all}"))
+    };
+    assert!(pos("FLUSH TABLES") < pos("UNLOCK TABLES"));
+    assert!(
+        pos("UNLOCK TABLES") < pos("post_snapshot"),
+        "released right after the snapshot, before post_snapshot hooks:\n{all}"
+    );
+    assert!(work.path().join("target/current/gocryptfs.conf").exists());
+}
+
+/// The units run `snapveil run` nightly, catch up after downtime, and spread the load.
+#[test]
+fn systemd_units_say_what_the_readme_promises() {
+    let p = repo().join("packaging/systemd");
+    let service = fs::read_to_string(p.join("snapveil.service")).unwrap();
+    let timer = fs::read_to_string(p.join("snapveil.timer")).unwrap();
+    let tservice = fs::read_to_string(p.join("snapveil@.service")).unwrap();
+    let ttimer = fs::read_to_string(p.join("snapveil@.timer")).unwrap();
+    assert!(service.contains("ExecStart=/usr/bin/snapveil run\n"));
+    assert!(service.contains("Type=oneshot"));
+    assert!(tservice.contains("ExecStart=/usr/bin/snapveil run %i\n"));
+    for t in [&timer, &ttimer] {
+        assert!(t.contains("Persistent=true"));
+        assert!(t.contains("RandomizedDelaySec="));
+        assert!(t.contains("OnCalendar="));
+    }
+    if crate::util::require_tool("systemd-analyze") {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .args(
+                ["snapveil.service", "snapveil.timer"]
+                    .iter()
+                    .map(|f| p.join(f)),
+            )
+            .output()
+            .unwrap();
+        // Not installed here: the binary and the man page; everything else must verify.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let bad: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("snapveil."))
+            .filter(|l| !l.contains("/usr/bin/snapveil is not executable"))
+            .filter(|l| !l.contains("Command 'man snapveil(8)'"))
+            .collect();
+        assert!(bad.is_empty(), "{err}");
+    }
+}
