@@ -253,8 +253,26 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
+    /// Jobs of the config whose leftovers to remove (default: all). Ignored with --source.
+    #[arg(value_name = "JOB")]
+    pub jobs: Vec<String>,
     #[command(flatten)]
-    pub target: SnapshotSourceArgs,
+    pub config: ConfigArg,
+    /// Instead of the config: one source (zfs:, btrfs:, lvm:, dir:) and --job NAME.
+    #[arg(long, value_name = "SPEC", requires = "job")]
+    pub source: Option<crate::snapshot::Source>,
+    /// Job name, with --source.
+    #[arg(long, value_name = "NAME", requires = "source")]
+    pub job: Option<String>,
+    /// State directory, with --source.
+    #[arg(long, value_name = "DIR", default_value = crate::snapshot::cmd::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// btrfs, with --source: directory for snapshots (default: .snapveil beside the subvolume).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// ZFS, with --source: the snapshots were recursive.
+    #[arg(long)]
+    pub recursive: bool,
 }
 
 /// The job config file.

@@ -339,6 +339,62 @@ pub fn run_jobs(runner: &dyn crate::exec::Runner, a: crate::cli::RunArgs) -> Res
     }
 }
 
+/// `snapveil cleanup [JOB]...`: removes what crashed runs left (view mounts, snapshots)
+/// for every configured job, each under its lock so a running job is never touched.
+pub fn cleanup_jobs(
+    runner: &dyn crate::exec::Runner,
+    a: &crate::cli::CleanupArgs,
+) -> Result<ExitCode> {
+    let cfg = match load_config(&a.config)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut jobs = Vec::new();
+    for n in &a.jobs {
+        match cfg.job(n) {
+            Some(j) => jobs.push(j),
+            None => {
+                eprintln!(
+                    "snapveil: no job named {n:?} in {}",
+                    a.config.config.display()
+                );
+                return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+            }
+        }
+    }
+    if jobs.is_empty() {
+        jobs = cfg.jobs.iter().collect();
+    }
+    let mut failed = false;
+    for job in jobs {
+        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("snapveil: {e}: skipped");
+                failed = true;
+                continue;
+            }
+        };
+        match crate::job::cleanup_leftovers(runner, &cfg, job) {
+            Ok(removed) if removed.is_empty() => println!("{}: nothing left behind", job.name),
+            Ok(removed) => {
+                for r in removed {
+                    println!("{}: removed {r}", job.name);
+                }
+            }
+            Err(e) => {
+                eprintln!("snapveil: {}: {e:#}", job.name);
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(crate::error::EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 pub fn status(a: crate::cli::ConfigArg) -> Result<ExitCode> {
     let cfg = match load_config(&a)? {
         Ok(c) => c,

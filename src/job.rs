@@ -173,25 +173,12 @@ fn run_steps<'a>(
         .unlock_with_passfile(&job.passfile)
         .context("unlocking the key config")?;
     check_target(runner, cfg, job, &key)?;
-    let mp = view_mountpoint(&cfg.state_dir, &job.name);
-    if view::cleanup_stale_mount(&mp)? {
-        tracing::warn!(mountpoint = %mp.display(), "removed the view mount of a crashed run");
+    for what in cleanup_leftovers(runner, cfg, job)? {
+        tracing::warn!("removed {what}, left by an earlier run");
     }
+    let mp = view_mountpoint(&cfg.state_dir, &job.name);
     std::fs::create_dir_all(&mp).with_context(|| format!("creating {}", mp.display()))?;
     let work = snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
-    let stale = snapshot::cleanup_stale(
-        runner,
-        &job.name,
-        &job.source,
-        &job.snapshot,
-        &cfg.tools.snapshot,
-        &work,
-    )
-    .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
-    .context("removing stale snapshots of earlier runs")?;
-    for s in stale {
-        tracing::warn!(snapshot = %s, "removed a snapshot left by an earlier run");
-    }
     check_cancel()?;
 
     hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
@@ -332,6 +319,33 @@ fn check_target(runner: &dyn Runner, cfg: &Config, job: &Job, key: &KeyConfig) -
             r
         }
     }
+}
+
+/// Removes what a crashed or killed run of `job` left behind: the view mount and the
+/// job's own snapshots (clones, snapshot LVs and their mounts), never anything else.
+/// The caller holds the job's lock, so no running run's snapshot can be taken away.
+///
+/// # Errors
+/// Unmounting or destroying failed; the error names what and why.
+pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let mp = view_mountpoint(&cfg.state_dir, &job.name);
+    if view::cleanup_stale_mount(&mp)? {
+        removed.push(format!("view mount {}", mp.display()));
+    }
+    let work = snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
+    let stale = snapshot::cleanup_stale(
+        runner,
+        &job.name,
+        &job.source,
+        &job.snapshot,
+        &cfg.tools.snapshot,
+        &work,
+    )
+    .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
+    .context("removing stale snapshots of earlier runs")?;
+    removed.extend(stale.into_iter().map(|s| format!("snapshot {s}")));
+    Ok(removed)
 }
 
 fn check_cancel() -> Result<()> {

@@ -53,9 +53,14 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::Cleanup(a) => {
             // A Ctrl-C must not cut a cleanup in half: the flag is only polled, never fatal.
             signals::install().context("installing signal handlers")?;
-            snapshot::cmd::cleanup_cli(runner, &a)
-                .with_context(|| format!("job {}: cleanup of {}", a.target.job, a.target.source))?;
-            Ok(ExitCode::SUCCESS)
+            match (&a.source, &a.job) {
+                (Some(source), Some(job)) => {
+                    snapshot::cmd::cleanup_cli(runner, job, source, &a)
+                        .with_context(|| format!("job {job}: cleanup of {source}"))?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => commands::cleanup_jobs(runner, &a),
+            }
         }
     }
 }

@@ -719,3 +719,44 @@ fn check_config_names_file_line_and_field() {
         "names the loose passfile: {err}"
     );
 }
+
+/// `snapveil cleanup` with the config removes every job's leftovers (here a snapshot kept
+/// with `snapshot --hold`), only that job's, and not while the job is running.
+#[test]
+fn cleanup_removes_leftovers_of_all_configured_jobs() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let spec = format!("btrfs:{}", src.display());
+    s.write_config(&[
+        s.job("one", &spec, s.path("t1").to_str().unwrap(), ""),
+        s.job("two", &spec, s.path("t2").to_str().unwrap(), ""),
+    ]);
+    for job in ["one", "two", "notconfigured"] {
+        ok(Command::new(bin())
+            .args([
+                "snapshot",
+                "--hold",
+                "--source",
+                &spec,
+                "--job",
+                job,
+                "--state-dir",
+            ])
+            .arg(&s.state));
+    }
+    assert_eq!(b.subvolumes().len(), 4, "{:?}", b.subvolumes());
+    let out = ok(&mut s.cmd(&["cleanup"]));
+    assert!(out.contains("one: removed snapshot"), "{out}");
+    assert!(out.contains("two: removed snapshot"), "{out}");
+    let left = b.subvolumes();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().any(|v| v.contains("snapveil-notconfigured-")),
+        "a job not in the config is not touched: {left:?}"
+    );
+    let out = ok(&mut s.cmd(&["cleanup", "one"]));
+    assert_eq!(out, "one: nothing left behind\n");
+    s.assert_clean("one", &b);
+}

@@ -147,16 +147,24 @@ pub fn snapshot_cli(
 ///
 /// # Errors
 /// From [`cleanup`].
-pub fn cleanup_cli(runner: &dyn Runner, a: &crate::cli::CleanupArgs) -> Result<(), SnapshotError> {
-    let (opts, work) = from_args(&a.target);
-    let t = &a.target;
+pub fn cleanup_cli(
+    runner: &dyn Runner,
+    job: &str,
+    source: &Source,
+    a: &crate::cli::CleanupArgs,
+) -> Result<(), SnapshotError> {
+    let opts = SnapshotOptions {
+        recursive: a.recursive,
+        snapshot_dir: a.snapshot_dir.clone(),
+        ..SnapshotOptions::default()
+    };
     cleanup(
         runner,
-        &t.job,
-        &t.source,
+        job,
+        source,
         &opts,
         &Tools::default(),
-        &work,
+        &work_dir(&a.state_dir, job),
         &mut std::io::stdout().lock(),
     )
 }
