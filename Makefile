@@ -5,7 +5,7 @@
 #               qemu guest, see docs/vm-tier.md.
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-unit test-integration test-vm bench clean
+.PHONY: deps build demo test test-unit test-integration test-vm bench deb clean
 
 deps:
 	./scripts/install-deps.sh
@@ -29,6 +29,10 @@ test-vm: deps
 
 bench: deps build
 	./scripts/bench.sh
+
+# A Debian package (dpkg-deb) in target/debian/.
+deb: build
+	./scripts/build-deb.sh
 
 clean:
 	$(CARGO) clean

@@ -320,3 +320,41 @@ fn systemd_units_say_what_the_readme_promises() {
         assert!(bad.is_empty(), "{err}");
     }
 }
+
+/// The Debian package carries the binary, units, hooks, man page and example config.
+#[test]
+fn debian_package_installs_binary_units_hooks_and_docs() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let deb = ok(Command::new(repo().join("scripts/build-deb.sh"))
+        .arg(out_dir.path())
+        .env("SNAPVEIL_BIN", bin())
+        .env("SNAPVEIL_DEB_COMPRESS", "none"));
+    let deb = deb.trim();
+    let list = ok(Command::new("dpkg-deb").args(["-c", deb]));
+    for want in [
+        "./usr/bin/snapveil",
+        "./lib/systemd/system/snapveil.service",
+        "./lib/systemd/system/snapveil.timer",
+        "./lib/systemd/system/snapveil@.service",
+        "./lib/systemd/system/snapveil@.timer",
+        "./usr/share/snapveil/hooks/mysql-flush-lock",
+        "./usr/share/snapveil/hooks/postgresql",
+        "./usr/share/snapveil/hooks/fsfreeze",
+        "./usr/share/man/man8/snapveil.8.gz",
+        "./usr/share/doc/snapveil/examples/snapveil.toml",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(want)),
+            "{want} missing:\n{list}"
+        );
+    }
+    assert!(
+        list.contains("-rwxr-xr-x root/root")
+            && list.contains("./usr/share/snapveil/hooks/fsfreeze")
+    );
+    let info = ok(Command::new("dpkg-deb").args(["-f", deb, "Package", "Depends"]));
+    assert!(
+        info.contains("Package: snapveil") && info.contains("fuse3"),
+        "{info}"
+    );
+}
