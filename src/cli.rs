@@ -55,12 +55,19 @@ pub enum Command {
     Prune(PruneArgs),
 }
 
-/// `snapveil prune --target T --keep-… [--dry-run]` (restic's `forget` semantics).
+/// `snapveil prune [JOB]... [--dry-run]` by the config's policies, or
+/// `snapveil prune --target T --keep-…` for any target (restic's `forget` semantics).
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// Target: a local path, `[user@]host:path` (ssh) or `rsync://host[:port]/module/path`.
+    /// Jobs of the config to prune (default: all), each by its retention policy.
+    #[arg(value_name = "JOB", conflicts_with = "target")]
+    pub jobs: Vec<String>,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Instead of the config: a target, a local path, `[user@]host:path` (ssh) or
+    /// `rsync://host[:port]/module/path`, with --keep-* rules.
     #[arg(long, value_name = "TARGET")]
-    pub target: String,
+    pub target: Option<String>,
     /// Only print what would be deleted and merged.
     #[arg(long)]
     pub dry_run: bool,

@@ -110,6 +110,21 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
         )),
         (Err(e), _) => Err(e),
     };
+    // Prune only after a complete transfer, still under the job's lock. A failed prune
+    // fails the job's status; current/ is never touched by it.
+    let result = match result {
+        Ok(s) if job.retention.prune => match crate::prune::prune_job(runner, cfg, job, false) {
+            Ok(Some(report)) => {
+                for line in report.to_string().lines() {
+                    tracing::info!("{line}");
+                }
+                Ok(s)
+            }
+            Ok(None) => Ok(s),
+            Err(e) => Err(e.context("the backup is complete, but pruning failed")),
+        },
+        r => r,
+    };
     let (result_str, error, s) = match &result {
         Ok(s) => {
             env.set("SNAPVEIL_RESULT", "success");
@@ -252,6 +267,7 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
+    write_manifest(runner, cfg, job, stamp, &mp)?;
     record_run(runner, cfg, job, stamp, &out)?;
     let errs = held.release();
     if !errs.is_empty() {
@@ -359,6 +375,50 @@ fn check_cancel() -> Result<()> {
     Ok(())
 }
 
+/// Writes `TARGET/manifests/STAMP.sha1`: path and sha1 of every file of the encrypted
+/// view as this run sent it, in `sha1sum` format, so that the backup host can check
+/// `current/` with `sha1sum -c` and a point-in-time restore knows which files existed.
+/// Written before `runs/STAMP.json`, so every restore point has its manifest.
+fn write_manifest(
+    runner: &dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    stamp: &str,
+    view: &Path,
+) -> Result<()> {
+    let entries = crate::manifest::build(view).context("checksumming the encrypted view")?;
+    let data = crate::manifest::format(&entries);
+    put_file(runner, cfg, job, &format!("manifests/{stamp}.sha1"), &data)
+        .context("writing the run's manifest")
+}
+
+/// Puts a small file at `TARGET/rel` (atomically on a local target).
+fn put_file(runner: &dyn Runner, cfg: &Config, job: &Job, rel: &str, data: &[u8]) -> Result<()> {
+    match &job.target {
+        Target::Local(root) => {
+            let p = root.join(rel);
+            status::write_atomic(&p, data).with_context(|| format!("writing {}", p.display()))
+        }
+        _ => {
+            let (dir_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+            let dir = cfg.state_dir.join("work").join(&job.name).join("upload");
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join(name);
+            std::fs::write(&tmp, data)?;
+            let r = crate::rsync::upload(
+                runner,
+                &cfg.tools,
+                &job.target,
+                &job.ssh_args,
+                &tmp,
+                &format!("{dir_rel}/"),
+            );
+            let _ = std::fs::remove_file(&tmp);
+            r.with_context(|| format!("uploading {rel} to {}", job.target))
+        }
+    }
+}
+
 /// Writes `TARGET/runs/STAMP.json`: the run is now a restore point.
 fn record_run(
     runner: &dyn Runner,
@@ -375,29 +435,8 @@ fn record_run(
         "files": out.stats.files_transferred,
     });
     let data = serde_json::to_vec_pretty(&rec).expect("json");
-    match &job.target {
-        Target::Local(root) => {
-            let p = root.join("runs").join(format!("{stamp}.json"));
-            status::write_atomic(&p, &data).with_context(|| format!("writing {}", p.display()))?;
-        }
-        _ => {
-            let dir = cfg.state_dir.join("work").join(&job.name);
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(format!("{stamp}.json"));
-            std::fs::write(&tmp, &data)?;
-            let r = crate::rsync::upload(
-                runner,
-                &cfg.tools,
-                &job.target,
-                &job.ssh_args,
-                &tmp,
-                "runs/",
-            );
-            let _ = std::fs::remove_file(&tmp);
-            r.context("recording the run on the target")?;
-        }
-    }
-    Ok(())
+    put_file(runner, cfg, job, &format!("runs/{stamp}.json"), &data)
+        .context("recording the run on the target")
 }
 
 /// Generation directories on the target, by name (only names that are snapveil stamps).

@@ -42,7 +42,13 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
         cli::Command::CheckConfig(a) => commands::check_config(a),
         cli::Command::Status(a) => commands::status(a),
         cli::Command::List(a) => commands::list(runner, a),
-        cli::Command::Prune(a) => prune::command(runner, &a),
+        cli::Command::Prune(a) => {
+            if a.target.is_some() {
+                prune::command(runner, &a)
+            } else {
+                prune::jobs_command(runner, &a)
+            }
+        }
         cli::Command::Snapshot(a) => {
             signals::install().context("installing signal handlers")?;
             snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {

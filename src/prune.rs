@@ -1070,6 +1070,144 @@ impl fmt::Display for PruneReport {
     }
 }
 
+/// The prune target of a configured job. For ssh, whether the key may run a shell decides
+/// between merges and whole deletions: a harmless `echo` is tried, and a key restricted to
+/// rrsync or another forced command does not answer it.
+///
+/// # Errors
+/// Only spawning ssh failing; a refused shell is not an error.
+pub fn job_target(
+    runner: &dyn Runner,
+    cfg: &crate::config::Config,
+    job: &crate::config::Job,
+) -> Result<TargetSpec, PruneError> {
+    use crate::config::Target;
+    Ok(match &job.target {
+        Target::Local(p) => TargetSpec::Local(p.clone()),
+        Target::Ssh { user, host, path } => {
+            let mut ssh = vec![cfg.tools.ssh.to_string_lossy().into_owned()];
+            ssh.extend(job.ssh_args.iter().cloned());
+            const MARK: &str = "snapveil-shell-ok";
+            let dest = match user {
+                Some(u) => format!("{u}@{host}"),
+                None => host.clone(),
+            };
+            let probe = Cmd::new(&ssh[0])
+                .args(&ssh[1..])
+                .arg(dest)
+                .arg(format!("echo {MARK}"));
+            let shell = runner
+                .output(&probe)
+                .map(|o| o.exit == crate::exec::Exit::Code(0) && o.stdout_str().trim() == MARK)
+                .unwrap_or(false);
+            if !shell {
+                tracing::info!(target = %job.target, "the ssh key runs no shell (rrsync?): prune deletes whole generations, no merges");
+            }
+            TargetSpec::Ssh {
+                user: user.clone(),
+                host: host.clone(),
+                path: path.clone(),
+                shell,
+                ssh,
+            }
+        }
+        Target::RsyncDaemon { .. } => TargetSpec::Rsync {
+            url: job.target.to_string(),
+        },
+    })
+}
+
+/// Prunes one configured job's target by its policy; `None` when the job has no
+/// retention rules (everything is kept). The caller holds the job's lock.
+///
+/// # Errors
+/// A bad policy, listing or applying failing.
+pub fn prune_job(
+    runner: &dyn Runner,
+    cfg: &crate::config::Config,
+    job: &crate::config::Job,
+    dry_run: bool,
+) -> anyhow::Result<Option<PruneReport>> {
+    use anyhow::Context;
+    let Some(policy) = job
+        .retention
+        .policy()
+        .with_context(|| format!("job {}: retention", job.name))?
+    else {
+        return Ok(None);
+    };
+    let target = job_target(runner, cfg, job)?;
+    let opts = PruneOptions {
+        dry_run,
+        rsync: cfg.tools.rsync.clone().into(),
+        local: &retention::system_local,
+    };
+    let report = prune(runner, &target, &policy, &opts)
+        .with_context(|| format!("prune {target} ({policy})"))?;
+    Ok(Some(report))
+}
+
+/// `snapveil prune JOB... [--dry-run]`: each job under its lock, by its policy.
+///
+/// # Errors
+/// An invalid config (exit 2) or a job's prune failing (reported, exit 1).
+pub fn jobs_command(
+    runner: &dyn Runner,
+    a: &crate::cli::PruneArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let cfg = match crate::config::load(&a.config.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("snapveil: invalid config:\n{e}");
+            return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+        }
+    };
+    let mut jobs = Vec::new();
+    for n in &a.jobs {
+        match cfg.job(n) {
+            Some(j) => jobs.push(j),
+            None => {
+                eprintln!(
+                    "snapveil: no job named {n:?} in {}",
+                    a.config.config.display()
+                );
+                return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+            }
+        }
+    }
+    if jobs.is_empty() {
+        jobs = cfg.jobs.iter().collect();
+    }
+    let mut failed = false;
+    for job in jobs {
+        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("snapveil: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        match prune_job(runner, &cfg, job, a.dry_run) {
+            Ok(Some(r)) => print!("job {}: {r}", job.name),
+            Ok(None) => println!(
+                "job {}: no retention rules: every restore point is kept",
+                job.name
+            ),
+            Err(e) => {
+                eprintln!("snapveil: job {}: {e:#}", job.name);
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(crate::error::EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// `snapveil prune --target …`: prints the report on stdout.
 ///
 /// # Errors
@@ -1104,7 +1242,7 @@ pub fn command(
         }
     };
     let ssh = a.ssh.split_whitespace().map(String::from).collect();
-    let target = TargetSpec::parse(&a.target, ssh, !a.rsync_only);
+    let target = TargetSpec::parse(a.target.as_deref().unwrap_or_default(), ssh, !a.rsync_only);
     let opts = PruneOptions {
         dry_run: a.dry_run,
         rsync: a.rsync.clone().into(),

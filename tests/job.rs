@@ -760,3 +760,181 @@ fn cleanup_removes_leftovers_of_all_configured_jobs() {
     assert_eq!(out, "one: nothing left behind\n");
     s.assert_clean("one", &b);
 }
+
+/// Plaintext file contents of a tree (symlinks as their targets), for comparisons that
+/// ignore metadata a point-in-time copy cannot keep.
+fn contents(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.file_type().is_symlink() {
+                m.insert(
+                    rel,
+                    fs::read_link(&p)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                );
+            } else {
+                m.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    m
+}
+
+/// The ciphertext tree as of restore point `stamp`: every path of its manifest, from the
+/// oldest generation after it that holds the path, else from current/; then decrypted.
+fn restore_as_of(s: &Setup, target: &Path, stamp: &str, out: &Path) {
+    let mf = target.join("manifests").join(format!("{stamp}.sha1"));
+    let entries = snapveil::manifest::parse(
+        &mf.display().to_string(),
+        &fs::read(&mf).unwrap_or_else(|e| panic!("{}: {e}", mf.display())),
+    )
+    .unwrap();
+    let mut gens: Vec<String> = dirs(&target.join("generations"))
+        .into_iter()
+        .filter(|g| g.as_str() > stamp)
+        .collect();
+    gens.sort();
+    let tree = out.with_extension("cipher");
+    for e in entries {
+        let rel = String::from_utf8(e.path).unwrap();
+        let from = gens
+            .iter()
+            .map(|g| target.join("generations").join(g).join(&rel))
+            .find(|p| fs::symlink_metadata(p).is_ok())
+            .unwrap_or_else(|| target.join("current").join(&rel));
+        let to = tree.join(&rel);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let md = fs::symlink_metadata(&from)
+            .unwrap_or_else(|e| panic!("{rel} as of {stamp}: {}: {e}", from.display()));
+        if md.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from).unwrap(), &to).unwrap();
+        } else {
+            fs::copy(&from, &to).unwrap();
+        }
+    }
+    s.decrypt(&tree, out);
+}
+
+/// Each run prunes by the job's policy (here: the two newest restore points) on a local
+/// target (merges by rename), over ssh with a shell (merges by a remote script) and over
+/// an rrsync key (whole deletions); every kept restore point restores exactly what the
+/// source held at that run, and a second prune finds nothing to do.
+#[test]
+fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let jail = s.path("rrsync-root");
+    fs::create_dir_all(&jail).unwrap();
+    let sshd = Sshd::start(s.work.path(), &jail);
+    let spec = format!("btrfs:{}", src.display());
+    let args = |key: &Path| {
+        format!(
+            "ssh_args = [{}]\n",
+            sshd.ssh_args(key)
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let policy = "[job.retention]\nlast = 2\n";
+    let targets = [
+        ("local", s.path("local")),
+        ("shell", s.path("shell")),
+        ("jailed", jail.join("jailed")),
+    ];
+    s.write_config(&[
+        s.job("local", &spec, targets[0].1.to_str().unwrap(), policy),
+        s.job(
+            "shell",
+            &spec,
+            &sshd.target(&targets[1].1),
+            &format!("{}{policy}", args(&sshd.full_key)),
+        ),
+        s.job(
+            "jailed",
+            &spec,
+            &format!("{}@127.0.0.1:/jailed", sshd.user),
+            &format!("{}{policy}", args(&sshd.rrsync_key)),
+        ),
+    ]);
+    let mut states = Vec::new();
+    for i in 0..4 {
+        match i {
+            1 => change_tree(&src),
+            2 => {
+                fs::write(src.join("keep.txt"), b"changed in run three\n").unwrap();
+                write(&src, "sub/deep/third.txt", b"three");
+            }
+            3 => {
+                fs::write(src.join("new.txt"), b"changed again in run four\n").unwrap();
+                fs::remove_file(src.join("sub/deep/third.txt")).unwrap();
+            }
+            _ => {}
+        }
+        let out = s.run(&[]);
+        assert!(
+            out.status.success(),
+            "run {i}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            sshd.log()
+        );
+        states.push(contents(&src));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    for (job, target) in &targets {
+        let runs: Vec<String> = dirs(&target.join("runs"))
+            .into_iter()
+            .map(|r| r.trim_end_matches(".json").to_string())
+            .collect();
+        assert_eq!(
+            runs.len(),
+            2,
+            "{job}: the two newest restore points: {runs:?}"
+        );
+        for (k, stamp) in runs.iter().enumerate() {
+            let out = s.path(&format!("asof-{job}-{k}"));
+            restore_as_of(&s, target, stamp, &out);
+            // Manifests list regular files (sha1sum -c must work on them); symlinks and
+            // empty directories come back with current/, not as of an older point.
+            let want: std::collections::BTreeMap<_, _> = states[2 + k]
+                .iter()
+                .filter(|(p, _)| p.as_str() != "link")
+                .collect();
+            let got = contents(&out);
+            let got: std::collections::BTreeMap<_, _> = got.iter().collect();
+            let differ: Vec<&&String> = want
+                .keys()
+                .chain(got.keys())
+                .filter(|p| want.get(**p) != got.get(**p))
+                .collect();
+            assert!(
+                differ.is_empty(),
+                "{job}: restore as of {stamp} (run {}) differs in {differ:?}",
+                3 + k
+            );
+        }
+        let dry = ok(&mut s.cmd(&["prune", job, "--dry-run"]));
+        assert!(dry.contains("nothing to do"), "{job}: {dry}");
+        let manifests = dirs(&target.join("manifests"));
+        assert_eq!(
+            manifests.len(),
+            2,
+            "{job}: manifests of pruned points go too: {manifests:?}"
+        );
+    }
+    for job in ["local", "shell", "jailed"] {
+        s.assert_clean(job, &b);
+    }
+}

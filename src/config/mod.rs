@@ -143,6 +143,38 @@ pub struct RetentionPolicy {
 }
 
 impl RetentionPolicy {
+    /// The planner's policy, or `None` when no rule is set at all: then every restore
+    /// point is kept and nothing is ever pruned.
+    ///
+    /// # Errors
+    /// A bad duration, or a policy that keeps nothing.
+    pub fn policy(
+        &self,
+    ) -> Result<Option<crate::retention::Policy>, crate::retention::PolicyError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        crate::retention::Policy::from_parts(
+            [
+                self.last.unwrap_or(0),
+                self.hourly.unwrap_or(0),
+                self.daily.unwrap_or(0),
+                self.weekly.unwrap_or(0),
+                self.monthly.unwrap_or(0),
+                self.yearly.unwrap_or(0),
+            ],
+            [
+                self.within.as_deref(),
+                self.within_hourly.as_deref(),
+                self.within_daily.as_deref(),
+                self.within_weekly.as_deref(),
+                self.within_monthly.as_deref(),
+                self.within_yearly.as_deref(),
+            ],
+        )
+        .map(Some)
+    }
+
     pub fn is_empty(&self) -> bool {
         [
             self.last,

@@ -246,8 +246,9 @@ fn retention(
     ];
     for (name, v, slot) in windows {
         if let Some(v) = v {
-            if let Err(e) = parse_duration(v.get_ref()) {
-                errs.push((v.span(), format!("{field}.{name}"), e));
+            // Calendar spans as restic's --keep-within (m = months), not hook timeouts.
+            if let Err(e) = v.get_ref().parse::<crate::retention::Span>() {
+                errs.push((v.span(), format!("{field}.{name}"), e.to_string()));
             }
             *slot = Some(v.get_ref().clone());
         }

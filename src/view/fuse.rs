@@ -1,5 +1,5 @@
 //! Links fuser's callbacks to [`ViewCore`]: converts types, replies with errnos, and
-//! moves reads off the request loop onto the rayon pool so that several reads are
+//! moves reads off the request loop onto the view's own rayon pool so that several reads are
 //! encrypted at once while the loop keeps answering lookups.
 
 use super::{Attr, Kind, Tree, ROOT_INO};
@@ -23,6 +23,10 @@ pub struct VeilFs<T: Tree> {
     next_fh: AtomicU64,
     /// Called once the kernel has initialised the session: the mount answers.
     on_init: Option<Box<dyn FnOnce() + Send>>,
+    /// Reads run here, not on rayon's global pool: code in this same process that reads
+    /// the mount from global-pool threads (a manifest of the view, a verify) would
+    /// otherwise hold every worker while its reads wait for a free one: a deadlock.
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl<T: Tree> VeilFs<T> {
@@ -32,6 +36,17 @@ impl<T: Tree> VeilFs<T> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             on_init: None,
+            pool: Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(
+                        std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(2),
+                    )
+                    .thread_name(|i| format!("snapveil-read-{i}"))
+                    .build()
+                    .expect("a thread pool for reads"),
+            ),
         }
     }
 
@@ -166,13 +181,14 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         };
         tracing::trace!(ino, offset, size, "read");
         let core = Arc::clone(&self.core);
-        rayon::spawn(move || match core.read(&h, offset.max(0) as u64, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => {
-                log_err("read", ino, &e);
-                reply.error(e.errno())
-            }
-        });
+        self.pool
+            .spawn(move || match core.read(&h, offset.max(0) as u64, size) {
+                Ok(d) => reply.data(&d),
+                Err(e) => {
+                    log_err("read", ino, &e);
+                    reply.error(e.errno())
+                }
+            });
     }
 
     fn release(
