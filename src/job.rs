@@ -247,6 +247,17 @@ fn run_steps<'a>(
         &mp,
         stamp,
     );
+    // The key config goes first: an interrupted transfer then leaves a current/ that
+    // check_target still recognises as this job's, and the next run completes it.
+    crate::rsync::upload(
+        runner,
+        &cfg.tools,
+        &job.target,
+        &job.ssh_args,
+        &mp.join(crate::crypto::names::CONF_NAME),
+        "current/",
+    )
+    .context("sending the key config (gocryptfs.conf) to the target")?;
     tracing::info!(cmd = %cmd, "transferring");
     let out = crate::rsync::transfer(runner, &cmd, &job.target).map_err(|e| {
         let e = anyhow::Error::from(e);

@@ -398,7 +398,7 @@ fn btrfs_to_rsync_daemon_target_keeps_generations_beside_current() {
     let target = module.join("hosts/d");
     assert_eq!(
         dirs(&target),
-        ["current", "generations", "runs"],
+        ["current", "generations", "manifests", "runs"],
         "target layout"
     );
     check_two_runs(&s, &target, &src);
