@@ -178,10 +178,24 @@ pub fn umount(a: UmountArgs) -> Result<ExitCode> {
 }
 
 /// Keys for reading a backup copy: its own `gocryptfs.conf` unless `--config` is given.
+/// A generation directory carries no config of its own; for `TARGET/generations/STAMP`
+/// the target's `current/gocryptfs.conf` (same key: check_target guarantees it) is used.
 fn copy_keys(config: Option<&Path>, tree: &Path, passfile: &Path) -> Result<Keys> {
-    let conf_path = config
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| tree.join(CONF_NAME));
+    let conf_path = config.map(Path::to_path_buf).unwrap_or_else(|| {
+        let own = tree.join(CONF_NAME);
+        let generation = tree
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "generations"))
+            .and_then(Path::parent)
+            .map(|t| t.join("current").join(CONF_NAME));
+        match generation {
+            Some(g) if !own.exists() && g.exists() => {
+                tracing::info!(config = %g.display(), "a generation: using the target's key config");
+                g
+            }
+            _ => own,
+        }
+    });
     // A config inside a backup copy is not secret on its own (scrypt-wrapped) and rsync
     // may have stored it with any mode; an explicit --config must be private.
     let key = if config.is_some() {

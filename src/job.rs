@@ -261,6 +261,12 @@ fn run_steps<'a>(
     tracing::info!(cmd = %cmd, "transferring");
     let out = crate::rsync::transfer(runner, &cmd, &job.target).map_err(|e| {
         let e = anyhow::Error::from(e);
+        // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
+        if let Some(Err(v)) = held.snapshot.as_ref().map(|s| s.verify()) {
+            return anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
+                "the transfer failed ({e}) because the snapshot became invalid"
+            ));
+        }
         if format!("{e}").contains("in --backup-dir") {
             // rrsync refuses `..`; an absolute path is anchored at its directory.
             e.context(format!(

@@ -247,6 +247,15 @@ fn check_two_runs(s: &Setup, target: &Path, source_now: &Path) {
         !old.join("keep.txt").exists(),
         "an unchanged file landed in the generation"
     );
+    // Without --config: a generation uses its target's current/gocryptfs.conf.
+    let old2 = s.path("restore-generation-2");
+    ok(Command::new(bin())
+        .arg("decrypt")
+        .arg("--passfile")
+        .arg(&s.pass)
+        .arg(&gen)
+        .arg(&old2));
+    assert_eq!(fs::read(old2.join("change.txt")).unwrap(), b"version one\n");
 }
 
 #[test]
