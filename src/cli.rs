@@ -95,55 +95,61 @@ pub struct KeepArgs {
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_last: i64,
     #[arg(
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_hourly: i64,
     #[arg(
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_daily: i64,
     #[arg(
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_weekly: i64,
     #[arg(
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_monthly: i64,
     #[arg(
         long,
         value_name = "N",
         default_value_t = 0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        requires = "target"
     )]
     pub keep_yearly: i64,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within: Option<String>,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within_hourly: Option<String>,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within_daily: Option<String>,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within_weekly: Option<String>,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within_monthly: Option<String>,
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", requires = "target")]
     pub keep_within_yearly: Option<String>,
 }
 

@@ -145,7 +145,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn vectors() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/gocryptfs-reverse")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/gocryptfs-reverse")
     }
 
     fn kat(variant: &str) -> serde_json::Value {
@@ -262,7 +262,7 @@ mod path_tests {
     #[test]
     fn encrypt_path_matches_the_vectors_tree() {
         let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/vectors/gocryptfs-reverse/encnames/gocryptfs.reverse.conf");
+            .join("tests/vectors/gocryptfs-reverse/encnames/gocryptfs.reverse.conf");
         let kc = KeyConfig::load_public(&p).unwrap();
         let keys = Keys::new(&kc.unlock(b"PASSWORD").unwrap(), kc.flags);
         let e = names::encrypt_path(&keys, "sub/deeper/d33.bin".as_bytes());

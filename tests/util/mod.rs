@@ -9,9 +9,11 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_snapveil"))
 }
 
-/// Shared material beside the repository (`../shared`).
+/// Test material kept in the repository: `vectors/gocryptfs-reverse` is a copy of the
+/// known-answer vectors made with the real gocryptfs binary (shared/vectors), so a clean
+/// clone tests on its own.
 pub fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests")
 }
 
 /// Runs a command and prints everything about it when it did not do what was expected.
