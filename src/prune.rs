@@ -1156,6 +1156,27 @@ pub fn jobs_command(
     a: &crate::cli::PruneArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
+    let k = &a.keep;
+    let counts = [
+        k.keep_last,
+        k.keep_hourly,
+        k.keep_daily,
+        k.keep_weekly,
+        k.keep_monthly,
+        k.keep_yearly,
+    ];
+    let spans = [
+        &k.keep_within,
+        &k.keep_within_hourly,
+        &k.keep_within_daily,
+        &k.keep_within_weekly,
+        &k.keep_within_monthly,
+        &k.keep_within_yearly,
+    ];
+    if counts.iter().any(|n| *n != 0) || spans.iter().any(|s| s.is_some()) {
+        eprintln!("snapveil: --keep-* go with --target; a job's policy comes from its [retention] / [job.retention] in the config");
+        return Ok(ExitCode::from(crate::error::EXIT_USAGE));
+    }
     let cfg = match crate::config::load(&a.config.config) {
         Ok(c) => c,
         Err(e) => {
