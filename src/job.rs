@@ -253,7 +253,24 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
+    let manifest = crate::verify::write_manifest(runner, cfg, job, stamp, &mp)
+        .context("writing the manifest of the view")?;
     record_run(runner, cfg, job, stamp, &out)?;
+    if job.verify_every > 0 {
+        let runs = crate::verify::restore_points(runner, cfg, job)?.len() as u32;
+        if runs % job.verify_every == 0 {
+            let want = manifest.into_iter().map(|e| (e.path, e.sha1)).collect();
+            let r = crate::verify::check_view_against_target(runner, cfg, job, &mp, &want)?;
+            if !r.ok() {
+                r.print();
+                bail!("verify after the run: the target's current/ does not match the manifest");
+            }
+            tracing::info!(
+                files = r.checked,
+                "verified the target against the manifest"
+            );
+        }
+    }
     let errs = held.release();
     if !errs.is_empty() {
         bail!("cleanup failed: {}", errs.join("; "));
