@@ -3,4 +3,5 @@
 mod retention;
 mod snapshot;
 mod util;
+mod verify;
 mod view;
