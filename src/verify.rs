@@ -133,7 +133,7 @@ pub fn write_manifest(
     stamp: &str,
     view: &Path,
 ) -> Result<Vec<Entry>, VerifyError> {
-    let entries = manifest::build(view)?;
+    let entries = build_outside_rayon(view)?;
     let data = manifest::format(&entries);
     match &job.target {
         Target::Local(root) => {
@@ -153,6 +153,52 @@ pub fn write_manifest(
         }
     }
     Ok(entries)
+}
+
+/// `manifest::build` for a view served by this process: the FUSE handlers encrypt on
+/// rayon's pool, so hashing must not run on that pool too (its workers would block in
+/// reads only the pool can answer: a deadlock). Two plain threads instead.
+fn build_outside_rayon(view: &Path) -> Result<Vec<Entry>, VerifyError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), VerifyError> {
+        for e in fs::read_dir(dir).map_err(io(dir))? {
+            let e = e.map_err(io(dir))?;
+            let ft = e.file_type().map_err(io(&e.path()))?;
+            if ft.is_dir() {
+                walk(&e.path(), out)?;
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+        Ok(())
+    }
+    let mut paths = Vec::new();
+    walk(view, &mut paths)?;
+    let half = paths.len().div_ceil(2).max(1);
+    let hash = |chunk: &[PathBuf]| -> Result<Vec<Entry>, VerifyError> {
+        chunk
+            .iter()
+            .map(|p| {
+                let sha1 = manifest::sha1_file(p).map_err(io(p))?;
+                let rel = p.strip_prefix(view).expect("under root");
+                Ok(Entry {
+                    path: rel.as_os_str().as_bytes().to_vec(),
+                    sha1,
+                })
+            })
+            .collect()
+    };
+    let mut out = std::thread::scope(|s| {
+        let hs: Vec<_> = paths
+            .chunks(half)
+            .map(|c| s.spawn(move || hash(c)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("hash thread"))
+            .collect::<Result<Vec<_>, _>>()
+    })?
+    .concat();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
 }
 
 /// Restore points on the target (stamps of `runs/*.json`), oldest first.
