@@ -53,6 +53,41 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Delete restore points of a target by a retention policy, merging generations.
     Prune(PruneArgs),
+    /// Check the target's current/ against the last run's manifest (--deep: decrypt and
+    /// compare with a fresh snapshot's plaintext); exit 1 on any difference.
+    Verify(VerifyArgs),
+    /// Restore plaintext paths of a job, as of now or of a past run, into a directory.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    pub job: String,
+    /// Also decrypt the target's files in memory and compare them with a fresh snapshot.
+    #[arg(long)]
+    pub deep: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    pub job: String,
+    /// Plaintext paths relative to the source root (a directory restores its subtree).
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Output directory (created; must be empty).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// A run stamp or a time: restore the newest restore point at or before it.
+    #[arg(long, value_name = "TIME")]
+    pub as_of: Option<String>,
+    /// Write the encrypted files (with derived gocryptfs.diriv files and gocryptfs.conf)
+    /// instead of decrypting, for stock gocryptfs.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// `snapveil prune [JOB]... [--dry-run]` by the config's policies, or

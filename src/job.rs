@@ -284,8 +284,24 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    write_manifest(runner, cfg, job, stamp, &mp)?;
+    let manifest = crate::verify::write_manifest(runner, cfg, job, stamp, &mp)
+        .context("writing the manifest of the view")?;
     record_run(runner, cfg, job, stamp, &out)?;
+    if job.verify_every > 0 {
+        let runs = crate::verify::restore_points(runner, cfg, job)?.len() as u32;
+        if runs % job.verify_every == 0 {
+            let want = manifest.into_iter().map(|e| (e.path, e.sha1)).collect();
+            let r = crate::verify::check_view_against_target(runner, cfg, job, &mp, &want)?;
+            if !r.ok() {
+                r.print();
+                bail!("verify after the run: the target's current/ does not match the manifest");
+            }
+            tracing::info!(
+                files = r.checked,
+                "verified the target against the manifest"
+            );
+        }
+    }
     let errs = held.release();
     if !errs.is_empty() {
         bail!("cleanup failed: {}", errs.join("; "));
@@ -390,23 +406,6 @@ fn check_cancel() -> Result<()> {
         bail!("interrupted by {sig}");
     }
     Ok(())
-}
-
-/// Writes `TARGET/manifests/STAMP.sha1`: path and sha1 of every file of the encrypted
-/// view as this run sent it, in `sha1sum` format, so that the backup host can check
-/// `current/` with `sha1sum -c` and a point-in-time restore knows which files existed.
-/// Written before `runs/STAMP.json`, so every restore point has its manifest.
-fn write_manifest(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    stamp: &str,
-    view: &Path,
-) -> Result<()> {
-    let entries = crate::manifest::build(view).context("checksumming the encrypted view")?;
-    let data = crate::manifest::format(&entries);
-    put_file(runner, cfg, job, &format!("manifests/{stamp}.sha1"), &data)
-        .context("writing the run's manifest")
 }
 
 /// Puts a small file at `TARGET/rel` (atomically on a local target).

@@ -17,11 +17,13 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod prune;
+pub mod restore;
 pub mod retention;
 pub mod rsync;
 pub mod signals;
 pub mod snapshot;
 pub mod status;
+pub mod verify;
 pub mod view;
 
 use anyhow::Context;
@@ -49,6 +51,18 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode>
                 prune::jobs_command(runner, &a)
             }
         }
+        cli::Command::Verify(a) => verify::command(runner, &a.config.config, &a.job, a.deep)
+            .with_context(|| format!("job {}: verify", a.job)),
+        cli::Command::Restore(a) => restore::command(
+            runner,
+            &a.config.config,
+            &a.job,
+            &a.paths,
+            &a.to,
+            a.as_of.as_deref(),
+            a.raw,
+        )
+        .with_context(|| format!("job {}: restore", a.job)),
         cli::Command::Snapshot(a) => {
             signals::install().context("installing signal handlers")?;
             snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {

@@ -5,4 +5,5 @@ mod ops;
 mod retention;
 mod snapshot;
 mod util;
+mod verify;
 mod view;
