@@ -86,8 +86,7 @@ pub fn as_of_stamp(t: &str) -> Result<String, RestoreError> {
 pub fn pick_point(points: &[String], as_of: Option<&str>) -> Option<String> {
     points
         .iter()
-        .filter(|p| as_of.is_none_or(|t| p.as_str() <= t))
-        .next_back()
+        .rfind(|p| as_of.is_none_or(|t| p.as_str() <= t))
         .cloned()
 }
 
