@@ -86,8 +86,7 @@ pub fn as_of_stamp(t: &str) -> Result<String, RestoreError> {
 pub fn pick_point(points: &[String], as_of: Option<&str>) -> Option<String> {
     points
         .iter()
-        .filter(|p| as_of.is_none_or(|t| p.as_str() <= t))
-        .next_back()
+        .rfind(|p| as_of.is_none_or(|t| p.as_str() <= t))
         .cloned()
 }
 
@@ -346,4 +345,30 @@ fn add_dirivs(dir: &Path, cpath: &[u8]) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_of_picks_the_newest_point_at_or_before() {
+        let pts: Vec<String> = ["20261124T010000Z", "20261124T020000Z", "20261124T030000Z"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(pick_point(&pts, None).unwrap(), "20261124T030000Z");
+        let t = as_of_stamp("2026-11-24T02:30:00Z").unwrap();
+        assert_eq!(t, "20261124T023000Z");
+        assert_eq!(pick_point(&pts, Some(&t)).unwrap(), "20261124T020000Z");
+        assert_eq!(
+            pick_point(&pts, Some("20261124T020000Z")).unwrap(),
+            "20261124T020000Z"
+        );
+        assert_eq!(pick_point(&pts, Some("20261124T005959Z")), None);
+        assert!(matches!(
+            as_of_stamp("yesterday"),
+            Err(RestoreError::BadTime(_))
+        ));
+    }
 }

@@ -50,7 +50,7 @@ impl Fx {
             &config,
             format!(
                 "state_dir = {:?}\n[[job]]\nname = \"v\"\nsource = \"dir:{}\"\ntarget = {:?}\n\
-                 key_config = {:?}\npassfile = {:?}\nssh_args = [{}]\n",
+                 key_config = {:?}\npassfile = {:?}\nssh_args = [{}]\nverify_every = 2\n",
                 t.join("state").display().to_string(),
                 src.display(),
                 sshd.target(&target),
@@ -97,6 +97,13 @@ impl Fx {
             })
             .collect();
         runs.sort();
+        // verify_every = 2: every second run checks the target against its manifest.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains("verified the target against the manifest"),
+            runs.len() % 2 == 0,
+            "{stderr}"
+        );
         runs.pop().unwrap()
     }
 
