@@ -298,23 +298,15 @@ pub fn run_jobs(runner: &dyn crate::exec::Runner, a: crate::cli::RunArgs) -> Res
         Err(code) => return Ok(code),
     };
     crate::signals::install().context("installing signal handlers")?;
-    let jobs: Vec<&crate::config::Job> = if a.jobs.is_empty() {
-        cfg.jobs.iter().collect()
-    } else {
-        let mut v = Vec::new();
-        for n in &a.jobs {
-            match cfg.job(n) {
-                Some(j) => v.push(j),
-                None => {
-                    eprintln!(
-                        "snapveil: no job named {n:?} in {}",
-                        a.config.config.display()
-                    );
-                    return Ok(ExitCode::from(crate::error::EXIT_USAGE));
-                }
-            }
+    let jobs = match cfg.select(&a.jobs) {
+        Ok(j) => j,
+        Err(n) => {
+            eprintln!(
+                "snapveil: no job named {n:?} in {}",
+                a.config.config.display()
+            );
+            return Ok(ExitCode::from(crate::error::EXIT_USAGE));
         }
-        v
     };
     let mut failed = Vec::new();
     for job in jobs {
@@ -363,22 +355,16 @@ pub fn cleanup_jobs(
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let mut jobs = Vec::new();
-    for n in &a.jobs {
-        match cfg.job(n) {
-            Some(j) => jobs.push(j),
-            None => {
-                eprintln!(
-                    "snapveil: no job named {n:?} in {}",
-                    a.config.config.display()
-                );
-                return Ok(ExitCode::from(crate::error::EXIT_USAGE));
-            }
+    let jobs = match cfg.select(&a.jobs) {
+        Ok(j) => j,
+        Err(n) => {
+            eprintln!(
+                "snapveil: no job named {n:?} in {}",
+                a.config.config.display()
+            );
+            return Ok(ExitCode::from(crate::error::EXIT_USAGE));
         }
-    }
-    if jobs.is_empty() {
-        jobs = cfg.jobs.iter().collect();
-    }
+    };
     let mut failed = false;
     for job in jobs {
         let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {

@@ -1184,22 +1184,16 @@ pub fn jobs_command(
             return Ok(ExitCode::from(crate::error::EXIT_USAGE));
         }
     };
-    let mut jobs = Vec::new();
-    for n in &a.jobs {
-        match cfg.job(n) {
-            Some(j) => jobs.push(j),
-            None => {
-                eprintln!(
-                    "snapveil: no job named {n:?} in {}",
-                    a.config.config.display()
-                );
-                return Ok(ExitCode::from(crate::error::EXIT_USAGE));
-            }
+    let jobs = match cfg.select(&a.jobs) {
+        Ok(j) => j,
+        Err(n) => {
+            eprintln!(
+                "snapveil: no job named {n:?} in {}",
+                a.config.config.display()
+            );
+            return Ok(ExitCode::from(crate::error::EXIT_USAGE));
         }
-    }
-    if jobs.is_empty() {
-        jobs = cfg.jobs.iter().collect();
-    }
+    };
     let mut failed = false;
     for job in jobs {
         let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {

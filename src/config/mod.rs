@@ -265,4 +265,18 @@ impl Config {
     pub fn job(&self, name: &str) -> Option<&Job> {
         self.jobs.iter().find(|j| j.name == name)
     }
+
+    /// The jobs named on a command line, in that order, or all of them when none is.
+    ///
+    /// # Errors
+    /// The first name that is not a job of this config.
+    pub fn select<'a>(&'a self, names: &'a [String]) -> Result<Vec<&'a Job>, &'a str> {
+        if names.is_empty() {
+            return Ok(self.jobs.iter().collect());
+        }
+        names
+            .iter()
+            .map(|n| self.job(n).ok_or(n.as_str()))
+            .collect()
+    }
 }
