@@ -213,6 +213,25 @@ fn wait_answer(mountpoint: &Path, init: mpsc::Receiver<()>) -> Result<(), MountE
     }
 }
 
+/// A FUSE mount starts with the kernel's default readahead of 128 KiB, so a sequential
+/// reader's requests arrive 128 KiB (32 blocks) at a time. At 1 MiB each request carries
+/// 256 blocks to encrypt in parallel and the per-request cost is paid a quarter as often:
+/// 8-10% more throughput on a 1 GiB read here. Best effort: it needs root (sysfs).
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(m) = fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = m.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = fs::write(&knob, "1024") {
+        tracing::debug!(knob, "readahead left at the default: {e}");
+    }
+}
+
 /// A view mounted by this process, served on background threads. Dropping it unmounts.
 pub struct MountedView {
     session: Option<fuser::BackgroundSession>,
@@ -245,6 +264,7 @@ impl MountedView {
             mountpoint: mountpoint.into(),
         };
         wait_answer(mountpoint, rx)?;
+        raise_readahead(mountpoint);
         tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "encrypted view mounted");
         Ok(view)
     }
@@ -338,6 +358,7 @@ pub fn serve<T: Tree>(
         std::thread::spawn(move || {
             for _ in 0..300 {
                 if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
+                    raise_readahead(&mp);
                     ready();
                     return;
                 }
