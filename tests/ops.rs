@@ -81,6 +81,46 @@ fn example_config_checks_clean() {
     assert!(out.contains("OK, 4 job(s): db, pg, www, etc"), "{out}");
 }
 
+/// Every field the config parser accepts (the serde structs of src/config/raw.rs and the
+/// `[job.snapshot]` table) is shown in the example, so a new option cannot go undocumented.
+#[test]
+fn example_config_shows_every_option_the_parser_accepts() {
+    fn keys(v: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    out.insert(k.clone());
+                    keys(v, out);
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+            _ => {}
+        }
+    }
+    let example: toml::Value =
+        toml::from_str(&fs::read_to_string(repo().join("examples/snapveil.toml")).unwrap())
+            .unwrap();
+    let mut shown = std::collections::BTreeSet::new();
+    keys(&example, &mut shown);
+    let raw = fs::read_to_string(repo().join("src/config/raw.rs")).unwrap();
+    let snap = fs::read_to_string(repo().join("src/snapshot/mod.rs")).unwrap();
+    let snap = &snap[snap.find("pub struct SnapshotOptions").unwrap()..];
+    let snap = &snap[..snap.find("\n}").unwrap()];
+    let fields: Vec<&str> = raw
+        .lines()
+        .chain(snap.lines())
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert!(fields.len() > 40, "parsed the field lists: {fields:?}");
+    let missing: Vec<&&str> = fields.iter().filter(|f| !shown.contains(**f)).collect();
+    assert!(
+        missing.is_empty(),
+        "not shown in examples/snapveil.toml: {missing:?}"
+    );
+}
+
 /// mysql-flush-lock: one session takes the lock, READY only after the lock answered,
 /// holds until stdin closes, then unlocks in the same session.
 #[test]
