@@ -27,7 +27,7 @@ fn fakes(dir: &Path, log: &Path) -> String {
     script(
         &dir.join("mysql"),
         &format!(
-            "#!/bin/sh\necho \"mysql $*\" >>{log}\nwhile IFS= read -r l; do\n  echo \"sql: $l\" >>{log}\n  case $l in\n    *\"SELECT 'snapveil-locked'\"*) echo snapveil-locked;;\n    *\"SELECT 'snapveil-unlocked'\"*) echo snapveil-unlocked;;\n  esac\ndone\necho \"mysql exit\" >>{log}\n"
+            "#!/bin/sh\necho \"mysql $*\" >>{log}\necho $$ >{log}.mysql-pid\nwhile IFS= read -r l; do\n  echo \"sql: $l\" >>{log}\n  case $l in\n    *\"SELECT 'snapveil-locked'\"*) echo snapveil-locked;;\n    *\"SELECT 'snapveil-unlocked'\"*) echo snapveil-unlocked;;\n  esac\ndone\necho \"mysql exit\" >>{log}\n"
         ),
     );
     script(
@@ -37,6 +37,10 @@ fn fakes(dir: &Path, log: &Path) -> String {
     script(
         &dir.join("pg_dumpall"),
         &format!("#!/bin/sh\necho \"pg_dumpall $*\" >>{log}\necho '-- dump'\n"),
+    );
+    script(
+        &dir.join("pg_dump"),
+        &format!("#!/bin/sh\necho \"pg_dump $*\" >>{log}\necho '-- one db'\n"),
     );
     script(
         &dir.join("fsfreeze"),
@@ -75,6 +79,46 @@ fn example_config_checks_clean() {
         .args(["check-config", "--config"])
         .arg(&cfg));
     assert!(out.contains("OK, 4 job(s): db, pg, www, etc"), "{out}");
+}
+
+/// Every field the config parser accepts (the serde structs of src/config/raw.rs and the
+/// `[job.snapshot]` table) is shown in the example, so a new option cannot go undocumented.
+#[test]
+fn example_config_shows_every_option_the_parser_accepts() {
+    fn keys(v: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    out.insert(k.clone());
+                    keys(v, out);
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+            _ => {}
+        }
+    }
+    let example: toml::Value =
+        toml::from_str(&fs::read_to_string(repo().join("examples/snapveil.toml")).unwrap())
+            .unwrap();
+    let mut shown = std::collections::BTreeSet::new();
+    keys(&example, &mut shown);
+    let raw = fs::read_to_string(repo().join("src/config/raw.rs")).unwrap();
+    let snap = fs::read_to_string(repo().join("src/snapshot/mod.rs")).unwrap();
+    let snap = &snap[snap.find("pub struct SnapshotOptions").unwrap()..];
+    let snap = &snap[..snap.find("\n}").unwrap()];
+    let fields: Vec<&str> = raw
+        .lines()
+        .chain(snap.lines())
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    assert!(fields.len() > 40, "parsed the field lists: {fields:?}");
+    let missing: Vec<&&str> = fields.iter().filter(|f| !shown.contains(**f)).collect();
+    assert!(
+        missing.is_empty(),
+        "not shown in examples/snapveil.toml: {missing:?}"
+    );
 }
 
 /// mysql-flush-lock: one session takes the lock, READY only after the lock answered,
@@ -181,11 +225,86 @@ fn postgresql_hook_checkpoint_and_atomic_dump() {
     assert!(all.contains("pg_dumpall --clean"), "{all}");
     assert_eq!(fs::read_to_string(&dump).unwrap(), "-- dump\n");
     assert!(!dump.with_extension("sql.tmp").exists());
+    let one = work.path().join("data/shop.dump");
+    run(&["dump-db", "shop", one.to_str().unwrap(), "-Fc"]);
+    let all = fs::read_to_string(&log).unwrap();
+    assert!(all.contains("pg_dump -Fc -- shop"), "{all}");
+    assert_eq!(fs::read_to_string(&one).unwrap(), "-- one db\n");
+    // A dump that fails half-way leaves the previous dump alone and no temp file.
+    let bin_dir = work.path().join("failing");
+    fs::create_dir_all(&bin_dir).unwrap();
+    script(
+        &bin_dir.join("pg_dumpall"),
+        "#!/bin/sh\necho '-- half'\necho 'pg_dumpall: connection lost' >&2\nexit 1\n",
+    );
+    let failed = Command::new(hook("postgresql"))
+        .args(["dump", dump.to_str().unwrap()])
+        .env("PATH", format!("{}:{path}", bin_dir.display()))
+        .env("SNAPVEIL_PG_USER", "")
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert_eq!(fs::read_to_string(&dump).unwrap(), "-- dump\n");
+    assert!(!dump.with_extension("sql.tmp").exists());
     let bad = Command::new(hook("postgresql"))
         .arg("vacuum")
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// Waits for `child` at most `secs` seconds (stdin stays as the caller left it: `Child::wait`
+/// would close it, which is exactly the EOF a SIGTERM test must not send).
+fn wait_at_most(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// mysql-flush-lock killed while holding (stdin still open): it exits at once and the client
+/// session, and with it the lock, ends.
+#[test]
+fn mysql_hook_ends_the_session_on_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    let path = fakes(&work.path().join("bin"), &log);
+    let mut child = Command::new(hook("mysql-flush-lock"))
+        .env("PATH", &path)
+        .env("SNAPVEIL_MYSQL", "mysql")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "READY\n");
+    let client: i32 = fs::read_to_string(log.with_extension("mysql-pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_at_most(&mut child, 10);
+    assert!(!st.success());
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{client}")).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the client session (pid {client}) outlived the hook");
 }
 
 /// fsfreeze: freezes, READY, thaws on EOF, and also thaws when killed by a timeout.
@@ -209,13 +328,16 @@ fn fsfreeze_hook_thaws_on_eof_and_on_sigterm() {
             .unwrap();
         assert_eq!(line, "READY\n");
         assert_eq!(fs::read_to_string(&log).unwrap(), "fsfreeze -f /proc\n");
+        let stdin = child.stdin.take();
         if kill {
+            // SIGTERM to the hook alone, stdin still open: the trap must thaw at once,
+            // not when EOF comes.
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         } else {
-            drop(child.stdin.take());
+            drop(stdin);
         }
-        child.wait().unwrap();
+        wait_at_most(&mut child, 10);
         assert_eq!(
             fs::read_to_string(&log).unwrap(),
             "fsfreeze -f /proc\nfsfreeze -u /proc\n",
@@ -300,20 +422,36 @@ fn systemd_units_say_what_the_readme_promises() {
         assert!(t.contains("OnCalendar="));
     }
     if crate::util::require_tool("systemd-analyze") {
+        // Templates verify only as instances: copies named snapveil@demo.*.
+        let inst = tempfile::tempdir().unwrap();
+        for (from, to) in [
+            ("snapveil.service", "snapveil.service"),
+            ("snapveil.timer", "snapveil.timer"),
+            ("snapveil@.service", "snapveil@demo.service"),
+            ("snapveil@.timer", "snapveil@demo.timer"),
+        ] {
+            fs::copy(p.join(from), inst.path().join(to)).unwrap();
+        }
         let out = Command::new("systemd-analyze")
             .arg("verify")
             .args(
-                ["snapveil.service", "snapveil.timer"]
-                    .iter()
-                    .map(|f| p.join(f)),
+                [
+                    "snapveil.service",
+                    "snapveil.timer",
+                    "snapveil@demo.service",
+                    "snapveil@demo.timer",
+                ]
+                .iter()
+                .map(|f| inst.path().join(f)),
             )
             .output()
             .unwrap();
-        // Not installed here: the binary and the man page; everything else must verify.
+        // Not installed here: the binary and the man page; everything else must verify
+        // (parse warnings name the file by its path, so match "snapveil" anywhere).
         let err = String::from_utf8_lossy(&out.stderr);
         let bad: Vec<&str> = err
             .lines()
-            .filter(|l| l.starts_with("snapveil."))
+            .filter(|l| l.contains("snapveil"))
             .filter(|l| !l.contains("/usr/bin/snapveil is not executable"))
             .filter(|l| !l.contains("Command 'man snapveil(8)'"))
             .collect();
