@@ -438,25 +438,10 @@ pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result
         eprintln!("snapveil: no job named {:?}", a.job);
         return Ok(ExitCode::from(crate::error::EXIT_USAGE));
     };
+    let contents = crate::target::scan(runner, &cfg, job)
+        .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
     let gens = crate::job::generations(runner, &cfg, job)?;
-    let runs: std::collections::BTreeSet<String> = match &job.target {
-        crate::config::Target::Local(root) => std::fs::read_dir(root.join("runs"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default(),
-        t => crate::rsync::list(runner, &cfg.tools, t, &job.ssh_args, "runs")?
-            .into_iter()
-            .map(|l| l.name)
-            .collect(),
-    };
-    let points: Vec<String> = runs
-        .iter()
-        .filter_map(|r| r.strip_suffix(".json"))
-        .map(String::from)
-        .collect();
+    let points = contents.points;
     println!("target {}", job.target);
     println!(
         "{:<18} {:<13} {}",
@@ -464,12 +449,17 @@ pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result
     );
     let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
     all.extend(points.iter().cloned());
+    all.extend(contents.ignored.iter().filter_map(|(f, _)| {
+        f.strip_prefix("runs/")?.strip_suffix(".json").map(str::to_string)
+    }));
     for s in all.iter().rev() {
         println!(
             "{:<18} {:<13} {}",
             s,
             if points.contains(s) {
                 "yes"
+            } else if contents.ignored.iter().any(|(f, _)| f.contains(s.as_str())) {
+                "no (junk)"
             } else {
                 "no (failed)"
             },

@@ -68,17 +68,17 @@ struct Success {
 
 /// Runs one job and returns its status (also saved under the state dir).
 pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
-    let stamp = snapshot::now_stamp();
+    // Until the target is read, the stamp is provisional (see crate::target::new_stamp).
+    let mut stamp = snapshot::now_stamp();
     let started = Utc::now();
     let t0 = Instant::now();
-    let span = tracing::info_span!("job", job = %job.name, stamp = %stamp);
+    let span = tracing::info_span!("job", job = %job.name, stamp = tracing::field::Empty);
     let _e = span.enter();
     tracing::info!(source = %job.source, target = %job.target, "starting");
     let mut env = HookEnv::default();
     env.set("SNAPVEIL_JOB", &job.name);
     env.set("SNAPVEIL_SOURCE", job.source.to_string());
     env.set("SNAPVEIL_TARGET", job.target.to_string());
-    env.set("SNAPVEIL_STAMP", &stamp);
     let lock = match JobLock::acquire(&cfg.state_dir, &job.name) {
         Ok(l) => l,
         Err(e) => {
@@ -100,7 +100,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
         }
     };
     let mut held = Held::default();
-    let result = run_steps(runner, cfg, job, &stamp, &mut env, &mut held);
+    let result = run_steps(runner, cfg, job, &mut stamp, &mut env, &mut held);
     let cleanup_errs = held.release();
     let result = match (result, cleanup_errs.is_empty()) {
         (Ok(s), true) => Ok(s),
@@ -113,7 +113,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     // Prune only after a complete transfer, still under the job's lock. A failed prune
     // fails the job's status; current/ is never touched by it.
     let result = match result {
-        Ok(s) if job.retention.prune => match crate::prune::prune_job(runner, cfg, job, false) {
+        Ok(s) if job.retention.prune => match crate::prune::prune_job(runner, cfg, job, false, Some(&stamp)) {
             Ok(Some(report)) => {
                 for line in report.to_string().lines() {
                     tracing::info!("{line}");
@@ -175,7 +175,7 @@ fn run_steps<'a>(
     runner: &'a dyn Runner,
     cfg: &Config,
     job: &Job,
-    stamp: &str,
+    stamp_out: &mut String,
     env: &mut HookEnv,
     held: &mut Held<'a>,
 ) -> Result<Success> {
@@ -187,7 +187,14 @@ fn run_steps<'a>(
     let master = key
         .unlock_with_passfile(&job.passfile)
         .context("unlocking the key config")?;
+    // What the target holds decides the stamp, and its layout whether we may write.
+    let contents = crate::target::scan(runner, cfg, job).context("reading the target")?;
     check_target(runner, cfg, job, &key)?;
+    let stamp = crate::target::new_stamp(&job.target.to_string(), &contents)?;
+    let stamp = stamp.as_str();
+    tracing::Span::current().record("stamp", stamp);
+    *stamp_out = stamp.to_string();
+    env.set("SNAPVEIL_STAMP", stamp);
     for what in cleanup_leftovers(runner, cfg, job)? {
         tracing::warn!("removed {what}, left by an earlier run");
     }
@@ -246,6 +253,7 @@ fn run_steps<'a>(
         &job.rsync_args,
         &mp,
         stamp,
+        crate::rsync::Pass::Full,
     );
     // The key config goes first: an interrupted transfer then leaves a current/ that
     // check_target still recognises as this job's, and the next run completes it.
@@ -259,7 +267,7 @@ fn run_steps<'a>(
     )
     .context("sending the key config (gocryptfs.conf) to the target")?;
     tracing::info!(cmd = %cmd, "transferring");
-    let out = crate::rsync::transfer(runner, &cmd, &job.target).map_err(|e| {
+    let transfer = |cmd: &crate::exec::Cmd| crate::rsync::transfer(runner, cmd, &job.target).map_err(|e| {
         let e = anyhow::Error::from(e);
         // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
         if let Some(Err(v)) = held.snapshot.as_ref().map(|s| s.verify()) {
@@ -277,8 +285,50 @@ fn run_steps<'a>(
         } else {
             e
         }
-    })?;
+    });
+    let mut out = transfer(&cmd)?;
     check_cancel()?;
+    // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
+    // same size in the second it was last backed up, or whose mtime was set back. Such a
+    // file changed since the last restore point, so its ctime says so: those rsync did
+    // not just send go through once more, compared by checksum.
+    let since = contents.points.last().and_then(|p| {
+        chrono::NaiveDateTime::parse_from_str(p, snapshot::STAMP_FORMAT)
+            .ok()
+            .map(|t| t.and_utc().timestamp())
+    });
+    let changed = changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
+    if !changed.is_empty() {
+        let list = snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
+            .join(format!("changed-{}", std::process::id()));
+        let mut data = Vec::new();
+        for p in &changed {
+            data.extend_from_slice(p);
+            data.push(0);
+        }
+        std::fs::create_dir_all(list.parent().expect("in the work dir"))?;
+        std::fs::write(&list, &data).with_context(|| format!("writing {}", list.display()))?;
+        tracing::info!(files = changed.len(), "comparing files changed since the last restore point by checksum");
+        let cmd = crate::rsync::transfer_cmd(
+            &cfg.tools,
+            &job.target,
+            &job.ssh_args,
+            &job.rsync_args,
+            &mp,
+            stamp,
+            crate::rsync::Pass::Checksum { list: &list },
+        );
+        let second = transfer(&cmd);
+        let _ = std::fs::remove_file(&list);
+        let second = second?;
+        if !second.sent.is_empty() {
+            tracing::info!(files = second.sent.len(), "sent files whose size and mtime had not changed");
+        }
+        out.stats.bytes_sent += second.stats.bytes_sent;
+        out.stats.files_transferred += second.stats.files_transferred;
+        out.vanished |= second.vanished;
+        check_cancel()?;
+    }
     if let Some(s) = held.snapshot.as_ref() {
         s.verify()
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
@@ -312,6 +362,45 @@ fn run_steps<'a>(
         vanished: out.vanished,
         consistent,
     })
+}
+
+/// Regular files of the view whose ctime is at or after `since` (unix seconds; `None`:
+/// every file), minus those rsync just sent: the files whose change the quick check may
+/// have missed. A snapshot keeps ctimes, and a ctime cannot be set back, so a file
+/// rewritten in the second of the last backup, or given its old mtime again, shows here.
+///
+/// # Errors
+/// The view cannot be read.
+fn changed_since(
+    view: &Path,
+    since: Option<i64>,
+    sent: &[Vec<u8>],
+) -> std::io::Result<Vec<Vec<u8>>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let sent: std::collections::HashSet<&[u8]> = sent.iter().map(Vec::as_slice).collect();
+    let mut out = Vec::new();
+    let mut dirs = vec![view.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                dirs.push(e.path());
+            } else if ft.is_file() {
+                let p = e.path();
+                let rel = p.strip_prefix(view).expect("under the view").as_os_str().as_bytes();
+                if sent.contains(rel) {
+                    continue;
+                }
+                if since.is_none_or(|s| std::fs::symlink_metadata(&p).is_ok_and(|m| m.ctime() >= s)) {
+                    out.push(rel.to_vec());
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Refuses a target whose `current/` is not this job's backup: rsync `--delete` there
@@ -443,13 +532,13 @@ fn record_run(
     stamp: &str,
     out: &crate::rsync::Outcome,
 ) -> Result<()> {
-    let rec = serde_json::json!({
-        "stamp": stamp,
-        "job": job.name,
-        "finished": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
-        "bytes_sent": out.stats.bytes_sent,
-        "files": out.stats.files_transferred,
-    });
+    let rec = crate::target::RunRecord {
+        stamp: stamp.to_string(),
+        job: job.name.clone(),
+        finished: Some(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)),
+        bytes_sent: out.stats.bytes_sent,
+        files: out.stats.files_transferred,
+    };
     let data = serde_json::to_vec_pretty(&rec).expect("json");
     put_file(runner, cfg, job, &format!("runs/{stamp}.json"), &data)
         .context("recording the run on the target")

@@ -23,6 +23,7 @@ pub mod rsync;
 pub mod signals;
 pub mod snapshot;
 pub mod status;
+pub mod target;
 pub mod verify;
 pub mod view;
 

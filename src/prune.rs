@@ -139,6 +139,13 @@ pub enum PruneError {
         "{path}: refusing to overwrite an existing entry (did the target change during prune?)"
     )]
     Exists { path: PathBuf },
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
+    #[error(
+        "the policy would delete restore point {stamp}, which this run just made; nothing \
+         was pruned"
+    )]
+    WouldDeleteNewPoint { stamp: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PruneError + '_ {
@@ -280,6 +287,7 @@ impl Listing {
 /// # Errors
 /// Unreadable directories, or a directory that is not a target at all.
 pub fn list_local(target: &Path) -> Result<Listing, PruneError> {
+    crate::target::check_local_layout(target)?;
     let (runs, gens) = (target.join("runs"), target.join("generations"));
     if !runs.is_dir() && !gens.is_dir() {
         return Err(PruneError::NotATarget {
@@ -334,65 +342,18 @@ pub fn list_local(target: &Path) -> Result<Listing, PruneError> {
     ))
 }
 
-/// Parses `rsync --list-only` output: `perms size date time name` (`name -> target` for
-/// symlinks), names with `\#ooo` escapes for unprintable bytes.
+/// Parses `rsync --list-only` output into (name, is a directory), byte-exact
+/// ([`crate::rsync::parse_listing`]).
 ///
 /// # Errors
 /// A line that does not have that shape.
 pub fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>, PruneError> {
-    let mut v = Vec::new();
-    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let bad = || PruneError::ListParse {
+    crate::rsync::parse_listing(out)
+        .map(|v| v.into_iter().map(|e| (e.name, e.kind == b'd')).collect())
+        .map_err(|line| PruneError::ListParse {
             target: target.into(),
-            line: String::from_utf8_lossy(line).into_owned(),
-        };
-        let mut rest = line;
-        let mut fields = Vec::new();
-        for _ in 0..4 {
-            let start = rest.iter().position(|b| *b != b' ').ok_or_else(bad)?;
-            rest = &rest[start..];
-            let end = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
-            fields.push(&rest[..end]);
-            rest = &rest[end + 1..];
-        }
-        let kind = *fields[0].first().ok_or_else(bad)?;
-        if fields[0].len() != 10 || !b"-dlpscb".contains(&kind) {
-            return Err(bad());
-        }
-        let mut name = rest;
-        if kind == b'l' {
-            if let Some(i) = rest.windows(4).position(|w| w == b" -> ") {
-                name = &rest[..i];
-            }
-        }
-        let name = unescape(name);
-        if name == b"." {
-            continue;
-        }
-        v.push((name, kind == b'd'));
-    }
-    Ok(v)
-}
-
-fn unescape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'\\' && s.get(i + 1) == Some(&b'#') && i + 5 <= s.len() {
-            let oct = &s[i + 2..i + 5];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = oct.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-                if let Ok(b) = u8::try_from(v) {
-                    out.push(b);
-                    i += 5;
-                    continue;
-                }
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
+            line,
+        })
 }
 
 // ---- plan ----------------------------------------------------------------------------
@@ -751,7 +712,8 @@ pub fn shell_script(path: &str, ops: &[Op]) -> Vec<u8> {
         path.as_bytes()
     }));
     s.extend_from_slice(
-        b"\n[ -d generations ] || [ -d runs ] || { echo \"snapveil: $(pwd) is not a snapveil target\" >&2; exit 3; }\n\
+        b"\n[ -d generations ] || [ -d runs ] || { echo \"snapveil: $(pwd) is not a snapveil target\" >&2; exit 3; }; \
+for a in current generations runs manifests; do if [ -L \"$a\" ]; then echo \"snapveil: $(pwd)/$a is a symlink: refusing to prune through it\" >&2; exit 3; fi; done\n\
 mvnew() { if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"snapveil: refusing to overwrite $2\" >&2; exit 3; fi; mv -- \"$1\" \"$2\"; }\n",
     );
     for op in ops {
@@ -835,17 +797,47 @@ pub fn list_remote(
         .args([
             "--list-only",
             "-rl",
-            "--include=/runs/",
+            // Areas without a trailing slash, so that a symlink named like one is listed.
+            "--include=/runs",
             "--include=/runs/*.json",
-            "--include=/manifests/",
+            "--include=/manifests",
             "--include=/manifests/*.sha1",
-            "--include=/generations/",
+            "--include=/generations",
             "--include=/generations/**",
+            "--include=/current",
             "--exclude=*",
         ])
         .arg(&root)
         .run_checked(runner)?;
-    let paths = parse_list_only(&root, &out.stdout)?;
+    let entries = crate::rsync::parse_listing(&out.stdout).map_err(|line| PruneError::ListParse {
+        target: root.clone(),
+        line,
+    })?;
+    for a in crate::target::Area::ALL {
+        match entries.iter().find(|e| e.name == a.dir().as_bytes()) {
+            Some(e) if e.kind == b'l' => {
+                return Err(crate::target::TargetError::Symlink {
+                    target: target.to_string(),
+                    area: a.dir(),
+                    to: String::new(),
+                }
+                .into())
+            }
+            Some(e) if e.kind != b'd' => {
+                return Err(crate::target::TargetError::NotADirectory {
+                    target: target.to_string(),
+                    area: a.dir(),
+                }
+                .into())
+            }
+            _ => {}
+        }
+    }
+    let paths: Vec<(Vec<u8>, bool)> = entries
+        .into_iter()
+        .filter(|e| e.name != b"current")
+        .map(|e| (e.name, e.kind == b'd'))
+        .collect();
     let l = Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)));
     let has = |top: &[u8]| paths.iter().any(|(p, d)| *d && p == top);
     if !has(b"runs") && !has(b"generations") {
@@ -963,10 +955,63 @@ pub fn apply_ssh(runner: &dyn Runner, target: &TargetSpec, ops: &[Op]) -> Result
     Ok(())
 }
 
+/// The run records of the listing, read (local) or copied to `scratch` and read (remote:
+/// rsync without `--links` skips a symlinked record, which then reads as not a file).
+fn read_records(
+    runner: &dyn Runner,
+    target: &TargetSpec,
+    rsync: &OsStr,
+    listing: &Listing,
+    scratch: &Path,
+) -> Result<Vec<crate::target::RecordFile>, PruneError> {
+    let read = |dir: &Path| -> Result<Vec<crate::target::RecordFile>, PruneError> {
+        let mut v = Vec::new();
+        for s in &listing.records {
+            let p = dir.join(format!("{s}.json"));
+            let data = match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => Some(fs::read(&p).map_err(io_err(&p))?),
+                _ => None,
+            };
+            v.push(crate::target::RecordFile {
+                stamp: s.clone(),
+                data,
+            });
+        }
+        Ok(v)
+    };
+    match target {
+        TargetSpec::Local(p) => read(&p.join("runs")),
+        _ if listing.records.is_empty() => Ok(Vec::new()),
+        _ => {
+            let dir = scratch.join(format!("records-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let root = target.rsync_root().unwrap_or_default();
+            let r = target
+                .rsync(rsync)
+                .args(["--recursive", "--include=/*.json", "--exclude=*"])
+                .arg(format!("{root}runs/"))
+                .arg(format!("{}/", dir.display()))
+                .run_checked(runner)
+                .map_err(PruneError::from)
+                .and_then(|_| read(&dir));
+            let _ = fs::remove_dir_all(&dir);
+            r
+        }
+    }
+}
+
 // ---- the command ------------------------------------------------------------------------
 
 pub struct PruneOptions<'a> {
     pub dry_run: bool,
+    /// The job whose target this is: its records must name it (another job's stop the
+    /// prune). `None` for `prune --target`.
+    pub job: Option<String>,
+    /// The restore point the calling run just made: a plan that deletes it is refused.
+    pub protect: Option<String>,
+    /// Where to copy a remote target's run records to read them.
+    pub scratch: PathBuf,
     /// rsync program (from `[tools]`).
     pub rsync: OsString,
     /// Wall clock in which periods are counted.
@@ -991,11 +1036,28 @@ pub fn prune(
     opts: &PruneOptions<'_>,
 ) -> Result<PruneReport, PruneError> {
     policy.validate()?;
-    let listing = match target {
+    let mut listing = match target {
         TargetSpec::Local(p) => list_local(p)?,
         _ => list_remote(runner, target, &opts.rsync)?,
     };
+    // Only records that are restore points count; junk is left alone, reported.
+    let records = read_records(runner, target, &opts.rsync, &listing, &opts.scratch)?;
+    let (points, ignored) = crate::target::classify(
+        &target.to_string(),
+        records,
+        &listing.manifests,
+        opts.job.as_deref(),
+    )?;
+    for (f, why) in &ignored {
+        tracing::warn!("{target}/{f}: not a restore point: {why} (left alone)");
+    }
+    listing.records = points.into_iter().collect();
     let plan = plan_prune(&listing, policy, opts.local, target.mode());
+    if let Some(p) = &opts.protect {
+        if plan.decisions.iter().any(|d| &d.stamp == p && !d.keep) {
+            return Err(PruneError::WouldDeleteNewPoint { stamp: p.clone() });
+        }
+    }
     if !opts.dry_run && !plan.ops.is_empty() {
         match target {
             TargetSpec::Local(p) => apply_local(p, &plan.ops)?,
@@ -1127,6 +1189,7 @@ pub fn prune_job(
     cfg: &crate::config::Config,
     job: &crate::config::Job,
     dry_run: bool,
+    protect: Option<&str>,
 ) -> anyhow::Result<Option<PruneReport>> {
     use anyhow::Context;
     let Some(policy) = job
@@ -1139,6 +1202,9 @@ pub fn prune_job(
     let target = job_target(runner, cfg, job)?;
     let opts = PruneOptions {
         dry_run,
+        job: Some(job.name.clone()),
+        protect: protect.map(str::to_string),
+        scratch: crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name),
         rsync: cfg.tools.rsync.clone().into(),
         local: &retention::system_local,
     };
@@ -1204,7 +1270,7 @@ pub fn jobs_command(
                 continue;
             }
         };
-        match prune_job(runner, &cfg, job, a.dry_run) {
+        match prune_job(runner, &cfg, job, a.dry_run, None) {
             Ok(Some(r)) => print!("job {}: {r}", job.name),
             Ok(None) => println!(
                 "job {}: no retention rules: every restore point is kept",
@@ -1260,6 +1326,9 @@ pub fn command(
     let target = TargetSpec::parse(a.target.as_deref().unwrap_or_default(), ssh, !a.rsync_only);
     let opts = PruneOptions {
         dry_run: a.dry_run,
+        job: None,
+        protect: None,
+        scratch: std::env::temp_dir(),
         rsync: a.rsync.clone().into(),
         local: if a.utc {
             &retention::utc

@@ -50,6 +50,8 @@ pub struct Outcome {
     pub stats: Stats,
     /// rsync exit 24: some files vanished while it ran (only possible on a `dir:` source).
     pub vanished: bool,
+    /// What rsync sent, as paths relative to the view (directories end in `/`).
+    pub sent: Vec<Vec<u8>>,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -100,6 +102,17 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
+/// Which files a transfer covers.
+#[derive(Debug, Clone, Copy)]
+pub enum Pass<'a> {
+    /// The whole view with `--delete`: rsync's quick check (size and whole-second mtime)
+    /// decides what to send.
+    Full,
+    /// Only the files named (NUL-separated, relative to the view) in `list`, compared by
+    /// checksum on both ends: changes the quick check cannot see.
+    Checksum { list: &'a Path },
+}
+
 /// The transfer command line (`view` is the mounted encrypted view).
 pub fn transfer_cmd(
     tools: &Tools,
@@ -108,17 +121,16 @@ pub fn transfer_cmd(
     extra: &[String],
     view: &Path,
     stamp: &str,
+    pass: Pass<'_>,
 ) -> Cmd {
-    base(tools, target, ssh_args)
-        .args([
-            "--archive",
-            "--numeric-ids",
-            "--delete",
-            "--delete-excluded",
-            "--mkpath",
-            "--stats",
-            "--out-format=>%n",
-        ])
+    let c = base(tools, target, ssh_args).args(["--archive", "--numeric-ids"]);
+    let c = match pass {
+        Pass::Full => c.args(["--delete", "--delete-excluded", "--mkpath"]),
+        Pass::Checksum { list } => c
+            .args(["--checksum", "--from0"])
+            .arg(format!("--files-from={}", list.display())),
+    };
+    c.args(["--stats", "--out-format=>%n"])
         .arg("--backup")
         .arg(format!("--backup-dir={}", target.backup_dir(stamp)))
         .args(extra)
@@ -152,19 +164,20 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &Target) -> Result<Outco
     });
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut stats_text = String::new();
-    let mut files = 0u64;
+    let mut sent = Vec::new();
     while let Ok(Some(line)) = child.read_line() {
-        let l = String::from_utf8_lossy(&line);
-        if let Some(name) = l.strip_prefix('>') {
-            files += 1;
+        if let Some(name) = line.strip_prefix(b">") {
+            let name = name.strip_suffix(b"\n").unwrap_or(name);
             if tty {
-                let n: String = name.trim_end().chars().take(60).collect();
-                eprint!("\r\x1b[2K  {files} files sent, {n}");
+                let n: String = String::from_utf8_lossy(name).chars().take(60).collect();
+                eprint!("\r\x1b[2K  {} files sent, {n}", sent.len() + 1);
             }
+            sent.push(unescape(name));
         } else {
-            stats_text.push_str(&l);
+            stats_text.push_str(&String::from_utf8_lossy(&line));
         }
     }
+    let files = sent.len();
     if tty && files > 0 {
         eprintln!();
     }
@@ -185,12 +198,14 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &Target) -> Result<Outco
         Exit::Code(0) => Ok(Outcome {
             stats: parse_stats(&stats_text),
             vanished: false,
+            sent,
         }),
         Exit::Code(24) => {
             tracing::warn!("some files vanished during the transfer (rsync exit 24)");
             Ok(Outcome {
                 stats: parse_stats(&stats_text),
                 vanished: true,
+                sent,
             })
         }
         exit => Err(RsyncError::Failed {
@@ -229,26 +244,85 @@ pub struct Listed {
     pub size: u64,
 }
 
-/// Parses `rsync --list-only` lines: `drwxr-xr-x          4,096 2026/11/24 12:00:00 NAME`.
+/// One line of `rsync --list-only`, byte-exact: the name with rsync's `\#ooo` escapes
+/// decoded and a symlink's ` -> target` cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub name: Vec<u8>,
+    /// The first letter of the permissions column: `-`, `d`, `l`, `p`, `s`, `c`, `b`.
+    pub kind: u8,
+    pub size: u64,
+}
+
+/// Parses `rsync --list-only` output: `perms size date time name` (`name -> target` for
+/// symlinks), names with `\#ooo` escapes for unprintable bytes. The `.` entry is skipped.
+///
+/// # Errors
+/// The first line that does not have that shape, as text.
+pub fn parse_listing(out: &[u8]) -> Result<Vec<ListEntry>, String> {
+    let mut v = Vec::new();
+    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let bad = || String::from_utf8_lossy(line).into_owned();
+        let mut rest = line;
+        let mut fields = Vec::new();
+        for _ in 0..4 {
+            let start = rest.iter().position(|b| *b != b' ').ok_or_else(bad)?;
+            rest = &rest[start..];
+            let end = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+            fields.push(&rest[..end]);
+            rest = &rest[end + 1..];
+        }
+        let kind = *fields[0].first().ok_or_else(bad)?;
+        if fields[0].len() != 10 || !b"-dlpscb".contains(&kind) {
+            return Err(bad());
+        }
+        let mut name = rest;
+        if kind == b'l' {
+            if let Some(i) = rest.windows(4).position(|w| w == b" -> ") {
+                name = &rest[..i];
+            }
+        }
+        let name = unescape(name);
+        if name == b"." {
+            continue;
+        }
+        let size = num(&String::from_utf8_lossy(fields[1])).unwrap_or(0);
+        v.push(ListEntry { name, kind, size });
+    }
+    Ok(v)
+}
+
+/// Decodes rsync's `\#ooo` escapes (in `--list-only` and `--out-format=%n` output).
+pub fn unescape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' && s.get(i + 1) == Some(&b'#') && i + 5 <= s.len() {
+            let oct = &s[i + 2..i + 5];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
+                if let Ok(b) = u8::try_from(v) {
+                    out.push(b);
+                    i += 5;
+                    continue;
+                }
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Parses `rsync --list-only` lines (names shown lossily as UTF-8); lines that do not
+/// parse are skipped (rsync prints nothing else on stdout here).
 pub fn parse_list(out: &str) -> Vec<Listed> {
     out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 5 {
-                return None;
-            }
-            let perms = f[0];
-            // Name is everything after the time column.
-            let idx = l.find(f[3])? + f[3].len();
-            let name = l[idx..].trim_start().to_string();
-            if name == "." || name.is_empty() {
-                return None;
-            }
-            Some(Listed {
-                name,
-                is_dir: perms.starts_with('d'),
-                size: num(f[1]).unwrap_or(0),
-            })
+        .filter_map(|l| parse_listing(l.as_bytes()).ok()?.into_iter().next())
+        .map(|e| Listed {
+            name: String::from_utf8_lossy(&e.name).into_owned(),
+            is_dir: e.kind == b'd',
+            size: e.size,
         })
         .collect()
 }
@@ -337,6 +411,7 @@ mod tests {
             &["--bwlimit=1M".into()],
             Path::new("/run/v"),
             "20261124T010000Z",
+            Pass::Full,
         );
         let argv = c.argv();
         assert_eq!(argv[1..3], ["-e".to_string(), "ssh -p 2222".to_string()]);

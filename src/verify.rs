@@ -54,6 +54,8 @@ pub enum VerifyError {
     NoJob(String),
     #[error("config: {0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
@@ -201,38 +203,17 @@ fn build_outside_rayon(view: &Path) -> Result<Vec<Entry>, VerifyError> {
     Ok(out)
 }
 
-/// Restore points on the target (stamps of `runs/*.json`), oldest first.
+/// Restore points on the target, oldest first: records that parse, name this job and
+/// have their manifest ([`crate::target::scan`], which also checks the layout).
 ///
 /// # Errors
-/// Listing the target failed.
+/// Reading the target failed, an area is a symlink, or a record is another job's.
 pub fn restore_points(
     runner: &dyn Runner,
     cfg: &Config,
     job: &Job,
 ) -> Result<Vec<String>, VerifyError> {
-    let names: Vec<String> = match &job.target {
-        Target::Local(root) => match fs::read_dir(root.join("runs")) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&root.join("runs"))(e)),
-        },
-        t => crate::rsync::list(runner, &cfg.tools, t, &job.ssh_args, "runs")?
-            .into_iter()
-            .filter(|l| !l.is_dir)
-            .map(|l| l.name)
-            .collect(),
-    };
-    let mut stamps: Vec<String> = names
-        .iter()
-        .filter_map(|n| n.strip_suffix(".json"))
-        .filter(|s| crate::snapshot::valid_stamp(s))
-        .map(str::to_string)
-        .collect();
-    stamps.sort();
-    Ok(stamps)
+    Ok(crate::target::scan(runner, cfg, job)?.points)
 }
 
 /// Fetches a small file below the target root (`manifests/STAMP.sha1`); `None` if absent.

@@ -33,7 +33,7 @@ use std::str::FromStr;
 pub const PREFIX: &str = "snapveil-";
 
 /// The stamp format shared by snapshot names, generations and run records.
-const STAMP_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+pub const STAMP_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 /// What a job backs up. Parsed from `zfs:POOL/DATASET`, `btrfs:/path`, `lvm:VG/LV`,
 /// `dir:/path`.

@@ -1,0 +1,558 @@
+//! What a job's backup target holds, read before anything is written to it or deleted
+//! from it: its layout (the four areas, each a real directory), the run records that are
+//! restore points, and the newest stamp it names anywhere.
+//!
+//! A target is storage we do not control: a directory may have been replaced by a
+//! symlink, a record may be junk or another job's. So a record is a restore point only
+//! when it parses, names this job and its own stamp, and its manifest exists; junk is
+//! reported and ignored (never kept by prune at the cost of a real point, never
+//! deleted: we did not write it); another job's record stops the command, because then
+//! this is not (only) our target. An area that is a symlink stops every command: rsync
+//! `--backup-dir`, prune's renames and deletions would all follow it out of the target.
+//!
+//! The stamp of a new run must be newer than every stamp the target names (records,
+//! manifests, generations, failed runs included): an equal stamp would merge two runs
+//! into one generation and overwrite a record, an older one would make the run's own
+//! prune delete the new point as "not the newest".
+
+use crate::config::{Config, Job, Target};
+use crate::exec::{Exit, Runner};
+use crate::rsync::RsyncError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The directories of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// The encrypted copy of the newest run: a plain gocryptfs directory.
+    Current,
+    /// `STAMP/`: what run STAMP replaced or deleted in `current/` (rsync `--backup-dir`).
+    Generations,
+    /// `STAMP.json`: run STAMP completed; a restore point.
+    Runs,
+    /// `STAMP.sha1` (sha1sum of `current/` after run STAMP) and its companions.
+    Manifests,
+}
+
+impl Area {
+    pub const ALL: [Area; 4] = [Area::Current, Area::Generations, Area::Runs, Area::Manifests];
+
+    pub fn dir(self) -> &'static str {
+        match self {
+            Area::Current => "current",
+            Area::Generations => "generations",
+            Area::Runs => "runs",
+            Area::Manifests => "manifests",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "{target}/{area} is a symlink{to}: refusing to write, merge or delete through it \
+         (every area of a target must be a real directory inside it)"
+    )]
+    Symlink {
+        target: String,
+        area: &'static str,
+        to: String,
+    },
+    #[error("{target}/{area} exists but is not a directory: not a snapveil target layout")]
+    NotADirectory { target: String, area: &'static str },
+    #[error(
+        "{target}/runs/{file} is a record of job {other:?}, not of {job:?}: this target (or \
+         its runs/) belongs to another job; refusing to use or change it"
+    )]
+    ForeignRecord {
+        target: String,
+        file: String,
+        job: String,
+        other: String,
+    },
+    #[error(
+        "{target} already holds {entry}, not older than this run's stamp {now}: the system \
+         clock is behind the backups (a timer that fired before NTP set the clock?). \
+         Refusing to run, so that no restore point is overwritten or pruned by mistake. Fix \
+         the clock; if it is right, {entry} came from a clock that ran ahead: move it out \
+         of the target"
+    )]
+    ClockBehind {
+        target: String,
+        entry: String,
+        now: String,
+    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Rsync(#[from] RsyncError),
+    #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
+    ListParse { target: String, line: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
+    move |err| TargetError::Io {
+        path: path.into(),
+        err,
+    }
+}
+
+/// `runs/STAMP.json`, as job.rs writes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunRecord {
+    pub stamp: String,
+    pub job: String,
+    #[serde(default)]
+    pub finished: Option<String>,
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub files: u64,
+}
+
+/// A record file as found on the target.
+pub struct RecordFile {
+    /// The name's stamp (`runs/STAMP.json`).
+    pub stamp: String,
+    /// Its bytes; `None` when it is not a regular file.
+    pub data: Option<Vec<u8>>,
+}
+
+/// What a target holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// Restore points, oldest first.
+    pub points: Vec<String>,
+    /// Record files that are not restore points, with why (reported, left alone).
+    pub ignored: Vec<(String, String)>,
+    /// The entry with the newest stamp in `runs/`, `manifests/` or `generations/`.
+    pub newest: Option<(String, String)>,
+}
+
+impl Contents {
+    /// The newest stamp the target names, and the entry naming it.
+    fn note(&mut self, stamp: &str, entry: String) {
+        if self.newest.as_ref().is_none_or(|(s, _)| stamp > s.as_str()) {
+            self.newest = Some((stamp.to_string(), entry));
+        }
+    }
+}
+
+/// The stamp in a record's or manifest's file name (`STAMP.json`, `STAMP.sha1`, ...).
+fn stamp_of(name: &str) -> Option<&str> {
+    let (stem, _) = name.split_once('.')?;
+    crate::snapshot::valid_stamp(stem).then_some(stem)
+}
+
+/// Sorts record files into restore points and ignored ones (pure). `manifests` holds the
+/// stamps that have a `manifests/STAMP.sha1`; `job` is checked when known (prune with
+/// `--target` has no job).
+///
+/// # Errors
+/// A record of another job.
+pub fn classify(
+    target: &str,
+    records: Vec<RecordFile>,
+    manifests: &BTreeSet<String>,
+    job: Option<&str>,
+) -> Result<(Vec<String>, Vec<(String, String)>), TargetError> {
+    let mut points = Vec::new();
+    let mut ignored = Vec::new();
+    for r in records {
+        let file = format!("runs/{}.json", r.stamp);
+        let why = match r.data.as_deref().map(serde_json::from_slice::<RunRecord>) {
+            None => Some("not a regular file".to_string()),
+            Some(Err(e)) => Some(format!("not a run record ({e})")),
+            Some(Ok(rec)) if job.is_some_and(|j| j != rec.job) => {
+                return Err(TargetError::ForeignRecord {
+                    target: target.into(),
+                    file: format!("{}.json", r.stamp),
+                    job: job.unwrap_or_default().into(),
+                    other: rec.job,
+                })
+            }
+            Some(Ok(rec)) if rec.stamp != r.stamp => Some(format!(
+                "its stamp field {:?} is not its name's",
+                rec.stamp
+            )),
+            Some(Ok(_)) if !manifests.contains(&r.stamp) => {
+                Some(format!("manifests/{}.sha1 is missing", r.stamp))
+            }
+            Some(Ok(_)) => None,
+        };
+        match why {
+            None => points.push(r.stamp),
+            Some(w) => ignored.push((file, w)),
+        }
+    }
+    points.sort();
+    ignored.sort();
+    Ok((points, ignored))
+}
+
+/// Checks that none of the areas is a symlink or a non-directory; `kind` gives the
+/// listing's type letter of an area present at the target root (`d`, `l`, ...).
+fn check_areas(
+    target: &str,
+    kind: impl Fn(Area) -> Option<(u8, String)>,
+) -> Result<(), TargetError> {
+    for a in Area::ALL {
+        match kind(a) {
+            None | Some((b'd', _)) => {}
+            Some((b'l', to)) => {
+                return Err(TargetError::Symlink {
+                    target: target.into(),
+                    area: a.dir(),
+                    to,
+                })
+            }
+            Some(_) => {
+                return Err(TargetError::NotADirectory {
+                    target: target.into(),
+                    area: a.dir(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a local target's layout (areas are real directories).
+///
+/// # Errors
+/// A symlinked or non-directory area, or an unreadable one.
+pub fn check_local_layout(root: &Path) -> Result<(), TargetError> {
+    let mut found = Vec::new();
+    for a in Area::ALL {
+        let p = root.join(a.dir());
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = fs::read_link(&p)
+                    .map(|t| format!(" (to {})", t.display()))
+                    .unwrap_or_default();
+                found.push((a, b'l', to));
+            }
+            Ok(m) if m.is_dir() => found.push((a, b'd', String::new())),
+            Ok(_) => found.push((a, b'-', String::new())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&p)(e)),
+        }
+    }
+    check_areas(&root.display().to_string(), |a| {
+        found
+            .iter()
+            .find(|(x, _, _)| *x == a)
+            .map(|(_, k, t)| (*k, t.clone()))
+    })
+}
+
+/// Reads what the target of `job` holds, checking its layout first.
+///
+/// # Errors
+/// A symlinked area, another job's record, or the target cannot be read.
+pub fn scan(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result<Contents, TargetError> {
+    let shown = job.target.to_string();
+    let (names, records) = match &job.target {
+        Target::Local(root) => scan_local(root)?,
+        t => scan_remote(runner, cfg, job, t)?,
+    };
+    let mut c = Contents::default();
+    let mut manifests = BTreeSet::new();
+    for (area, name) in &names {
+        let stamp = match area {
+            Area::Generations => crate::snapshot::valid_stamp(name).then_some(name.as_str()),
+            _ => stamp_of(name),
+        };
+        if let Some(s) = stamp {
+            c.note(s, format!("{}/{name}", area.dir()));
+            if *area == Area::Manifests && name.ends_with(".sha1") {
+                manifests.insert(s.to_string());
+            }
+        }
+    }
+    let (points, ignored) = classify(&shown, records, &manifests, Some(&job.name))?;
+    for (f, why) in &ignored {
+        tracing::warn!("{shown}/{f}: not a restore point: {why} (left alone)");
+    }
+    c.points = points;
+    c.ignored = ignored;
+    Ok(c)
+}
+
+type Scanned = (Vec<(Area, String)>, Vec<RecordFile>);
+
+fn scan_local(root: &Path) -> Result<Scanned, TargetError> {
+    check_local_layout(root)?;
+    let mut names = Vec::new();
+    let mut records = Vec::new();
+    for a in [Area::Runs, Area::Manifests, Area::Generations] {
+        let dir = root.join(a.dir());
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        for e in rd {
+            let e = e.map_err(io(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if a == Area::Runs {
+                if let Some(s) = name.strip_suffix(".json").filter(|s| crate::snapshot::valid_stamp(s)) {
+                    let regular = e.file_type().map_err(io(&e.path()))?.is_file();
+                    let data = if regular {
+                        Some(fs::read(e.path()).map_err(io(&e.path()))?)
+                    } else {
+                        None
+                    };
+                    records.push(RecordFile {
+                        stamp: s.to_string(),
+                        data,
+                    });
+                }
+            }
+            names.push((a, name));
+        }
+    }
+    Ok((names, records))
+}
+
+fn scan_remote(
+    runner: &dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    t: &Target,
+) -> Result<Scanned, TargetError> {
+    // One listing of the root with the areas' own entries (no trailing slash in the
+    // patterns, so that a symlink named like an area is listed too) and their children.
+    let mut cmd = crate::rsync::base(&cfg.tools, t, &job.ssh_args).args(["--list-only", "-rl"]);
+    for a in Area::ALL {
+        cmd = cmd.arg(format!("--include=/{}", a.dir()));
+    }
+    for a in [Area::Runs, Area::Manifests, Area::Generations] {
+        cmd = cmd.arg(format!("--include=/{}/*", a.dir()));
+    }
+    let cmd = cmd.arg("--exclude=*").arg(t.rsync_dest(""));
+    let out = runner.output(&cmd).map_err(RsyncError::Spawn)?;
+    let listing = match out.exit {
+        Exit::Code(0) => crate::rsync::parse_listing(&out.stdout).map_err(|line| {
+            TargetError::ListParse {
+                target: t.to_string(),
+                line,
+            }
+        })?,
+        // A target directory that does not exist yet (the first run).
+        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => {
+            Vec::new()
+        }
+        exit => {
+            return Err(RsyncError::Failed {
+                target: t.to_string(),
+                exit,
+                stderr: out.stderr_str(),
+            }
+            .into())
+        }
+    };
+    check_areas(&t.to_string(), |a| {
+        listing
+            .iter()
+            .find(|e| e.name == a.dir().as_bytes())
+            .map(|e| (e.kind, String::new()))
+    })?;
+    let mut names = Vec::new();
+    let mut has_records = false;
+    for e in &listing {
+        let Some((top, name)) = area_child(&e.name) else {
+            continue;
+        };
+        let Some(a) = Area::ALL.into_iter().find(|a| a.dir().as_bytes() == top) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        has_records |= a == Area::Runs;
+        names.push((a, name));
+    }
+    let mut records = Vec::new();
+    if has_records {
+        records = fetch_records(runner, cfg, job, t, &names)?;
+    }
+    Ok((names, records))
+}
+
+/// Copies `runs/*.json` of a remote target into a scratch dir and reads them. rsync
+/// without `--links` skips symlinks: those stay `None` (not a regular file).
+fn fetch_records(
+    runner: &dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    t: &Target,
+    names: &[(Area, String)],
+) -> Result<Vec<RecordFile>, TargetError> {
+    let dir = crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
+        .join(format!("records-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let r = (|| {
+        crate::rsync::base(&cfg.tools, t, &job.ssh_args)
+            .args(["--recursive", "--include=/*.json", "--exclude=*"])
+            .arg(t.rsync_dest("runs/"))
+            .arg(format!("{}/", dir.display()))
+            .run_checked(runner)
+            .map_err(RsyncError::from)?;
+        let mut records = Vec::new();
+        for (a, name) in names {
+            if *a != Area::Runs {
+                continue;
+            }
+            let Some(s) = name
+                .strip_suffix(".json")
+                .filter(|s| crate::snapshot::valid_stamp(s))
+            else {
+                continue;
+            };
+            let p = dir.join(name);
+            let data = match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => Some(fs::read(&p).map_err(io(&p))?),
+                _ => None,
+            };
+            records.push(RecordFile {
+                stamp: s.to_string(),
+                data,
+            });
+        }
+        Ok(records)
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    r
+}
+
+/// `runs/X` → (`runs`, `X`); `None` without a slash or for a deeper path.
+fn area_child(path: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = path.iter().position(|b| *b == b'/')?;
+    let (top, rest) = (&path[..i], &path[i + 1..]);
+    (!rest.is_empty() && !rest.contains(&b'/')).then_some((top, rest))
+}
+
+/// The stamp for a new run: now, unless the target already names a stamp that is not
+/// older. Within a second or two (a quick second run, a clock stepped by NTP) it waits
+/// for the clock to pass it; further behind, it refuses.
+///
+/// # Errors
+/// The clock is behind the target's newest stamp.
+pub fn new_stamp(target: &str, contents: &Contents) -> Result<String, TargetError> {
+    let fmt = crate::snapshot::STAMP_FORMAT;
+    let parse = |s: &str| chrono::NaiveDateTime::parse_from_str(s, fmt).ok();
+    for _ in 0..4 {
+        let now = crate::snapshot::now_stamp();
+        let Some((newest, entry)) = &contents.newest else {
+            return Ok(now);
+        };
+        if now > *newest {
+            return Ok(now);
+        }
+        let ahead = match (parse(newest), parse(&now)) {
+            (Some(n), Some(t)) => (n - t).num_seconds(),
+            _ => i64::MAX,
+        };
+        if ahead > 2 {
+            return Err(TargetError::ClockBehind {
+                target: target.into(),
+                entry: entry.clone(),
+                now,
+            });
+        }
+        tracing::info!("{entry} has this second's stamp: waiting for the next second");
+        let sub = chrono::Utc::now().timestamp_subsec_millis();
+        std::thread::sleep(std::time::Duration::from_millis(
+            u64::from(1000 - sub.min(999)) + 10,
+        ));
+    }
+    let (_, entry) = contents.newest.clone().unwrap_or_default();
+    Err(TargetError::ClockBehind {
+        target: target.into(),
+        entry,
+        now: crate::snapshot::now_stamp(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(stamp: &str, data: Option<&str>) -> RecordFile {
+        RecordFile {
+            stamp: stamp.into(),
+            data: data.map(|d| d.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn only_parsing_records_of_this_job_with_a_manifest_are_points() {
+        let m: BTreeSet<String> = ["20261124T010000Z", "20991231T000000Z", "20261124T030000Z"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ok = |s: &str| format!(r#"{{"stamp":"{s}","job":"home"}}"#);
+        let (points, ignored) = classify(
+            "t",
+            vec![
+                rec("20261124T010000Z", Some(&ok("20261124T010000Z"))),
+                rec("20991231T000000Z", Some("{not json")),
+                rec("20261124T020000Z", Some(&ok("20261124T020000Z"))),
+                rec("20261124T030000Z", Some(&ok("20261124T010000Z"))),
+                rec("20261124T040000Z", None),
+            ],
+            &m,
+            Some("home"),
+        )
+        .unwrap();
+        assert_eq!(points, vec!["20261124T010000Z".to_string()]);
+        let files: Vec<&str> = ignored.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "runs/20261124T020000Z.json",
+                "runs/20261124T030000Z.json",
+                "runs/20261124T040000Z.json",
+                "runs/20991231T000000Z.json"
+            ]
+        );
+        let foreign = r#"{"stamp":"20261124T010000Z","job":"other"}"#;
+        let e = classify("t", vec![rec("20261124T010000Z", Some(foreign))], &m, Some("home"))
+            .unwrap_err();
+        assert!(matches!(e, TargetError::ForeignRecord { .. }), "{e}");
+        // Without a job (prune --target) another job's record is just a record.
+        assert!(classify("t", vec![rec("20261124T010000Z", Some(foreign))], &m, None).is_ok());
+    }
+
+    #[test]
+    fn a_new_stamp_is_newer_than_everything_on_the_target() {
+        let mut c = Contents::default();
+        assert!(new_stamp("t", &c).is_ok());
+        c.note("20991231T000000Z", "runs/20991231T000000Z.json".into());
+        c.note("20261124T010000Z", "generations/20261124T010000Z".into());
+        let e = new_stamp("t", &c).unwrap_err();
+        assert!(e.to_string().contains("runs/20991231T000000Z.json"), "{e}");
+        // This second's stamp: wait for the next.
+        let now = crate::snapshot::now_stamp();
+        let c = Contents {
+            newest: Some((now.clone(), format!("runs/{now}.json"))),
+            ..Contents::default()
+        };
+        assert!(new_stamp("t", &c).unwrap() > now);
+    }
+
+    #[test]
+    fn symlinked_areas_are_refused() {
+        let t = tempfile::TempDir::new().unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir_all(&elsewhere).unwrap();
+        let root = t.path().join("target");
+        fs::create_dir_all(root.join("runs")).unwrap();
+        check_local_layout(&root).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("generations")).unwrap();
+        let e = check_local_layout(&root).unwrap_err();
+        assert!(e.to_string().contains("generations is a symlink"), "{e}");
+    }
+}
