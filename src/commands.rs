@@ -450,7 +450,9 @@ pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result
     let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
     all.extend(points.iter().cloned());
     all.extend(contents.ignored.iter().filter_map(|(f, _)| {
-        f.strip_prefix("runs/")?.strip_suffix(".json").map(str::to_string)
+        f.strip_prefix("runs/")?
+            .strip_suffix(".json")
+            .map(str::to_string)
     }));
     for s in all.iter().rev() {
         println!(

@@ -113,16 +113,18 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     // Prune only after a complete transfer, still under the job's lock. A failed prune
     // fails the job's status; current/ is never touched by it.
     let result = match result {
-        Ok(s) if job.retention.prune => match crate::prune::prune_job(runner, cfg, job, false, Some(&stamp)) {
-            Ok(Some(report)) => {
-                for line in report.to_string().lines() {
-                    tracing::info!("{line}");
+        Ok(s) if job.retention.prune => {
+            match crate::prune::prune_job(runner, cfg, job, false, Some(&stamp)) {
+                Ok(Some(report)) => {
+                    for line in report.to_string().lines() {
+                        tracing::info!("{line}");
+                    }
+                    Ok(s)
                 }
-                Ok(s)
+                Ok(None) => Ok(s),
+                Err(e) => Err(e.context("the backup is complete, but pruning failed")),
             }
-            Ok(None) => Ok(s),
-            Err(e) => Err(e.context("the backup is complete, but pruning failed")),
-        },
+        }
         r => r,
     };
     let (result_str, error, s) = match &result {
@@ -267,25 +269,27 @@ fn run_steps<'a>(
     )
     .context("sending the key config (gocryptfs.conf) to the target")?;
     tracing::info!(cmd = %cmd, "transferring");
-    let transfer = |cmd: &crate::exec::Cmd| crate::rsync::transfer(runner, cmd, &job.target).map_err(|e| {
-        let e = anyhow::Error::from(e);
-        // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
-        if let Some(Err(v)) = held.snapshot.as_ref().map(|s| s.verify()) {
-            return anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
-                "the transfer failed ({e}) because the snapshot became invalid"
-            ));
-        }
-        if format!("{e}").contains("in --backup-dir") {
-            // rrsync refuses `..`; an absolute path is anchored at its directory.
-            e.context(format!(
-                "the ssh key of {} is restricted by rrsync: write the target path as an \
+    let transfer = |cmd: &crate::exec::Cmd| {
+        crate::rsync::transfer(runner, cmd, &job.target).map_err(|e| {
+            let e = anyhow::Error::from(e);
+            // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
+            if let Some(Err(v)) = held.snapshot.as_ref().map(|s| s.verify()) {
+                return anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
+                    "the transfer failed ({e}) because the snapshot became invalid"
+                ));
+            }
+            if format!("{e}").contains("in --backup-dir") {
+                // rrsync refuses `..`; an absolute path is anchored at its directory.
+                e.context(format!(
+                    "the ssh key of {} is restricted by rrsync: write the target path as an \
                  absolute path below rrsync's directory (host:/PATH)",
-                job.target
-            ))
-        } else {
-            e
-        }
-    });
+                    job.target
+                ))
+            } else {
+                e
+            }
+        })
+    };
     let mut out = transfer(&cmd)?;
     check_cancel()?;
     // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
@@ -297,7 +301,8 @@ fn run_steps<'a>(
             .ok()
             .map(|t| t.and_utc().timestamp())
     });
-    let changed = changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
+    let changed =
+        changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
     if !changed.is_empty() {
         let list = snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
             .join(format!("changed-{}", std::process::id()));
@@ -308,7 +313,10 @@ fn run_steps<'a>(
         }
         std::fs::create_dir_all(list.parent().expect("in the work dir"))?;
         std::fs::write(&list, &data).with_context(|| format!("writing {}", list.display()))?;
-        tracing::info!(files = changed.len(), "comparing files changed since the last restore point by checksum");
+        tracing::info!(
+            files = changed.len(),
+            "comparing files changed since the last restore point by checksum"
+        );
         let cmd = crate::rsync::transfer_cmd(
             &cfg.tools,
             &job.target,
@@ -322,7 +330,10 @@ fn run_steps<'a>(
         let _ = std::fs::remove_file(&list);
         let second = second?;
         if !second.sent.is_empty() {
-            tracing::info!(files = second.sent.len(), "sent files whose size and mtime had not changed");
+            tracing::info!(
+                files = second.sent.len(),
+                "sent files whose size and mtime had not changed"
+            );
         }
         out.stats.bytes_sent += second.stats.bytes_sent;
         out.stats.files_transferred += second.stats.files_transferred;
@@ -389,11 +400,16 @@ fn changed_since(
                 dirs.push(e.path());
             } else if ft.is_file() {
                 let p = e.path();
-                let rel = p.strip_prefix(view).expect("under the view").as_os_str().as_bytes();
+                let rel = p
+                    .strip_prefix(view)
+                    .expect("under the view")
+                    .as_os_str()
+                    .as_bytes();
                 if sent.contains(rel) {
                     continue;
                 }
-                if since.is_none_or(|s| std::fs::symlink_metadata(&p).is_ok_and(|m| m.ctime() >= s)) {
+                if since.is_none_or(|s| std::fs::symlink_metadata(&p).is_ok_and(|m| m.ctime() >= s))
+                {
                     out.push(rel.to_vec());
                 }
             }

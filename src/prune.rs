@@ -809,10 +809,11 @@ pub fn list_remote(
         ])
         .arg(&root)
         .run_checked(runner)?;
-    let entries = crate::rsync::parse_listing(&out.stdout).map_err(|line| PruneError::ListParse {
-        target: root.clone(),
-        line,
-    })?;
+    let entries =
+        crate::rsync::parse_listing(&out.stdout).map_err(|line| PruneError::ListParse {
+            target: root.clone(),
+            line,
+        })?;
     for a in crate::target::Area::ALL {
         match entries.iter().find(|e| e.name == a.dir().as_bytes()) {
             Some(e) if e.kind == b'l' => {

@@ -37,7 +37,12 @@ pub enum Area {
 }
 
 impl Area {
-    pub const ALL: [Area; 4] = [Area::Current, Area::Generations, Area::Runs, Area::Manifests];
+    pub const ALL: [Area; 4] = [
+        Area::Current,
+        Area::Generations,
+        Area::Runs,
+        Area::Manifests,
+    ];
 
     pub fn dir(self) -> &'static str {
         match self {
@@ -127,8 +132,12 @@ pub struct Contents {
     pub points: Vec<String>,
     /// Record files that are not restore points, with why (reported, left alone).
     pub ignored: Vec<(String, String)>,
-    /// The entry with the newest stamp in `runs/`, `manifests/` or `generations/`.
+    /// The entry with the newest stamp among restore points, manifests and generations:
+    /// a new run's stamp must be newer.
     pub newest: Option<(String, String)>,
+    /// Stamps of junk records: a new stamp must not be one of them (it would overwrite),
+    /// but they do not order anything.
+    pub taken: BTreeSet<String>,
 }
 
 impl Contents {
@@ -173,10 +182,9 @@ pub fn classify(
                     other: rec.job,
                 })
             }
-            Some(Ok(rec)) if rec.stamp != r.stamp => Some(format!(
-                "its stamp field {:?} is not its name's",
-                rec.stamp
-            )),
+            Some(Ok(rec)) if rec.stamp != r.stamp => {
+                Some(format!("its stamp field {:?} is not its name's", rec.stamp))
+            }
             Some(Ok(_)) if !manifests.contains(&r.stamp) => {
                 Some(format!("manifests/{}.sha1 is missing", r.stamp))
             }
@@ -259,20 +267,30 @@ pub fn scan(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result<Contents, Ta
         t => scan_remote(runner, cfg, job, t)?,
     };
     let mut c = Contents::default();
-    let mut manifests = BTreeSet::new();
+    let manifests: BTreeSet<String> = names
+        .iter()
+        .filter(|(a, n)| *a == Area::Manifests && n.ends_with(".sha1"))
+        .filter_map(|(_, n)| stamp_of(n).map(str::to_string))
+        .collect();
+    let (points, ignored) = classify(&shown, records, &manifests, Some(&job.name))?;
+    // Restore points first, so that an error names a record rather than its manifest.
+    for p in &points {
+        c.note(p, format!("runs/{p}.json"));
+    }
     for (area, name) in &names {
         let stamp = match area {
             Area::Generations => crate::snapshot::valid_stamp(name).then_some(name.as_str()),
+            Area::Runs => continue,
             _ => stamp_of(name),
         };
         if let Some(s) = stamp {
             c.note(s, format!("{}/{name}", area.dir()));
-            if *area == Area::Manifests && name.ends_with(".sha1") {
-                manifests.insert(s.to_string());
-            }
         }
     }
-    let (points, ignored) = classify(&shown, records, &manifests, Some(&job.name))?;
+    c.taken = ignored
+        .iter()
+        .filter_map(|(f, _)| stamp_of(f.strip_prefix("runs/")?).map(str::to_string))
+        .collect();
     for (f, why) in &ignored {
         tracing::warn!("{shown}/{f}: not a restore point: {why} (left alone)");
     }
@@ -298,7 +316,10 @@ fn scan_local(root: &Path) -> Result<Scanned, TargetError> {
             let e = e.map_err(io(&dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if a == Area::Runs {
-                if let Some(s) = name.strip_suffix(".json").filter(|s| crate::snapshot::valid_stamp(s)) {
+                if let Some(s) = name
+                    .strip_suffix(".json")
+                    .filter(|s| crate::snapshot::valid_stamp(s))
+                {
                     let regular = e.file_type().map_err(io(&e.path()))?.is_file();
                     let data = if regular {
                         Some(fs::read(e.path()).map_err(io(&e.path()))?)
@@ -335,16 +356,14 @@ fn scan_remote(
     let cmd = cmd.arg("--exclude=*").arg(t.rsync_dest(""));
     let out = runner.output(&cmd).map_err(RsyncError::Spawn)?;
     let listing = match out.exit {
-        Exit::Code(0) => crate::rsync::parse_listing(&out.stdout).map_err(|line| {
-            TargetError::ListParse {
+        Exit::Code(0) => {
+            crate::rsync::parse_listing(&out.stdout).map_err(|line| TargetError::ListParse {
                 target: t.to_string(),
                 line,
-            }
-        })?,
-        // A target directory that does not exist yet (the first run).
-        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => {
-            Vec::new()
+            })?
         }
+        // A target directory that does not exist yet (the first run).
+        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => Vec::new(),
         exit => {
             return Err(RsyncError::Failed {
                 target: t.to_string(),
@@ -445,12 +464,11 @@ pub fn new_stamp(target: &str, contents: &Contents) -> Result<String, TargetErro
     let parse = |s: &str| chrono::NaiveDateTime::parse_from_str(s, fmt).ok();
     for _ in 0..4 {
         let now = crate::snapshot::now_stamp();
-        let Some((newest, entry)) = &contents.newest else {
-            return Ok(now);
+        let (newest, entry) = match &contents.newest {
+            _ if contents.taken.contains(&now) => (&now, &format!("runs/{now}.json")),
+            Some((n, e)) if now <= *n => (n, e),
+            _ => return Ok(now),
         };
-        if now > *newest {
-            return Ok(now);
-        }
         let ahead = match (parse(newest), parse(&now)) {
             (Some(n), Some(t)) => (n - t).num_seconds(),
             _ => i64::MAX,
@@ -519,8 +537,13 @@ mod tests {
             ]
         );
         let foreign = r#"{"stamp":"20261124T010000Z","job":"other"}"#;
-        let e = classify("t", vec![rec("20261124T010000Z", Some(foreign))], &m, Some("home"))
-            .unwrap_err();
+        let e = classify(
+            "t",
+            vec![rec("20261124T010000Z", Some(foreign))],
+            &m,
+            Some("home"),
+        )
+        .unwrap_err();
         assert!(matches!(e, TargetError::ForeignRecord { .. }), "{e}");
         // Without a job (prune --target) another job's record is just a record.
         assert!(classify("t", vec![rec("20261124T010000Z", Some(foreign))], &m, None).is_ok());

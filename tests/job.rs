@@ -947,3 +947,393 @@ fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
         s.assert_clean(job, &b);
     }
 }
+
+// ---- issue 11: a run that says success is restorable, exactly ----------------------
+
+/// `touch -d` with nanoseconds: sets a file's mtime the way a same-second rewrite, or a
+/// tool restoring an old mtime, leaves it.
+fn set_mtime(p: &Path, when: &str) {
+    ok(Command::new("touch").args(["-m", "-d", when]).arg(p));
+}
+
+fn records(target: &Path) -> Vec<String> {
+    dirs(&target.join("runs"))
+        .into_iter()
+        .filter_map(|r| r.strip_suffix(".json").map(str::to_string))
+        .collect()
+}
+
+/// Item 1: a file rewritten with the same size and the same mtime (a write in the second
+/// of the last backup, or an mtime restored by a tool) is still backed up: its ctime
+/// changed, so the run compares it by checksum. current/ then equals the view, verify
+/// agrees, and both restore points restore their own version.
+#[test]
+fn same_size_rewrite_with_the_same_mtime_is_backed_up() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let f = src.join("racy.txt");
+    fs::write(&f, b"P1 version\n").unwrap();
+    set_mtime(&f, "2026-01-02 03:04:05.123456789");
+    let s = Setup::new();
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        target.to_str().unwrap(),
+        "",
+    )]);
+    s.run_ok(&[]);
+    let p1 = records(&target);
+    fs::write(&f, b"P2 version\n").unwrap();
+    set_mtime(&f, "2026-01-02 03:04:05.123456789");
+    std::thread::sleep(Duration::from_millis(1100));
+    s.run_ok(&[]);
+    s.assert_clean("home", &b);
+
+    let out = s.path("current");
+    s.decrypt(&target.join("current"), &out);
+    assert_eq!(
+        fs::read(out.join("racy.txt")).unwrap(),
+        b"P2 version\n",
+        "current/ kept the first version"
+    );
+    let d = diff(&manifest(&src), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+    ok(&mut s.cmd(&["verify", "home"]));
+    let newest = s.path("restore-newest");
+    ok(&mut s.cmd(&[
+        "restore",
+        "home",
+        "racy.txt",
+        "--to",
+        newest.to_str().unwrap(),
+    ]));
+    assert_eq!(fs::read(newest.join("racy.txt")).unwrap(), b"P2 version\n");
+    let first = s.path("restore-first");
+    ok(&mut s.cmd(&[
+        "restore",
+        "home",
+        "racy.txt",
+        "--as-of",
+        &p1[0],
+        "--to",
+        first.to_str().unwrap(),
+    ]));
+    assert_eq!(fs::read(first.join("racy.txt")).unwrap(), b"P1 version\n");
+}
+
+/// `snapveil run` under libfaketime: `at` is `@TIME` (starts at TIME and runs) or `TIME`
+/// (frozen). Monotonic clocks stay real, so timeouts behave.
+fn run_at(s: &Setup, at: &str) -> Output {
+    s.cmd(&["run"])
+        .env("LD_PRELOAD", faketime_lib())
+        .env("FAKETIME", at)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("FAKETIME_DONT_RESET", "1")
+        .output()
+        .unwrap()
+}
+
+fn faketime_lib() -> PathBuf {
+    let p = PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make deps` (package faketime)",
+        p.display()
+    );
+    p
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Item 2: a run in the same UTC second as the newest restore point gets the next
+/// second's stamp (it waits); with a clock that does not move it is refused, and the
+/// existing point is left exactly as it was. Three successful runs: three points.
+#[test]
+fn runs_in_the_same_second_never_share_a_stamp() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        target.to_str().unwrap(),
+        "",
+    )]);
+    let o = run_at(&s, "@2026-06-01 12:00:00");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(records(&target), ["20260601T120000Z"]);
+    fs::write(src.join("change.txt"), b"version two, same second\n").unwrap();
+    let o = run_at(&s, "@2026-06-01 12:00:00");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        records(&target),
+        ["20260601T120000Z", "20260601T120001Z"],
+        "{}",
+        text(&o)
+    );
+    let first = fs::read(target.join("runs/20260601T120000Z.json")).unwrap();
+    let first_manifest = fs::read(target.join("manifests/20260601T120000Z.sha1")).unwrap();
+    // A clock stuck in the second of the newest point: refused, nothing overwritten.
+    fs::write(src.join("change.txt"), b"version three\n").unwrap();
+    let o = run_at(&s, "2026-06-01 12:00:01");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("runs/20260601T120001Z.json") && text(&o).contains("clock"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(records(&target), ["20260601T120000Z", "20260601T120001Z"]);
+    assert_eq!(
+        fs::read(target.join("runs/20260601T120000Z.json")).unwrap(),
+        first
+    );
+    assert_eq!(
+        fs::read(target.join("manifests/20260601T120000Z.sha1")).unwrap(),
+        first_manifest
+    );
+    s.run_ok(&[]);
+    assert_eq!(records(&target).len(), 3);
+    s.assert_clean("home", &b);
+    // Each point restores its own version of change.txt.
+    let want: [&[u8]; 3] = [
+        b"version one\n",
+        b"version two, same second\n",
+        b"version three\n",
+    ];
+    for (i, p) in records(&target).iter().enumerate() {
+        let out = s.path(&format!("r{i}"));
+        ok(&mut s.cmd(&[
+            "restore",
+            "home",
+            "change.txt",
+            "--as-of",
+            p,
+            "--to",
+            out.to_str().unwrap(),
+        ]));
+        assert_eq!(
+            fs::read(out.join("change.txt")).unwrap(),
+            want[i],
+            "as of {p}"
+        );
+    }
+}
+
+/// Item 3: a clock behind the newest restore point (a timer at boot before NTP) is
+/// refused with a clear error; the run's prune can then not delete anything, and the
+/// target is exactly as before.
+#[test]
+fn a_clock_behind_the_target_is_refused_and_nothing_is_pruned() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        target.to_str().unwrap(),
+        "[job.retention]\nlast = 1\n",
+    )]);
+    s.run_ok(&[]);
+    let before = records(&target);
+    change_tree(&src);
+    let o = run_at(&s, "@2020-01-01 00:00:00");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("clock is behind") && t.contains(&format!("runs/{}.json", before[0])),
+        "{t}"
+    );
+    assert_eq!(records(&target), before);
+    assert!(dirs(&target.join("generations")).is_empty());
+    s.assert_clean("home", &b);
+    let st = fs::read_to_string(s.state.join("status/home.json")).unwrap();
+    assert!(st.contains("\"failure\"") && st.contains("clock"), "{st}");
+    // The current/ of the last point still decrypts to it (nothing was transferred).
+    let out = s.path("current");
+    s.decrypt(&target.join("current"), &out);
+    assert_eq!(fs::read(out.join("change.txt")).unwrap(), b"version one\n");
+}
+
+/// Item 4: nothing is written, merged or deleted through a symlink in the target: a
+/// symlinked generations/ (local and over ssh) stops run and prune; a runs/ that is
+/// another job's stops prune, whose records stay.
+#[test]
+fn symlinks_in_the_target_are_never_followed() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let sshd = Sshd::start(s.work.path(), &s.path("jail"));
+    let spec = format!("btrfs:{}", src.display());
+    let (home, other, remote) = (s.path("home"), s.path("other"), s.path("remote"));
+    let ssh_args = format!(
+        "ssh_args = [{}]\n",
+        sshd.ssh_args(&sshd.full_key)
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let policy = "[job.retention]\nlast = 1\n";
+    s.write_config(&[
+        s.job("home", &spec, home.to_str().unwrap(), policy),
+        s.job("other", &spec, other.to_str().unwrap(), ""),
+        s.job(
+            "remote",
+            &spec,
+            &sshd.target(&remote),
+            &format!("{ssh_args}{policy}"),
+        ),
+    ]);
+    s.run_ok(&[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    s.run_ok(&["other"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    s.run_ok(&["other"]);
+    let other_runs = records(&other);
+    let other_gens = dirs(&other.join("generations"));
+    assert!(!other_gens.is_empty());
+
+    // generations/ is a symlink to a directory outside the target.
+    let outside = s.path("outside");
+    fs::create_dir_all(outside.join("20200101T000000Z")).unwrap();
+    fs::write(outside.join("20200101T000000Z/precious"), b"keep me").unwrap();
+    for t in [&home, &remote] {
+        let _ = fs::remove_dir_all(t.join("generations"));
+        std::os::unix::fs::symlink(&outside, t.join("generations")).unwrap();
+    }
+    for job in ["home", "remote"] {
+        let o = s.run(&[job]);
+        assert_eq!(o.status.code(), Some(1), "{job}: {}", text(&o));
+        assert!(
+            text(&o).contains("generations is a symlink"),
+            "{job}: {}",
+            text(&o)
+        );
+        let e = fails(&mut s.cmd(&["prune", job]));
+        assert!(e.contains("generations is a symlink"), "{job}: {e}");
+    }
+    assert_eq!(dirs(&outside), ["20200101T000000Z"]);
+    assert_eq!(
+        fs::read(outside.join("20200101T000000Z/precious")).unwrap(),
+        b"keep me"
+    );
+    let e = fails(
+        Command::new(bin())
+            .args(["prune", "--keep-last", "1", "--target"])
+            .arg(&home),
+    );
+    assert!(e.contains("generations is a symlink"), "{e}");
+    assert_eq!(dirs(&outside), ["20200101T000000Z"]);
+
+    // runs/ of home is other's runs/ (a copy-paste of a target path).
+    fs::remove_file(home.join("generations")).unwrap();
+    fs::remove_dir_all(home.join("runs")).unwrap();
+    std::os::unix::fs::symlink(other.join("runs"), home.join("runs")).unwrap();
+    let e = fails(&mut s.cmd(&["prune", "home"]));
+    assert!(e.contains("runs is a symlink"), "{e}");
+    // The same records copied in (not linked): they are another job's, refused.
+    fs::remove_file(home.join("runs")).unwrap();
+    fs::create_dir(home.join("runs")).unwrap();
+    for r in &other_runs {
+        fs::copy(
+            other.join(format!("runs/{r}.json")),
+            home.join(format!("runs/{r}.json")),
+        )
+        .unwrap();
+    }
+    let e = fails(&mut s.cmd(&["prune", "home"]));
+    assert!(e.contains("a record of job \"other\""), "{e}");
+    let o = s.run(&["home"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("a record of job \"other\""),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(records(&other), other_runs);
+    assert_eq!(dirs(&other.join("generations")), other_gens);
+    for job in ["home", "other", "remote"] {
+        s.assert_clean(job, &b);
+    }
+}
+
+/// Item 5: a junk record is no restore point: list says so, restore and verify use the
+/// newest real point, prune keeps the real points its policy asks for (and leaves the
+/// junk alone), and the next run is not held back by the junk's stamp.
+#[test]
+fn a_junk_record_is_not_a_restore_point() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    let s = Setup::new();
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        target.to_str().unwrap(),
+        "[job.retention]\nlast = 2\n",
+    )]);
+    s.run_ok(&[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    s.run_ok(&[]);
+    let real = records(&target);
+    fs::write(target.join("runs/20991231T000000Z.json"), b"{not json").unwrap();
+
+    let list = ok(&mut s.cmd(&["list", "home"]));
+    let junk = list
+        .lines()
+        .find(|l| l.starts_with("20991231T000000Z"))
+        .unwrap();
+    assert!(junk.contains("no (junk)"), "{list}");
+    assert_eq!(
+        list.lines().filter(|l| l.contains(" yes ")).count(),
+        2,
+        "{list}"
+    );
+    let out = s.path("restore");
+    let r = ok(&mut s.cmd(&[
+        "restore",
+        "home",
+        "change.txt",
+        "--to",
+        out.to_str().unwrap(),
+    ]));
+    assert!(r.contains(&real[1]), "{r}");
+    assert_eq!(
+        fs::read(out.join("change.txt")).unwrap(),
+        b"version two, longer\n"
+    );
+    ok(&mut s.cmd(&["verify", "home"]));
+
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(src.join("keep.txt"), b"changed in run three\n").unwrap();
+    s.run_ok(&[]);
+    let now = records(&target);
+    assert_eq!(
+        now.len(),
+        3,
+        "two real points kept by last = 2, and the junk: {now:?}"
+    );
+    assert!(now.contains(&"20991231T000000Z".to_string()));
+    assert_eq!(now[0], real[1], "{now:?}");
+    assert_eq!(
+        fs::read(target.join("runs/20991231T000000Z.json")).unwrap(),
+        b"{not json"
+    );
+    s.assert_clean("home", &b);
+}
