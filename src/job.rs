@@ -550,7 +550,7 @@ fn record_run(
 ) -> Result<()> {
     let rec = crate::target::RunRecord {
         stamp: stamp.to_string(),
-        job: job.name.clone(),
+        job: Some(job.name.clone()),
         finished: Some(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)),
         bytes_sent: out.stats.bytes_sent,
         files: out.stats.files_transferred,

@@ -108,7 +108,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RunRecord {
     pub stamp: String,
-    pub job: String,
+    /// Always written; optional when read, so that `prune --target` (which knows no job)
+    /// can read a record made by hand or by a tool.
+    #[serde(default)]
+    pub job: Option<String>,
     #[serde(default)]
     pub finished: Option<String>,
     #[serde(default)]
@@ -174,12 +177,15 @@ pub fn classify(
         let why = match r.data.as_deref().map(serde_json::from_slice::<RunRecord>) {
             None => Some("not a regular file".to_string()),
             Some(Err(e)) => Some(format!("not a run record ({e})")),
-            Some(Ok(rec)) if job.is_some_and(|j| j != rec.job) => {
+            Some(Ok(rec)) if job.is_some() && rec.job.is_none() => {
+                Some("it names no job".to_string())
+            }
+            Some(Ok(rec)) if job.is_some_and(|j| Some(j) != rec.job.as_deref()) => {
                 return Err(TargetError::ForeignRecord {
                     target: target.into(),
                     file: format!("{}.json", r.stamp),
                     job: job.unwrap_or_default().into(),
-                    other: rec.job,
+                    other: rec.job.unwrap_or_default(),
                 })
             }
             Some(Ok(rec)) if rec.stamp != r.stamp => {
