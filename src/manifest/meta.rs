@@ -249,6 +249,18 @@ pub fn parse(file: &str, data: &[u8]) -> Result<Vec<MetaEntry>, MetaError> {
             b"." => Vec::new(),
             p => unescape(p).map_err(|w| err(&format!("path: {w}")))?,
         };
+        // Whoever writes the target can write this file: a path must stay inside the
+        // tree it describes.
+        if !path.is_empty()
+            && path
+                .split(|b| *b == b'/')
+                .any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0))
+        {
+            return Err(err(&format!(
+                "unsafe path {:?} (absolute, or an empty, `.` or `..` component)",
+                String::from_utf8_lossy(&path)
+            )));
+        }
         let extra = f.get(6).copied();
         let rdev = || -> Result<u64, MetaError> {
             num(extra.ok_or_else(|| err("device without number"))?)
@@ -308,7 +320,7 @@ mod tests {
                 mode: 0o7755,
                 ..e(b"", Kind::Dir)
             },
-            e(b"a b/new\nline\\x\xff\x00", Kind::File),
+            e(b"a b/new\nline\\x\xff\x01", Kind::File),
             e(b"l", Kind::Symlink(b"t a\\r\xfe get\n".to_vec())),
             e(b"l2", Kind::Symlink(Vec::new())),
             e(b"p", Kind::Fifo),
@@ -330,7 +342,7 @@ mod tests {
         assert_eq!(lines[1], "d 7755 1000 100 1764000000123456789 .");
         assert_eq!(
             lines[2],
-            "f 0000 1000 100 1764000000123456789 a\\x20b/new\\x0aline\\\\x\\xff\\x00"
+            "f 0000 1000 100 1764000000123456789 a\\x20b/new\\x0aline\\\\x\\xff\\x01"
         );
         assert_eq!(
             lines[3],
@@ -355,6 +367,13 @@ mod tests {
             "f 0644 0 0 1 a\\q",
             "f 0644 0 0 1 a\\x4",
             "f 0644 -1 0 1 a",
+            "f 0644 0 0 1 ../x",
+            "f 0644 0 0 1 a/../../x",
+            "f 0644 0 0 1 /etc/x",
+            "f 0644 0 0 1 a//b",
+            "f 0644 0 0 1 a/./b",
+            "f 0644 0 0 1 a/",
+            "f 0644 0 0 1 a\\x00b",
         ] {
             match bad(body) {
                 Err(MetaError::Parse { line: 2, file, .. }) => assert_eq!(file, "x.meta"),
