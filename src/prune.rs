@@ -687,9 +687,7 @@ pub fn apply_local(target: &Path, ops: &[Op]) -> Result<(), PruneError> {
                 for ext in ["sha1", "meta"] {
                     let p = target.join("manifests").join(format!("{stamp}.{ext}"));
                     match fs::remove_file(&p) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                            return Err(io_err(&p)(e))
-                        }
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
                         _ => {}
                     }
                 }

@@ -198,10 +198,7 @@ fn is_support_file(c: &[u8]) -> bool {
 /// The run's metadata by encrypted path, checked so that staging it cannot write
 /// outside the stage: every entry's parent must be recorded as a directory (so no path
 /// runs through a symlink the record creates), and each path at most once.
-fn load_meta(
-    file: &str,
-    data: &[u8],
-) -> Result<BTreeMap<Vec<u8>, MetaEntry>, RestoreError> {
+fn load_meta(file: &str, data: &[u8]) -> Result<BTreeMap<Vec<u8>, MetaEntry>, RestoreError> {
     let entries = meta::parse(file, data)?;
     let mut map = BTreeMap::new();
     for e in entries {
@@ -420,7 +417,11 @@ fn stage_entries(
     let root = nix::unistd::geteuid().is_root();
     let mut skipped_devices = 0;
     // Directories first: the parents of everything else.
-    for c in apply.iter().filter(|(_, m)| m.kind == Kind::Dir).map(|(c, _)| c) {
+    for c in apply
+        .iter()
+        .filter(|(_, m)| m.kind == Kind::Dir)
+        .map(|(c, _)| c)
+    {
         let p = stage.join(OsStr::from_bytes(c));
         match fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => {}
@@ -434,9 +435,7 @@ fn stage_entries(
             Kind::Dir | Kind::File => continue,
             Kind::Symlink(t) => std::os::unix::fs::symlink(OsStr::from_bytes(t), &p),
             Kind::Fifo => nix::unistd::mkfifo(&p, private).map_err(std::io::Error::from),
-            Kind::Socket => {
-                mknod(&p, SFlag::S_IFSOCK, private, 0).map_err(std::io::Error::from)
-            }
+            Kind::Socket => mknod(&p, SFlag::S_IFSOCK, private, 0).map_err(std::io::Error::from),
             Kind::Char(d) | Kind::Block(d) if root => {
                 let k = if matches!(m.kind, Kind::Char(_)) {
                     SFlag::S_IFCHR

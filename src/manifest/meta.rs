@@ -381,9 +381,15 @@ mod tests {
             }
         }
         let e = parse("x.meta", b"# snapveil-meta v9\n").unwrap_err();
-        assert!(e.to_string().contains("x.meta") && e.to_string().contains("v9"), "{e}");
+        assert!(
+            e.to_string().contains("x.meta") && e.to_string().contains("v9"),
+            "{e}"
+        );
         assert!(matches!(parse("x", b""), Err(MetaError::Header { .. })));
-        assert_eq!(parse("x", format!("{HEADER}\n").as_bytes()).unwrap(), vec![]);
+        assert_eq!(
+            parse("x", format!("{HEADER}\n").as_bytes()).unwrap(),
+            vec![]
+        );
     }
 
     #[test]
