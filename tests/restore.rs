@@ -439,7 +439,8 @@ fn as_of_restores_that_points_mode_owner_mtime_and_symlink_target() {
     // of what run one saw can restore its mode).
     let kc = snapveil::crypto::KeyConfig::load(&fx.work.path().join("key.conf")).unwrap();
     let keys = snapveil::crypto::Keys::new(
-        &kc.unlock_with_passfile(&fx.work.path().join("key.pass")).unwrap(),
+        &kc.unlock_with_passfile(&fx.work.path().join("key.pass"))
+            .unwrap(),
         kc.flags,
     );
     let cf = snapveil::crypto::names::encrypt_path(&keys, b"f").cpath;
