@@ -11,8 +11,20 @@
 //! one. `--raw` writes the encrypted files instead, with the `gocryptfs.diriv` files a
 //! generation lacks and `gocryptfs.conf`, so stock `gocryptfs` can mount the result.
 //!
-//! Symlinks and empty directories are not in manifests (sha1sum lists regular files),
-//! so a restore restores regular files and the directories holding them.
+//! Everything else comes from the point's record `manifests/i.meta` (`manifest::meta`):
+//! which entries existed (so `/` restores the whole source, and symlinks, FIFOs and empty
+//! directories are found), and each one's type, mode, owner, mtime and symlink target as
+//! that run saw them. Those cannot come from the target's copies: rsync applies a mode-,
+//! owner- or mtime-only change in place, so no generation keeps the old one. Non-regular
+//! entries are recreated in encrypted form in the stage and decrypted with everything
+//! else (`decrypt::decrypt_tree_recorded`, which also decrypts the link targets); the
+//! recorded attributes are applied to the output, directories after their contents.
+//! A point from before `.meta` files restores regular files and their directories only,
+//! and says so.
+//!
+//! The record and the manifest come from the target, which may be hostile: paths with
+//! `..`, `.` or empty components, or running through something not recorded as a
+//! directory, are refused before anything is written, so nothing lands outside `--to`.
 
 use crate::config::{Config, Job};
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, LONGNAME_SUFFIX};
@@ -223,6 +235,12 @@ fn load_meta(file: &str, data: &[u8]) -> Result<BTreeMap<Vec<u8>, MetaEntry>, Re
     Ok(map)
 }
 
+/// A relative path that stays below its root (the `.meta` parser checks the same).
+fn safe_rel(c: &[u8]) -> bool {
+    c.split(|b| *b == b'/')
+        .all(|x| !x.is_empty() && x != b"." && x != b"..")
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -264,6 +282,13 @@ pub fn restore(
             time: as_of.clone().unwrap_or_else(|| "now".into()),
         })?;
     let want = verify::manifest_of(runner, cfg, job, &point)?;
+    if let Some(bad) = want.keys().find(|c| !safe_rel(c)) {
+        return Err(RestoreError::BadMeta {
+            file: format!("manifests/{point}.sha1"),
+            path: lossy(bad),
+            why: "is absolute or has an empty, `.` or `..` component".into(),
+        });
+    }
     let meta_file = format!("manifests/{point}.meta");
     let recorded = match verify::fetch_small(runner, cfg, job, &meta_file)? {
         Some(d) => Some(load_meta(&meta_file, &d)?),
@@ -370,10 +395,9 @@ pub fn restore(
         points: &points,
     };
     let result = ctx.fetch_and_check(&sel, &stage, &mut report);
-    let result = result.and_then(|()| {
+    let result = result.and_then(|fetched| {
         if raw {
-            report.files = sel.keys().filter(|c| !is_support_file(c)).count() as u64
-                - report.unrecoverable.len() as u64;
+            report.files = fetched;
             write_raw_extras(runner, cfg, job, &keys, &stage)
         } else {
             if recorded.is_some() {
@@ -475,7 +499,7 @@ impl Ctx<'_> {
         sel: &BTreeMap<Vec<u8>, [u8; 20]>,
         stage: &Path,
         report: &mut Report,
-    ) -> Result<(), RestoreError> {
+    ) -> Result<u64, RestoreError> {
         let (runner, cfg, job, point) = (self.runner, self.cfg, self.job, self.point);
         let list = stage.with_extension("files-from");
         let mut data = Vec::new();
@@ -525,11 +549,15 @@ impl Ctx<'_> {
         let _ = fs::remove_file(&list);
         r?;
         let mut newer = NewerManifests::default();
+        let mut fetched = 0;
         for (c, s) in sel {
             let p = stage.join(OsStr::from_bytes(c));
             let is_diriv = c.ends_with(DIRIV_NAME.as_bytes());
             let why = match crate::manifest::sha1_file(&p) {
-                Ok(h) if h == *s => continue,
+                Ok(h) if h == *s => {
+                    fetched += u64::from(!is_support_file(c));
+                    continue;
+                }
                 // A deleted directory's diriv is not in any generation; it is derived.
                 _ if is_diriv => {
                     let _ = fs::remove_file(&p);
@@ -556,7 +584,7 @@ impl Ctx<'_> {
             };
             report.unrecoverable.push((describe(self.keys, c), why));
         }
-        Ok(())
+        Ok(fetched)
     }
 }
 

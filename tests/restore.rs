@@ -464,8 +464,8 @@ fn as_of_restores_that_points_mode_owner_mtime_and_symlink_target() {
         let (ok, text) = fx.restore(&[OsStr::new("link")], &out, Some(point));
         assert!(ok, "{text}");
         assert_eq!(
-            tree(&out).get(&b"link".to_vec()),
-            t.get(&b"link".to_vec()),
+            tree(&out).get(b"link".as_slice()),
+            t.get(b"link".as_slice()),
             "link as of {point}:\n{text}"
         );
         let out = fx.out_dir(&format!("all-{point}"));
