@@ -412,6 +412,20 @@ fn restore_names_non_utf8_files_symlinks_fifos_and_empty_dirs() {
     assert!(!ok && text.contains("not in the backup as of"), "{text}");
     let (ok, text) = fx.restore(&[OsStr::new("sub/../../etc")], &fx.out_dir("y"), None);
     assert!(!ok && text.contains(".."), "{text}");
+    // A hostile record cannot make a restore write outside --to: refused, by file and line.
+    let meta = fx.target.join("manifests").join(format!("{p1}.meta"));
+    let mut m = fs::read(&meta).unwrap();
+    let line = m.iter().filter(|b| **b == b'\n').count() + 1;
+    m.extend_from_slice(b"f 0644 0 0 1 ../../escape\n");
+    fs::write(&meta, m).unwrap();
+    let (ok, text) = fx.restore(&[OsStr::new("/")], &fx.out_dir("z"), Some(&p1));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("manifests/{p1}.meta:{line}: unsafe path")),
+        "{text}"
+    );
+    assert!(!fx.out_dir("z").exists() || fs::read_dir(fx.out_dir("z")).unwrap().count() == 0);
+    assert!(!fx.work.path().join("escape").exists());
 }
 
 /// Item 7: each restore point restores the metadata it saw, although rsync applied the
