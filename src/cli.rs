@@ -75,9 +75,10 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub config: ConfigArg,
     pub job: String,
-    /// Plaintext paths relative to the source root (a directory restores its subtree).
-    #[arg(required = true)]
-    pub paths: Vec<String>,
+    /// Plaintext paths relative to the source root (a directory restores its subtree;
+    /// `/` the whole source). Raw bytes: any file name can be given.
+    #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub paths: Vec<std::ffi::OsString>,
     /// Output directory (created; must be empty).
     #[arg(long, value_name = "DIR")]
     pub to: PathBuf,

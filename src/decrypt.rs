@@ -14,7 +14,9 @@
 use crate::crypto::content::{self, BLOCK, CBLOCK, HEADER_LEN};
 use crate::crypto::names::{self, DIRIV_NAME};
 use crate::crypto::{join_cpath, Keys, NameMode};
+use crate::manifest::meta::MetaEntry;
 use crate::view::forward::{decode_entry, dir_iv_of};
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -56,6 +58,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DecryptError + '_ {
 /// # Errors
 /// Only for problems with `src` or `out` themselves; per-entry problems go into the report.
 pub fn decrypt_tree(keys: &Keys, src: &Path, out: &Path) -> Result<Report, DecryptError> {
+    decrypt_tree_recorded(keys, src, out, None)
+}
+
+/// [`decrypt_tree`], with each entry's mode, owner and mtime taken from `recorded` (by
+/// encrypted path relative to `src`, the root being the empty path) where it has the
+/// entry, instead of from the copy in `src`: a point-in-time restore stages today's
+/// copies of the files but must give them the attributes a run recorded.
+///
+/// # Errors
+/// As [`decrypt_tree`].
+pub fn decrypt_tree_recorded(
+    keys: &Keys,
+    src: &Path,
+    out: &Path,
+    recorded: Option<&BTreeMap<Vec<u8>, MetaEntry>>,
+) -> Result<Report, DecryptError> {
     if out.exists() {
         if fs::read_dir(out).map_err(io(out))?.next().is_some() {
             return Err(DecryptError::OutNotEmpty { path: out.into() });
@@ -68,19 +86,52 @@ pub fn decrypt_tree(keys: &Keys, src: &Path, out: &Path) -> Result<Report, Decry
     let w = Walker {
         keys,
         as_root: nix::unistd::geteuid().is_root(),
+        recorded,
     };
     w.dir(src, b"", out, true, &mut report);
     let m = fs::metadata(src).map_err(io(src))?;
-    w.finish_meta(out, &m, &mut report);
+    w.finish_meta(out, &w.attrs(b"", &m), &mut report);
     Ok(report)
 }
 
 struct Walker<'a> {
     keys: &'a Keys,
     as_root: bool,
+    recorded: Option<&'a BTreeMap<Vec<u8>, MetaEntry>>,
+}
+
+/// What [`Walker::finish_meta`] applies.
+struct Attrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// `None`: leave the access time alone (recorded metadata has none).
+    atime: Option<(i64, i64)>,
+    mtime: (i64, i64),
 }
 
 impl Walker<'_> {
+    /// The attributes to give the entry at encrypted path `cpath`, whose copy in the
+    /// source tree has metadata `m`.
+    fn attrs(&self, cpath: &[u8], m: &fs::Metadata) -> Attrs {
+        match self.recorded.and_then(|r| r.get(cpath)) {
+            Some(e) => Attrs {
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                atime: None,
+                mtime: e.mtime(),
+            },
+            None => Attrs {
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                atime: Some((m.atime(), m.atime_nsec())),
+                mtime: (m.mtime(), m.mtime_nsec()),
+            },
+        }
+    }
+
     fn fail(&self, r: &mut Report, path: &Path, why: impl Into<String>) {
         let why = why.into();
         tracing::error!(path = %path.display(), "{why}");
@@ -131,15 +182,15 @@ impl Walker<'_> {
                 }
                 r.dirs += 1;
                 self.dir(&path, &ccpath, &dest, false, r);
-                self.finish_meta(&dest, &m, r);
+                self.finish_meta(&dest, &self.attrs(&ccpath, &m), r);
             } else if ft.is_symlink() {
-                self.symlink(&path, &dest, &m, r);
+                self.symlink(&path, &dest, &self.attrs(&ccpath, &m), r);
             } else if ft.is_file() {
                 match self.file(&path, &dest) {
                     Ok(n) => {
                         r.files += 1;
                         r.bytes += n;
-                        self.finish_meta(&dest, &m, r);
+                        self.finish_meta(&dest, &self.attrs(&ccpath, &m), r);
                     }
                     Err(why) => {
                         let _ = fs::remove_file(&dest);
@@ -147,12 +198,12 @@ impl Walker<'_> {
                     }
                 }
             } else {
-                self.special(&path, &dest, &m, r);
+                self.special(&path, &dest, &m, &self.attrs(&ccpath, &m), r);
             }
         }
     }
 
-    fn symlink(&self, path: &Path, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+    fn symlink(&self, path: &Path, dest: &Path, a: &Attrs, r: &mut Report) {
         let shown = match fs::read_link(path) {
             Ok(t) => t.into_os_string().into_vec(),
             Err(e) => return self.fail(r, path, e.to_string()),
@@ -173,12 +224,12 @@ impl Walker<'_> {
             let _ = nix::unistd::fchownat(
                 None,
                 dest,
-                Some(m.uid().into()),
-                Some(m.gid().into()),
+                Some(a.uid.into()),
+                Some(a.gid.into()),
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             );
         }
-        let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+        let t = nix::sys::time::TimeSpec::new(a.mtime.0, a.mtime.1);
         let _ = nix::sys::stat::utimensat(
             None,
             dest,
@@ -188,13 +239,13 @@ impl Walker<'_> {
         );
     }
 
-    fn special(&self, path: &Path, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+    fn special(&self, path: &Path, dest: &Path, m: &fs::Metadata, a: &Attrs, r: &mut Report) {
         let kind = nix::sys::stat::SFlag::from_bits_truncate(m.mode() & libc::S_IFMT);
-        let perm = nix::sys::stat::Mode::from_bits_truncate(m.mode() & 0o7777);
+        let perm = nix::sys::stat::Mode::from_bits_truncate(a.mode);
         match nix::sys::stat::mknod(dest, kind, perm, m.rdev()) {
             Ok(()) => {
                 r.others += 1;
-                self.finish_meta(dest, m, r);
+                self.finish_meta(dest, a, r);
             }
             Err(e) => self.fail(r, path, format!("cannot recreate special file: {e}")),
         }
@@ -252,17 +303,20 @@ impl Walker<'_> {
     }
 
     /// Mode, owner (as root) and times, applied after content so mtimes stick.
-    fn finish_meta(&self, dest: &Path, m: &fs::Metadata, r: &mut Report) {
+    fn finish_meta(&self, dest: &Path, at: &Attrs, r: &mut Report) {
         if self.as_root {
-            if let Err(e) = nix::unistd::chown(dest, Some(m.uid().into()), Some(m.gid().into())) {
+            if let Err(e) = nix::unistd::chown(dest, Some(at.uid.into()), Some(at.gid.into())) {
                 self.fail(r, dest, format!("chown: {e}"));
             }
         }
-        if let Err(e) = fs::set_permissions(dest, fs::Permissions::from_mode(m.mode() & 0o7777)) {
+        if let Err(e) = fs::set_permissions(dest, fs::Permissions::from_mode(at.mode)) {
             self.fail(r, dest, format!("chmod: {e}"));
         }
-        let t = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
-        let a = nix::sys::time::TimeSpec::new(m.atime(), m.atime_nsec());
+        let t = nix::sys::time::TimeSpec::new(at.mtime.0, at.mtime.1);
+        let a = match at.atime {
+            Some((s, n)) => nix::sys::time::TimeSpec::new(s, n),
+            None => nix::sys::time::TimeSpec::UTIME_OMIT,
+        };
         if let Err(e) = nix::sys::stat::utimensat(
             None,
             dest,

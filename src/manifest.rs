@@ -1,7 +1,10 @@
 //! Checksum manifests of an encrypted tree in `sha1sum` format, so that on the backup
 //! host `cd TARGET/current && sha1sum -c ../manifests/STAMP.sha1` works with no snapveil
 //! installed. Regular files only: symlink targets in the view are ciphertext, which
-//! `sha1sum` would try to follow.
+//! `sha1sum` would try to follow. Everything else a restore needs (types, modes, owners,
+//! mtimes, symlink targets) is in the run's metadata file: [`meta`].
+
+pub mod meta;
 
 use rayon::prelude::*;
 use sha1::{Digest, Sha1};

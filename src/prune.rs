@@ -363,7 +363,7 @@ pub fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>,
 pub enum Op {
     /// `runs/<stamp>.json`: the restore point ceases to exist.
     RemoveRecord { stamp: String },
-    /// `manifests/<stamp>.sha1` (absent is fine).
+    /// `manifests/<stamp>.sha1` and `manifests/<stamp>.meta` (absent is fine).
     RemoveManifest { stamp: String },
     /// Rename `generations/<from>/<path>` to `generations/<to>/<path>`; the destination
     /// must not exist.
@@ -644,10 +644,13 @@ pub fn apply_local(target: &Path, ops: &[Op]) -> Result<(), PruneError> {
                 fs::remove_file(&p).map_err(io_err(&p))?;
             }
             Op::RemoveManifest { stamp } => {
-                let p = target.join("manifests").join(format!("{stamp}.sha1"));
-                match fs::remove_file(&p) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
-                    _ => {}
+                // The metadata record goes with the manifest (absent before snapveil wrote one).
+                for ext in ["sha1", "meta"] {
+                    let p = target.join("manifests").join(format!("{stamp}.{ext}"));
+                    match fs::remove_file(&p) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
+                        _ => {}
+                    }
                 }
             }
             Op::Move { from, to, path } => {
@@ -726,6 +729,8 @@ mvnew() { if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"snapveil: refusing to o
             Op::RemoveManifest { stamp } => [
                 b"rm -f -- ".as_slice(),
                 &sh_quote(format!("manifests/{stamp}.sha1").as_bytes()),
+                b" ",
+                &sh_quote(format!("manifests/{stamp}.meta").as_bytes()),
             ]
             .concat(),
             Op::Move { from, to, path } => {
@@ -908,7 +913,10 @@ pub fn apply_rsync(
     for op in ops {
         match op {
             Op::RemoveRecord { stamp } => delete("runs", vec![format!("/{stamp}.json")])?,
-            Op::RemoveManifest { stamp } => manifests.push(format!("/{stamp}.sha1")),
+            Op::RemoveManifest { stamp } => {
+                manifests.push(format!("/{stamp}.sha1"));
+                manifests.push(format!("/{stamp}.meta"));
+            }
             Op::DeleteGen { stamp } => gens.push(format!("/{stamp}/***")),
             other => unreachable_in_rsync_mode(other)?,
         }

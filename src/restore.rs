@@ -11,16 +11,29 @@
 //! one. `--raw` writes the encrypted files instead, with the `gocryptfs.diriv` files a
 //! generation lacks and `gocryptfs.conf`, so stock `gocryptfs` can mount the result.
 //!
-//! Symlinks and empty directories are not in manifests (sha1sum lists regular files),
-//! so a restore restores regular files and the directories holding them.
+//! Everything else comes from the point's record `manifests/i.meta` (`manifest::meta`):
+//! which entries existed (so `/` restores the whole source, and symlinks, FIFOs and empty
+//! directories are found), and each one's type, mode, owner, mtime and symlink target as
+//! that run saw them. Those cannot come from the target's copies: rsync applies a mode-,
+//! owner- or mtime-only change in place, so no generation keeps the old one. Non-regular
+//! entries are recreated in encrypted form in the stage and decrypted with everything
+//! else (`decrypt::decrypt_tree_recorded`, which also decrypts the link targets); the
+//! recorded attributes are applied to the output, directories after their contents.
+//! A point from before `.meta` files restores regular files and their directories only,
+//! and says so.
+//!
+//! The record and the manifest come from the target, which may be hostile: paths with
+//! `..`, `.` or empty components, or running through something not recorded as a
+//! directory, are refused before anything is written, so nothing lands outside `--to`.
 
 use crate::config::{Config, Job};
-use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME};
+use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, LONGNAME_SUFFIX};
 use crate::crypto::{join_cpath, Keys, NameMode};
 use crate::exec::{Exit, Runner};
+use crate::manifest::meta::{self, Kind, MetaEntry};
 use crate::verify::{self, VerifyError};
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -49,6 +62,16 @@ pub enum RestoreError {
     Rsync(#[from] crate::rsync::RsyncError),
     #[error(transparent)]
     Decrypt(#[from] crate::decrypt::DecryptError),
+    #[error(transparent)]
+    Meta(#[from] meta::MetaError),
+    #[error("{file}: entry {path:?} {why}; refusing to restore from it")]
+    BadMeta {
+        file: String,
+        path: String,
+        why: String,
+    },
+    #[error("{0}: a path with a `..` component names nothing inside the backup")]
+    DotDot(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
@@ -94,11 +117,15 @@ pub fn pick_point(points: &[String], as_of: Option<&str>) -> Option<String> {
 #[derive(Debug, Default)]
 pub struct Report {
     pub point: String,
+    /// Regular files written (plaintext files; with `--raw` the encrypted files, without
+    /// the `gocryptfs.diriv`, `.name` and `gocryptfs.conf` files that serve them).
     pub files: u64,
     /// Plaintext paths asked for that did not exist at the restore point.
     pub not_found: Vec<String>,
-    /// Files that existed at the point whose version is gone (pruned generation).
-    pub unrecoverable: Vec<String>,
+    /// Entries that existed at the point and could not be restored: (path, why).
+    pub unrecoverable: Vec<(String, String)>,
+    /// What the user should know although nothing failed (an old restore point, no root).
+    pub notes: Vec<String>,
 }
 
 /// `snapveil restore`.
@@ -109,7 +136,7 @@ pub fn command(
     runner: &dyn Runner,
     config: &Path,
     job_name: &str,
-    paths: &[String],
+    paths: &[OsString],
     to: &Path,
     as_of: Option<&str>,
     raw: bool,
@@ -119,11 +146,14 @@ pub fn command(
         .job(job_name)
         .ok_or_else(|| VerifyError::NoJob(job_name.into()))?;
     let r = restore(runner, &cfg, job, paths, to, as_of, raw)?;
+    for n in &r.notes {
+        println!("note: {n}");
+    }
     for p in &r.not_found {
         println!("not in the backup as of {}: {p}", r.point);
     }
-    for p in &r.unrecoverable {
-        println!("UNRECOVERABLE (its version was pruned): {p}");
+    for (p, why) in &r.unrecoverable {
+        println!("UNRECOVERABLE ({why}): {p}");
     }
     println!(
         "restored {} files as of {} into {}",
@@ -138,8 +168,91 @@ pub fn command(
     })
 }
 
-/// Restores `paths` (plaintext, relative to the source root) as of the restore point
-/// picked by `as_of` into `to` (created if missing, must be empty).
+/// A requested path as plaintext bytes relative to the source root, without empty or
+/// `.` components; empty for the root (`/`, `.`, `""`, `./`).
+///
+/// # Errors
+/// A `..` component: it would name something outside the source.
+pub fn normalize(p: &OsStr) -> Result<Vec<u8>, RestoreError> {
+    let mut out = Vec::new();
+    for c in p.as_bytes().split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(RestoreError::DotDot(PathBuf::from(p))),
+            c => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn is_under(c: &[u8], sel: &[u8]) -> bool {
+    sel.is_empty() || c == sel || (c.starts_with(sel) && c.get(sel.len()) == Some(&b'/'))
+}
+
+fn parent_of(c: &[u8]) -> &[u8] {
+    c.iter().rposition(|b| *b == b'/').map_or(&[], |i| &c[..i])
+}
+
+/// Metadata-only files of the encrypted tree (not restored as files of their own).
+fn is_support_file(c: &[u8]) -> bool {
+    let last = c.rsplit(|b| *b == b'/').next().unwrap_or(c);
+    last == DIRIV_NAME.as_bytes()
+        || c == CONF_NAME.as_bytes()
+        || (last.starts_with(LONGNAME_PREFIX.as_bytes())
+            && last.ends_with(LONGNAME_SUFFIX.as_bytes()))
+}
+
+/// The run's metadata by encrypted path, checked so that staging it cannot write
+/// outside the stage: every entry's parent must be recorded as a directory (so no path
+/// runs through a symlink the record creates), and each path at most once.
+fn load_meta(file: &str, data: &[u8]) -> Result<BTreeMap<Vec<u8>, MetaEntry>, RestoreError> {
+    let entries = meta::parse(file, data)?;
+    let mut map = BTreeMap::new();
+    for e in entries {
+        let path = e.path.clone();
+        if map.insert(path.clone(), e).is_some() {
+            return Err(RestoreError::BadMeta {
+                file: file.into(),
+                path: lossy(&path),
+                why: "recorded twice".into(),
+            });
+        }
+    }
+    for (p, _) in map.iter().filter(|(p, _)| !p.is_empty()) {
+        if !matches!(map.get(parent_of(p)).map(|e| &e.kind), Some(Kind::Dir)) {
+            return Err(RestoreError::BadMeta {
+                file: file.into(),
+                path: lossy(p),
+                why: "its parent is not recorded as a directory".into(),
+            });
+        }
+    }
+    Ok(map)
+}
+
+/// A relative path that stays below its root (the `.meta` parser checks the same).
+fn safe_rel(c: &[u8]) -> bool {
+    c.split(|b| *b == b'/')
+        .all(|x| !x.is_empty() && x != b"." && x != b"..")
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Restores `paths` (plaintext, relative to the source root; `/` for all of it) as of
+/// the restore point picked by `as_of` into `to` (created if missing, must be empty).
+///
+/// With the point's metadata file (`manifests/STAMP.meta`) every entry type comes back
+/// with the type, mode, owner (as root), mtime and symlink target recorded by that run;
+/// regular files' content is fetched and checked against `manifests/STAMP.sha1`. A
+/// point made before snapveil wrote metadata restores regular files and their
+/// directories, with the attributes of the fetched copies (a note says so).
 ///
 /// # Errors
 /// As [`command`].
@@ -147,7 +260,7 @@ pub fn restore(
     runner: &dyn Runner,
     cfg: &Config,
     job: &Job,
-    paths: &[String],
+    paths: &[OsString],
     to: &Path,
     as_of: Option<&str>,
     raw: bool,
@@ -155,6 +268,10 @@ pub fn restore(
     if to.exists() && fs::read_dir(to).map_err(io(to))?.next().is_some() {
         return Err(RestoreError::OutNotEmpty { path: to.into() });
     }
+    let wanted: Vec<(String, Vec<u8>)> = paths
+        .iter()
+        .map(|p| Ok((Path::new(p).display().to_string(), normalize(p)?)))
+        .collect::<Result<_, RestoreError>>()?;
     let (key, master) = verify::unlock(job)?;
     let keys = Keys::new(&master, key.flags);
     let points = verify::restore_points(runner, cfg, job)?;
@@ -165,31 +282,94 @@ pub fn restore(
             time: as_of.clone().unwrap_or_else(|| "now".into()),
         })?;
     let want = verify::manifest_of(runner, cfg, job, &point)?;
+    if let Some(bad) = want.keys().find(|c| !safe_rel(c)) {
+        return Err(RestoreError::BadMeta {
+            file: format!("manifests/{point}.sha1"),
+            path: lossy(bad),
+            why: "is absolute or has an empty, `.` or `..` component".into(),
+        });
+    }
+    let meta_file = format!("manifests/{point}.meta");
+    let recorded = match verify::fetch_small(runner, cfg, job, &meta_file)? {
+        Some(d) => Some(load_meta(&meta_file, &d)?),
+        None => None,
+    };
     let mut report = Report {
         point: point.clone(),
         ..Report::default()
     };
-    // The encrypted files to fetch, with their sha1 at the point.
+    if recorded.is_none() {
+        report.notes.push(format!(
+            "restore point {point} has no {meta_file} (made by an older snapveil): \
+             restoring regular files and their directories only, with the modes and \
+             mtimes of the fetched copies; symlinks, special files and empty directories \
+             are not in its manifest"
+        ));
+    }
+    // The encrypted files to fetch, with their sha1 at the point, and the entries whose
+    // recorded attributes to apply.
     let mut sel: BTreeMap<Vec<u8>, [u8; 20]> = BTreeMap::new();
-    for p in paths {
-        let e = names::encrypt_path(&keys, p.trim_start_matches('/').as_bytes());
-        let mut prefix = e.cpath.clone();
-        prefix.push(b'/');
-        for (c, s) in &want {
-            if *c == e.cpath || c.starts_with(&prefix) || e.long_name_files.contains(c) {
+    let mut apply: BTreeMap<Vec<u8>, MetaEntry> = BTreeMap::new();
+    for (shown, p) in &wanted {
+        let e = names::encrypt_path(&keys, p);
+        let found = match &recorded {
+            Some(rec) => {
+                let mut found = false;
+                for (c, m) in rec.range(e.cpath.clone()..) {
+                    if !is_under(c, &e.cpath) {
+                        break;
+                    }
+                    found |= *c == e.cpath;
+                    apply.insert(c.clone(), m.clone());
+                }
+                // The directories on the way and the companions of long names.
+                for c in e.parents.iter().chain(&e.long_name_files) {
+                    if let Some(m) = rec.get(c) {
+                        apply.insert(c.clone(), m.clone());
+                    }
+                }
+                found
+            }
+            None => want.keys().any(|c| is_under(c, &e.cpath)),
+        };
+        if !found {
+            report.not_found.push(shown.clone());
+            continue;
+        }
+        for (c, s) in want.range(e.cpath.clone()..) {
+            if !is_under(c, &e.cpath) {
+                break;
+            }
+            sel.insert(c.clone(), *s);
+        }
+        for c in &e.long_name_files {
+            if let Some(s) = want.get(c) {
                 sel.insert(c.clone(), *s);
             }
         }
-        // A restore of the root, or of a file: also the long-name and diriv files along
-        // the way, when the manifest has them.
+        // The diriv files along the way, when the manifest has them.
         for par in e.parents.iter().chain(std::iter::once(&Vec::new())) {
             let d = join_cpath(par, DIRIV_NAME.as_bytes());
             if let Some(s) = want.get(&d) {
                 sel.insert(d, *s);
             }
         }
-        if !want.keys().any(|c| *c == e.cpath || c.starts_with(&prefix)) {
-            report.not_found.push(p.clone());
+    }
+    if recorded.is_some() {
+        // Regular files of the record are fetched; the manifest must list each one.
+        for (c, m) in &apply {
+            if m.kind == Kind::File && !sel.contains_key(c) && !is_support_file(c) {
+                report.unrecoverable.push((
+                    describe(&keys, c),
+                    format!("recorded in {meta_file} but not in manifests/{point}.sha1"),
+                ));
+            }
+        }
+        if !raw && !nix::unistd::geteuid().is_root() {
+            report.notes.push(
+                "not running as root: owners are not restored (files belong to the user running the restore)"
+                    .into(),
+            );
         }
     }
     let stage = if raw {
@@ -206,14 +386,36 @@ pub fn restore(
         fs::remove_dir_all(&stage)
     };
     fs::create_dir_all(&stage).map_err(io(&stage))?;
-    let result = fetch_and_check(runner, cfg, job, &keys, &point, &sel, &stage, &mut report);
-    let result = result.and_then(|()| {
+    let ctx = Ctx {
+        runner,
+        cfg,
+        job,
+        keys: &keys,
+        point: &point,
+        points: &points,
+    };
+    let result = ctx.fetch_and_check(&sel, &stage, &mut report);
+    let result = result.and_then(|fetched| {
         if raw {
+            report.files = fetched;
             write_raw_extras(runner, cfg, job, &keys, &stage)
         } else {
-            let r = crate::decrypt::decrypt_tree(&keys, &stage, to)?;
+            if recorded.is_some() {
+                stage_entries(&apply, &stage, &mut report)?;
+            }
+            let r = crate::decrypt::decrypt_tree_recorded(
+                &keys,
+                &stage,
+                to,
+                recorded.as_ref().map(|_| &apply),
+            )?;
+            report.files = r.files;
             for (p, why) in &r.failures {
-                report.unrecoverable.push(format!("{}: {why}", p.display()));
+                let shown = p
+                    .strip_prefix(&stage)
+                    .map(|c| describe(&keys, c.as_os_str().as_bytes()))
+                    .unwrap_or_else(|_| p.display().to_string());
+                report.unrecoverable.push((shown, why.clone()));
             }
             Ok(())
         }
@@ -225,81 +427,201 @@ pub fn restore(
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fetch_and_check(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    keys: &Keys,
-    point: &str,
-    sel: &BTreeMap<Vec<u8>, [u8; 20]>,
+/// Creates in the stage, in encrypted form, what is not a regular file: directories
+/// (empty ones too), symlinks with the view's (encrypted) target, FIFOs, sockets and, as
+/// root, device nodes; `decrypt_tree` then decrypts names and link targets as for any
+/// encrypted tree. Paths come from [`load_meta`], which refused anything that could
+/// lead outside the stage.
+fn stage_entries(
+    apply: &BTreeMap<Vec<u8>, MetaEntry>,
     stage: &Path,
     report: &mut Report,
 ) -> Result<(), RestoreError> {
-    let list = stage.with_extension("files-from");
-    let mut data = Vec::new();
-    for c in sel.keys() {
-        data.extend_from_slice(c);
-        data.push(0);
+    use nix::sys::stat::{mknod, Mode, SFlag};
+    let root = nix::unistd::geteuid().is_root();
+    let mut skipped_devices = 0;
+    // Directories first: the parents of everything else.
+    for c in apply
+        .iter()
+        .filter(|(_, m)| m.kind == Kind::Dir)
+        .map(|(c, _)| c)
+    {
+        let p = stage.join(OsStr::from_bytes(c));
+        match fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            _ => fs::create_dir_all(&p).map_err(io(&p))?,
+        }
     }
-    fs::write(&list, &data).map_err(io(&list))?;
-    // current/ first, then the generations newer than the point, newest first: each
-    // overwrites, so the oldest version after the point wins.
-    let mut gens = crate::job::generations(runner, cfg, job)
-        .map_err(|e| RestoreError::Generations(format!("{e:#}")))?;
-    gens.retain(|g| g.as_str() > point);
-    gens.reverse();
-    let sources: Vec<String> = std::iter::once("current".to_string())
-        .chain(gens.iter().map(|g| format!("generations/{g}")))
-        .collect();
-    let mut r: Result<(), RestoreError> = Ok(());
-    for src in &sources {
-        let cmd = crate::rsync::base(&cfg.tools, &job.target, &job.ssh_args)
-            .args(["--archive", "--numeric-ids", "--ignore-times", "--from0"])
-            .arg(format!("--files-from={}", list.display()))
-            .arg(job.target.rsync_dest(&format!("{src}/")))
-            .arg(format!("{}/", stage.display()));
-        let out = match runner.output(&cmd) {
-            Ok(o) => o,
-            Err(e) => {
-                r = Err(crate::rsync::RsyncError::Spawn(e).into());
-                break;
+    for (c, m) in apply {
+        let p = stage.join(OsStr::from_bytes(c));
+        let private = Mode::from_bits_truncate(0o600);
+        let r = match &m.kind {
+            Kind::Dir | Kind::File => continue,
+            Kind::Symlink(t) => std::os::unix::fs::symlink(OsStr::from_bytes(t), &p),
+            Kind::Fifo => nix::unistd::mkfifo(&p, private).map_err(std::io::Error::from),
+            Kind::Socket => mknod(&p, SFlag::S_IFSOCK, private, 0).map_err(std::io::Error::from),
+            Kind::Char(d) | Kind::Block(d) if root => {
+                let k = if matches!(m.kind, Kind::Char(_)) {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
+                mknod(&p, k, private, *d as libc::dev_t).map_err(std::io::Error::from)
+            }
+            Kind::Char(_) | Kind::Block(_) => {
+                skipped_devices += 1;
+                continue;
             }
         };
-        match out.exit {
-            Exit::Code(0) => {}
-            // 23: some listed files are not in this source, the normal case.
-            Exit::Code(23) => {}
-            exit => {
-                r = Err(crate::rsync::RsyncError::Failed {
-                    target: job.target.to_string(),
-                    exit,
-                    stderr: out.stderr_str(),
-                }
-                .into());
-                break;
-            }
-        }
+        r.map_err(io(&p))?;
     }
-    let _ = fs::remove_file(&list);
-    r?;
-    for (c, s) in sel {
-        let p = stage.join(OsStr::from_bytes(c));
-        let is_diriv = c.ends_with(DIRIV_NAME.as_bytes());
-        match crate::manifest::sha1_file(&p) {
-            Ok(h) if h == *s => report.files += u64::from(!is_diriv),
-            // A deleted directory's diriv is not in any generation; it is derived.
-            _ if is_diriv => {
-                let _ = fs::remove_file(&p);
-            }
-            Ok(_) => {
-                fs::remove_file(&p).map_err(io(&p))?;
-                report.unrecoverable.push(describe(keys, c));
-            }
-            Err(_) => report.unrecoverable.push(describe(keys, c)),
-        }
+    if skipped_devices > 0 {
+        report.notes.push(format!(
+            "not running as root: {skipped_devices} device files not restored"
+        ));
     }
     Ok(())
+}
+
+/// What fetching needs to know about the restore.
+struct Ctx<'a> {
+    runner: &'a dyn Runner,
+    cfg: &'a Config,
+    job: &'a Job,
+    keys: &'a Keys,
+    point: &'a str,
+    points: &'a [String],
+}
+
+impl Ctx<'_> {
+    fn fetch_and_check(
+        &self,
+        sel: &BTreeMap<Vec<u8>, [u8; 20]>,
+        stage: &Path,
+        report: &mut Report,
+    ) -> Result<u64, RestoreError> {
+        let (runner, cfg, job, point) = (self.runner, self.cfg, self.job, self.point);
+        let list = stage.with_extension("files-from");
+        let mut data = Vec::new();
+        for c in sel.keys() {
+            data.extend_from_slice(c);
+            data.push(0);
+        }
+        fs::write(&list, &data).map_err(io(&list))?;
+        // current/ first, then the generations newer than the point, newest first: each
+        // overwrites, so the oldest version after the point wins.
+        let mut gens = crate::job::generations(runner, cfg, job)
+            .map_err(|e| RestoreError::Generations(format!("{e:#}")))?;
+        gens.retain(|g| g.as_str() > point);
+        gens.reverse();
+        let sources: Vec<String> = std::iter::once("current".to_string())
+            .chain(gens.iter().map(|g| format!("generations/{g}")))
+            .collect();
+        let mut r: Result<(), RestoreError> = Ok(());
+        for src in &sources {
+            let cmd = crate::rsync::base(&cfg.tools, &job.target, &job.ssh_args)
+                .args(["--archive", "--numeric-ids", "--ignore-times", "--from0"])
+                .arg(format!("--files-from={}", list.display()))
+                .arg(job.target.rsync_dest(&format!("{src}/")))
+                .arg(format!("{}/", stage.display()));
+            let out = match runner.output(&cmd) {
+                Ok(o) => o,
+                Err(e) => {
+                    r = Err(crate::rsync::RsyncError::Spawn(e).into());
+                    break;
+                }
+            };
+            match out.exit {
+                Exit::Code(0) => {}
+                // 23: some listed files are not in this source, the normal case.
+                Exit::Code(23) => {}
+                exit => {
+                    r = Err(crate::rsync::RsyncError::Failed {
+                        target: job.target.to_string(),
+                        exit,
+                        stderr: out.stderr_str(),
+                    }
+                    .into());
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_file(&list);
+        r?;
+        let mut newer = NewerManifests::default();
+        let mut fetched = 0;
+        for (c, s) in sel {
+            let p = stage.join(OsStr::from_bytes(c));
+            let is_diriv = c.ends_with(DIRIV_NAME.as_bytes());
+            let why = match crate::manifest::sha1_file(&p) {
+                Ok(h) if h == *s => {
+                    fetched += u64::from(!is_support_file(c));
+                    continue;
+                }
+                // A deleted directory's diriv is not in any generation; it is derived.
+                _ if is_diriv => {
+                    let _ = fs::remove_file(&p);
+                    continue;
+                }
+                Ok(h) => {
+                    fs::remove_file(&p).map_err(io(&p))?;
+                    match newer.holder(self, c, &h)? {
+                        Some(q) => format!(
+                            "its version as of {point} was pruned: the target holds the \
+                             version of restore point {q}"
+                        ),
+                        None => format!(
+                            "the target's copy does not match manifests/{point}.sha1: \
+                             tampered with or corrupt"
+                        ),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                    "missing from the target: in neither current/ nor a generation newer \
+                     than {point}"
+                ),
+                Err(e) => format!("fetched copy unreadable: {e}"),
+            };
+            report.unrecoverable.push((describe(self.keys, c), why));
+        }
+        Ok(fetched)
+    }
+}
+
+/// A manifest: sha1 by encrypted path.
+type Sha1s = BTreeMap<Vec<u8>, [u8; 20]>;
+
+/// Manifests of the restore points newer than the one restored, fetched on demand: a
+/// fetched version that one of them lists is a newer version, so the wanted one was
+/// pruned; one that none lists was damaged.
+#[derive(Default)]
+struct NewerManifests {
+    loaded: Vec<(String, Option<Sha1s>)>,
+}
+
+impl NewerManifests {
+    fn holder(
+        &mut self,
+        ctx: &Ctx<'_>,
+        c: &[u8],
+        h: &[u8; 20],
+    ) -> Result<Option<String>, RestoreError> {
+        if self.loaded.is_empty() {
+            for q in ctx.points.iter().filter(|q| q.as_str() > ctx.point) {
+                let m = match verify::manifest_of(ctx.runner, ctx.cfg, ctx.job, q) {
+                    Ok(m) => Some(m),
+                    Err(VerifyError::NoManifest { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                self.loaded.push((q.clone(), m));
+            }
+        }
+        Ok(self
+            .loaded
+            .iter()
+            .find(|(_, m)| m.as_ref().and_then(|m| m.get(c)) == Some(h))
+            .map(|(q, _)| q.clone()))
+    }
 }
 
 fn describe(keys: &Keys, c: &[u8]) -> String {

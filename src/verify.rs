@@ -18,12 +18,13 @@ use crate::crypto::content::{self, CBLOCK, HEADER_LEN};
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX};
 use crate::crypto::{join_cpath, KeyConfig, Keys, MasterKey, NameMode};
 use crate::exec::{Exit, Runner};
+use crate::manifest::meta::MetaEntry;
 use crate::manifest::{self, Entry};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -123,8 +124,11 @@ fn tmp_dir(cfg: &Config, job: &Job, what: &str) -> Result<PathBuf, VerifyError> 
     Ok(d)
 }
 
-/// Writes `TARGET/manifests/STAMP.sha1` of the view mounted at `view` (during a run,
-/// before `runs/STAMP.json`, so every restore point has its manifest).
+/// Writes `TARGET/manifests/STAMP.meta` (every entry's type, mode, owner, mtime, link
+/// target: [`manifest::meta`]) and then `TARGET/manifests/STAMP.sha1` of the view mounted
+/// at `view` (during a run, before `runs/STAMP.json`, so every restore point has both).
+/// The metadata goes first: a `.sha1` without its `.meta` would restore as a point made
+/// by an older snapveil, losing modes and symlinks without a failure.
 ///
 /// # Errors
 /// Reading the view, or writing/uploading the manifest.
@@ -135,46 +139,98 @@ pub fn write_manifest(
     stamp: &str,
     view: &Path,
 ) -> Result<Vec<Entry>, VerifyError> {
-    let entries = build_outside_rayon(view)?;
-    let data = manifest::format(&entries);
+    let (entries, meta) = build_outside_rayon(view)?;
+    upload_small(
+        runner,
+        cfg,
+        job,
+        &format!("{stamp}.meta"),
+        &manifest::meta::format(&meta),
+    )?;
+    upload_small(
+        runner,
+        cfg,
+        job,
+        &format!("{stamp}.sha1"),
+        &manifest::format(&entries),
+    )?;
+    Ok(entries)
+}
+
+/// Writes `TARGET/manifests/NAME`: atomically on a local target, by rsync otherwise.
+fn upload_small(
+    runner: &dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    name: &str,
+    data: &[u8],
+) -> Result<(), VerifyError> {
     match &job.target {
         Target::Local(root) => {
-            let p = root.join("manifests").join(format!("{stamp}.sha1"));
+            let p = root.join("manifests").join(name);
             if let Some(d) = p.parent() {
                 fs::create_dir_all(d).map_err(io(d))?;
             }
-            crate::status::write_atomic(&p, &data).map_err(io(&p))?;
+            crate::status::write_atomic(&p, data).map_err(io(&p))?;
         }
         t => {
             let dir = tmp_dir(cfg, job, "manifest")?;
-            let tmp = dir.join(format!("{stamp}.sha1"));
-            fs::write(&tmp, &data).map_err(io(&tmp))?;
+            let tmp = dir.join(name);
+            fs::write(&tmp, data).map_err(io(&tmp))?;
             let r = crate::rsync::upload(runner, &cfg.tools, t, &job.ssh_args, &tmp, "manifests/");
             let _ = fs::remove_dir_all(&dir);
             r?;
         }
     }
-    Ok(entries)
+    Ok(())
 }
 
 /// `manifest::build` for a view served by this process: the FUSE handlers encrypt on
 /// rayon's pool, so hashing must not run on that pool too (its workers would block in
-/// reads only the pool can answer: a deadlock). Two plain threads instead.
-fn build_outside_rayon(view: &Path) -> Result<Vec<Entry>, VerifyError> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), VerifyError> {
+/// reads only the pool can answer: a deadlock). Two plain threads instead. The same walk
+/// records every entry's metadata (lstat, readlink), sorted by path, the root first.
+fn build_outside_rayon(view: &Path) -> Result<(Vec<Entry>, Vec<MetaEntry>), VerifyError> {
+    fn walk(
+        view: &Path,
+        dir: &Path,
+        out: &mut Vec<PathBuf>,
+        meta: &mut Vec<MetaEntry>,
+    ) -> Result<(), VerifyError> {
         for e in fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
-            let ft = e.file_type().map_err(io(&e.path()))?;
+            let p = e.path();
+            // DirEntry::metadata does not follow symlinks.
+            let m = e.metadata().map_err(io(&p))?;
+            let ft = m.file_type();
+            let link = if ft.is_symlink() {
+                Some(
+                    fs::read_link(&p)
+                        .map_err(io(&p))?
+                        .into_os_string()
+                        .into_vec(),
+                )
+            } else {
+                None
+            };
+            let rel = p.strip_prefix(view).expect("under root");
+            meta.push(MetaEntry::from_metadata(
+                rel.as_os_str().as_bytes().to_vec(),
+                &m,
+                link,
+            ));
             if ft.is_dir() {
-                walk(&e.path(), out)?;
+                walk(view, &p, out, meta)?;
             } else if ft.is_file() {
-                out.push(e.path());
+                out.push(p);
             }
         }
         Ok(())
     }
     let mut paths = Vec::new();
-    walk(view, &mut paths)?;
+    let root = fs::symlink_metadata(view).map_err(io(view))?;
+    let mut meta = vec![MetaEntry::from_metadata(Vec::new(), &root, None)];
+    walk(view, view, &mut paths, &mut meta)?;
+    meta.sort_by(|a, b| a.path.cmp(&b.path));
     let half = paths.len().div_ceil(2).max(1);
     let hash = |chunk: &[PathBuf]| -> Result<Vec<Entry>, VerifyError> {
         chunk
@@ -200,7 +256,7 @@ fn build_outside_rayon(view: &Path) -> Result<Vec<Entry>, VerifyError> {
     })?
     .concat();
     out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    Ok((out, meta))
 }
 
 /// Restore points on the target, oldest first: records that parse, name this job and

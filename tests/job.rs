@@ -936,10 +936,19 @@ fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
         }
         let dry = ok(&mut s.cmd(&["prune", job, "--dry-run"]));
         assert!(dry.contains("nothing to do"), "{job}: {dry}");
+        // Each kept point has its .sha1 and its .meta; those of pruned points go too.
         let manifests = dirs(&target.join("manifests"));
+        let kept: Vec<String> = dirs(&target.join("runs"))
+            .iter()
+            .map(|r| r.replace(".json", ""))
+            .collect();
+        let mut want: Vec<String> = kept
+            .iter()
+            .flat_map(|k| [format!("{k}.meta"), format!("{k}.sha1")])
+            .collect();
+        want.sort();
         assert_eq!(
-            manifests.len(),
-            2,
+            manifests, want,
             "{job}: manifests of pruned points go too: {manifests:?}"
         );
     }

@@ -2,6 +2,7 @@
 
 mod job;
 mod ops;
+mod restore;
 mod retention;
 mod snapshot;
 mod util;
