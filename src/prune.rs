@@ -226,6 +226,9 @@ pub struct Listing {
     pub records: BTreeSet<String>,
     /// Stamps with a `manifests/<stamp>.sha1`.
     pub manifests: BTreeSet<String>,
+    /// Stamps with a `manifests/<stamp>.meta` (a run killed between its two uploads
+    /// leaves one without a `.sha1`).
+    pub metas: BTreeSet<String>,
     /// Generation directories by stamp, with their contents.
     pub generations: BTreeMap<String, Tree>,
     /// Entries under `generations/` that are not stamp-named directories: left alone.
@@ -261,6 +264,9 @@ impl Listing {
                 (b"manifests", None) if !dir => {
                     if let Some(s) = name.strip_suffix(".sha1").filter(|s| is_stamp(s)) {
                         l.manifests.insert(s.to_string());
+                    }
+                    if let Some(s) = name.strip_suffix(".meta").filter(|s| is_stamp(s)) {
+                        l.metas.insert(s.to_string());
                     }
                 }
                 (b"generations", rest) => {
@@ -458,7 +464,7 @@ pub fn plan_prune(
         plan.ops.push(Op::RemoveRecord { stamp: s.clone() });
     }
     let newest = kept.iter().next_back().cloned();
-    for s in &listing.manifests {
+    for s in listing.manifests.union(&listing.metas) {
         let orphan = !listing.records.contains(s) && newest.as_ref().is_some_and(|n| s < n);
         if deleted.contains(s) || orphan {
             plan.ops.push(Op::RemoveManifest { stamp: s.clone() });
@@ -807,6 +813,7 @@ pub fn list_remote(
             "--include=/runs/*.json",
             "--include=/manifests",
             "--include=/manifests/*.sha1",
+            "--include=/manifests/*.meta",
             "--include=/generations",
             "--include=/generations/**",
             "--include=/current",

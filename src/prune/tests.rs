@@ -594,3 +594,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn orphan_manifests_and_metadata_older_than_the_newest_point_go() {
+    // Day 2: a run killed between its .meta and .sha1 uploads; day 4: between .sha1 and
+    // its record. Both are older than the newest restore point (day 5).
+    let paths: Vec<(Vec<u8>, bool)> = [
+        format!("runs/{}.json", st(5)),
+        format!("manifests/{}.sha1", st(5)),
+        format!("manifests/{}.meta", st(5)),
+        format!("manifests/{}.meta", st(2)),
+        format!("manifests/{}.sha1", st(4)),
+        format!("manifests/{}.meta", st(4)),
+        format!("manifests/{}.meta", st(6)),
+    ]
+    .into_iter()
+    .map(|p| (p.into_bytes(), false))
+    .collect();
+    let l = Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)));
+    let p = Policy {
+        last: 1,
+        ..Policy::default()
+    };
+    let plan = plan_prune(&l, &p, &utc, Mode::Merge);
+    assert_eq!(
+        plan.ops,
+        [
+            Op::RemoveManifest { stamp: st(2) },
+            Op::RemoveManifest { stamp: st(4) }
+        ],
+        "the newest point's and a newer (running) one's are kept"
+    );
+}
