@@ -438,9 +438,11 @@ pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result
         eprintln!("snapveil: no job named {:?}", a.job);
         return Ok(ExitCode::from(crate::error::EXIT_USAGE));
     };
-    let contents = crate::target::scan(runner, &cfg, job)
+    let target = crate::target::Target::for_job(&cfg, job);
+    let contents = target
+        .scan(runner)
         .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
-    let gens = crate::job::generations(runner, &cfg, job)?;
+    let gens = target.generations(runner)?;
     let points = contents.points;
     println!("target {}", job.target);
     println!(

@@ -9,13 +9,14 @@
 //! crash leaves (a snapshot, a mount) is removed at the start of the next run of the job;
 //! the lock and a FUSE mount go with the process anyway.
 
-use crate::config::{Config, Job, Mode, Phase, Target};
+use crate::config::{Config, Job, Mode, Phase};
 use crate::crypto::KeyConfig;
 use crate::exec::Runner;
 use crate::hooks::{self, HeldHook, HookEnv};
 use crate::lock::JobLock;
 use crate::snapshot::{self, SnapshotGuard};
 use crate::status::{self, RunStatus};
+use crate::target::{Area, Pass, Target};
 use crate::view::{self, MountedView, ViewOptions};
 use anyhow::{bail, Context, Result};
 use chrono::{SecondsFormat, Utc};
@@ -100,7 +101,8 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
         }
     };
     let mut held = Held::default();
-    let result = run_steps(runner, cfg, job, &mut stamp, &mut env, &mut held);
+    let target = Target::for_job(cfg, job);
+    let result = run_steps(runner, cfg, job, &target, &mut stamp, &mut env, &mut held);
     let cleanup_errs = held.release();
     let result = match (result, cleanup_errs.is_empty()) {
         (Ok(s), true) => Ok(s),
@@ -114,7 +116,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     // fails the job's status; current/ is never touched by it.
     let result = match result {
         Ok(s) if job.retention.prune => {
-            match crate::prune::prune_job(runner, cfg, job, false, Some(&stamp)) {
+            match crate::prune::prune_job(runner, &target, job, false, Some(&stamp)) {
                 Ok(Some(report)) => {
                     for line in report.to_string().lines() {
                         tracing::info!("{line}");
@@ -151,7 +153,13 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             ("failure", Some(msg), None)
         }
     };
-    let generations = count_generations(runner, cfg, job);
+    let generations = match target.generations(runner) {
+        Ok(g) => Some(g.len() as u64),
+        Err(e) => {
+            tracing::warn!("cannot count generations: {e}");
+            None
+        }
+    };
     let st = RunStatus {
         job: job.name.clone(),
         stamp,
@@ -177,6 +185,7 @@ fn run_steps<'a>(
     runner: &'a dyn Runner,
     cfg: &Config,
     job: &Job,
+    target: &Target,
     stamp_out: &mut String,
     env: &mut HookEnv,
     held: &mut Held<'a>,
@@ -190,9 +199,9 @@ fn run_steps<'a>(
         .unlock_with_passfile(&job.passfile)
         .context("unlocking the key config")?;
     // What the target holds decides the stamp, and its layout whether we may write.
-    let contents = crate::target::scan(runner, cfg, job).context("reading the target")?;
-    check_target(runner, cfg, job, &key)?;
-    let stamp = crate::target::new_stamp(&job.target.to_string(), &contents)?;
+    let contents = target.scan(runner).context("reading the target")?;
+    target.check_owner(runner, &key.raw)?;
+    let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
     *stamp_out = stamp.to_string();
@@ -202,23 +211,14 @@ fn run_steps<'a>(
     }
     let mp = view_mountpoint(&cfg.state_dir, &job.name);
     std::fs::create_dir_all(&mp).with_context(|| format!("creating {}", mp.display()))?;
-    let work = snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
     check_cancel()?;
 
     hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
     held.hooks = hooks::start_held(runner, &job.hooks, env)?;
     check_cancel()?;
-    let guard = snapshot::take(
-        runner,
-        &job.name,
-        stamp,
-        &job.source,
-        &job.snapshot,
-        &cfg.tools.snapshot,
-        &work,
-    )
-    .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
-    .context("taking the snapshot")?;
+    let guard = take_snapshot(runner, cfg, job, stamp)
+        .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
+        .context("taking the snapshot")?;
     let consistent = guard.consistent();
     if !consistent {
         tracing::warn!(
@@ -237,60 +237,35 @@ fn run_steps<'a>(
     hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)?;
     check_cancel()?;
 
-    let v = MountedView::mount(
-        &snap_path,
-        &mp,
-        ViewOptions {
-            key,
-            master,
-            excludes: job.excludes.clone(),
-        },
-    )
-    .context("mounting the encrypted view")?;
+    let v = mount_view(job, &snap_path, &mp, key, master).context("mounting the encrypted view")?;
     held.view = Some(v);
-    let cmd = crate::rsync::transfer_cmd(
-        &cfg.tools,
-        &job.target,
-        &job.ssh_args,
-        &job.rsync_args,
-        &mp,
-        stamp,
-        crate::rsync::Pass::Full,
-    );
     // The key config goes first: an interrupted transfer then leaves a current/ that
-    // check_target still recognises as this job's, and the next run completes it.
-    crate::rsync::upload(
-        runner,
-        &cfg.tools,
-        &job.target,
-        &job.ssh_args,
-        &mp.join(crate::crypto::names::CONF_NAME),
-        "current/",
-    )
-    .context("sending the key config (gocryptfs.conf) to the target")?;
-    tracing::info!(cmd = %cmd, "transferring");
-    let transfer = |cmd: &crate::exec::Cmd| {
-        crate::rsync::transfer(runner, cmd, &job.target).map_err(|e| {
-            let e = anyhow::Error::from(e);
-            // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
-            if let Some(Err(v)) = held.snapshot.as_ref().map(|s| s.verify()) {
-                return anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
-                    "the transfer failed ({e}) because the snapshot became invalid"
-                ));
-            }
-            if format!("{e}").contains("in --backup-dir") {
-                // rrsync refuses `..`; an absolute path is anchored at its directory.
-                e.context(format!(
-                    "the ssh key of {} is restricted by rrsync: write the target path as an \
-                 absolute path below rrsync's directory (host:/PATH)",
-                    job.target
-                ))
-            } else {
-                e
-            }
-        })
+    // check_owner still recognises as this job's, and the next run completes it.
+    let conf = mp.join(crate::crypto::names::CONF_NAME);
+    let conf = std::fs::read(&conf).with_context(|| format!("reading {}", conf.display()))?;
+    target
+        .put(
+            runner,
+            Area::Current,
+            crate::crypto::names::CONF_NAME,
+            &conf,
+        )
+        .context("sending the key config (gocryptfs.conf) to the target")?;
+    let transfer = |pass: Pass<'_>| {
+        target
+            .send_view(runner, &mp, stamp, &job.rsync_args, pass)
+            .map_err(|e| {
+                let e = anyhow::Error::from(e);
+                // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
+                match held.snapshot.as_ref().map(|s| s.verify()) {
+                    Some(Err(v)) => anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
+                        "the transfer failed ({e}) because the snapshot became invalid"
+                    )),
+                    _ => e,
+                }
+            })
     };
-    let mut out = transfer(&cmd)?;
+    let mut out = transfer(Pass::Full)?;
     check_cancel()?;
     // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
     // same size in the second it was last backed up, or whose mtime was set back. Such a
@@ -304,31 +279,12 @@ fn run_steps<'a>(
     let changed =
         changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
     if !changed.is_empty() {
-        let list = snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
-            .join(format!("changed-{}", std::process::id()));
-        let mut data = Vec::new();
-        for p in &changed {
-            data.extend_from_slice(p);
-            data.push(0);
-        }
-        std::fs::create_dir_all(list.parent().expect("in the work dir"))?;
-        std::fs::write(&list, &data).with_context(|| format!("writing {}", list.display()))?;
         tracing::info!(
             files = changed.len(),
             "comparing files changed since the last restore point by checksum"
         );
-        let cmd = crate::rsync::transfer_cmd(
-            &cfg.tools,
-            &job.target,
-            &job.ssh_args,
-            &job.rsync_args,
-            &mp,
-            stamp,
-            crate::rsync::Pass::Checksum { list: &list },
-        );
-        let second = transfer(&cmd);
-        let _ = std::fs::remove_file(&list);
-        let second = second?;
+        let list = target.files_from(&changed)?;
+        let second = transfer(Pass::Checksum { list: list.path() })?;
         if !second.sent.is_empty() {
             tracing::info!(
                 files = second.sent.len(),
@@ -345,14 +301,14 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let manifest = crate::verify::write_manifest(runner, cfg, job, stamp, &mp)
+    let manifest = crate::verify::write_manifest(runner, target, stamp, &mp)
         .context("writing the manifest of the view")?;
-    record_run(runner, cfg, job, stamp, &out)?;
+    record_run(runner, target, job, stamp, &out)?;
     if job.verify_every > 0 {
-        let runs = crate::verify::restore_points(runner, cfg, job)?.len() as u32;
+        let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
             let want = manifest.into_iter().map(|e| (e.path, e.sha1)).collect();
-            let r = crate::verify::check_view_against_target(runner, cfg, job, &mp, &want)?;
+            let r = crate::verify::check_view_against_target(runner, target, &mp, &want)?;
             if !r.ok() {
                 r.print();
                 bail!("verify after the run: the target's current/ does not match the manifest");
@@ -419,60 +375,54 @@ fn changed_since(
     Ok(out)
 }
 
-/// Refuses a target whose `current/` is not this job's backup: rsync `--delete` there
-/// would destroy someone else's data. Ours carries `gocryptfs.conf`, the job's key config
-/// byte for byte.
-fn check_target(runner: &dyn Runner, cfg: &Config, job: &Job, key: &KeyConfig) -> Result<()> {
-    let refuse = |what: &str| {
-        anyhow::anyhow!("{}/current {what}; refusing to rsync --delete into it (wrong target, or another job's backup?)", job.target)
-    };
-    match &job.target {
-        Target::Local(root) => {
-            let cur = root.join("current");
-            match std::fs::read(cur.join(crate::crypto::names::CONF_NAME)) {
-                Ok(b) if b == key.raw => Ok(()),
-                Ok(_) => Err(refuse("holds a gocryptfs.conf of another key config")),
-                Err(_) => match std::fs::read_dir(&cur).map(|mut rd| rd.next().is_some()) {
-                    Ok(true) => Err(refuse(
-                        "exists but holds no gocryptfs.conf: it is not a snapveil backup",
-                    )),
-                    _ => Ok(()),
-                },
-            }
-        }
-        t => {
-            let dir = cfg
-                .state_dir
-                .join("work")
-                .join(&job.name)
-                .join("target-check");
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let conf = dir.join(crate::crypto::names::CONF_NAME);
-            let fetched = crate::rsync::base(&cfg.tools, t, &job.ssh_args)
-                .arg(t.rsync_dest("current/gocryptfs.conf"))
-                .arg(&conf)
-                .run_checked(runner)
-                .is_ok();
-            let r = if fetched {
-                if std::fs::read(&conf).ok().as_deref() == Some(&key.raw[..]) {
-                    Ok(())
-                } else {
-                    Err(refuse("holds a gocryptfs.conf of another key config"))
-                }
-            } else if crate::rsync::list(runner, &cfg.tools, t, &job.ssh_args, "current")?
-                .is_empty()
-            {
-                Ok(())
-            } else {
-                Err(refuse(
-                    "exists but holds no gocryptfs.conf: it is not a snapveil backup",
-                ))
-            };
-            let _ = std::fs::remove_dir_all(&dir);
-            r
-        }
-    }
+/// The job's snapshot (`snapveil-JOB-STAMP`), the first half of the snapshot → view
+/// sequence that a run and `verify` share.
+///
+/// # Errors
+/// The provider could not take it.
+pub fn take_snapshot<'a>(
+    runner: &'a dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    stamp: &str,
+) -> Result<SnapshotGuard<'a>, snapshot::SnapshotError> {
+    snapshot::take(
+        runner,
+        &job.name,
+        stamp,
+        &job.source,
+        &job.snapshot,
+        &cfg.tools.snapshot,
+        &snapshot::cmd::work_dir(&cfg.state_dir, &job.name),
+    )
+}
+
+/// The encrypted view of a frozen tree at `mp` (a stale mount there, left by a killed
+/// process, is removed first), with the job's excludes: the second half.
+///
+/// # Errors
+/// Mounting failed.
+pub fn mount_view(
+    job: &Job,
+    frozen: &Path,
+    mp: &Path,
+    key: KeyConfig,
+    master: crate::crypto::MasterKey,
+) -> Result<MountedView, crate::view::mount::MountError> {
+    view::cleanup_stale_mount(mp)?;
+    std::fs::create_dir_all(mp).map_err(|source| crate::view::mount::MountError::Mountpoint {
+        path: mp.to_path_buf(),
+        source,
+    })?;
+    MountedView::mount(
+        frozen,
+        mp,
+        ViewOptions {
+            key,
+            master,
+            excludes: job.excludes.clone(),
+        },
+    )
 }
 
 /// Removes what a crashed or killed run of `job` left behind: the view mount and the
@@ -513,40 +463,13 @@ fn check_cancel() -> Result<()> {
     Ok(())
 }
 
-/// Puts a small file at `TARGET/rel` (atomically on a local target).
-fn put_file(runner: &dyn Runner, cfg: &Config, job: &Job, rel: &str, data: &[u8]) -> Result<()> {
-    match &job.target {
-        Target::Local(root) => {
-            let p = root.join(rel);
-            status::write_atomic(&p, data).with_context(|| format!("writing {}", p.display()))
-        }
-        _ => {
-            let (dir_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-            let dir = cfg.state_dir.join("work").join(&job.name).join("upload");
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(name);
-            std::fs::write(&tmp, data)?;
-            let r = crate::rsync::upload(
-                runner,
-                &cfg.tools,
-                &job.target,
-                &job.ssh_args,
-                &tmp,
-                &format!("{dir_rel}/"),
-            );
-            let _ = std::fs::remove_file(&tmp);
-            r.with_context(|| format!("uploading {rel} to {}", job.target))
-        }
-    }
-}
-
 /// Writes `TARGET/runs/STAMP.json`: the run is now a restore point.
 fn record_run(
     runner: &dyn Runner,
-    cfg: &Config,
+    target: &Target,
     job: &Job,
     stamp: &str,
-    out: &crate::rsync::Outcome,
+    out: &crate::target::Outcome,
 ) -> Result<()> {
     let rec = crate::target::RunRecord {
         stamp: stamp.to_string(),
@@ -556,45 +479,7 @@ fn record_run(
         files: out.stats.files_transferred,
     };
     let data = serde_json::to_vec_pretty(&rec).expect("json");
-    put_file(runner, cfg, job, &format!("runs/{stamp}.json"), &data)
+    target
+        .put(runner, Area::Runs, &format!("{stamp}.json"), &data)
         .context("recording the run on the target")
-}
-
-/// Generation directories on the target, by name (only names that are snapveil stamps).
-///
-/// # Errors
-/// Listing the target failed.
-pub fn generations(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result<Vec<String>> {
-    let mut names: Vec<String> = match &job.target {
-        Target::Local(root) => match std::fs::read_dir(root.join("generations")) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("listing {}", root.join("generations").display()))
-            }
-        },
-        t => crate::rsync::list(runner, &cfg.tools, t, &job.ssh_args, "generations")?
-            .into_iter()
-            .filter(|l| l.is_dir)
-            .map(|l| l.name)
-            .collect(),
-    };
-    names.retain(|n| snapshot::valid_stamp(n));
-    names.sort();
-    Ok(names)
-}
-
-fn count_generations(runner: &dyn Runner, cfg: &Config, job: &Job) -> Option<u64> {
-    match generations(runner, cfg, job) {
-        Ok(g) => Some(g.len() as u64),
-        Err(e) => {
-            tracing::warn!("cannot count generations: {e:#}");
-            None
-        }
-    }
 }

@@ -19,7 +19,6 @@ pub mod manifest;
 pub mod prune;
 pub mod restore;
 pub mod retention;
-pub mod rsync;
 pub mod signals;
 pub mod snapshot;
 pub mod status;

@@ -40,105 +40,24 @@
 //! failed runs' generations stay, and the report names the kept restore points that
 //! became approximate and how many paths lost their version as of that point.
 
-use crate::exec::{Cmd, CommandError, Runner};
+use crate::exec::{CommandError, Runner};
 use crate::retention::{self, Decision, LocalTime, Policy, PolicyError, RestorePoint};
+#[cfg(test)]
+use crate::target::ops::{apply_local, shell_script};
+use crate::target::Target;
+pub use crate::target::{Mode, Op};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{OsStr, OsString};
 use std::fmt::{self, Write as _};
-use std::fs;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-
-/// Where the target lives and what we may run there.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetSpec {
-    /// A directory on this machine: renames with `std::fs`.
-    Local(PathBuf),
-    /// `[user@]host:path` over ssh. `shell`: the key may run `sh` (merges by renames);
-    /// otherwise it may only run `rsync --server` (rrsync, `command=`), so rsync-only.
-    /// `ssh` is the ssh command line (program and options, e.g. `["ssh", "-p", "2222"]`).
-    Ssh {
-        user: Option<String>,
-        host: String,
-        path: String,
-        shell: bool,
-        ssh: Vec<String>,
-    },
-    /// An rsync daemon: `rsync://host[:port]/module/path` or `host::module/path`.
-    Rsync { url: String },
-}
-
-impl TargetSpec {
-    /// Parses the CLI form: `rsync://…` or `host::module` is a daemon, `[user@]host:path`
-    /// is ssh, anything else a local path (write `./a:b` for a local name with a colon).
-    pub fn parse(s: &str, ssh: Vec<String>, shell: bool) -> TargetSpec {
-        if s.starts_with("rsync://") || s.contains("::") {
-            return TargetSpec::Rsync { url: s.into() };
-        }
-        match s.split_once(':') {
-            Some((remote, path)) if !remote.is_empty() && !remote.contains('/') => {
-                let (user, host) = match remote.rsplit_once('@') {
-                    Some((u, h)) => (Some(u.to_string()), h.to_string()),
-                    None => (None, remote.to_string()),
-                };
-                TargetSpec::Ssh {
-                    user,
-                    host,
-                    path: path.into(),
-                    shell,
-                    ssh,
-                }
-            }
-            _ => TargetSpec::Local(PathBuf::from(s)),
-        }
-    }
-
-    fn mode(&self) -> Mode {
-        match self {
-            TargetSpec::Local(_) | TargetSpec::Ssh { shell: true, .. } => Mode::Merge,
-            TargetSpec::Ssh { shell: false, .. } | TargetSpec::Rsync { .. } => Mode::DeleteOnly,
-        }
-    }
-}
-
-impl fmt::Display for TargetSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TargetSpec::Local(p) => write!(f, "{}", p.display()),
-            TargetSpec::Ssh { .. } => write!(f, "{}", self.rsync_root().unwrap_or_default()),
-            TargetSpec::Rsync { url } => write!(f, "{url}"),
-        }
-    }
-}
-
-/// What the target allows: renames (merge) or only whole deletions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Merge,
-    DeleteOnly,
-}
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error(transparent)]
     Command(#[from] CommandError),
-    #[error("{target}: not a snapveil target (neither runs/ nor generations/ exists)")]
-    NotATarget { target: String },
     #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
     ListParse { target: String, line: String },
-    #[error(
-        "{path}: refusing to overwrite an existing entry (did the target change during prune?)"
-    )]
-    Exists { path: PathBuf },
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
     #[error(
@@ -146,13 +65,6 @@ pub enum PruneError {
          was pruned"
     )]
     WouldDeleteNewPoint { stamp: String },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PruneError + '_ {
-    move |source| PruneError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 // ---- listing ---------------------------------------------------------------------------
@@ -288,73 +200,24 @@ impl Listing {
     }
 }
 
-/// Reads a local target's listing.
+/// Reads a local target's listing ([`crate::target::ops::local_paths`]).
 ///
 /// # Errors
-/// Unreadable directories, or a directory that is not a target at all.
+/// Unreadable directories, a symlinked area, or a directory that is not a target.
 pub fn list_local(target: &Path) -> Result<Listing, PruneError> {
-    crate::target::check_local_layout(target)?;
-    let (runs, gens) = (target.join("runs"), target.join("generations"));
-    if !runs.is_dir() && !gens.is_dir() {
-        return Err(PruneError::NotATarget {
-            target: target.display().to_string(),
-        });
-    }
-    let mut paths: Vec<(Vec<u8>, bool)> = Vec::new();
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        out: &mut Vec<(Vec<u8>, bool)>,
-        recurse: bool,
-    ) -> Result<(), PruneError> {
-        let rd = match fs::read_dir(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && dir.parent() == Some(root) => {
-                return Ok(())
-            }
-            r => r.map_err(io_err(dir))?,
-        };
-        for e in rd {
-            let e = e.map_err(io_err(dir))?;
-            let p = e.path();
-            let is_dir = e.file_type().map_err(io_err(&p))?.is_dir();
-            let rel = p
-                .strip_prefix(root)
-                .unwrap_or(&p)
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            out.push((rel, is_dir));
-            if is_dir && recurse {
-                walk(root, &p, out, true)?;
-            }
-        }
-        Ok(())
-    }
-    walk(target, &runs, &mut paths, false)?;
-    walk(target, &target.join("manifests"), &mut paths, false)?;
-    // Only stamp-named generation directories are descended into.
-    walk(target, &gens, &mut paths, false)?;
-    let tops: Vec<PathBuf> = paths
-        .iter()
-        .filter(|(p, d)| *d && p.starts_with(b"generations/"))
-        .map(|(p, _)| target.join(OsStr::from_bytes(p)))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_stamp))
-        .collect();
-    for t in tops {
-        walk(target, &t, &mut paths, true)?;
-    }
+    let paths = crate::target::ops::local_paths(target)?;
     Ok(Listing::from_paths(
         paths.iter().map(|(p, d)| (p.as_slice(), *d)),
     ))
 }
 
 /// Parses `rsync --list-only` output into (name, is a directory), byte-exact
-/// ([`crate::rsync::parse_listing`]).
+/// ([`crate::target::rsync::parse_listing`]).
 ///
 /// # Errors
 /// A line that does not have that shape.
 pub fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>, PruneError> {
-    crate::rsync::parse_listing(out)
+    crate::target::rsync::parse_listing(out)
         .map(|v| v.into_iter().map(|e| (e.name, e.kind == b'd')).collect())
         .map_err(|line| PruneError::ListParse {
             target: target.into(),
@@ -363,30 +226,6 @@ pub fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>,
 }
 
 // ---- plan ----------------------------------------------------------------------------
-
-/// One step on the target. Paths inside a generation are relative to it, raw bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// `runs/<stamp>.json`: the restore point ceases to exist.
-    RemoveRecord { stamp: String },
-    /// `manifests/<stamp>.sha1` and `manifests/<stamp>.meta` (absent is fine).
-    RemoveManifest { stamp: String },
-    /// Rename `generations/<from>/<path>` to `generations/<to>/<path>`; the destination
-    /// must not exist.
-    Move {
-        from: String,
-        to: String,
-        path: Vec<u8>,
-    },
-    /// A superseded non-directory entry.
-    RemoveFile { gen: String, path: Vec<u8> },
-    /// A directory that must be empty by now (`path` empty: the generation itself).
-    RemoveDir { gen: String, path: Vec<u8> },
-    /// Rename a whole generation; the destination must not exist.
-    RenameGen { from: String, to: String },
-    /// A generation no kept restore point needs, deleted whole.
-    DeleteGen { stamp: String },
-}
 
 /// A merge of generations (`from`, oldest first) into one named `into`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -622,414 +461,12 @@ fn remove_subtree(node: &Node, gen: &str, path: &[u8], ops: &mut Vec<Op>) {
     }
 }
 
-// ---- executors -------------------------------------------------------------------------
-
-/// Applies ops to a local target with renames and single-entry removals.
-///
-/// # Errors
-/// The first failing operation; a destination that exists is refused, not overwritten.
-pub fn apply_local(target: &Path, ops: &[Op]) -> Result<(), PruneError> {
-    let gen = |g: &str, p: &[u8]| {
-        let base = target.join("generations").join(g);
-        if p.is_empty() {
-            base
-        } else {
-            base.join(OsStr::from_bytes(p))
-        }
-    };
-    let absent = |p: &Path| match fs::symlink_metadata(p) {
-        Ok(_) => Err(PruneError::Exists { path: p.to_owned() }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(p)(e)),
-    };
-    for op in ops {
-        tracing::debug!(?op, "prune");
-        match op {
-            Op::RemoveRecord { stamp } => {
-                let p = target.join("runs").join(format!("{stamp}.json"));
-                fs::remove_file(&p).map_err(io_err(&p))?;
-            }
-            Op::RemoveManifest { stamp } => {
-                // The metadata record goes with the manifest (absent before snapveil wrote one).
-                for ext in ["sha1", "meta"] {
-                    let p = target.join("manifests").join(format!("{stamp}.{ext}"));
-                    match fs::remove_file(&p) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
-                        _ => {}
-                    }
-                }
-            }
-            Op::Move { from, to, path } => {
-                let (a, b) = (gen(from, path), gen(to, path));
-                absent(&b)?;
-                fs::rename(&a, &b).map_err(io_err(&a))?;
-            }
-            Op::RemoveFile { gen: g, path } => {
-                let p = gen(g, path);
-                fs::remove_file(&p).map_err(io_err(&p))?;
-            }
-            Op::RemoveDir { gen: g, path } => {
-                let p = gen(g, path);
-                fs::remove_dir(&p).map_err(io_err(&p))?;
-            }
-            Op::RenameGen { from, to } => {
-                let (a, b) = (gen(from, b""), gen(to, b""));
-                absent(&b)?;
-                fs::rename(&a, &b).map_err(io_err(&a))?;
-            }
-            Op::DeleteGen { stamp } => {
-                // A stamp-named directory under generations/: snapveil's own, whole.
-                let p = gen(stamp, b"");
-                fs::remove_dir_all(&p).map_err(io_err(&p))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Quotes for a POSIX shell, always (the script runs on a host we don't know).
-fn sh_quote(s: &[u8]) -> Vec<u8> {
-    let mut v = b"'".to_vec();
-    for &b in s {
-        if b == b'\'' {
-            v.extend_from_slice(b"'\\''");
-        } else {
-            v.push(b);
-        }
-    }
-    v.push(b'\'');
-    v
-}
-
-/// The POSIX sh script that applies `ops` inside `path` on a host with a shell. Each line
-/// does one operation; `mvnew` refuses an existing destination (plain `mv` would move
-/// *into* an existing directory); no `rm -rf` except of a whole stamp-named generation.
-pub fn shell_script(path: &str, ops: &[Op]) -> Vec<u8> {
-    let g = |gen: &str, p: &[u8]| {
-        let mut v = format!("generations/{gen}").into_bytes();
-        if !p.is_empty() {
-            v.push(b'/');
-            v.extend_from_slice(p);
-        }
-        sh_quote(&v)
-    };
-    let mut s: Vec<u8> = Vec::new();
-    s.extend_from_slice(b"set -eu\ncd -- ");
-    s.extend(sh_quote(if path.is_empty() {
-        b"."
-    } else {
-        path.as_bytes()
-    }));
-    s.extend_from_slice(
-        b"\n[ -d generations ] || [ -d runs ] || { echo \"snapveil: $(pwd) is not a snapveil target\" >&2; exit 3; }; \
-for a in current generations runs manifests; do if [ -L \"$a\" ]; then echo \"snapveil: $(pwd)/$a is a symlink: refusing to prune through it\" >&2; exit 3; fi; done\n\
-mvnew() { if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"snapveil: refusing to overwrite $2\" >&2; exit 3; fi; mv -- \"$1\" \"$2\"; }\n",
-    );
-    for op in ops {
-        let line: Vec<u8> = match op {
-            Op::RemoveRecord { stamp } => [
-                b"rm -- ".as_slice(),
-                &sh_quote(format!("runs/{stamp}.json").as_bytes()),
-            ]
-            .concat(),
-            Op::RemoveManifest { stamp } => [
-                b"rm -f -- ".as_slice(),
-                &sh_quote(format!("manifests/{stamp}.sha1").as_bytes()),
-                b" ",
-                &sh_quote(format!("manifests/{stamp}.meta").as_bytes()),
-            ]
-            .concat(),
-            Op::Move { from, to, path } => {
-                [b"mvnew ".as_slice(), &g(from, path), b" ", &g(to, path)].concat()
-            }
-            Op::RemoveFile { gen, path } => [b"rm -- ".as_slice(), &g(gen, path)].concat(),
-            Op::RemoveDir { gen, path } => [b"rmdir -- ".as_slice(), &g(gen, path)].concat(),
-            Op::RenameGen { from, to } => {
-                [b"mvnew ".as_slice(), &g(from, b""), b" ", &g(to, b"")].concat()
-            }
-            Op::DeleteGen { stamp } => [b"rm -rf -- ".as_slice(), &g(stamp, b"")].concat(),
-        };
-        s.extend(line);
-        s.push(b'\n');
-    }
-    s
-}
-
-impl TargetSpec {
-    /// The rsync address of the target root, with a trailing slash.
-    fn rsync_root(&self) -> Option<String> {
-        match self {
-            TargetSpec::Local(_) => None,
-            TargetSpec::Ssh {
-                user, host, path, ..
-            } => {
-                let user = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
-                let path = if path.is_empty() { "." } else { path };
-                Some(format!("{user}{host}:{}/", path.trim_end_matches('/')))
-            }
-            TargetSpec::Rsync { url } => Some(format!("{}/", url.trim_end_matches('/'))),
-        }
-    }
-
-    /// `-e SSH` for rsync over ssh, quoted the way rsync splits it.
-    fn rsh(&self) -> Option<String> {
-        match self {
-            TargetSpec::Ssh { ssh, .. } => Some(
-                ssh.iter()
-                    .map(|a| String::from_utf8_lossy(&sh_quote(a.as_bytes())).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ),
-            _ => None,
-        }
-    }
-
-    fn rsync(&self, rsync: &OsStr) -> Cmd {
-        let c = Cmd::new(rsync);
-        match self.rsh() {
-            Some(e) => c.arg("-e").arg(e),
-            None => c,
-        }
-    }
-}
-
-/// Lists a remote target with `rsync --list-only` (works with rrsync and daemons).
-///
-/// # Errors
-/// rsync failing (unreachable, no such path) or output that does not parse.
-pub fn list_remote(
-    runner: &dyn Runner,
-    target: &TargetSpec,
-    rsync: &OsStr,
-) -> Result<Listing, PruneError> {
-    let root = target.rsync_root().unwrap_or_default();
-    let out = target
-        .rsync(rsync)
-        .args([
-            "--list-only",
-            "-rl",
-            // Areas without a trailing slash, so that a symlink named like one is listed.
-            "--include=/runs",
-            "--include=/runs/*.json",
-            "--include=/manifests",
-            "--include=/manifests/*.sha1",
-            "--include=/manifests/*.meta",
-            "--include=/generations",
-            "--include=/generations/**",
-            "--include=/current",
-            "--exclude=*",
-        ])
-        .arg(&root)
-        .run_checked(runner)?;
-    let entries =
-        crate::rsync::parse_listing(&out.stdout).map_err(|line| PruneError::ListParse {
-            target: root.clone(),
-            line,
-        })?;
-    for a in crate::target::Area::ALL {
-        match entries.iter().find(|e| e.name == a.dir().as_bytes()) {
-            Some(e) if e.kind == b'l' => {
-                return Err(crate::target::TargetError::Symlink {
-                    target: target.to_string(),
-                    area: a.dir(),
-                    to: String::new(),
-                }
-                .into())
-            }
-            Some(e) if e.kind != b'd' => {
-                return Err(crate::target::TargetError::NotADirectory {
-                    target: target.to_string(),
-                    area: a.dir(),
-                }
-                .into())
-            }
-            _ => {}
-        }
-    }
-    let paths: Vec<(Vec<u8>, bool)> = entries
-        .into_iter()
-        .filter(|e| e.name != b"current")
-        .map(|e| (e.name, e.kind == b'd'))
-        .collect();
-    let l = Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)));
-    let has = |top: &[u8]| paths.iter().any(|(p, d)| *d && p == top);
-    if !has(b"runs") && !has(b"generations") {
-        return Err(PruneError::NotATarget { target: root });
-    }
-    Ok(l)
-}
-
-/// An empty directory to sync from; removed on drop.
-struct EmptyDir(PathBuf);
-
-impl EmptyDir {
-    fn new() -> Result<Self, PruneError> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "snapveil-prune-empty-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir(&p).map_err(io_err(&p))?;
-        Ok(EmptyDir(p))
-    }
-}
-
-impl Drop for EmptyDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir(&self.0) {
-            tracing::warn!("removing {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// Applies ops with rsync alone: deletion by syncing an empty directory with include
-/// filters naming exactly the entries to delete, `--exclude=*` protecting everything
-/// else, and `--delete`. Only whole deletions exist here; the plan never asks for more.
-///
-/// # Errors
-/// rsync failing.
-pub fn apply_rsync(
-    runner: &dyn Runner,
-    target: &TargetSpec,
-    rsync: &OsStr,
-    ops: &[Op],
-) -> Result<(), PruneError> {
-    let root = target.rsync_root().unwrap_or_default();
-    let empty = EmptyDir::new()?;
-    let mut src: OsString = empty.0.clone().into_os_string();
-    src.push("/");
-    let delete = |dir: &str, includes: Vec<String>| -> Result<(), PruneError> {
-        if includes.is_empty() {
-            return Ok(());
-        }
-        target
-            .rsync(rsync)
-            .args(["-r", "--delete"])
-            .args(includes.iter().map(|i| format!("--include={i}")))
-            .arg("--exclude=*")
-            .arg(&src)
-            .arg(format!("{root}{dir}/"))
-            .run_checked(runner)?;
-        Ok(())
-    };
-    // One record per call, in plan order: the oldest record goes last.
-    let mut manifests = Vec::new();
-    let mut gens = Vec::new();
-    for op in ops {
-        match op {
-            Op::RemoveRecord { stamp } => delete("runs", vec![format!("/{stamp}.json")])?,
-            Op::RemoveManifest { stamp } => {
-                manifests.push(format!("/{stamp}.sha1"));
-                manifests.push(format!("/{stamp}.meta"));
-            }
-            Op::DeleteGen { stamp } => gens.push(format!("/{stamp}/***")),
-            other => unreachable_in_rsync_mode(other)?,
-        }
-    }
-    delete("manifests", manifests)?;
-    delete("generations", gens)
-}
-
-fn unreachable_in_rsync_mode(op: &Op) -> Result<(), PruneError> {
-    Err(PruneError::Io {
-        path: PathBuf::from("generations"),
-        source: io::Error::other(format!("rsync-only target cannot {op:?}")),
-    })
-}
-
-/// Applies ops over ssh with a shell: one `sh -s` with the script on stdin.
-///
-/// # Errors
-/// ssh or the script failing (the script stops at the first failing line).
-pub fn apply_ssh(runner: &dyn Runner, target: &TargetSpec, ops: &[Op]) -> Result<(), PruneError> {
-    let TargetSpec::Ssh {
-        user,
-        host,
-        path,
-        ssh,
-        ..
-    } = target
-    else {
-        return Ok(());
-    };
-    let dest = match user {
-        Some(u) => format!("{u}@{host}"),
-        None => host.clone(),
-    };
-    let (prog, args) = ssh
-        .split_first()
-        .map(|(p, a)| (p.as_str(), a))
-        .unwrap_or(("ssh", &[]));
-    Cmd::new(prog)
-        .args(args)
-        .arg(dest)
-        .args(["sh", "-s"])
-        .stdin(shell_script(path, ops))
-        .run_checked(runner)?;
-    Ok(())
-}
-
-/// The run records of the listing, read (local) or copied to `scratch` and read (remote:
-/// rsync without `--links` skips a symlinked record, which then reads as not a file).
-fn read_records(
-    runner: &dyn Runner,
-    target: &TargetSpec,
-    rsync: &OsStr,
-    listing: &Listing,
-    scratch: &Path,
-) -> Result<Vec<crate::target::RecordFile>, PruneError> {
-    let read = |dir: &Path| -> Result<Vec<crate::target::RecordFile>, PruneError> {
-        let mut v = Vec::new();
-        for s in &listing.records {
-            let p = dir.join(format!("{s}.json"));
-            let data = match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_file() => Some(fs::read(&p).map_err(io_err(&p))?),
-                _ => None,
-            };
-            v.push(crate::target::RecordFile {
-                stamp: s.clone(),
-                data,
-            });
-        }
-        Ok(v)
-    };
-    match target {
-        TargetSpec::Local(p) => read(&p.join("runs")),
-        _ if listing.records.is_empty() => Ok(Vec::new()),
-        _ => {
-            let dir = scratch.join(format!("records-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            let root = target.rsync_root().unwrap_or_default();
-            let r = target
-                .rsync(rsync)
-                .args(["--recursive", "--include=/*.json", "--exclude=*"])
-                .arg(format!("{root}runs/"))
-                .arg(format!("{}/", dir.display()))
-                .run_checked(runner)
-                .map_err(PruneError::from)
-                .and_then(|_| read(&dir));
-            let _ = fs::remove_dir_all(&dir);
-            r
-        }
-    }
-}
-
 // ---- the command ------------------------------------------------------------------------
 
 pub struct PruneOptions<'a> {
     pub dry_run: bool,
-    /// The job whose target this is: its records must name it (another job's stop the
-    /// prune). `None` for `prune --target`.
-    pub job: Option<String>,
     /// The restore point the calling run just made: a plan that deletes it is refused.
     pub protect: Option<String>,
-    /// Where to copy a remote target's run records to read them.
-    pub scratch: PathBuf,
-    /// rsync program (from `[tools]`).
-    pub rsync: OsString,
     /// Wall clock in which periods are counted.
     pub local: LocalTime<'a>,
 }
@@ -1047,45 +484,43 @@ pub struct PruneReport {
 /// An invalid policy (before anything is touched), listing or applying failures.
 pub fn prune(
     runner: &dyn Runner,
-    target: &TargetSpec,
+    target: &Target,
     policy: &Policy,
     opts: &PruneOptions<'_>,
 ) -> Result<PruneReport, PruneError> {
     policy.validate()?;
-    let mut listing = match target {
-        TargetSpec::Local(p) => list_local(p)?,
-        _ => list_remote(runner, target, &opts.rsync)?,
-    };
+    let paths = target.prune_paths(runner)?;
+    let mut listing = Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)));
     // Only records that are restore points count; junk is left alone, reported.
-    let records = read_records(runner, target, &opts.rsync, &listing, &opts.scratch)?;
-    let (points, ignored) = crate::target::classify(
-        &target.to_string(),
+    let stamps: Vec<String> = listing.records.iter().cloned().collect();
+    let records = target.read_records(runner, &stamps)?;
+    let (points, ignored) = crate::target::layout::classify(
+        &target.address().to_string(),
         records,
         &listing.manifests,
-        opts.job.as_deref(),
+        target.job(),
     )?;
     for (f, why) in &ignored {
-        tracing::warn!("{target}/{f}: not a restore point: {why} (left alone)");
+        tracing::warn!(
+            "{}/{f}: not a restore point: {why} (left alone)",
+            target.address()
+        );
     }
     listing.records = points.into_iter().collect();
-    let plan = plan_prune(&listing, policy, opts.local, target.mode());
+    let plan = plan_prune(&listing, policy, opts.local, target.mode(runner));
     if let Some(p) = &opts.protect {
         if plan.decisions.iter().any(|d| &d.stamp == p && !d.keep) {
             return Err(PruneError::WouldDeleteNewPoint { stamp: p.clone() });
         }
     }
     if !opts.dry_run && !plan.ops.is_empty() {
-        match target {
-            TargetSpec::Local(p) => apply_local(p, &plan.ops)?,
-            TargetSpec::Ssh { shell: true, .. } => apply_ssh(runner, target, &plan.ops)?,
-            _ => apply_rsync(runner, target, &opts.rsync, &plan.ops)?,
-        }
+        target.apply(runner, &plan.ops)?;
     }
     for f in &plan.foreign {
         tracing::warn!("generations/{f}: not a snapveil generation, left alone");
     }
     Ok(PruneReport {
-        target: target.to_string(),
+        target: target.address().to_string(),
         plan,
         dry_run: opts.dry_run,
     })
@@ -1148,53 +583,6 @@ impl fmt::Display for PruneReport {
     }
 }
 
-/// The prune target of a configured job. For ssh, whether the key may run a shell decides
-/// between merges and whole deletions: a harmless `echo` is tried, and a key restricted to
-/// rrsync or another forced command does not answer it.
-///
-/// # Errors
-/// Only spawning ssh failing; a refused shell is not an error.
-pub fn job_target(
-    runner: &dyn Runner,
-    cfg: &crate::config::Config,
-    job: &crate::config::Job,
-) -> Result<TargetSpec, PruneError> {
-    use crate::config::Target;
-    Ok(match &job.target {
-        Target::Local(p) => TargetSpec::Local(p.clone()),
-        Target::Ssh { user, host, path } => {
-            let mut ssh = vec![cfg.tools.ssh.to_string_lossy().into_owned()];
-            ssh.extend(job.ssh_args.iter().cloned());
-            const MARK: &str = "snapveil-shell-ok";
-            let dest = match user {
-                Some(u) => format!("{u}@{host}"),
-                None => host.clone(),
-            };
-            let probe = Cmd::new(&ssh[0])
-                .args(&ssh[1..])
-                .arg(dest)
-                .arg(format!("echo {MARK}"));
-            let shell = runner
-                .output(&probe)
-                .map(|o| o.exit == crate::exec::Exit::Code(0) && o.stdout_str().trim() == MARK)
-                .unwrap_or(false);
-            if !shell {
-                tracing::info!(target = %job.target, "the ssh key runs no shell (rrsync?): prune deletes whole generations, no merges");
-            }
-            TargetSpec::Ssh {
-                user: user.clone(),
-                host: host.clone(),
-                path: path.clone(),
-                shell,
-                ssh,
-            }
-        }
-        Target::RsyncDaemon { .. } => TargetSpec::Rsync {
-            url: job.target.to_string(),
-        },
-    })
-}
-
 /// Prunes one configured job's target by its policy; `None` when the job has no
 /// retention rules (everything is kept). The caller holds the job's lock.
 ///
@@ -1202,7 +590,7 @@ pub fn job_target(
 /// A bad policy, listing or applying failing.
 pub fn prune_job(
     runner: &dyn Runner,
-    cfg: &crate::config::Config,
+    target: &Target,
     job: &crate::config::Job,
     dry_run: bool,
     protect: Option<&str>,
@@ -1215,17 +603,13 @@ pub fn prune_job(
     else {
         return Ok(None);
     };
-    let target = job_target(runner, cfg, job)?;
     let opts = PruneOptions {
         dry_run,
-        job: Some(job.name.clone()),
         protect: protect.map(str::to_string),
-        scratch: crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name),
-        rsync: cfg.tools.rsync.clone().into(),
         local: &retention::system_local,
     };
-    let report = prune(runner, &target, &policy, &opts)
-        .with_context(|| format!("prune {target} ({policy})"))?;
+    let report = prune(runner, target, &policy, &opts)
+        .with_context(|| format!("prune {} ({policy})", target.address()))?;
     Ok(Some(report))
 }
 
@@ -1286,7 +670,7 @@ pub fn jobs_command(
                 continue;
             }
         };
-        match prune_job(runner, &cfg, job, a.dry_run, None) {
+        match prune_job(runner, &Target::for_job(&cfg, job), job, a.dry_run, None) {
             Ok(Some(r)) => print!("job {}: {r}", job.name),
             Ok(None) => println!(
                 "job {}: no retention rules: every restore point is kept",
@@ -1339,13 +723,12 @@ pub fn command(
         }
     };
     let ssh = a.ssh.split_whitespace().map(String::from).collect();
-    let target = TargetSpec::parse(a.target.as_deref().unwrap_or_default(), ssh, !a.rsync_only);
+    let address = crate::target::Address::parse_cli(a.target.as_deref().unwrap_or_default());
+    let target = Target::open(address, &a.rsync, ssh, std::env::temp_dir(), None)
+        .assume_shell(!a.rsync_only);
     let opts = PruneOptions {
         dry_run: a.dry_run,
-        job: None,
         protect: None,
-        scratch: std::env::temp_dir(),
-        rsync: a.rsync.clone().into(),
         local: if a.utc {
             &retention::utc
         } else {
@@ -1353,7 +736,7 @@ pub fn command(
         },
     };
     let report = anyhow::Context::with_context(prune(runner, &target, &policy, &opts), || {
-        format!("prune {target} ({policy})")
+        format!("prune {} ({policy})", target.address())
     })?;
     print!("{report}");
     Ok(std::process::ExitCode::SUCCESS)

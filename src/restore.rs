@@ -29,8 +29,9 @@
 use crate::config::{Config, Job};
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, LONGNAME_SUFFIX};
 use crate::crypto::{join_cpath, Keys, NameMode};
-use crate::exec::{Exit, Runner};
+use crate::exec::Runner;
 use crate::manifest::meta::{self, Kind, MetaEntry};
+use crate::target::{Area, Target};
 use crate::verify::{self, VerifyError};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -59,7 +60,9 @@ pub enum RestoreError {
     #[error("listing generations: {0}")]
     Generations(String),
     #[error(transparent)]
-    Rsync(#[from] crate::rsync::RsyncError),
+    Rsync(#[from] crate::target::RsyncError),
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
     #[error(transparent)]
     Decrypt(#[from] crate::decrypt::DecryptError),
     #[error(transparent)]
@@ -274,14 +277,15 @@ pub fn restore(
         .collect::<Result<_, RestoreError>>()?;
     let (key, master) = verify::unlock(job)?;
     let keys = Keys::new(&master, key.flags);
-    let points = verify::restore_points(runner, cfg, job)?;
+    let target = Target::for_job(cfg, job);
+    let points = target.scan(runner).map_err(VerifyError::from)?.points;
     let as_of = as_of.map(as_of_stamp).transpose()?;
     let point =
         pick_point(&points, as_of.as_deref()).ok_or_else(|| RestoreError::NoPointBefore {
-            target: job.target.to_string(),
+            target: target.address().to_string(),
             time: as_of.clone().unwrap_or_else(|| "now".into()),
         })?;
-    let want = verify::manifest_of(runner, cfg, job, &point)?;
+    let want = verify::manifest_of(runner, &target, &point)?;
     if let Some(bad) = want.keys().find(|c| !safe_rel(c)) {
         return Err(RestoreError::BadMeta {
             file: format!("manifests/{point}.sha1"),
@@ -290,7 +294,7 @@ pub fn restore(
         });
     }
     let meta_file = format!("manifests/{point}.meta");
-    let recorded = match verify::fetch_small(runner, cfg, job, &meta_file)? {
+    let recorded = match target.fetch(runner, Area::Manifests, &format!("{point}.meta"))? {
         Some(d) => Some(load_meta(&meta_file, &d)?),
         None => None,
     };
@@ -388,8 +392,7 @@ pub fn restore(
     fs::create_dir_all(&stage).map_err(io(&stage))?;
     let ctx = Ctx {
         runner,
-        cfg,
-        job,
+        target: &target,
         keys: &keys,
         point: &point,
         points: &points,
@@ -398,7 +401,7 @@ pub fn restore(
     let result = result.and_then(|fetched| {
         if raw {
             report.files = fetched;
-            write_raw_extras(runner, cfg, job, &keys, &stage)
+            write_raw_extras(runner, &target, &keys, &stage)
         } else {
             if recorded.is_some() {
                 stage_entries(&apply, &stage, &mut report)?;
@@ -486,8 +489,7 @@ fn stage_entries(
 /// What fetching needs to know about the restore.
 struct Ctx<'a> {
     runner: &'a dyn Runner,
-    cfg: &'a Config,
-    job: &'a Job,
+    target: &'a Target,
     keys: &'a Keys,
     point: &'a str,
     points: &'a [String],
@@ -500,54 +502,18 @@ impl Ctx<'_> {
         stage: &Path,
         report: &mut Report,
     ) -> Result<u64, RestoreError> {
-        let (runner, cfg, job, point) = (self.runner, self.cfg, self.job, self.point);
-        let list = stage.with_extension("files-from");
-        let mut data = Vec::new();
-        for c in sel.keys() {
-            data.extend_from_slice(c);
-            data.push(0);
-        }
-        fs::write(&list, &data).map_err(io(&list))?;
+        let (runner, target, point) = (self.runner, self.target, self.point);
+        let list = target.files_from(sel.keys())?;
         // current/ first, then the generations newer than the point, newest first: each
         // overwrites, so the oldest version after the point wins.
-        let mut gens = crate::job::generations(runner, cfg, job)
-            .map_err(|e| RestoreError::Generations(format!("{e:#}")))?;
+        let mut gens = target.generations(runner)?;
         gens.retain(|g| g.as_str() > point);
         gens.reverse();
         let sources: Vec<String> = std::iter::once("current".to_string())
             .chain(gens.iter().map(|g| format!("generations/{g}")))
             .collect();
-        let mut r: Result<(), RestoreError> = Ok(());
-        for src in &sources {
-            let cmd = crate::rsync::base(&cfg.tools, &job.target, &job.ssh_args)
-                .args(["--archive", "--numeric-ids", "--ignore-times", "--from0"])
-                .arg(format!("--files-from={}", list.display()))
-                .arg(job.target.rsync_dest(&format!("{src}/")))
-                .arg(format!("{}/", stage.display()));
-            let out = match runner.output(&cmd) {
-                Ok(o) => o,
-                Err(e) => {
-                    r = Err(crate::rsync::RsyncError::Spawn(e).into());
-                    break;
-                }
-            };
-            match out.exit {
-                Exit::Code(0) => {}
-                // 23: some listed files are not in this source, the normal case.
-                Exit::Code(23) => {}
-                exit => {
-                    r = Err(crate::rsync::RsyncError::Failed {
-                        target: job.target.to_string(),
-                        exit,
-                        stderr: out.stderr_str(),
-                    }
-                    .into());
-                    break;
-                }
-            }
-        }
-        let _ = fs::remove_file(&list);
-        r?;
+        target.fetch_files(runner, &list, &sources, stage)?;
+        drop(list);
         let mut newer = NewerManifests::default();
         let mut fetched = 0;
         for (c, s) in sel {
@@ -608,7 +574,7 @@ impl NewerManifests {
     ) -> Result<Option<String>, RestoreError> {
         if self.loaded.is_empty() {
             for q in ctx.points.iter().filter(|q| q.as_str() > ctx.point) {
-                let m = match verify::manifest_of(ctx.runner, ctx.cfg, ctx.job, q) {
+                let m = match verify::manifest_of(ctx.runner, ctx.target, q) {
                     Ok(m) => Some(m),
                     Err(VerifyError::NoManifest { .. }) => None,
                     Err(e) => return Err(e.into()),
@@ -639,15 +605,14 @@ fn describe(keys: &Keys, c: &[u8]) -> String {
 /// encrypted path) and fetches `gocryptfs.conf`, so stock gocryptfs can mount `root`.
 fn write_raw_extras(
     runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
+    target: &Target,
     keys: &Keys,
     root: &Path,
 ) -> Result<(), RestoreError> {
     if keys.flags.names == NameMode::DirIv {
         add_dirivs(root, b"")?;
     }
-    let conf = verify::fetch_small(runner, cfg, job, &format!("current/{CONF_NAME}"))?;
+    let conf = target.fetch(runner, Area::Current, CONF_NAME)?;
     if let Some(c) = conf {
         let p = root.join(CONF_NAME);
         fs::write(&p, c).map_err(io(&p))?;

@@ -13,13 +13,14 @@
 //! --itemize-changes`, where rsync computes the remote checksums on the backup host.
 //! Where the source changed since the last run, the manifest decides which side is wrong.
 
-use crate::config::{Config, Job, Target};
+use crate::config::{Config, Job};
 use crate::crypto::content::{self, CBLOCK, HEADER_LEN};
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX};
 use crate::crypto::{join_cpath, KeyConfig, Keys, MasterKey, NameMode};
-use crate::exec::{Exit, Runner};
+use crate::exec::Runner;
 use crate::manifest::meta::MetaEntry;
 use crate::manifest::{self, Entry};
+use crate::target::{Area, Target};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -38,7 +39,7 @@ pub enum VerifyError {
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
     #[error(transparent)]
-    Rsync(#[from] crate::rsync::RsyncError),
+    Rsync(#[from] crate::target::RsyncError),
     #[error(transparent)]
     Key(#[from] crate::crypto::ConfigError),
     #[error(transparent)]
@@ -113,17 +114,6 @@ impl Report {
     }
 }
 
-fn tmp_dir(cfg: &Config, job: &Job, what: &str) -> Result<PathBuf, VerifyError> {
-    let d = cfg
-        .state_dir
-        .join("work")
-        .join(&job.name)
-        .join(format!("{what}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).map_err(io(&d))?;
-    Ok(d)
-}
-
 /// Writes `TARGET/manifests/STAMP.meta` (every entry's type, mode, owner, mtime, link
 /// target: [`manifest::meta`]) and then `TARGET/manifests/STAMP.sha1` of the view mounted
 /// at `view` (during a run, before `runs/STAMP.json`, so every restore point has both).
@@ -134,55 +124,24 @@ fn tmp_dir(cfg: &Config, job: &Job, what: &str) -> Result<PathBuf, VerifyError> 
 /// Reading the view, or writing/uploading the manifest.
 pub fn write_manifest(
     runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
+    target: &Target,
     stamp: &str,
     view: &Path,
 ) -> Result<Vec<Entry>, VerifyError> {
     let (entries, meta) = build_outside_rayon(view)?;
-    upload_small(
+    target.put(
         runner,
-        cfg,
-        job,
+        Area::Manifests,
         &format!("{stamp}.meta"),
         &manifest::meta::format(&meta),
     )?;
-    upload_small(
+    target.put(
         runner,
-        cfg,
-        job,
+        Area::Manifests,
         &format!("{stamp}.sha1"),
         &manifest::format(&entries),
     )?;
     Ok(entries)
-}
-
-/// Writes `TARGET/manifests/NAME`: atomically on a local target, by rsync otherwise.
-fn upload_small(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    name: &str,
-    data: &[u8],
-) -> Result<(), VerifyError> {
-    match &job.target {
-        Target::Local(root) => {
-            let p = root.join("manifests").join(name);
-            if let Some(d) = p.parent() {
-                fs::create_dir_all(d).map_err(io(d))?;
-            }
-            crate::status::write_atomic(&p, data).map_err(io(&p))?;
-        }
-        t => {
-            let dir = tmp_dir(cfg, job, "manifest")?;
-            let tmp = dir.join(name);
-            fs::write(&tmp, data).map_err(io(&tmp))?;
-            let r = crate::rsync::upload(runner, &cfg.tools, t, &job.ssh_args, &tmp, "manifests/");
-            let _ = fs::remove_dir_all(&dir);
-            r?;
-        }
-    }
-    Ok(())
 }
 
 /// `manifest::build` for a view served by this process: the FUSE handlers encrypt on
@@ -259,75 +218,22 @@ fn build_outside_rayon(view: &Path) -> Result<(Vec<Entry>, Vec<MetaEntry>), Veri
     Ok((out, meta))
 }
 
-/// Restore points on the target, oldest first: records that parse, name this job and
-/// have their manifest ([`crate::target::scan`], which also checks the layout).
-///
-/// # Errors
-/// Reading the target failed, an area is a symlink, or a record is another job's.
-pub fn restore_points(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-) -> Result<Vec<String>, VerifyError> {
-    Ok(crate::target::scan(runner, cfg, job)?.points)
-}
-
-/// Fetches a small file below the target root (`manifests/STAMP.sha1`); `None` if absent.
-///
-/// # Errors
-/// The transfer failed for another reason than the file missing.
-pub fn fetch_small(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    sub: &str,
-) -> Result<Option<Vec<u8>>, VerifyError> {
-    match &job.target {
-        Target::Local(root) => match fs::read(root.join(sub)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&root.join(sub))(e)),
-        },
-        t => {
-            let dir = tmp_dir(cfg, job, "fetch")?;
-            let local = dir.join("file");
-            let cmd = crate::rsync::base(&cfg.tools, t, &job.ssh_args)
-                .arg(t.rsync_dest(sub))
-                .arg(&local);
-            let out = runner
-                .output(&cmd)
-                .map_err(crate::rsync::RsyncError::Spawn)?;
-            let r = match out.exit {
-                Exit::Code(0) => fs::read(&local).map(Some).map_err(io(&local)),
-                Exit::Code(23) if out.stderr_str().contains("No such file") => Ok(None),
-                exit => Err(crate::rsync::RsyncError::Failed {
-                    target: t.to_string(),
-                    exit,
-                    stderr: out.stderr_str(),
-                }
-                .into()),
-            };
-            let _ = fs::remove_dir_all(&dir);
-            r
-        }
-    }
-}
-
-/// The manifest of the newest restore point: (stamp, entries by encrypted path).
+/// The manifest of restore point `stamp`: sha1 by encrypted path.
 ///
 /// # Errors
 /// No restore point, no manifest for it, or a transfer/parse failure.
 pub fn manifest_of(
     runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
+    target: &Target,
     stamp: &str,
 ) -> Result<BTreeMap<Vec<u8>, [u8; 20]>, VerifyError> {
     let sub = format!("manifests/{stamp}.sha1");
-    let data = fetch_small(runner, cfg, job, &sub)?.ok_or_else(|| VerifyError::NoManifest {
-        target: job.target.to_string(),
-        stamp: stamp.into(),
-    })?;
+    let data = target
+        .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
+        .ok_or_else(|| VerifyError::NoManifest {
+            target: target.address().to_string(),
+            stamp: stamp.into(),
+        })?;
     Ok(manifest::parse(&sub, &data)?
         .into_iter()
         .map(|e| (e.path, e.sha1))
@@ -378,30 +284,16 @@ pub fn check_local(
 /// rsync failing.
 pub fn check_view_against_target(
     runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
+    target: &Target,
     view: &Path,
     want: &BTreeMap<Vec<u8>, [u8; 20]>,
 ) -> Result<Report, VerifyError> {
-    let cmd = crate::rsync::base(&cfg.tools, &job.target, &job.ssh_args)
-        .args([
-            "--dry-run",
-            "--recursive",
-            "--links",
-            "--checksum",
-            "--delete",
-            "--itemize-changes",
-        ])
-        .arg(format!("{}/", view.display()))
-        .arg(job.target.rsync_dest("current/"));
-    let out = cmd
-        .run_checked(runner)
-        .map_err(crate::rsync::RsyncError::from)?;
+    let out = target.compare_view(runner, view)?;
     let mut r = Report {
         checked: want.len() as u64,
         ..Report::default()
     };
-    for line in out.stdout_str().lines() {
+    for line in out.lines() {
         let (code, path) = match line.split_once(' ') {
             Some((c, p)) => (c, p.trim_start()),
             None => continue,
@@ -458,14 +350,12 @@ pub fn unlock(job: &Job) -> Result<(KeyConfig, MasterKey), VerifyError> {
 /// Transfer failures; per-file problems go into the report.
 pub fn deep(
     runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
+    target: &Target,
     keys: &Keys,
     snapshot: &Path,
     want: &BTreeMap<Vec<u8>, [u8; 20]>,
 ) -> Result<Report, VerifyError> {
     let mut r = Report::default();
-    let scratch = tmp_dir(cfg, job, "deep")?;
     for cpath in want.keys() {
         let last = cpath.rsplit(|b| *b == b'/').next().unwrap_or(cpath);
         if last == DIRIV_NAME.as_bytes()
@@ -484,20 +374,7 @@ pub fn deep(
                 continue;
             }
         };
-        let cipher = match &job.target {
-            Target::Local(root) => fs::read(root.join("current").join(OsStr::from_bytes(cpath))),
-            t => {
-                let local = scratch.join("f");
-                let cmd = crate::rsync::base(&cfg.tools, t, &job.ssh_args)
-                    .arg(t.rsync_dest(&format!("current/{shown}")))
-                    .arg(&local);
-                cmd.run_checked(runner)
-                    .map_err(crate::rsync::RsyncError::from)?;
-                let b = fs::read(&local);
-                let _ = fs::remove_file(&local);
-                b
-            }
-        };
+        let cipher = target.read_current(runner, cpath)?;
         r.checked += 1;
         let cipher = match cipher {
             Ok(c) => c,
@@ -523,7 +400,6 @@ pub fn deep(
                 .push(format!("{shown} ({}): {why}", lossy(&plain))),
         }
     }
-    let _ = fs::remove_dir_all(&scratch);
     Ok(r)
 }
 
@@ -615,57 +491,42 @@ pub fn verify_job(
     deep_check: bool,
 ) -> Result<Report, VerifyError> {
     let (key, master) = unlock(job)?;
-    let stamp = restore_points(runner, cfg, job)?
+    let target = Target::for_job(cfg, job);
+    let stamp = target
+        .scan(runner)?
+        .points
         .pop()
         .ok_or_else(|| VerifyError::NoRun {
-            target: job.target.to_string(),
+            target: target.address().to_string(),
         })?;
-    let want = manifest_of(runner, cfg, job, &stamp)?;
+    let want = manifest_of(runner, &target, &stamp)?;
     tracing::info!(stamp = %stamp, files = want.len(), "verifying against the manifest of the last run");
-    if let (Target::Local(root), false) = (&job.target, deep_check) {
-        return check_local(&root.join("current"), &want);
+    let here = target.current_here();
+    if let (Some(current), false) = (&here, deep_check) {
+        return check_local(current, &want);
     }
     // A fresh snapshot: the view to compare a remote target with, and the plaintext for
     // a deep check. The job lock keeps a run from using the same names meanwhile.
     let _lock = crate::lock::JobLock::acquire(&cfg.state_dir, &job.name)?;
-    let work = crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
-    let guard = crate::snapshot::take(
-        runner,
-        &job.name,
-        &crate::snapshot::now_stamp(),
-        &job.source,
-        &job.snapshot,
-        &cfg.tools.snapshot,
-        &work,
-    )
-    .map_err(|e| VerifyError::Snapshot(crate::snapshot::error_chain(&e)))?;
+    let guard = crate::job::take_snapshot(runner, cfg, job, &crate::snapshot::now_stamp())
+        .map_err(|e| VerifyError::Snapshot(crate::snapshot::error_chain(&e)))?;
     let snap = guard.path().to_path_buf();
-    let mut report = match &job.target {
-        Target::Local(root) => check_local(&root.join("current"), &want)?,
-        _ => {
+    let mut report = match &here {
+        Some(current) => check_local(current, &want)?,
+        None => {
             let mp = cfg
                 .state_dir
                 .join("view")
                 .join(format!("{}.verify", job.name));
-            crate::view::cleanup_stale_mount(&mp)?;
-            fs::create_dir_all(&mp).map_err(io(&mp))?;
-            let view = crate::view::MountedView::mount(
-                &snap,
-                &mp,
-                crate::view::ViewOptions {
-                    key: key.clone(),
-                    master: master.clone(),
-                    excludes: job.excludes.clone(),
-                },
-            )?;
-            let r = check_view_against_target(runner, cfg, job, &mp, &want);
+            let view = crate::job::mount_view(job, &snap, &mp, key.clone(), master.clone())?;
+            let r = check_view_against_target(runner, &target, &mp, &want);
             view.unmount()?;
             r?
         }
     };
     if deep_check {
         let keys = Keys::new(&master, key.flags);
-        let d = deep(runner, cfg, job, &keys, &snap, &want)?;
+        let d = deep(runner, &target, &keys, &snap, &want)?;
         report.wrong_plaintext = d.wrong_plaintext;
         report.missing.extend(d.missing);
         report.unverifiable.extend(d.unverifiable);

@@ -10,6 +10,7 @@ mod validate;
 pub use validate::{load, load_str, parse_duration};
 
 use crate::snapshot::{SnapshotOptions, Source, Tools as SnapshotTools};
+use crate::target::Address;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,94 +34,6 @@ pub enum ConfigError {
 pub enum Mode {
     File,
     ZfsRaw,
-}
-
-/// Where backups go. Pull kinds (a backup server reading our view) come later.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Local(PathBuf),
-    Ssh {
-        user: Option<String>,
-        host: String,
-        path: String,
-    },
-    RsyncDaemon {
-        host: String,
-        port: Option<u16>,
-        module: String,
-        path: String,
-    },
-}
-
-impl Target {
-    /// The rsync destination for a path below the target root (`sub` without leading /).
-    pub fn rsync_dest(&self, sub: &str) -> String {
-        let join = |base: &str| {
-            if sub.is_empty() {
-                format!("{}/", base.trim_end_matches('/'))
-            } else {
-                format!("{}/{}", base.trim_end_matches('/'), sub)
-            }
-        };
-        match self {
-            Target::Local(p) => join(&p.to_string_lossy()),
-            Target::Ssh { user, host, path } => {
-                let u = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
-                format!("{u}{host}:{}", join(path))
-            }
-            Target::RsyncDaemon {
-                host,
-                port,
-                module,
-                path,
-            } => {
-                let p = port.map(|p| format!(":{p}")).unwrap_or_default();
-                let base = if path.is_empty() {
-                    module.clone()
-                } else {
-                    format!("{module}/{path}")
-                };
-                format!("rsync://{host}{p}/{}", join(&base))
-            }
-        }
-    }
-}
-
-impl Target {
-    /// `--backup-dir` for run `stamp`: `TARGET/generations/STAMP/`, written so that the
-    /// receiving side resolves it to exactly that place. rsync resolves a relative
-    /// backup dir against the destination (`current/`), but a daemon sanitizes `..` away
-    /// (which would put generations *inside* `current/`) and rrsync refuses it; both
-    /// anchor an absolute path at the module or restricted directory. So: absolute
-    /// wherever the target path is absolute or daemon-relative, `../` only for an ssh path
-    /// relative to the remote home.
-    pub fn backup_dir(&self, stamp: &str) -> String {
-        match self {
-            Target::Local(p) => format!(
-                "{}/generations/{stamp}",
-                p.to_string_lossy().trim_end_matches('/')
-            ),
-            Target::Ssh { path, .. } if path.starts_with('/') => {
-                format!("{}/generations/{stamp}", path.trim_end_matches('/'))
-            }
-            Target::Ssh { .. } => format!("../generations/{stamp}"),
-            Target::RsyncDaemon { path, .. } => {
-                let p = path.trim_matches('/');
-                if p.is_empty() {
-                    format!("/generations/{stamp}")
-                } else {
-                    format!("/{p}/generations/{stamp}")
-                }
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self.rsync_dest("");
-        f.write_str(s.trim_end_matches('/'))
-    }
 }
 
 /// restic `forget`-style policy as written in the config; the retention module plans with it.
@@ -232,7 +145,7 @@ pub struct Job {
     pub name: String,
     pub mode: Mode,
     pub source: Source,
-    pub target: Target,
+    pub target: Address,
     pub key_config: PathBuf,
     pub passfile: PathBuf,
     pub excludes: Vec<String>,

@@ -2,8 +2,9 @@
 //! `FILE:LINE: FIELD: reason`.
 
 use super::raw::{RawCommand, RawConfig, RawJob, RawRetention};
-use super::{Config, ConfigError, Hook, Job, Mode, Phase, RetentionPolicy, Target, Tools};
+use super::{Config, ConfigError, Hook, Job, Mode, Phase, RetentionPolicy, Tools};
 use crate::snapshot::{Source, Tools as SnapshotTools};
+use crate::target::Address;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -156,55 +157,6 @@ fn duration(cx: &mut Ctx, v: &Option<Spanned<String>>, field: &str, default: Dur
 }
 
 /// `/abs/path`, `[user@]host:path`, `rsync://host[:port]/module/path`.
-pub(crate) fn parse_target(s: &str) -> Result<Target, String> {
-    if let Some(rest) = s.strip_prefix("rsync://") {
-        let (hostport, path) = rest
-            .split_once('/')
-            .ok_or("rsync://HOST/MODULE[/PATH] expected")?;
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
-            ),
-            None => (hostport, None),
-        };
-        let (module, path) = path.split_once('/').unwrap_or((path, ""));
-        if host.is_empty() || module.is_empty() {
-            return Err("rsync://HOST/MODULE[/PATH] expected".into());
-        }
-        return Ok(Target::RsyncDaemon {
-            host: host.into(),
-            port,
-            module: module.into(),
-            path: path.trim_matches('/').into(),
-        });
-    }
-    if s.starts_with('/') {
-        if s.split('/').any(|c| c == "..") {
-            return Err("'..' is not allowed in a target path".into());
-        }
-        return Ok(Target::Local(PathBuf::from(s)));
-    }
-    if let Some((userhost, path)) = s.split_once(':') {
-        let (user, host) = match userhost.split_once('@') {
-            Some((u, h)) => (Some(u.to_string()), h),
-            None => (None, userhost),
-        };
-        if host.is_empty() || path.is_empty() || host.contains('/') {
-            return Err("[USER@]HOST:PATH expected".into());
-        }
-        if path.split('/').any(|c| c == "..") {
-            return Err("'..' is not allowed in a target path".into());
-        }
-        return Ok(Target::Ssh {
-            user,
-            host: host.into(),
-            path: path.into(),
-        });
-    }
-    Err("expected an absolute path, [USER@]HOST:PATH or rsync://HOST/MODULE/PATH".into())
-}
-
 fn retention(
     cx: &mut Ctx,
     base: &RetentionPolicy,
@@ -299,7 +251,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
     let default_target = raw
         .target
         .as_ref()
-        .map(|t| (t.clone(), parse_target(t.get_ref())));
+        .map(|t| (t.clone(), Address::parse(t.get_ref())));
     if let Some((t, Err(e))) = &default_target {
         cx.err(t.span(), "target", e);
     }
@@ -366,7 +318,7 @@ fn validate_job(
     f: &str,
     hook_timeout: Duration,
     default_retention: &RetentionPolicy,
-    default_target: Option<&(Spanned<String>, Result<Target, String>)>,
+    default_target: Option<&(Spanned<String>, Result<Address, String>)>,
     verify_every: u32,
 ) -> Option<Job> {
     let name = j.name.get_ref().clone();
@@ -417,7 +369,7 @@ fn validate_job(
         }
     };
     let target = match (&j.target, default_target) {
-        (Some(t), _) => match parse_target(t.get_ref()) {
+        (Some(t), _) => match Address::parse(t.get_ref()) {
             Ok(t) => Some(t),
             Err(e) => {
                 cx.err(t.span(), &format!("{f}.target"), e);
@@ -425,18 +377,18 @@ fn validate_job(
             }
         },
         (None, Some((_, Ok(base)))) => Some(match base {
-            Target::Local(p) => Target::Local(p.join(&name)),
-            Target::Ssh { user, host, path } => Target::Ssh {
+            Address::Local(p) => Address::Local(p.join(&name)),
+            Address::Ssh { user, host, path } => Address::Ssh {
                 user: user.clone(),
                 host: host.clone(),
                 path: format!("{}/{name}", path.trim_end_matches('/')),
             },
-            Target::RsyncDaemon {
+            Address::RsyncDaemon {
                 host,
                 port,
                 module,
                 path,
-            } => Target::RsyncDaemon {
+            } => Address::RsyncDaemon {
                 host: host.clone(),
                 port: *port,
                 module: module.clone(),
@@ -621,20 +573,20 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(
-            parse_target("/srv/b").unwrap(),
-            Target::Local("/srv/b".into())
+            Address::parse("/srv/b").unwrap(),
+            Address::Local("/srv/b".into())
         );
         assert_eq!(
-            parse_target("bk@host:/srv/b").unwrap(),
-            Target::Ssh {
+            Address::parse("bk@host:/srv/b").unwrap(),
+            Address::Ssh {
                 user: Some("bk".into()),
                 host: "host".into(),
                 path: "/srv/b".into()
             }
         );
         assert_eq!(
-            parse_target("rsync://h:8730/mod/a/b").unwrap(),
-            Target::RsyncDaemon {
+            Address::parse("rsync://h:8730/mod/a/b").unwrap(),
+            Address::RsyncDaemon {
                 host: "h".into(),
                 port: Some(8730),
                 module: "mod".into(),
@@ -642,11 +594,13 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_target("rsync://h/mod").unwrap().rsync_dest("current"),
+            Address::parse("rsync://h/mod")
+                .unwrap()
+                .rsync_dest("current"),
             "rsync://h/mod/current"
         );
-        assert!(parse_target("relative/path").is_err());
-        assert!(parse_target("/a/../b").is_err());
+        assert!(Address::parse("relative/path").is_err());
+        assert!(Address::parse("/a/../b").is_err());
     }
 
     #[test]

@@ -8,6 +8,8 @@ use crate::retention::{format_stamp, utc};
 use chrono::{Duration, TimeZone, Utc};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
 
 fn st(day: i64) -> String {
     format_stamp(Utc.with_ymd_and_hms(2026, 1, 1, 2, 0, 0).unwrap() + Duration::days(day))
@@ -322,41 +324,6 @@ fn shell_script_quotes_and_refuses_overwrites() {
             "rm -rf -- 'generations/20260102T020000Z'",
             "rm -- 'runs/20260102T020000Z.json'",
         ]
-    );
-}
-
-#[test]
-fn target_spec_parse() {
-    let ssh = vec!["ssh".to_string()];
-    assert_eq!(
-        TargetSpec::parse("/srv/t", ssh.clone(), true),
-        TargetSpec::Local("/srv/t".into())
-    );
-    assert_eq!(
-        TargetSpec::parse("./a:b", ssh.clone(), true),
-        TargetSpec::Local("./a:b".into())
-    );
-    assert_eq!(
-        TargetSpec::parse("bk@host:/srv/t", ssh.clone(), false),
-        TargetSpec::Ssh {
-            user: Some("bk".into()),
-            host: "host".into(),
-            path: "/srv/t".into(),
-            shell: false,
-            ssh: ssh.clone()
-        }
-    );
-    assert_eq!(
-        TargetSpec::parse("rsync://h:873/m/p", ssh.clone(), true),
-        TargetSpec::Rsync {
-            url: "rsync://h:873/m/p".into()
-        }
-    );
-    assert_eq!(
-        TargetSpec::parse("h::m/p", ssh, true),
-        TargetSpec::Rsync {
-            url: "h::m/p".into()
-        }
     );
 }
 

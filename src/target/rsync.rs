@@ -1,14 +1,14 @@
-//! The transfer: rsync of the encrypted view to `TARGET/current/`, with replaced and
-//! deleted files moved to `TARGET/generations/STAMP/` (`--backup-dir`, relative to the
-//! destination so the same line works for local, ssh and rsync-daemon targets), and the
-//! small uploads and listings around it.
+//! The rsync transport, reaching all three kinds of target alike (a local path, ssh with
+//! or without a shell, a daemon): one way to build the command (`-e` quoted once), one
+//! parser of `--list-only` and `--out-format=%n` output, and the one place that says what
+//! rsync's exit codes mean ([`ended`]). The transfer of a view with its progress line
+//! lives here too.
 //!
 //! rsync's exit code 24 (files vanished during the transfer) is a warning, any other
 //! non-zero a failure; a failed transfer leaves `current/` as rsync left it and the next
 //! run completes it.
 
-use crate::config::{Target, Tools};
-use crate::exec::{Cmd, Exit, Runner};
+use crate::exec::{Cmd, Exit, Output, Runner};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +26,19 @@ pub enum RsyncError {
     },
     #[error("rsync to {target} interrupted by a signal")]
     Cancelled { target: String },
+    /// rrsync refuses a `--backup-dir` with `..`; an absolute path is anchored at its
+    /// directory. Classified from rsync's stderr where the transfer fails.
+    #[error(
+        "rsync to {target} failed ({exit}): the ssh key is restricted by rrsync, which \
+         refuses a relative --backup-dir: write the target path as an absolute path below \
+         rrsync's directory (host:/PATH){}",
+        stderr_block(.stderr)
+    )]
+    RrsyncBackupDir {
+        target: String,
+        exit: Exit,
+        stderr: String,
+    },
     #[error(transparent)]
     Command(#[from] crate::exec::CommandError),
 }
@@ -77,29 +90,141 @@ pub fn parse_stats(out: &str) -> Stats {
     s
 }
 
-/// The base command: rsync with our ssh options for ssh targets.
-pub fn base(tools: &Tools, target: &Target, ssh_args: &[String]) -> Cmd {
-    let mut c = Cmd::new(&tools.rsync).env("LC_ALL", "C");
-    if matches!(target, Target::Ssh { .. }) {
-        let mut e = tools.ssh.to_string_lossy().into_owned();
-        for a in ssh_args {
-            e.push(' ');
-            e.push_str(&shell_quote(a));
-        }
-        c = c.arg("-e").arg(e);
-    }
-    c
+/// How rsync reaches a target: the program, `-e` for ssh, and the root address
+/// (`/srv/b`, `user@host:/srv/b`, `rsync://host/module/b`), without a trailing slash.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    program: std::ffi::OsString,
+    rsh: Option<String>,
+    root: String,
+    shown: String,
 }
 
-fn shell_quote(a: &str) -> String {
-    if !a.is_empty()
-        && a.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
-    {
-        a.to_string()
-    } else {
-        format!("'{}'", a.replace('\'', "'\\''"))
+impl Endpoint {
+    /// `ssh` is the ssh command line (program and options) for an ssh target, `None` for
+    /// local paths and daemons.
+    pub fn new(
+        program: impl AsRef<std::ffi::OsStr>,
+        ssh: Option<&[String]>,
+        root: String,
+        shown: String,
+    ) -> Endpoint {
+        Endpoint {
+            program: program.as_ref().to_owned(),
+            rsh: ssh.map(sh_words),
+            root: root.trim_end_matches('/').to_string(),
+            shown,
+        }
     }
+
+    /// rsync with our `-e`, in the C locale (messages are matched nowhere, but listings
+    /// are parsed).
+    pub fn cmd(&self) -> Cmd {
+        let c = Cmd::new(&self.program).env("LC_ALL", "C");
+        match &self.rsh {
+            Some(e) => c.arg("-e").arg(e),
+            None => c,
+        }
+    }
+
+    /// The address of `sub` below the root (`""`: the root itself, with a slash).
+    pub fn dest(&self, sub: &str) -> String {
+        if sub.is_empty() {
+            format!("{}/", self.root)
+        } else {
+            format!("{}/{sub}", self.root)
+        }
+    }
+
+    /// The target as shown in messages.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// What an rsync that read from or wrote to the target ended with.
+    ///
+    /// # Errors
+    /// Any other exit: a failure, with the target and rsync's stderr.
+    pub fn ended(&self, out: &Output) -> Result<Ended, RsyncError> {
+        ended(&self.shown, out)
+    }
+
+    /// Runs `cmd` and classifies its end ([`ended`]).
+    ///
+    /// # Errors
+    /// rsync could not start, or failed.
+    pub fn run(&self, runner: &dyn Runner, cmd: &Cmd) -> Result<(Ended, Output), RsyncError> {
+        let out = runner.output(cmd).map_err(RsyncError::Spawn)?;
+        Ok((self.ended(&out)?, out))
+    }
+}
+
+/// How an rsync ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Ok,
+    /// 24: files vanished while it ran (a live `dir:` source).
+    Vanished,
+    /// 23 or 12 with "No such file or directory": the path asked for does not exist (23 is
+    /// how rsync ends on a missing source; 12 is rrsync refusing a path it cannot resolve
+    /// before rsync starts).
+    Missing,
+    /// 23 for another reason: some of the files asked for were not there (`--files-from`).
+    Partial,
+}
+
+/// The one reading of rsync's exit codes (see [`Ended`]).
+///
+/// # Errors
+/// Any other exit, with `target` and rsync's stderr.
+pub fn ended(target: &str, out: &Output) -> Result<Ended, RsyncError> {
+    let missing = || out.stderr_str().contains("No such file or directory");
+    match out.exit {
+        Exit::Code(0) => Ok(Ended::Ok),
+        Exit::Code(24) => Ok(Ended::Vanished),
+        Exit::Code(23 | 12) if missing() => Ok(Ended::Missing),
+        Exit::Code(23) => Ok(Ended::Partial),
+        exit => Err(RsyncError::Failed {
+            target: target.into(),
+            exit,
+            stderr: out.stderr_str(),
+        }),
+    }
+}
+
+/// Quotes for a POSIX shell (and rsync's `-e` splitting), always: safe on a host whose
+/// shell we do not know.
+pub fn sh_quote(s: &[u8]) -> Vec<u8> {
+    let mut v = b"'".to_vec();
+    for &b in s {
+        if b == b'\'' {
+            v.extend_from_slice(b"'\\''");
+        } else {
+            v.push(b);
+        }
+    }
+    v.push(b'\'');
+    v
+}
+
+/// Words joined for a shell, each quoted with [`sh_quote`] unless it is plain.
+pub fn sh_words(words: &[String]) -> String {
+    let plain = |a: &str| {
+        !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c))
+    };
+    words
+        .iter()
+        .map(|a| {
+            if plain(a) {
+                a.clone()
+            } else {
+                String::from_utf8_lossy(&sh_quote(a.as_bytes())).into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Which files a transfer covers.
@@ -113,17 +238,16 @@ pub enum Pass<'a> {
     Checksum { list: &'a Path },
 }
 
-/// The transfer command line (`view` is the mounted encrypted view).
+/// The transfer command line: the mounted view `view` to `current/`, with what it
+/// replaces or deletes moved to `backup_dir` ([`super::Address::backup_dir`]).
 pub fn transfer_cmd(
-    tools: &Tools,
-    target: &Target,
-    ssh_args: &[String],
+    ep: &Endpoint,
+    backup_dir: &str,
     extra: &[String],
     view: &Path,
-    stamp: &str,
     pass: Pass<'_>,
 ) -> Cmd {
-    let c = base(tools, target, ssh_args).args(["--archive", "--numeric-ids"]);
+    let c = ep.cmd().args(["--archive", "--numeric-ids"]);
     let c = match pass {
         Pass::Full => c.args(["--delete", "--delete-excluded", "--mkpath"]),
         Pass::Checksum { list } => c
@@ -132,10 +256,10 @@ pub fn transfer_cmd(
     };
     c.args(["--stats", "--out-format=>%n"])
         .arg("--backup")
-        .arg(format!("--backup-dir={}", target.backup_dir(stamp)))
+        .arg(format!("--backup-dir={backup_dir}"))
         .args(extra)
         .arg(format!("{}/", view.display()))
-        .arg(target.rsync_dest("current"))
+        .arg(ep.dest("current"))
 }
 
 /// Runs the transfer; on a terminal shows a one-line progress. Polls the signal flag
@@ -143,7 +267,7 @@ pub fn transfer_cmd(
 ///
 /// # Errors
 /// rsync failing (other than exit 24), or cancellation.
-pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &Target) -> Result<Outcome, RsyncError> {
+pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome, RsyncError> {
     let mut child = runner.spawn(cmd).map_err(RsyncError::Spawn)?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = child.pid().map(|pid| {
@@ -194,54 +318,40 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &Target) -> Result<Outco
             target: target.to_string(),
         });
     }
-    match out.exit {
-        Exit::Code(0) => Ok(Outcome {
-            stats: parse_stats(&stats_text),
-            vanished: false,
-            sent,
-        }),
-        Exit::Code(24) => {
+    let vanished = match ended(target, &out) {
+        Ok(Ended::Ok) => false,
+        Ok(Ended::Vanished) => {
             tracing::warn!("some files vanished during the transfer (rsync exit 24)");
-            Ok(Outcome {
-                stats: parse_stats(&stats_text),
-                vanished: true,
-                sent,
+            true
+        }
+        Ok(_) => {
+            return Err(RsyncError::Failed {
+                target: target.to_string(),
+                exit: out.exit,
+                stderr,
             })
         }
-        exit => Err(RsyncError::Failed {
-            target: target.to_string(),
-            exit,
-            stderr,
-        }),
-    }
-}
-
-/// Uploads one small local file to `TARGET/sub` (e.g. `runs/STAMP.json`).
-///
-/// # Errors
-/// rsync failing.
-pub fn upload(
-    runner: &dyn Runner,
-    tools: &Tools,
-    target: &Target,
-    ssh_args: &[String],
-    file: &Path,
-    sub: &str,
-) -> Result<(), RsyncError> {
-    base(tools, target, ssh_args)
-        .args(["--mkpath", "--times", "--chmod=F644"])
-        .arg(file)
-        .arg(target.rsync_dest(sub))
-        .run_checked(runner)?;
-    Ok(())
-}
-
-/// One entry of `rsync --list-only`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    pub name: String,
-    pub is_dir: bool,
-    pub size: u64,
+        Err(RsyncError::Failed { exit, .. }) if stderr.contains("in --backup-dir") => {
+            return Err(RsyncError::RrsyncBackupDir {
+                target: target.to_string(),
+                exit,
+                stderr,
+            })
+        }
+        Err(RsyncError::Failed { exit, .. }) => {
+            return Err(RsyncError::Failed {
+                target: target.to_string(),
+                exit,
+                stderr,
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Outcome {
+        stats: parse_stats(&stats_text),
+        vanished,
+        sent,
+    })
 }
 
 /// One line of `rsync --list-only`, byte-exact: the name with rsync's `\#ooo` escapes
@@ -314,51 +424,6 @@ pub fn unescape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Parses `rsync --list-only` lines (names shown lossily as UTF-8); lines that do not
-/// parse are skipped (rsync prints nothing else on stdout here).
-pub fn parse_list(out: &str) -> Vec<Listed> {
-    out.lines()
-        .filter_map(|l| parse_listing(l.as_bytes()).ok()?.into_iter().next())
-        .map(|e| Listed {
-            name: String::from_utf8_lossy(&e.name).into_owned(),
-            is_dir: e.kind == b'd',
-            size: e.size,
-        })
-        .collect()
-}
-
-/// Lists a directory below the target (`sub` like `generations`). A missing directory
-/// lists as empty.
-///
-/// # Errors
-/// rsync failing for another reason than the directory not existing.
-pub fn list(
-    runner: &dyn Runner,
-    tools: &Tools,
-    target: &Target,
-    ssh_args: &[String],
-    sub: &str,
-) -> Result<Vec<Listed>, RsyncError> {
-    let cmd = base(tools, target, ssh_args)
-        .arg("--list-only")
-        .arg(target.rsync_dest(&format!("{sub}/")));
-    let out = runner.output(&cmd).map_err(RsyncError::Spawn)?;
-    match out.exit {
-        Exit::Code(0) => Ok(parse_list(&out.stdout_str())),
-        // 23: partial transfer, which is how a missing source directory ends; 12: rrsync
-        // (a key restricted to `command="rrsync DIR"`) refuses a path it cannot resolve
-        // before rsync starts ("post-realpath open failed ... No such file or directory").
-        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => {
-            Ok(Vec::new())
-        }
-        exit => Err(RsyncError::Failed {
-            target: target.to_string(),
-            exit,
-            stderr: out.stderr_str(),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,16 +441,16 @@ mod tests {
         );
         let l = "drwxr-xr-x          4,096 2026/11/24 12:00:00 .\ndrwxr-xr-x          4,096 2026/11/24 12:00:00 20261124T120000Z\n-rw-r--r--             12 2026/11/24 12:00:00 a b\n";
         assert_eq!(
-            parse_list(l),
+            parse_listing(l.as_bytes()).unwrap(),
             vec![
-                Listed {
-                    name: "20261124T120000Z".into(),
-                    is_dir: true,
+                ListEntry {
+                    name: b"20261124T120000Z".to_vec(),
+                    kind: b'd',
                     size: 4096
                 },
-                Listed {
-                    name: "a b".into(),
-                    is_dir: false,
+                ListEntry {
+                    name: b"a b".to_vec(),
+                    kind: b'-',
                     size: 12
                 }
             ]
@@ -394,23 +459,24 @@ mod tests {
 
     #[test]
     fn transfer_line_keeps_generations_beside_current() {
-        let t = Tools {
-            rsync: "rsync".into(),
-            ssh: "ssh".into(),
-            snapshot: Default::default(),
-        };
+        use crate::target::Address as Target;
         let target = Target::Ssh {
             user: Some("bk".into()),
             host: "h".into(),
             path: "/srv/b".into(),
         };
+        let ssh = ["ssh".to_string(), "-p".into(), "2222".into()];
+        let ep = Endpoint::new(
+            "rsync",
+            Some(&ssh),
+            target.rsync_dest(""),
+            target.to_string(),
+        );
         let c = transfer_cmd(
-            &t,
-            &target,
-            &["-p".into(), "2222".into()],
+            &ep,
+            &target.backup_dir("20261124T010000Z"),
             &["--bwlimit=1M".into()],
             Path::new("/run/v"),
-            "20261124T010000Z",
             Pass::Full,
         );
         let argv = c.argv();

@@ -1,6 +1,6 @@
-//! What a job's backup target holds, read before anything is written to it or deleted
-//! from it: its layout (the four areas, each a real directory), the run records that are
-//! restore points, and the newest stamp it names anywhere.
+//! The layout of a target (the four areas, each a real directory), its run records and
+//! which of them are restore points, and the stamp of a new run. Pure where it can be:
+//! reading the target is [`super::Target::scan`]'s.
 //!
 //! A target is storage we do not control: a directory may have been replaced by a
 //! symlink, a record may be junk or another job's. So a record is a restore point only
@@ -15,13 +15,11 @@
 //! into one generation and overwrite a record, an older one would make the run's own
 //! prune delete the new point as "not the newest".
 
-use crate::config::{Config, Job, Target};
-use crate::exec::{Exit, Runner};
-use crate::rsync::RsyncError;
+use super::{io, TargetError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The directories of a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,56 +49,6 @@ impl Area {
             Area::Runs => "runs",
             Area::Manifests => "manifests",
         }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TargetError {
-    #[error(
-        "{target}/{area} is a symlink{to}: refusing to write, merge or delete through it \
-         (every area of a target must be a real directory inside it)"
-    )]
-    Symlink {
-        target: String,
-        area: &'static str,
-        to: String,
-    },
-    #[error("{target}/{area} exists but is not a directory: not a snapveil target layout")]
-    NotADirectory { target: String, area: &'static str },
-    #[error(
-        "{target}/runs/{file} is a record of job {other:?}, not of {job:?}: this target (or \
-         its runs/) belongs to another job; refusing to use or change it"
-    )]
-    ForeignRecord {
-        target: String,
-        file: String,
-        job: String,
-        other: String,
-    },
-    #[error(
-        "{target} already holds {entry}, not older than this run's stamp {now}: the system \
-         clock is behind the backups (a timer that fired before NTP set the clock?). \
-         Refusing to run, so that no restore point is overwritten or pruned by mistake. Fix \
-         the clock; if it is right, {entry} came from a clock that ran ahead: move it out \
-         of the target"
-    )]
-    ClockBehind {
-        target: String,
-        entry: String,
-        now: String,
-    },
-    #[error("{path}: {err}")]
-    Io { path: PathBuf, err: std::io::Error },
-    #[error(transparent)]
-    Rsync(#[from] RsyncError),
-    #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
-    ListParse { target: String, line: String },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
-    move |err| TargetError::Io {
-        path: path.into(),
-        err,
     }
 }
 
@@ -145,7 +93,7 @@ pub struct Contents {
 
 impl Contents {
     /// The newest stamp the target names, and the entry naming it.
-    fn note(&mut self, stamp: &str, entry: String) {
+    pub(super) fn note(&mut self, stamp: &str, entry: String) {
         if self.newest.as_ref().is_none_or(|(s, _)| stamp > s.as_str()) {
             self.newest = Some((stamp.to_string(), entry));
         }
@@ -153,7 +101,7 @@ impl Contents {
 }
 
 /// The stamp in a record's or manifest's file name (`STAMP.json`, `STAMP.sha1`, ...).
-fn stamp_of(name: &str) -> Option<&str> {
+pub(super) fn stamp_of(name: &str) -> Option<&str> {
     let (stem, _) = name.split_once('.')?;
     crate::snapshot::valid_stamp(stem).then_some(stem)
 }
@@ -208,7 +156,7 @@ pub fn classify(
 
 /// Checks that none of the areas is a symlink or a non-directory; `kind` gives the
 /// listing's type letter of an area present at the target root (`d`, `l`, ...).
-fn check_areas(
+pub(super) fn check_areas(
     target: &str,
     kind: impl Fn(Area) -> Option<(u8, String)>,
 ) -> Result<(), TargetError> {
@@ -262,198 +210,8 @@ pub fn check_local_layout(root: &Path) -> Result<(), TargetError> {
     })
 }
 
-/// Reads what the target of `job` holds, checking its layout first.
-///
-/// # Errors
-/// A symlinked area, another job's record, or the target cannot be read.
-pub fn scan(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result<Contents, TargetError> {
-    let shown = job.target.to_string();
-    let (names, records) = match &job.target {
-        Target::Local(root) => scan_local(root)?,
-        t => scan_remote(runner, cfg, job, t)?,
-    };
-    let mut c = Contents::default();
-    let manifests: BTreeSet<String> = names
-        .iter()
-        .filter(|(a, n)| *a == Area::Manifests && n.ends_with(".sha1"))
-        .filter_map(|(_, n)| stamp_of(n).map(str::to_string))
-        .collect();
-    let (points, ignored) = classify(&shown, records, &manifests, Some(&job.name))?;
-    // Restore points first, so that an error names a record rather than its manifest.
-    for p in &points {
-        c.note(p, format!("runs/{p}.json"));
-    }
-    for (area, name) in &names {
-        let stamp = match area {
-            Area::Generations => crate::snapshot::valid_stamp(name).then_some(name.as_str()),
-            Area::Runs => continue,
-            _ => stamp_of(name),
-        };
-        if let Some(s) = stamp {
-            c.note(s, format!("{}/{name}", area.dir()));
-        }
-    }
-    c.taken = ignored
-        .iter()
-        .filter_map(|(f, _)| stamp_of(f.strip_prefix("runs/")?).map(str::to_string))
-        .collect();
-    for (f, why) in &ignored {
-        tracing::warn!("{shown}/{f}: not a restore point: {why} (left alone)");
-    }
-    c.points = points;
-    c.ignored = ignored;
-    Ok(c)
-}
-
-type Scanned = (Vec<(Area, String)>, Vec<RecordFile>);
-
-fn scan_local(root: &Path) -> Result<Scanned, TargetError> {
-    check_local_layout(root)?;
-    let mut names = Vec::new();
-    let mut records = Vec::new();
-    for a in [Area::Runs, Area::Manifests, Area::Generations] {
-        let dir = root.join(a.dir());
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io(&dir)(e)),
-        };
-        for e in rd {
-            let e = e.map_err(io(&dir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if a == Area::Runs {
-                if let Some(s) = name
-                    .strip_suffix(".json")
-                    .filter(|s| crate::snapshot::valid_stamp(s))
-                {
-                    let regular = e.file_type().map_err(io(&e.path()))?.is_file();
-                    let data = if regular {
-                        Some(fs::read(e.path()).map_err(io(&e.path()))?)
-                    } else {
-                        None
-                    };
-                    records.push(RecordFile {
-                        stamp: s.to_string(),
-                        data,
-                    });
-                }
-            }
-            names.push((a, name));
-        }
-    }
-    Ok((names, records))
-}
-
-fn scan_remote(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    t: &Target,
-) -> Result<Scanned, TargetError> {
-    // One listing of the root with the areas' own entries (no trailing slash in the
-    // patterns, so that a symlink named like an area is listed too) and their children.
-    let mut cmd = crate::rsync::base(&cfg.tools, t, &job.ssh_args).args(["--list-only", "-rl"]);
-    for a in Area::ALL {
-        cmd = cmd.arg(format!("--include=/{}", a.dir()));
-    }
-    for a in [Area::Runs, Area::Manifests, Area::Generations] {
-        cmd = cmd.arg(format!("--include=/{}/*", a.dir()));
-    }
-    let cmd = cmd.arg("--exclude=*").arg(t.rsync_dest(""));
-    let out = runner.output(&cmd).map_err(RsyncError::Spawn)?;
-    let listing = match out.exit {
-        Exit::Code(0) => {
-            crate::rsync::parse_listing(&out.stdout).map_err(|line| TargetError::ListParse {
-                target: t.to_string(),
-                line,
-            })?
-        }
-        // A target directory that does not exist yet (the first run).
-        Exit::Code(23 | 12) if out.stderr_str().contains("No such file or directory") => Vec::new(),
-        exit => {
-            return Err(RsyncError::Failed {
-                target: t.to_string(),
-                exit,
-                stderr: out.stderr_str(),
-            }
-            .into())
-        }
-    };
-    check_areas(&t.to_string(), |a| {
-        listing
-            .iter()
-            .find(|e| e.name == a.dir().as_bytes())
-            .map(|e| (e.kind, String::new()))
-    })?;
-    let mut names = Vec::new();
-    let mut has_records = false;
-    for e in &listing {
-        let Some((top, name)) = area_child(&e.name) else {
-            continue;
-        };
-        let Some(a) = Area::ALL.into_iter().find(|a| a.dir().as_bytes() == top) else {
-            continue;
-        };
-        let name = String::from_utf8_lossy(name).into_owned();
-        has_records |= a == Area::Runs;
-        names.push((a, name));
-    }
-    let mut records = Vec::new();
-    if has_records {
-        records = fetch_records(runner, cfg, job, t, &names)?;
-    }
-    Ok((names, records))
-}
-
-/// Copies `runs/*.json` of a remote target into a scratch dir and reads them. rsync
-/// without `--links` skips symlinks: those stay `None` (not a regular file).
-fn fetch_records(
-    runner: &dyn Runner,
-    cfg: &Config,
-    job: &Job,
-    t: &Target,
-    names: &[(Area, String)],
-) -> Result<Vec<RecordFile>, TargetError> {
-    let dir = crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
-        .join(format!("records-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let r = (|| {
-        crate::rsync::base(&cfg.tools, t, &job.ssh_args)
-            .args(["--recursive", "--include=/*.json", "--exclude=*"])
-            .arg(t.rsync_dest("runs/"))
-            .arg(format!("{}/", dir.display()))
-            .run_checked(runner)
-            .map_err(RsyncError::from)?;
-        let mut records = Vec::new();
-        for (a, name) in names {
-            if *a != Area::Runs {
-                continue;
-            }
-            let Some(s) = name
-                .strip_suffix(".json")
-                .filter(|s| crate::snapshot::valid_stamp(s))
-            else {
-                continue;
-            };
-            let p = dir.join(name);
-            let data = match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_file() => Some(fs::read(&p).map_err(io(&p))?),
-                _ => None,
-            };
-            records.push(RecordFile {
-                stamp: s.to_string(),
-                data,
-            });
-        }
-        Ok(records)
-    })();
-    let _ = fs::remove_dir_all(&dir);
-    r
-}
-
 /// `runs/X` → (`runs`, `X`); `None` without a slash or for a deeper path.
-fn area_child(path: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(super) fn area_child(path: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = path.iter().position(|b| *b == b'/')?;
     let (top, rest) = (&path[..i], &path[i + 1..]);
     (!rest.is_empty() && !rest.contains(&b'/')).then_some((top, rest))

@@ -1,0 +1,802 @@
+//! The backup target of a job, as one handle ([`Target`]) opened once per command: it
+//! owns the layout (`current/`, `generations/STAMP/`, `runs/STAMP.json`,
+//! `manifests/STAMP.{sha1,meta}`: [`layout`]), the ways to reach it (`std::fs` on a local
+//! path; rsync over ssh with a shell, over an rrsync-restricted key, or to a daemon:
+//! [`rsync`]), and the operations that run, verify, restore, prune and list need. Callers
+//! never ask which kind of target they hold; the one `match` on it is here.
+//!
+//! A target is storage we do not control. Before anything is written or deleted, its
+//! layout is checked (an area that is a symlink is refused: rsync `--backup-dir`, prune's
+//! renames and deletions would follow it), its records are read and classified (junk is
+//! no restore point; another job's record stops the command), and a new run's stamp is
+//! made newer than everything it names ([`layout::new_stamp`]).
+//!
+//! Raw ZFS mode will add targets of another family (`zfs receive` over ssh, stream files
+//! on a directory target) beside this one.
+
+mod address;
+pub mod layout;
+pub mod ops;
+pub mod rsync;
+
+pub use address::Address;
+pub use layout::{new_stamp, Area, Contents, RecordFile, RunRecord};
+pub use ops::{Mode, Op};
+pub use rsync::{Ended, Outcome, Pass, RsyncError, Stats};
+
+use crate::exec::{Cmd, Runner};
+use rsync::Endpoint;
+use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "{target}/{area} is a symlink{to}: refusing to write, merge or delete through it \
+         (every area of a target must be a real directory inside it)"
+    )]
+    Symlink {
+        target: String,
+        area: &'static str,
+        to: String,
+    },
+    #[error("{target}/{area} exists but is not a directory: not a snapveil target layout")]
+    NotADirectory { target: String, area: &'static str },
+    #[error(
+        "{target}/runs/{file} is a record of job {other:?}, not of {job:?}: this target (or \
+         its runs/) belongs to another job; refusing to use or change it"
+    )]
+    ForeignRecord {
+        target: String,
+        file: String,
+        job: String,
+        other: String,
+    },
+    #[error(
+        "{target} already holds {entry}, not older than this run's stamp {now}: the system \
+         clock is behind the backups (a timer that fired before NTP set the clock?). \
+         Refusing to run, so that no restore point is overwritten or pruned by mistake. Fix \
+         the clock; if it is right, {entry} came from a clock that ran ahead: move it out \
+         of the target"
+    )]
+    ClockBehind {
+        target: String,
+        entry: String,
+        now: String,
+    },
+    #[error("{target}/current {what}; refusing to rsync --delete into it (wrong target, or another job's backup?)")]
+    NotOurs { target: String, what: &'static str },
+    #[error("{target}: not a snapveil target (neither runs/ nor generations/ exists)")]
+    NotATarget { target: String },
+    #[error(
+        "{path}: refusing to overwrite an existing entry (did the target change during prune?)"
+    )]
+    Exists { path: PathBuf },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Rsync(#[from] RsyncError),
+    #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
+    ListParse { target: String, line: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
+    move |err| TargetError::Io {
+        path: path.into(),
+        err,
+    }
+}
+
+/// A job's target, opened for one command.
+pub struct Target {
+    address: Address,
+    ep: Endpoint,
+    /// Private scratch space for this process (`STATE/work/JOB`): fetched records,
+    /// uploads, lists for `--files-from`.
+    scratch: PathBuf,
+    /// The job whose target this is: its records must name it. `None` for `prune
+    /// --target`, which knows no job.
+    job: Option<String>,
+    /// ssh program and options, for a shell on an ssh target.
+    ssh: Vec<String>,
+    /// Whether the ssh key may run a shell (merges by renames) or only `rsync --server`
+    /// (rrsync, a forced command): probed once, unless the caller said.
+    shell: OnceLock<bool>,
+}
+
+/// A scratch directory of this process, removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+impl Target {
+    /// `ssh` is the ssh command line (program and options) used for ssh targets.
+    pub fn open(
+        address: Address,
+        rsync: impl AsRef<OsStr>,
+        ssh: Vec<String>,
+        scratch: PathBuf,
+        job: Option<&str>,
+    ) -> Target {
+        let is_ssh = matches!(address, Address::Ssh { .. });
+        let ep = Endpoint::new(
+            rsync,
+            is_ssh.then_some(ssh.as_slice()),
+            address.rsync_dest(""),
+            address.to_string(),
+        );
+        Target {
+            address,
+            ep,
+            scratch,
+            job: job.map(str::to_string),
+            ssh,
+            shell: OnceLock::new(),
+        }
+    }
+
+    /// The target of a configured job.
+    pub fn for_job(cfg: &crate::config::Config, job: &crate::config::Job) -> Target {
+        let mut ssh = vec![cfg.tools.ssh.to_string_lossy().into_owned()];
+        ssh.extend(job.ssh_args.iter().cloned());
+        Target::open(
+            job.target.clone(),
+            &cfg.tools.rsync,
+            ssh,
+            crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name),
+            Some(&job.name),
+        )
+    }
+
+    /// Says whether an ssh key may run a shell, instead of probing (`prune --rsync-only`).
+    pub fn assume_shell(self, shell: bool) -> Target {
+        let _ = self.shell.set(shell);
+        self
+    }
+
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    /// The job whose target this is, if known.
+    pub fn job(&self) -> Option<&str> {
+        self.job.as_deref()
+    }
+
+    fn local(&self) -> Option<&Path> {
+        match &self.address {
+            Address::Local(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn scratch(&self, what: &str) -> Result<Scratch, TargetError> {
+        let d = self.scratch.join(format!("{what}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).map_err(io(&d))?;
+        Ok(Scratch(d))
+    }
+
+    fn area(&self, a: Area, name: &str) -> String {
+        if name.is_empty() {
+            format!("{}/", a.dir())
+        } else {
+            format!("{}/{name}", a.dir())
+        }
+    }
+
+    // ---- layout and records -----------------------------------------------------------
+
+    /// Reads what the target holds, checking its layout first.
+    ///
+    /// # Errors
+    /// A symlinked area, another job's record, or the target cannot be read.
+    pub fn scan(&self, runner: &dyn Runner) -> Result<Contents, TargetError> {
+        let shown = self.address.to_string();
+        let names = self.top_names(runner)?;
+        let manifests: BTreeSet<String> = names
+            .iter()
+            .filter(|(a, n)| *a == Area::Manifests && n.ends_with(".sha1"))
+            .filter_map(|(_, n)| layout::stamp_of(n).map(str::to_string))
+            .collect();
+        let stamps: Vec<String> = names
+            .iter()
+            .filter(|(a, _)| *a == Area::Runs)
+            .filter_map(|(_, n)| {
+                n.strip_suffix(".json")
+                    .filter(|s| crate::snapshot::valid_stamp(s))
+                    .map(str::to_string)
+            })
+            .collect();
+        let records = self.read_records(runner, &stamps)?;
+        let (points, ignored) = layout::classify(&shown, records, &manifests, self.job.as_deref())?;
+        for (f, why) in &ignored {
+            tracing::warn!("{shown}/{f}: not a restore point: {why} (left alone)");
+        }
+        let mut c = Contents::default();
+        // Restore points first, so that an error names a record rather than its manifest.
+        for p in &points {
+            c.note(p, format!("runs/{p}.json"));
+        }
+        for (area, name) in &names {
+            let stamp = match area {
+                Area::Generations => crate::snapshot::valid_stamp(name).then_some(name.as_str()),
+                Area::Runs => continue,
+                _ => layout::stamp_of(name),
+            };
+            if let Some(s) = stamp {
+                c.note(s, format!("{}/{name}", area.dir()));
+            }
+        }
+        c.taken = ignored
+            .iter()
+            .filter_map(|(f, _)| layout::stamp_of(f.strip_prefix("runs/")?).map(str::to_string))
+            .collect();
+        c.points = points;
+        c.ignored = ignored;
+        Ok(c)
+    }
+
+    /// The entries directly inside `runs/`, `manifests/` and `generations/`, after
+    /// checking that no area is a symlink or a non-directory.
+    fn top_names(&self, runner: &dyn Runner) -> Result<Vec<(Area, String)>, TargetError> {
+        if let Some(root) = self.local() {
+            layout::check_local_layout(root)?;
+            let mut names = Vec::new();
+            for a in [Area::Runs, Area::Manifests, Area::Generations] {
+                let dir = root.join(a.dir());
+                let rd = match fs::read_dir(&dir) {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(&dir)(e)),
+                };
+                for e in rd {
+                    let e = e.map_err(io(&dir))?;
+                    names.push((a, e.file_name().to_string_lossy().into_owned()));
+                }
+            }
+            return Ok(names);
+        }
+        // One listing of the root: the areas' own entries (no trailing slash in the
+        // patterns, so that a symlink named like an area is listed too) and their children.
+        let mut cmd = self.ep.cmd().args(["--list-only", "-rl"]);
+        for a in Area::ALL {
+            cmd = cmd.arg(format!("--include=/{}", a.dir()));
+        }
+        for a in [Area::Runs, Area::Manifests, Area::Generations] {
+            cmd = cmd.arg(format!("--include=/{}/*", a.dir()));
+        }
+        let cmd = cmd.arg("--exclude=*").arg(self.ep.dest(""));
+        let listing = self.listing(runner, &cmd)?;
+        layout::check_areas(&self.address.to_string(), |a| {
+            listing
+                .iter()
+                .find(|e| e.name == a.dir().as_bytes())
+                .map(|e| (e.kind, String::new()))
+        })?;
+        let mut names = Vec::new();
+        for e in &listing {
+            let Some((top, name)) = layout::area_child(&e.name) else {
+                continue;
+            };
+            if let Some(a) = Area::ALL.into_iter().find(|a| a.dir().as_bytes() == top) {
+                names.push((a, String::from_utf8_lossy(name).into_owned()));
+            }
+        }
+        Ok(names)
+    }
+
+    /// Runs an rsync `--list-only`; a path that does not exist lists as empty.
+    fn listing(
+        &self,
+        runner: &dyn Runner,
+        cmd: &Cmd,
+    ) -> Result<Vec<rsync::ListEntry>, TargetError> {
+        let (ended, out) = self.ep.run(runner, cmd)?;
+        match ended {
+            Ended::Missing => Ok(Vec::new()),
+            _ => rsync::parse_listing(&out.stdout).map_err(|line| TargetError::ListParse {
+                target: self.address.to_string(),
+                line,
+            }),
+        }
+    }
+
+    /// `runs/STAMP.json` for each stamp, read where it is (local) or copied to scratch
+    /// first (rsync without `--links` skips a symlinked record, which then reads as not
+    /// a regular file).
+    pub fn read_records(
+        &self,
+        runner: &dyn Runner,
+        stamps: &[String],
+    ) -> Result<Vec<RecordFile>, TargetError> {
+        let read = |dir: &Path| -> Result<Vec<RecordFile>, TargetError> {
+            let mut v = Vec::new();
+            for s in stamps {
+                let p = dir.join(format!("{s}.json"));
+                let data = match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_file() => Some(fs::read(&p).map_err(io(&p))?),
+                    _ => None,
+                };
+                v.push(RecordFile {
+                    stamp: s.clone(),
+                    data,
+                });
+            }
+            Ok(v)
+        };
+        if let Some(root) = self.local() {
+            return read(&root.join(Area::Runs.dir()));
+        }
+        if stamps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.scratch("records")?;
+        let cmd = self
+            .ep
+            .cmd()
+            .args(["--recursive", "--include=/*.json", "--exclude=*"])
+            .arg(self.ep.dest(&self.area(Area::Runs, "")))
+            .arg(format!("{}/", dir.0.display()));
+        self.ep.run(runner, &cmd)?;
+        read(&dir.0)
+    }
+
+    /// Refuses a target whose `current/` is not this job's backup: rsync `--delete` there
+    /// would destroy someone else's data. Ours carries `gocryptfs.conf`, the job's key
+    /// config byte for byte (`key_raw`).
+    ///
+    /// # Errors
+    /// Another key's config, files without one, or the target cannot be read.
+    pub fn check_owner(&self, runner: &dyn Runner, key_raw: &[u8]) -> Result<(), TargetError> {
+        let conf = crate::crypto::names::CONF_NAME;
+        let refuse = |what| TargetError::NotOurs {
+            target: self.address.to_string(),
+            what,
+        };
+        match self.fetch(runner, Area::Current, conf)? {
+            Some(b) if b == key_raw => Ok(()),
+            Some(_) => Err(refuse("holds a gocryptfs.conf of another key config")),
+            None if self.list(runner, Area::Current)?.is_empty() => Ok(()),
+            None => Err(refuse(
+                "exists but holds no gocryptfs.conf: it is not a snapveil backup",
+            )),
+        }
+    }
+
+    // ---- small files ------------------------------------------------------------------
+
+    /// Writes `AREA/NAME` (atomically on a local target; by rsync, into a scratch copy
+    /// first, otherwise).
+    ///
+    /// # Errors
+    /// Writing or uploading failed.
+    pub fn put(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+        data: &[u8],
+    ) -> Result<(), TargetError> {
+        if let Some(root) = self.local() {
+            let p = root.join(area.dir()).join(name);
+            return crate::status::write_atomic(&p, data).map_err(io(&p));
+        }
+        let dir = self.scratch("upload")?;
+        let tmp = dir.0.join(name);
+        fs::write(&tmp, data).map_err(io(&tmp))?;
+        let cmd = self
+            .ep
+            .cmd()
+            .args(["--mkpath", "--times", "--chmod=F644"])
+            .arg(&tmp)
+            .arg(self.ep.dest(&self.area(area, "")));
+        let (ended, _) = self.ep.run(runner, &cmd)?;
+        self.require_ok(ended, &cmd)
+    }
+
+    /// Reads `AREA/NAME`; `None` when it does not exist.
+    ///
+    /// # Errors
+    /// It exists but cannot be read or fetched.
+    pub fn fetch(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, TargetError> {
+        if let Some(root) = self.local() {
+            let p = root.join(area.dir()).join(name);
+            return match fs::read(&p) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io(&p)(e)),
+            };
+        }
+        let dir = self.scratch("fetch")?;
+        let local = dir.0.join("file");
+        let cmd = self
+            .ep
+            .cmd()
+            .arg(self.ep.dest(&self.area(area, name)))
+            .arg(&local);
+        match self.ep.run(runner, &cmd)?.0 {
+            Ended::Missing => Ok(None),
+            Ended::Ok => fs::read(&local).map(Some).map_err(io(&local)),
+            e => self.require_ok(e, &cmd).map(|()| None),
+        }
+    }
+
+    /// What the listing of an `ended` says about a command that must fully succeed.
+    fn require_ok(&self, ended: Ended, cmd: &Cmd) -> Result<(), TargetError> {
+        match ended {
+            Ended::Ok => Ok(()),
+            e => Err(RsyncError::Failed {
+                target: self.address.to_string(),
+                exit: crate::exec::Exit::Code(match e {
+                    Ended::Vanished => 24,
+                    _ => 23,
+                }),
+                stderr: format!("`{cmd}` did not complete ({e:?})"),
+            }
+            .into()),
+        }
+    }
+
+    /// The entries directly inside an area (a missing area is empty).
+    ///
+    /// # Errors
+    /// The target cannot be read.
+    pub fn list(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+    ) -> Result<Vec<rsync::ListEntry>, TargetError> {
+        if let Some(root) = self.local() {
+            let dir = root.join(area.dir());
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io(&dir)(e)),
+            };
+            let mut v = Vec::new();
+            for e in rd {
+                let e = e.map_err(io(&dir))?;
+                let ft = e.file_type().map_err(io(&e.path()))?;
+                let kind = if ft.is_dir() {
+                    b'd'
+                } else if ft.is_symlink() {
+                    b'l'
+                } else {
+                    b'-'
+                };
+                v.push(rsync::ListEntry {
+                    name: e.file_name().as_bytes().to_vec(),
+                    kind,
+                    size: 0,
+                });
+            }
+            return Ok(v);
+        }
+        let cmd = self
+            .ep
+            .cmd()
+            .arg("--list-only")
+            .arg(self.ep.dest(&self.area(area, "")));
+        self.listing(runner, &cmd)
+    }
+
+    /// Generation directories by stamp, oldest first (only names that are stamps).
+    ///
+    /// # Errors
+    /// The target cannot be read.
+    pub fn generations(&self, runner: &dyn Runner) -> Result<Vec<String>, TargetError> {
+        let mut names: Vec<String> = self
+            .list(runner, Area::Generations)?
+            .into_iter()
+            .filter(|e| e.kind == b'd')
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| crate::snapshot::valid_stamp(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    // ---- the transfer and reading back ------------------------------------------------
+
+    /// Sends the mounted encrypted view to `current/`, with what it replaces or deletes
+    /// going to `generations/STAMP/`; stops rsync when the run is cancelled.
+    ///
+    /// # Errors
+    /// rsync failing (other than files vanishing), or cancellation.
+    pub fn send_view(
+        &self,
+        runner: &dyn Runner,
+        view: &Path,
+        stamp: &str,
+        extra: &[String],
+        pass: Pass<'_>,
+    ) -> Result<Outcome, RsyncError> {
+        let cmd = rsync::transfer_cmd(&self.ep, &self.address.backup_dir(stamp), extra, view, pass);
+        tracing::info!(cmd = %cmd, "transferring");
+        rsync::transfer(runner, &cmd, self.ep.shown())
+    }
+
+    /// A list of paths for rsync's `--files-from --from0`, in this process's scratch
+    /// space; removed when dropped.
+    pub fn files_from(
+        &self,
+        paths: impl IntoIterator<Item = impl AsRef<[u8]>>,
+    ) -> Result<FilesFrom, TargetError> {
+        let dir = self.scratch("files-from")?;
+        let p = dir.0.join("list");
+        let mut data = Vec::new();
+        for c in paths {
+            data.extend_from_slice(c.as_ref());
+            data.push(0);
+        }
+        fs::write(&p, &data).map_err(io(&p))?;
+        Ok(FilesFrom { _dir: dir, path: p })
+    }
+
+    /// Copies the listed files from each of `sources` (`current` or `generations/STAMP`,
+    /// in order, each overwriting) into `dest`; a file missing from a source is fine.
+    ///
+    /// # Errors
+    /// rsync failing otherwise.
+    pub fn fetch_files(
+        &self,
+        runner: &dyn Runner,
+        list: &FilesFrom,
+        sources: &[String],
+        dest: &Path,
+    ) -> Result<(), TargetError> {
+        for src in sources {
+            let cmd = self
+                .ep
+                .cmd()
+                .args(["--archive", "--numeric-ids", "--ignore-times", "--from0"])
+                .arg(format!("--files-from={}", list.path.display()))
+                .arg(self.ep.dest(&format!("{src}/")))
+                .arg(format!("{}/", dest.display()));
+            self.ep.run(runner, &cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Compares `current/` with the encrypted view at `view` by rsync `--dry-run
+    /// --checksum --itemize-changes` (the checksums of the target's files are computed
+    /// where they are; nothing is downloaded): rsync's itemized lines.
+    ///
+    /// # Errors
+    /// rsync failing.
+    pub fn compare_view(&self, runner: &dyn Runner, view: &Path) -> Result<String, TargetError> {
+        let cmd = self
+            .ep
+            .cmd()
+            .args([
+                "--dry-run",
+                "--recursive",
+                "--links",
+                "--checksum",
+                "--delete",
+                "--itemize-changes",
+            ])
+            .arg(format!("{}/", view.display()))
+            .arg(self.ep.dest(&self.area(Area::Current, "")));
+        let (ended, out) = self.ep.run(runner, &cmd)?;
+        self.require_ok(ended, &cmd)?;
+        Ok(out.stdout_str())
+    }
+
+    /// `current/` as a directory on this machine, when the target is one: it can then be
+    /// hashed directly instead of compared through rsync.
+    pub fn current_here(&self) -> Option<PathBuf> {
+        self.local().map(|r| r.join(Area::Current.dir()))
+    }
+
+    /// The ciphertext of `current/CPATH` (fetched one file at a time into scratch space,
+    /// so no second copy of the backup exists on disk).
+    ///
+    /// # Errors
+    /// The transfer failed; a missing or unreadable file is the inner error.
+    pub fn read_current(
+        &self,
+        runner: &dyn Runner,
+        cpath: &[u8],
+    ) -> Result<std::io::Result<Vec<u8>>, TargetError> {
+        if let Some(cur) = self.current_here() {
+            return Ok(fs::read(cur.join(OsStr::from_bytes(cpath))));
+        }
+        let rel = format!("current/{}", String::from_utf8_lossy(cpath));
+        let dir = self.scratch("deep")?;
+        let local = dir.0.join("f");
+        let cmd = self.ep.cmd().arg(self.ep.dest(&rel)).arg(&local);
+        let (ended, _) = self.ep.run(runner, &cmd)?;
+        self.require_ok(ended, &cmd)?;
+        Ok(fs::read(&local))
+    }
+
+    // ---- prune ----------------------------------------------------------------------------
+
+    /// What prune may do here: renames on a local path and over ssh with a shell; whole
+    /// deletions only with rsync alone (rrsync, a daemon). For ssh, a harmless `echo` is
+    /// tried once; a key restricted to rrsync or another forced command does not answer.
+    pub fn mode(&self, runner: &dyn Runner) -> Mode {
+        let shell = match &self.address {
+            Address::Local(_) => return Mode::Merge,
+            Address::RsyncDaemon { .. } => return Mode::DeleteOnly,
+            Address::Ssh { .. } => *self.shell.get_or_init(|| self.probe_shell(runner)),
+        };
+        if shell {
+            Mode::Merge
+        } else {
+            Mode::DeleteOnly
+        }
+    }
+
+    fn probe_shell(&self, runner: &dyn Runner) -> bool {
+        const MARK: &str = "snapveil-shell-ok";
+        let probe = self.ssh_cmd().arg(format!("echo {MARK}"));
+        let shell = runner
+            .output(&probe)
+            .map(|o| o.exit == crate::exec::Exit::Code(0) && o.stdout_str().trim() == MARK)
+            .unwrap_or(false);
+        if !shell {
+            tracing::info!(target = %self.address, "the ssh key runs no shell (rrsync?): prune deletes whole generations, no merges");
+        }
+        shell
+    }
+
+    fn ssh_cmd(&self) -> Cmd {
+        let (prog, args) = self
+            .ssh
+            .split_first()
+            .map(|(p, a)| (p.as_str(), a))
+            .unwrap_or(("ssh", &[]));
+        Cmd::new(prog)
+            .args(args)
+            .arg(self.address.ssh_dest().unwrap_or_default())
+    }
+
+    /// What prune looks at, as paths relative to the root with whether each is a
+    /// directory: `runs/*.json`, `manifests/*.{sha1,meta}`, `generations/` whole. The
+    /// layout is checked first.
+    ///
+    /// # Errors
+    /// A symlinked area, not a target at all, or the target cannot be read.
+    pub fn prune_paths(&self, runner: &dyn Runner) -> Result<Vec<(Vec<u8>, bool)>, TargetError> {
+        if let Some(root) = self.local() {
+            return ops::local_paths(root);
+        }
+        let cmd = self
+            .ep
+            .cmd()
+            .args([
+                "--list-only",
+                "-rl",
+                // Areas without a trailing slash, so that a symlink named like one is listed.
+                "--include=/runs",
+                "--include=/runs/*.json",
+                "--include=/manifests",
+                "--include=/manifests/*.sha1",
+                "--include=/manifests/*.meta",
+                "--include=/generations",
+                "--include=/generations/**",
+                "--include=/current",
+                "--exclude=*",
+            ])
+            .arg(self.ep.dest(""));
+        let out = cmd.run_checked(runner).map_err(RsyncError::from)?;
+        let entries = rsync::parse_listing(&out.stdout).map_err(|line| TargetError::ListParse {
+            target: self.address.to_string(),
+            line,
+        })?;
+        layout::check_areas(&self.address.to_string(), |a| {
+            entries
+                .iter()
+                .find(|e| e.name == a.dir().as_bytes())
+                .map(|e| (e.kind, String::new()))
+        })?;
+        let has = |top: &[u8]| entries.iter().any(|e| e.kind == b'd' && e.name == top);
+        if !has(b"runs") && !has(b"generations") {
+            return Err(TargetError::NotATarget {
+                target: self.ep.dest(""),
+            });
+        }
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.name != b"current")
+            .map(|e| (e.name, e.kind == b'd'))
+            .collect())
+    }
+
+    /// Applies prune's operations the way this target allows ([`Target::mode`]): renames
+    /// here, one sh script over ssh, or rsync deletions (only whole deletions exist then;
+    /// the plan never asks for more).
+    ///
+    /// # Errors
+    /// The first failing operation; nothing is overwritten.
+    pub fn apply(&self, runner: &dyn Runner, ops: &[Op]) -> Result<(), TargetError> {
+        if let Some(root) = self.local() {
+            return ops::apply_local(root, ops);
+        }
+        if let (Mode::Merge, Address::Ssh { path, .. }) = (self.mode(runner), &self.address) {
+            self.ssh_cmd()
+                .args(["sh", "-s"])
+                .stdin(ops::shell_script(path, ops))
+                .run_checked(runner)
+                .map_err(RsyncError::from)?;
+            return Ok(());
+        }
+        self.apply_by_rsync(runner, ops)
+    }
+
+    /// Deletion by syncing an empty directory with include filters naming exactly the
+    /// entries to delete, `--exclude=*` protecting everything else, and `--delete`.
+    fn apply_by_rsync(&self, runner: &dyn Runner, ops: &[Op]) -> Result<(), TargetError> {
+        let empty = self.scratch("empty")?;
+        let mut src: OsString = empty.0.clone().into_os_string();
+        src.push("/");
+        let delete = |area: Area, includes: Vec<String>| -> Result<(), TargetError> {
+            if includes.is_empty() {
+                return Ok(());
+            }
+            self.ep
+                .cmd()
+                .args(["-r", "--delete"])
+                .args(includes.iter().map(|i| format!("--include={i}")))
+                .arg("--exclude=*")
+                .arg(&src)
+                .arg(self.ep.dest(&self.area(area, "")))
+                .run_checked(runner)
+                .map_err(RsyncError::from)?;
+            Ok(())
+        };
+        // One record per call, in plan order: the oldest record goes last.
+        let mut manifests = Vec::new();
+        let mut gens = Vec::new();
+        for op in ops {
+            match op {
+                Op::RemoveRecord { stamp } => delete(Area::Runs, vec![format!("/{stamp}.json")])?,
+                Op::RemoveManifest { stamp } => {
+                    manifests.push(format!("/{stamp}.sha1"));
+                    manifests.push(format!("/{stamp}.meta"));
+                }
+                Op::DeleteGen { stamp } => gens.push(format!("/{stamp}/***")),
+                other => {
+                    return Err(TargetError::Io {
+                        path: PathBuf::from("generations"),
+                        err: std::io::Error::other(format!("rsync-only target cannot {other:?}")),
+                    })
+                }
+            }
+        }
+        delete(Area::Manifests, manifests)?;
+        delete(Area::Generations, gens)
+    }
+}
+
+/// A `--files-from` list in scratch space.
+pub struct FilesFrom {
+    _dir: Scratch,
+    path: PathBuf,
+}
+
+impl FilesFrom {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
