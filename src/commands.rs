@@ -185,9 +185,12 @@ fn copy_keys(config: Option<&Path>, tree: &Path, passfile: &Path) -> Result<Keys
         let own = tree.join(CONF_NAME);
         let generation = tree
             .parent()
-            .filter(|p| p.file_name().is_some_and(|n| n == "generations"))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n == crate::target::Area::Generations.dir())
+            })
             .and_then(Path::parent)
-            .map(|t| t.join("current").join(CONF_NAME));
+            .map(|t| t.join(crate::target::Area::Current.dir()).join(CONF_NAME));
         match generation {
             Some(g) if !own.exists() && g.exists() => {
                 tracing::info!(config = %g.display(), "a generation: using the target's key config");

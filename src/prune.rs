@@ -44,7 +44,7 @@ use crate::exec::{CommandError, Runner};
 use crate::retention::{self, Decision, LocalTime, Policy, PolicyError, RestorePoint};
 #[cfg(test)]
 use crate::target::ops::{apply_local, shell_script};
-use crate::target::Target;
+use crate::target::{Area, Target};
 pub use crate::target::{Mode, Op};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
@@ -167,13 +167,14 @@ impl Listing {
                 continue;
             };
             let rest = parts.next();
-            match (top, rest) {
-                (b"runs", None) if !dir => {
+            let area = Area::ALL.into_iter().find(|a| a.dir().as_bytes() == top);
+            match (area, rest) {
+                (Some(Area::Runs), None) if !dir => {
                     if let Some(s) = name.strip_suffix(".json").filter(|s| is_stamp(s)) {
                         l.records.insert(s.to_string());
                     }
                 }
-                (b"manifests", None) if !dir => {
+                (Some(Area::Manifests), None) if !dir => {
                     if let Some(s) = name.strip_suffix(".sha1").filter(|s| is_stamp(s)) {
                         l.manifests.insert(s.to_string());
                     }
@@ -181,7 +182,7 @@ impl Listing {
                         l.metas.insert(s.to_string());
                     }
                 }
-                (b"generations", rest) => {
+                (Some(Area::Generations), rest) => {
                     let gen_dir = if rest.is_some() { true } else { dir };
                     if is_stamp(&name) && gen_dir {
                         let tree = l.generations.entry(name).or_default();

@@ -379,9 +379,7 @@ pub fn restore(
     let stage = if raw {
         to.to_path_buf()
     } else {
-        cfg.state_dir
-            .join("work")
-            .join(&job.name)
+        crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
             .join(format!("restore-{}", std::process::id()))
     };
     let _ = if raw {
@@ -509,10 +507,7 @@ impl Ctx<'_> {
         let mut gens = target.generations(runner)?;
         gens.retain(|g| g.as_str() > point);
         gens.reverse();
-        let sources: Vec<String> = std::iter::once("current".to_string())
-            .chain(gens.iter().map(|g| format!("generations/{g}")))
-            .collect();
-        target.fetch_files(runner, &list, &sources, stage)?;
+        target.fetch_files(runner, &list, &gens, stage)?;
         drop(list);
         let mut newer = NewerManifests::default();
         let mut fetched = 0;

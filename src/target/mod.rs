@@ -397,11 +397,25 @@ impl Target {
         let dir = self.scratch("upload")?;
         let tmp = dir.0.join(name);
         fs::write(&tmp, data).map_err(io(&tmp))?;
+        self.send_file(runner, area, &tmp)
+    }
+
+    /// Copies a local file into an area by rsync, keeping its mtime (so that the next
+    /// transfer of the same file finds it up to date and keeps no generation copy).
+    ///
+    /// # Errors
+    /// rsync failing.
+    pub fn send_file(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        file: &Path,
+    ) -> Result<(), TargetError> {
         let cmd = self
             .ep
             .cmd()
             .args(["--mkpath", "--times", "--chmod=F644"])
-            .arg(&tmp)
+            .arg(file)
             .arg(self.ep.dest(&self.area(area, "")));
         let (ended, _) = self.ep.run(runner, &cmd)?;
         self.require_ok(ended, &cmd)
@@ -551,8 +565,8 @@ impl Target {
         Ok(FilesFrom { _dir: dir, path: p })
     }
 
-    /// Copies the listed files from each of `sources` (`current` or `generations/STAMP`,
-    /// in order, each overwriting) into `dest`; a file missing from a source is fine.
+    /// Copies the listed files from `current/`, then from each of `generations` in the
+    /// order given, each overwriting, into `dest`; a file missing from one is fine.
     ///
     /// # Errors
     /// rsync failing otherwise.
@@ -560,9 +574,14 @@ impl Target {
         &self,
         runner: &dyn Runner,
         list: &FilesFrom,
-        sources: &[String],
+        generations: &[String],
         dest: &Path,
     ) -> Result<(), TargetError> {
+        let sources = std::iter::once(Area::Current.dir().to_string()).chain(
+            generations
+                .iter()
+                .map(|g| format!("{}/{g}", Area::Generations.dir())),
+        );
         for src in sources {
             let cmd = self
                 .ep
