@@ -10,16 +10,19 @@
 //! Missing `gocryptfs.diriv` files (a generation directory holds only the files a run
 //! replaced) are re-derived: in reverse mode a directory IV is a function of its
 //! encrypted path.
+//!
+//! The decoding rules are `crypto`'s, the same the forward view applies: entries and
+//! directory IVs by `names::decode_entry` and `names::dir_iv_of`, file content (size,
+//! header, blocks) by `content::decrypt_stream`, streamed through 1 MiB buffers.
 
-use crate::crypto::content::{self, BLOCK, CBLOCK, HEADER_LEN};
-use crate::crypto::names::{self, DIRIV_NAME};
+use crate::crypto::content;
+use crate::crypto::names::{self, decode_entry, dir_iv_of, DIRIV_NAME};
 use crate::crypto::{join_cpath, Keys, NameMode};
 use crate::manifest::meta::MetaEntry;
-use crate::view::forward::{decode_entry, dir_iv_of};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -255,9 +258,7 @@ impl Walker<'_> {
     fn file(&self, path: &Path, dest: &Path) -> Result<u64, String> {
         let f = File::open(path).map_err(|e| e.to_string())?;
         let size = f.metadata().map_err(|e| e.to_string())?.len();
-        if content::plain_size(size).is_none() {
-            return Err(format!("impossible ciphertext size {size} (truncated?)"));
-        }
+        content::checked_plain_size(size).map_err(|e| e.to_string())?;
         let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -265,39 +266,13 @@ impl Walker<'_> {
             .open(dest)
             .map_err(|e| format!("{}: {e}", dest.display()))?;
         let mut w = BufWriter::with_capacity(1 << 20, out);
-        if size <= HEADER_LEN {
-            w.flush().map_err(|e| e.to_string())?;
-            return Ok(0);
-        }
         let mut rd = BufReader::with_capacity(1 << 20, f);
-        let mut header = [0u8; HEADER_LEN as usize];
-        rd.read_exact(&mut header).map_err(|e| e.to_string())?;
-        if header[..2] != [0, 2] {
-            return Err(format!(
-                "unsupported file header version {:02x}{:02x}",
-                header[0], header[1]
-            ));
-        }
-        let file_id: [u8; 16] = header[2..].try_into().expect("16 bytes");
-        if file_id == [0u8; 16] {
-            return Err("all-zero file ID in header".into());
-        }
-        let mut buf = vec![0u8; CBLOCK as usize];
-        let mut n = 0u64;
-        let mut total = 0u64;
-        loop {
-            let got = read_full(&mut rd, &mut buf).map_err(|e| e.to_string())?;
-            if got == 0 {
-                break;
-            }
-            let pt = content::decrypt_block(self.keys, n, Some(&file_id), &buf[..got])
-                .map_err(|e| format!("block {n}: {e}"))?;
-            debug_assert!(pt.len() as u64 <= BLOCK);
-            w.write_all(&pt)
-                .map_err(|e| format!("{}: {e}", dest.display()))?;
-            total += pt.len() as u64;
-            n += 1;
-        }
+        let total = content::decrypt_stream(self.keys, size, &mut rd, &mut w, None).map_err(
+            |e| match e {
+                content::ContentError::Write(e) => format!("{}: {e}", dest.display()),
+                e => e.to_string(),
+            },
+        )?;
         w.flush().map_err(|e| format!("{}: {e}", dest.display()))?;
         Ok(total)
     }
@@ -339,17 +314,4 @@ impl PrivateMode for fs::OpenOptions {
         use std::os::unix::fs::OpenOptionsExt;
         self.mode(0o600)
     }
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }

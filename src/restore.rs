@@ -586,7 +586,7 @@ impl NewerManifests {
 }
 
 fn describe(keys: &Keys, c: &[u8]) -> String {
-    match verify::decrypt_cpath(keys, c) {
+    match names::decrypt_cpath(keys, c) {
         Some(p) => format!(
             "{} ({})",
             String::from_utf8_lossy(&p),

@@ -14,9 +14,9 @@
 //! Where the source changed since the last run, the manifest decides which side is wrong.
 
 use crate::config::{Config, Job};
-use crate::crypto::content::{self, CBLOCK, HEADER_LEN};
+use crate::crypto::content;
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX};
-use crate::crypto::{join_cpath, KeyConfig, Keys, MasterKey, NameMode};
+use crate::crypto::{KeyConfig, Keys, MasterKey};
 use crate::exec::Runner;
 use crate::manifest::meta::MetaEntry;
 use crate::manifest::{self, Entry};
@@ -365,7 +365,7 @@ pub fn deep(
             continue;
         }
         let shown = lossy(cpath);
-        let plain = match decrypt_cpath(keys, cpath) {
+        let plain = match names::decrypt_cpath(keys, cpath) {
             Some(p) => p,
             None => {
                 // Long-named components need their `.name` file; not resolved here.
@@ -390,7 +390,11 @@ pub fn deep(
                 .push(format!("{shown}: {}: {e}", ppath.display()));
             continue;
         }
-        match decrypt_bytes(keys, cpath, &cipher) {
+        match content::decrypt_all(
+            keys,
+            &cipher,
+            Some(&content::FileIvs::for_cpath(cpath).file_id),
+        ) {
             Ok(p) if p == expected => {}
             Ok(_) => r
                 .wrong_plaintext
@@ -401,59 +405,6 @@ pub fn deep(
         }
     }
     Ok(r)
-}
-
-/// Plaintext relative path of an encrypted one (long names are not resolvable from the
-/// path alone: `None`).
-pub fn decrypt_cpath(keys: &Keys, cpath: &[u8]) -> Option<Vec<u8>> {
-    if keys.flags.names == NameMode::Plaintext {
-        return Some(cpath.to_vec());
-    }
-    let mut cdir: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
-    for comp in cpath.split(|b| *b == b'/') {
-        if names::is_long_hash(comp) {
-            return None;
-        }
-        let iv = names::dir_iv(keys.flags.names, &cdir);
-        let p = names::decrypt_name(keys, &iv, std::str::from_utf8(comp).ok()?).ok()?;
-        if !out.is_empty() {
-            out.push(b'/');
-        }
-        out.extend_from_slice(&p);
-        cdir = join_cpath(&cdir, comp);
-    }
-    Some(out)
-}
-
-/// Decrypts a whole file's ciphertext in memory. The header's file ID must be the one
-/// reverse mode derives from `cpath`: a file moved to another path (or another file's
-/// ciphertext put in its place) fails here even though each block authenticates.
-///
-/// # Errors
-/// Size, header or authentication failures, as text.
-pub fn decrypt_bytes(keys: &Keys, cpath: &[u8], c: &[u8]) -> Result<Vec<u8>, String> {
-    if content::plain_size(c.len() as u64).is_none() {
-        return Err(format!("impossible ciphertext size {}", c.len()));
-    }
-    if c.len() as u64 <= HEADER_LEN {
-        return Ok(Vec::new());
-    }
-    let h = HEADER_LEN as usize;
-    if c[..2] != [0, 2] {
-        return Err("unsupported header version".into());
-    }
-    let file_id: [u8; 16] = c[2..h].try_into().expect("16 bytes");
-    if file_id != content::FileIvs::for_cpath(cpath).file_id {
-        return Err("file ID does not belong to this path (ciphertext of another file?)".into());
-    }
-    let mut out = Vec::with_capacity(c.len());
-    for (n, blk) in c[h..].chunks(CBLOCK as usize).enumerate() {
-        let p = content::decrypt_block(keys, n as u64, Some(&file_id), blk)
-            .map_err(|e| format!("block {n}: {e}"))?;
-        out.extend_from_slice(&p);
-    }
-    Ok(out)
 }
 
 /// `snapveil verify JOB [--deep]`: exit 0 when the target's `current/` matches the last

@@ -2,8 +2,15 @@
 //! blocks, each stored as `nonce[16] || SIV tag[16] || ciphertext` (spec §4), and the
 //! size arithmetic between the two (§9). In reverse mode the file ID and block nonces
 //! are derived from the encrypted path (§5).
+//!
+//! The one rule set for reading ciphertext (spec §11 "File content"): [`FileHeader::parse`]
+//! checks a header, [`decrypt_stream`] / [`decrypt_all`] decrypt a whole file (size,
+//! header, optionally the expected file ID, every block), and [`decrypt_block`] one
+//! block. The forward view, `snapveil decrypt` and `verify --deep` all read through
+//! these; the reverse view writes headers with [`FileHeader::to_bytes`].
 
 use super::{derive, Keys};
+use std::io::{Read, Write};
 
 pub const HEADER_LEN: u64 = 18;
 pub const BLOCK: u64 = 4096;
@@ -60,9 +67,56 @@ impl FileIvs {
         out
     }
 
-    pub fn header(&self) -> [u8; 18] {
-        let mut h = [0u8; 18];
-        h[1] = 2;
+    pub fn header(&self) -> [u8; HEADER_LEN as usize] {
+        FileHeader {
+            file_id: self.file_id,
+        }
+        .to_bytes()
+    }
+}
+
+/// The only header version there is: the first two bytes of every non-empty file.
+pub const HEADER_VERSION: [u8; 2] = [0, 2];
+
+/// A ciphertext file header: version `00 02` and the file ID (the AAD of every block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    pub file_id: [u8; 16],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("file header too short ({0} of 18 bytes)")]
+    TooShort(usize),
+    #[error("unsupported file header version {:02x}{:02x}", .0[0], .0[1])]
+    Version([u8; 2]),
+    #[error("all-zero file ID in header")]
+    ZeroFileId,
+}
+
+impl FileHeader {
+    /// Parses the first 18 bytes of `b` (the rest is ignored).
+    ///
+    /// # Errors
+    /// Fewer than 18 bytes, a version other than `00 02`, or an all-zero file ID: what
+    /// forward gocryptfs refuses.
+    pub fn parse(b: &[u8]) -> Result<Self, HeaderError> {
+        if b.len() < HEADER_LEN as usize {
+            return Err(HeaderError::TooShort(b.len()));
+        }
+        if b[..2] != HEADER_VERSION {
+            return Err(HeaderError::Version([b[0], b[1]]));
+        }
+        let file_id: [u8; 16] = b[2..HEADER_LEN as usize].try_into().expect("16 bytes");
+        if file_id == [0u8; 16] {
+            return Err(HeaderError::ZeroFileId);
+        }
+        Ok(FileHeader { file_id })
+    }
+
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[..2].copy_from_slice(&HEADER_VERSION);
         h[2..].copy_from_slice(&self.file_id);
         h
     }
@@ -140,6 +194,106 @@ pub fn decrypt_block(
     Ok(pt)
 }
 
+/// Why a whole file does not decrypt.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error("impossible ciphertext size {0} (truncated?)")]
+    Size(u64),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("file ID does not belong to this path (ciphertext of another file?)")]
+    ForeignFileId,
+    #[error("block {0}: {1}")]
+    Block(u64, BlockError),
+    /// Reading the ciphertext failed.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// Writing the plaintext failed.
+    #[error("{0}")]
+    Write(std::io::Error),
+}
+
+/// Checks a ciphertext size and returns its plaintext size.
+///
+/// # Errors
+/// [`ContentError::Size`] for a size no encoder produces ([`plain_size`] is `None`).
+pub fn checked_plain_size(csize: u64) -> Result<u64, ContentError> {
+    plain_size(csize).ok_or(ContentError::Size(csize))
+}
+
+/// Decrypts a whole file of `csize` bytes read from `r` into `w`; returns the plaintext
+/// length. Sizes 0 and 18 (header only) are empty files and nothing is read. With
+/// `expect`, the header's file ID must be that one: reverse mode derives it from the
+/// path, so another file's ciphertext put in this place fails even though each of its
+/// blocks authenticates. Blocks are written as they authenticate; the first failure
+/// stops, and the caller must discard what was written.
+///
+/// # Errors
+/// Impossible size, bad header, foreign file ID, a block failing (numbered from 0), or
+/// I/O on either side.
+pub fn decrypt_stream(
+    keys: &Keys,
+    csize: u64,
+    r: &mut impl Read,
+    w: &mut impl Write,
+    expect: Option<&[u8; 16]>,
+) -> Result<u64, ContentError> {
+    checked_plain_size(csize)?;
+    if csize <= HEADER_LEN {
+        return Ok(0);
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    r.read_exact(&mut header).map_err(ContentError::Read)?;
+    let file_id = FileHeader::parse(&header)?.file_id;
+    if expect.is_some_and(|e| *e != file_id) {
+        return Err(ContentError::ForeignFileId);
+    }
+    let mut buf = vec![0u8; CBLOCK as usize];
+    let mut n = 0u64;
+    let mut total = 0u64;
+    loop {
+        let got = read_full(r, &mut buf).map_err(ContentError::Read)?;
+        if got == 0 {
+            break;
+        }
+        let pt = decrypt_block(keys, n, Some(&file_id), &buf[..got])
+            .map_err(|e| ContentError::Block(n, e))?;
+        debug_assert!(pt.len() as u64 <= BLOCK);
+        w.write_all(&pt).map_err(ContentError::Write)?;
+        total += pt.len() as u64;
+        n += 1;
+    }
+    Ok(total)
+}
+
+/// [`decrypt_stream`] of a ciphertext held in memory.
+///
+/// # Errors
+/// As [`decrypt_stream`] (no I/O errors).
+pub fn decrypt_all(
+    keys: &Keys,
+    c: &[u8],
+    expect: Option<&[u8; 16]>,
+) -> Result<Vec<u8>, ContentError> {
+    let mut out = Vec::with_capacity(c.len());
+    decrypt_stream(keys, c.len() as u64, &mut &c[..], &mut out, expect)?;
+    Ok(out)
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +326,122 @@ mod tests {
         let n1 = ivs.nonce(1);
         assert_eq!(&n1[..8], &[0xff; 8]);
         assert_eq!(&n1[8..], &[0; 8]);
+    }
+
+    fn keys() -> Keys {
+        Keys::new(
+            &super::super::MasterKey::from_slice(&[7u8; 32]),
+            super::super::Flags {
+                names: super::super::NameMode::DirIv,
+                hkdf: true,
+                long_names: true,
+                long_name_max: 255,
+            },
+        )
+    }
+
+    /// What the reverse view serves for `pt` at `cpath`.
+    fn encrypt_file(keys: &Keys, cpath: &[u8], pt: &[u8]) -> Vec<u8> {
+        if pt.is_empty() {
+            return Vec::new();
+        }
+        let ivs = FileIvs::for_cpath(cpath);
+        let mut out = ivs.header().to_vec();
+        for (n, b) in pt.chunks(BLOCK as usize).enumerate() {
+            let mut c = vec![0u8; b.len() + 32];
+            encrypt_block(
+                keys,
+                n as u64,
+                Some(&ivs.file_id),
+                &ivs.nonce(n as u64),
+                b,
+                &mut c,
+            );
+            out.extend_from_slice(&c);
+        }
+        assert_eq!(out.len() as u64, cipher_size(pt.len() as u64));
+        out
+    }
+
+    #[test]
+    fn header_round_trips_and_is_what_the_writer_emits() {
+        let ivs = FileIvs::for_cpath(b"dir/file");
+        let h = ivs.header();
+        assert_eq!(&h[..2], &[0, 2]);
+        assert_eq!(
+            FileHeader::parse(&h),
+            Ok(FileHeader {
+                file_id: ivs.file_id
+            })
+        );
+        assert_eq!(FileHeader::parse(&h).unwrap().to_bytes(), h);
+        let mut longer = h.to_vec();
+        longer.extend_from_slice(&[9; 40]);
+        assert_eq!(FileHeader::parse(&longer).unwrap().file_id, ivs.file_id);
+    }
+
+    #[test]
+    fn header_parse_refuses_each_bad_header() {
+        let good = FileIvs::for_cpath(b"f").header();
+        assert_eq!(FileHeader::parse(&[]), Err(HeaderError::TooShort(0)));
+        assert_eq!(
+            FileHeader::parse(&good[..17]),
+            Err(HeaderError::TooShort(17))
+        );
+        let mut v = good;
+        v[1] = 3;
+        let e = FileHeader::parse(&v).unwrap_err();
+        assert_eq!(e, HeaderError::Version([0, 3]));
+        assert_eq!(e.to_string(), "unsupported file header version 0003");
+        let mut v = good;
+        v[0] = 0xab;
+        assert_eq!(FileHeader::parse(&v), Err(HeaderError::Version([0xab, 2])));
+        let mut z = [0u8; 18];
+        z[1] = 2;
+        let e = FileHeader::parse(&z).unwrap_err();
+        assert_eq!(e, HeaderError::ZeroFileId);
+        assert_eq!(e.to_string(), "all-zero file ID in header");
+    }
+
+    #[test]
+    fn decrypt_all_applies_every_rule() {
+        let k = keys();
+        let pt: Vec<u8> = (0..9000u32).map(|i| i as u8).collect();
+        let c = encrypt_file(&k, b"a/b", &pt);
+        let id = FileIvs::for_cpath(b"a/b").file_id;
+        assert_eq!(decrypt_all(&k, &c, Some(&id)).unwrap(), pt);
+        assert_eq!(decrypt_all(&k, &c, None).unwrap(), pt);
+        let e = decrypt_all(&k, &c, Some(&FileIvs::for_cpath(b"a/c").file_id)).unwrap_err();
+        assert!(matches!(e, ContentError::ForeignFileId));
+        assert!(e
+            .to_string()
+            .contains("file ID does not belong to this path"));
+        // Empty and header-only files are empty; sizes no encoder makes are refused.
+        assert_eq!(decrypt_all(&k, &[], Some(&id)).unwrap(), b"");
+        assert_eq!(decrypt_all(&k, &c[..18], Some(&id)).unwrap(), b"");
+        let e = decrypt_all(&k, &c[..10], None).unwrap_err();
+        assert!(matches!(e, ContentError::Size(10)));
+        assert!(e.to_string().contains("impossible ciphertext size 10"));
+        assert!(matches!(
+            decrypt_all(&k, &c[..18 + 4128 + 20], None),
+            Err(ContentError::Size(_))
+        ));
+        let mut bad = c.clone();
+        bad[1] = 1;
+        assert!(matches!(
+            decrypt_all(&k, &bad, None),
+            Err(ContentError::Header(HeaderError::Version([0, 1])))
+        ));
+        let mut bad = c.clone();
+        bad[2..18].fill(0);
+        assert!(matches!(
+            decrypt_all(&k, &bad, None),
+            Err(ContentError::Header(HeaderError::ZeroFileId))
+        ));
+        let mut bad = c.clone();
+        bad[18 + 4128 + 100] ^= 1;
+        let e = decrypt_all(&k, &bad, Some(&id)).unwrap_err();
+        assert!(matches!(e, ContentError::Block(1, BlockError::Auth)));
+        assert!(e.to_string().starts_with("block 1: "));
     }
 }

@@ -1,6 +1,11 @@
 //! gocryptfs-compatible transforms (format spec in ../shared/spec): key config and key
 //! derivation, EME file names, AES-SIV content blocks, the path-derived values that make
-//! reverse mode deterministic. No I/O besides reading and writing the key config.
+//! reverse mode deterministic, and the one set of rules for reading what they produce
+//! (file headers and whole files in `content`, paths and the entries of an encrypted
+//! directory in `names`), used by the reverse and forward views, `snapveil decrypt`,
+//! verify and restore alike. File I/O: the key config, and an encrypted directory's
+//! `gocryptfs.diriv` and `.name` files (`names::dir_iv_of`, `names::decode_entry`);
+//! `content::decrypt_stream` reads and writes only the streams it is given.
 
 pub mod config;
 pub mod content;

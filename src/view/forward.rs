@@ -2,13 +2,15 @@
 //! plaintext tree it holds, read-only, like forward `gocryptfs`. For browsing a backup
 //! (`snapveil open`), locally or through sshfs.
 //!
-//! Also owns the two decoding rules shared with `decrypt.rs`: which entries are metadata,
-//! and where a directory's IV comes from (its `gocryptfs.diriv`, or re-derived from the
-//! encrypted path when a generation directory lacks it).
+//! The decoding rules are `crypto`'s, shared with `snapveil decrypt`:
+//! `names::dir_iv_of` and `names::decode_entry` for listings (undecodable entries are
+//! skipped with a warning), `content::FileHeader::parse` and `content::decrypt_block` for
+//! reads, which fail with EIO on a bad header or block. Reads decrypt only the blocks
+//! they cover, in parallel.
 
 use super::{attr_from, kind_of_ft, Attr, Kind, Listing, Tree, ViewError, ROOT_INO};
-use crate::crypto::content::{self, BLOCK, CBLOCK, HEADER_LEN};
-use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, LONGNAME_SUFFIX};
+use crate::crypto::content::{self, FileHeader, BLOCK, CBLOCK, HEADER_LEN};
+use crate::crypto::names::{self, decode_entry, dir_iv_of};
 use crate::crypto::{join_cpath, Keys, NameMode};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -18,60 +20,6 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-
-/// The IV of encrypted directory `dir` at encrypted path `cpath`: its diriv file, or the
-/// reverse-mode derivation when the file is missing. Corrupt diriv files are an error.
-///
-/// # Errors
-/// A diriv file that is not 16 non-zero bytes.
-pub fn dir_iv_of(keys: &Keys, dir: &Path, cpath: &[u8]) -> Result<[u8; 16], String> {
-    let mode = keys.flags.names;
-    if mode != NameMode::DirIv {
-        return Ok([0u8; 16]);
-    }
-    match fs::read(dir.join(DIRIV_NAME)) {
-        Ok(b) if b.len() == 16 && b.iter().any(|x| *x != 0) => Ok(b.try_into().expect("16 bytes")),
-        Ok(_) => Err(format!(
-            "{}: corrupt directory IV (not 16 non-zero bytes)",
-            dir.join(DIRIV_NAME).display()
-        )),
-        Err(_) => Ok(names::dir_iv(mode, cpath)),
-    }
-}
-
-/// Plaintext name of entry `shown` of encrypted directory `dir`; `None` for the view's
-/// metadata files (config, diriv, long-name companions).
-pub fn decode_entry(
-    keys: &Keys,
-    dir: &Path,
-    shown: &OsStr,
-    iv: &[u8; 16],
-    root: bool,
-) -> Option<Result<Vec<u8>, String>> {
-    let b = shown.as_bytes();
-    if root && b == CONF_NAME.as_bytes() {
-        return None;
-    }
-    if keys.flags.names == NameMode::Plaintext {
-        return Some(Ok(b.to_vec()));
-    }
-    if b == DIRIV_NAME.as_bytes()
-        || (b.starts_with(LONGNAME_PREFIX.as_bytes()) && b.ends_with(LONGNAME_SUFFIX.as_bytes()))
-    {
-        return None;
-    }
-    let cname = if names::is_long_hash(b) {
-        let np = dir.join(format!("{}{LONGNAME_SUFFIX}", shown.to_string_lossy()));
-        match fs::read(&np) {
-            Ok(c) if !c.is_empty() && c.len() <= 344 => String::from_utf8_lossy(&c).into_owned(),
-            Ok(_) => return Some(Err(format!("{}: invalid long-name file", np.display()))),
-            Err(e) => return Some(Err(format!("{}: {e}", np.display()))),
-        }
-    } else {
-        shown.to_string_lossy().into_owned()
-    };
-    Some(names::decrypt_name(keys, iv, &cname).map_err(|e| format!("cannot decrypt name: {e}")))
-}
 
 #[derive(Clone)]
 struct FNode {
@@ -283,14 +231,16 @@ impl Tree for ForwardCore {
         };
         let mut header = [0u8; HEADER_LEN as usize];
         h.file.read_exact_at(&mut header, 0).map_err(io)?;
-        let file_id: [u8; 16] = header[2..].try_into().expect("16 bytes");
-        if header[..2] != [0, 2] || file_id == [0u8; 16] {
-            tracing::error!(path = %h.path.display(), "bad file header");
-            return Err(ViewError::Io {
-                path: h.path.clone(),
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            });
-        }
+        let file_id = match FileHeader::parse(&header) {
+            Ok(fh) => fh.file_id,
+            Err(e) => {
+                tracing::error!(path = %h.path.display(), "bad file header: {e}");
+                return Err(ViewError::Io {
+                    path: h.path.clone(),
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+        };
         let mut ct = vec![0u8; clen as usize];
         h.file.read_exact_at(&mut ct, cstart).map_err(io)?;
         let blocks: Vec<Result<Vec<u8>, (u64, content::BlockError)>> = ct
