@@ -241,14 +241,11 @@ fn run_steps<'a>(
     held.view = Some(v);
     // The key config goes first: an interrupted transfer then leaves a current/ that
     // check_owner still recognises as this job's, and the next run completes it.
-    let conf = mp.join(crate::crypto::names::CONF_NAME);
-    let conf = std::fs::read(&conf).with_context(|| format!("reading {}", conf.display()))?;
     target
-        .put(
+        .send_file(
             runner,
             Area::Current,
-            crate::crypto::names::CONF_NAME,
-            &conf,
+            &mp.join(crate::crypto::names::CONF_NAME),
         )
         .context("sending the key config (gocryptfs.conf) to the target")?;
     let transfer = |pass: Pass<'_>| {
@@ -271,11 +268,11 @@ fn run_steps<'a>(
     // same size in the second it was last backed up, or whose mtime was set back. Such a
     // file changed since the last restore point, so its ctime says so: those rsync did
     // not just send go through once more, compared by checksum.
-    let since = contents.points.last().and_then(|p| {
-        chrono::NaiveDateTime::parse_from_str(p, snapshot::STAMP_FORMAT)
-            .ok()
-            .map(|t| t.and_utc().timestamp())
-    });
+    let since = contents
+        .points
+        .last()
+        .and_then(|p| crate::stamp::Stamp::parse(p))
+        .map(|p| p.time().timestamp());
     let changed =
         changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
     if !changed.is_empty() {

@@ -21,6 +21,7 @@ pub mod restore;
 pub mod retention;
 pub mod signals;
 pub mod snapshot;
+pub mod stamp;
 pub mod status;
 pub mod target;
 pub mod verify;

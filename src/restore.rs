@@ -27,7 +27,7 @@
 //! directory, are refused before anything is written, so nothing lands outside `--to`.
 
 use crate::config::{Config, Job};
-use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, LONGNAME_SUFFIX};
+use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME};
 use crate::crypto::{join_cpath, Keys, NameMode};
 use crate::exec::Runner;
 use crate::manifest::meta::{self, Kind, MetaEntry};
@@ -201,15 +201,6 @@ fn parent_of(c: &[u8]) -> &[u8] {
     c.iter().rposition(|b| *b == b'/').map_or(&[], |i| &c[..i])
 }
 
-/// Metadata-only files of the encrypted tree (not restored as files of their own).
-fn is_support_file(c: &[u8]) -> bool {
-    let last = c.rsplit(|b| *b == b'/').next().unwrap_or(c);
-    last == DIRIV_NAME.as_bytes()
-        || c == CONF_NAME.as_bytes()
-        || (last.starts_with(LONGNAME_PREFIX.as_bytes())
-            && last.ends_with(LONGNAME_SUFFIX.as_bytes()))
-}
-
 /// The run's metadata by encrypted path, checked so that staging it cannot write
 /// outside the stage: every entry's parent must be recorded as a directory (so no path
 /// runs through a symlink the record creates), and each path at most once.
@@ -362,7 +353,7 @@ pub fn restore(
     if recorded.is_some() {
         // Regular files of the record are fetched; the manifest must list each one.
         for (c, m) in &apply {
-            if m.kind == Kind::File && !sel.contains_key(c) && !is_support_file(c) {
+            if m.kind == Kind::File && !sel.contains_key(c) && !names::is_support_cpath(c) {
                 report.unrecoverable.push((
                     describe(&keys, c),
                     format!("recorded in {meta_file} but not in manifests/{point}.sha1"),
@@ -516,7 +507,7 @@ impl Ctx<'_> {
             let is_diriv = c.ends_with(DIRIV_NAME.as_bytes());
             let why = match crate::manifest::sha1_file(&p) {
                 Ok(h) if h == *s => {
-                    fetched += u64::from(!is_support_file(c));
+                    fetched += u64::from(!names::is_support_cpath(c));
                     continue;
                 }
                 // A deleted directory's diriv is not in any generation; it is derived.

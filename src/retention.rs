@@ -524,20 +524,14 @@ pub fn plan(points: &[RestorePoint], policy: &Policy, local: LocalTime<'_>) -> V
     out
 }
 
-/// Parses a snapveil stamp (`%Y%m%dT%H%M%SZ`, UTC). Strict: the stamp must format back
-/// to itself, so only names snapveil itself writes are ever recognised.
-// Private until crate::stamp lands (the job helper owns it); then switch to it.
+/// The time of a stamp ([`crate::stamp::Stamp`]'s strict validator).
 pub(crate) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
-    if s.len() != 16 {
-        return None;
-    }
-    let t = NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ").ok()?;
-    (t.format("%Y%m%dT%H%M%SZ").to_string() == s).then(|| t.and_utc())
+    crate::stamp::Stamp::parse(s).map(|s| s.time())
 }
 
 #[cfg(test)]
 pub(crate) fn format_stamp(t: DateTime<Utc>) -> String {
-    t.format("%Y%m%dT%H%M%SZ").to_string()
+    crate::stamp::Stamp::at(t).to_string()
 }
 
 #[cfg(test)]

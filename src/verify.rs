@@ -15,7 +15,7 @@
 
 use crate::config::{Config, Job};
 use crate::crypto::content;
-use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX};
+use crate::crypto::names::{self, LONGNAME_PREFIX};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use crate::exec::Runner;
 use crate::manifest::meta::MetaEntry;
@@ -357,11 +357,9 @@ pub fn deep(
 ) -> Result<Report, VerifyError> {
     let mut r = Report::default();
     for cpath in want.keys() {
+        // Long-named files need their `.name` file to be placed; not resolved here.
         let last = cpath.rsplit(|b| *b == b'/').next().unwrap_or(cpath);
-        if last == DIRIV_NAME.as_bytes()
-            || last.starts_with(LONGNAME_PREFIX.as_bytes())
-            || cpath == CONF_NAME.as_bytes()
-        {
+        if names::is_support_cpath(cpath) || last.starts_with(LONGNAME_PREFIX.as_bytes()) {
             continue;
         }
         let shown = lossy(cpath);

@@ -99,6 +99,17 @@ pub fn decrypt_name(keys: &Keys, iv: &[u8; 16], cname: &str) -> Result<Vec<u8>, 
     Ok(buf)
 }
 
+/// Whether an encrypted path (relative to the tree's root) is one of the format's own
+/// files rather than a file of the source: `gocryptfs.conf` at the root, a directory's
+/// `gocryptfs.diriv`, a long name's `gocryptfs.longname.HASH.name`.
+pub fn is_support_cpath(cpath: &[u8]) -> bool {
+    let last = cpath.rsplit(|b| *b == b'/').next().unwrap_or(cpath);
+    last == DIRIV_NAME.as_bytes()
+        || cpath == CONF_NAME.as_bytes()
+        || (last.starts_with(LONGNAME_PREFIX.as_bytes())
+            && last.ends_with(LONGNAME_SUFFIX.as_bytes()))
+}
+
 pub fn long_hash(cname: &str) -> String {
     format!(
         "{LONGNAME_PREFIX}{}",

@@ -33,7 +33,6 @@ use std::str::FromStr;
 pub const PREFIX: &str = "snapveil-";
 
 /// The stamp format shared by snapshot names, generations and run records.
-pub const STAMP_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 /// What a job backs up. Parsed from `zfs:POOL/DATASET`, `btrfs:/path`, `lvm:VG/LV`,
 /// `dir:/path`.
@@ -301,19 +300,15 @@ pub fn validate_job(job: &str) -> Result<(), SnapshotError> {
     }
 }
 
-/// True for exactly `YYYYMMDDTHHMMSSZ` denoting a real date and time.
+/// True for exactly `YYYYMMDDTHHMMSSZ` denoting a real date and time
+/// ([`crate::stamp::Stamp::parse`]).
 pub fn valid_stamp(stamp: &str) -> bool {
-    let b = stamp.as_bytes();
-    b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
-        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
-        && chrono::NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT).is_ok()
+    crate::stamp::Stamp::parse(stamp).is_some()
 }
 
 /// The current UTC time as a stamp.
 pub fn now_stamp() -> String {
-    chrono::Utc::now().format(STAMP_FORMAT).to_string()
+    crate::stamp::Stamp::now().to_string()
 }
 
 /// `snapveil-<job>-<stamp>`.

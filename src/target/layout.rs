@@ -16,6 +16,7 @@
 //! prune delete the new point as "not the newest".
 
 use super::{io, TargetError};
+use crate::stamp::Stamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
@@ -223,25 +224,24 @@ pub(super) fn area_child(path: &[u8]) -> Option<(&[u8], &[u8])> {
 ///
 /// # Errors
 /// The clock is behind the target's newest stamp.
-pub fn new_stamp(target: &str, contents: &Contents) -> Result<String, TargetError> {
-    let fmt = crate::snapshot::STAMP_FORMAT;
-    let parse = |s: &str| chrono::NaiveDateTime::parse_from_str(s, fmt).ok();
+pub fn new_stamp(target: &str, contents: &Contents) -> Result<Stamp, TargetError> {
     for _ in 0..4 {
-        let now = crate::snapshot::now_stamp();
+        let now = Stamp::now();
         let (newest, entry) = match &contents.newest {
-            _ if contents.taken.contains(&now) => (&now, &format!("runs/{now}.json")),
-            Some((n, e)) if now <= *n => (n, e),
+            _ if contents.taken.contains(now.as_str()) => {
+                (now.to_string(), format!("runs/{now}.json"))
+            }
+            Some((n, e)) if now.as_str() <= n.as_str() => (n.clone(), e.clone()),
             _ => return Ok(now),
         };
-        let ahead = match (parse(newest), parse(&now)) {
-            (Some(n), Some(t)) => (n - t).num_seconds(),
-            _ => i64::MAX,
-        };
+        let ahead = Stamp::parse(&newest)
+            .map(|n| (n.time() - now.time()).num_seconds())
+            .unwrap_or(i64::MAX);
         if ahead > 2 {
             return Err(TargetError::ClockBehind {
                 target: target.into(),
-                entry: entry.clone(),
-                now,
+                entry,
+                now: now.to_string(),
             });
         }
         tracing::info!("{entry} has this second's stamp: waiting for the next second");
@@ -254,7 +254,7 @@ pub fn new_stamp(target: &str, contents: &Contents) -> Result<String, TargetErro
     Err(TargetError::ClockBehind {
         target: target.into(),
         entry,
-        now: crate::snapshot::now_stamp(),
+        now: Stamp::now().to_string(),
     })
 }
 
@@ -322,9 +322,9 @@ mod tests {
         let e = new_stamp("t", &c).unwrap_err();
         assert!(e.to_string().contains("runs/20991231T000000Z.json"), "{e}");
         // This second's stamp: wait for the next.
-        let now = crate::snapshot::now_stamp();
+        let now = Stamp::now();
         let c = Contents {
-            newest: Some((now.clone(), format!("runs/{now}.json"))),
+            newest: Some((now.to_string(), format!("runs/{now}.json"))),
             ..Contents::default()
         };
         assert!(new_stamp("t", &c).unwrap() > now);
