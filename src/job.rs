@@ -1,8 +1,13 @@
-//! One nightly run of a job, in order: lock → pre-snapshot hooks (held ones keep their
-//! lock) → snapshot → release held hooks → post-snapshot hooks → mount the encrypted view
-//! of the snapshot → rsync to `TARGET/current/` with `--backup-dir` generations → check
-//! the snapshot stayed valid → record the restore point (`TARGET/runs/STAMP.json`) →
-//! unmount → release the snapshot → post-backup or on-failure hooks → status.
+//! One nightly run of a job, in order: lock → unlock the key → read the target (layout,
+//! restore points: [`crate::target::Target::scan`]) and check it is this job's → pick a
+//! stamp newer than everything on it → pre-snapshot hooks (held ones keep their lock) →
+//! snapshot → release held hooks → post-snapshot hooks → mount the encrypted view of the
+//! snapshot → rsync to `TARGET/current/` with `--backup-dir` generations, then a checksum
+//! pass over files whose ctime says they changed but rsync's quick check did not send →
+//! check the snapshot stayed valid → manifests, then the record (`TARGET/runs/STAMP.json`:
+//! now a restore point) → unmount → release the snapshot → prune → post-backup or
+//! on-failure hooks → status. The snapshot → view half is shared with `verify`
+//! ([`take_snapshot`], [`mount_view`]).
 //!
 //! Every resource is held by a guard and released on every path out, in reverse order;
 //! a signal only sets a flag (crate::signals), so cleanup is never cut in half. What a
