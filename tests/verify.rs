@@ -87,16 +87,7 @@ impl Fx {
             util::describe(&self.cmd(&["run", "v"]), &out),
             self.sshd.log()
         );
-        let mut runs: Vec<String> = fs::read_dir(self.target.join("runs"))
-            .unwrap()
-            .map(|e| {
-                e.unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .replace(".json", "")
-            })
-            .collect();
-        runs.sort();
+        let mut runs = util::run_stamps(&self.target);
         // verify_every = 2: every second run checks the target against its manifest.
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(

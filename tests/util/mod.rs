@@ -78,6 +78,21 @@ pub mod rsyncd;
 pub mod sshd;
 pub mod tree;
 
+/// The stamps of a target's restore points (`runs/<stamp>.json`), oldest first.
+pub fn run_stamps(target: &std::path::Path) -> Vec<String> {
+    let mut runs: Vec<String> = std::fs::read_dir(target.join("runs"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .replace(".json", "")
+        })
+        .collect();
+    runs.sort();
+    runs
+}
+
 /// A private copy of a file (mode 0600), as snapveil requires for key material.
 pub fn private_copy(src: &std::path::Path, dst: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
