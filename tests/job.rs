@@ -32,11 +32,7 @@ impl Setup {
         fs::create_dir(&keys).unwrap();
         let key = keys.join("key.conf");
         let pass = keys.join("key.pass");
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&key)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&key, &pass);
         let state = work.path().join("state");
         let config = work.path().join("snapveil.toml");
         Setup {

@@ -364,11 +364,7 @@ fn held_mysql_hook_in_a_real_run() {
     fs::write(src.join("table.ibd"), b"rows").unwrap();
     let key = work.path().join("k.conf");
     let pass = work.path().join("k.pass");
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&key)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key(&key, &pass);
     let cfg = work.path().join("c.toml");
     fs::write(
         &cfg,

@@ -36,11 +36,7 @@ impl Fx {
             .unwrap();
         let key = work.path().join("key.conf");
         let pass = work.path().join("key.pass");
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&key)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&key, &pass);
         let target = work.path().join("target");
         let config = work.path().join("snapveil.toml");
         fs::write(

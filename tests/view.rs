@@ -299,11 +299,7 @@ fn special_files_are_listed_but_not_readable_and_decrypt_recreates_them() {
     )
     .unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key(&conf, &pass);
     let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
     let view = manifest(m.path());
     let fifo = view
@@ -335,11 +331,7 @@ fn sigterm_unmounts_a_foreground_mount_cleanly() {
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"data").unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key(&conf, &pass);
     let mnt = t.path().join("m");
     fs::create_dir(&mnt).unwrap();
     let guard = crate::util::fuse::Mounted { path: mnt.clone() };
@@ -387,11 +379,7 @@ mod bad_input {
         fs::create_dir(&src).unwrap();
         fs::write(src.join("f"), b"data").unwrap();
         let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&conf)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&conf, &pass);
         fs::create_dir(t.path().join("m")).unwrap();
         (t, src, conf, pass)
     }

@@ -78,6 +78,15 @@ pub mod rsyncd;
 pub mod sshd;
 pub mod tree;
 
+/// `snapveil init` with a fast scrypt (`--scrypt-n 10`): a new key config and passfile.
+pub fn init_key(config: &std::path::Path, passfile: &std::path::Path) {
+    ok(Command::new(bin())
+        .args(["init", "--scrypt-n", "10", "--config"])
+        .arg(config)
+        .arg("--passfile")
+        .arg(passfile));
+}
+
 /// The stamps of a target's restore points (`runs/<stamp>.json`), oldest first.
 pub fn run_stamps(target: &std::path::Path) -> Vec<String> {
     let mut runs: Vec<String> = std::fs::read_dir(target.join("runs"))
