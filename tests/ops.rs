@@ -61,11 +61,8 @@ fn example_config_checks_clean() {
     let keys = work.path().join("keys");
     fs::create_dir(&keys).unwrap();
     for name in ["db", "pg", "www", "etc"] {
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(keys.join(format!("{name}.conf")))
-            .arg("--passfile")
-            .arg(keys.join(format!("{name}.pass"))));
+        let (conf, pass) = (format!("{name}.conf"), format!("{name}.pass"));
+        crate::util::init_key(&keys.join(conf), &keys.join(pass));
     }
     let text = text
         .replace("/etc/snapveil/keys/", &format!("{}/", keys.display()))

@@ -33,13 +33,7 @@ impl Fx {
         fs::set_permissions(&keys, fs::Permissions::from_mode(0o700)).unwrap();
         let key = keys.join("v.conf");
         let pass = keys.join("v.pass");
-        util::ok(
-            Command::new(util::bin())
-                .args(["init", "--scrypt-n", "10", "--config"])
-                .arg(&key)
-                .arg("--passfile")
-                .arg(&pass),
-        );
+        util::init_key(&key, &pass);
         let config = t.join("snapveil.toml");
         let ssh_args: Vec<String> = sshd
             .ssh_args(&sshd.full_key)

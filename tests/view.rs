@@ -209,11 +209,7 @@ fn hardlinks_are_separate_files_with_path_derived_ciphertext() {
     fs::write(src.join("a"), vec![7u8; 9000]).unwrap();
     fs::hard_link(src.join("a"), src.join("b")).unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key_with(&["--plaintext-names"], &conf, &pass);
     let read = |first: &str, second: &str| {
         let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
         let x = fs::read(m.path().join(first)).unwrap();
@@ -256,11 +252,7 @@ fn excludes_hide_plaintext_paths_gitignore_style() {
     fs::write(src.join("logs/deep/z"), b"x").unwrap();
     fs::write(src.join("cache.tmp"), b"x").unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key_with(&["--plaintext-names"], &conf, &pass);
     let m = snapveil_mount(
         &conf,
         &pass,

@@ -80,8 +80,15 @@ pub mod tree;
 
 /// `snapveil init` with a fast scrypt (`--scrypt-n 10`): a new key config and passfile.
 pub fn init_key(config: &std::path::Path, passfile: &std::path::Path) {
+    init_key_with(&[], config, passfile);
+}
+
+/// [`init_key`] with `flags` (e.g. `--plaintext-names`) right after `init`.
+pub fn init_key_with(flags: &[&str], config: &std::path::Path, passfile: &std::path::Path) {
     ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
+        .arg("init")
+        .args(flags)
+        .args(["--scrypt-n", "10", "--config"])
         .arg(config)
         .arg("--passfile")
         .arg(passfile));
