@@ -26,6 +26,8 @@ fn opts() -> SnapshotOptions {
 }
 
 /// `take` with default options and tools at [`STAMP`].
+// `take`'s own error type, as large as src/snapshot allows it to be there.
+#[allow(clippy::result_large_err)]
 fn take_plain<'a>(
     r: &'a dyn Runner,
     job: &str,
