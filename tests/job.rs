@@ -32,11 +32,7 @@ impl Setup {
         fs::create_dir(&keys).unwrap();
         let key = keys.join("key.conf");
         let pass = keys.join("key.pass");
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&key)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&key, &pass);
         let state = work.path().join("state");
         let config = work.path().join("snapveil.toml");
         Setup {
@@ -60,6 +56,23 @@ impl Setup {
             self.key.display().to_string(),
             self.pass.display().to_string()
         )
+    }
+
+    /// Writes a config with the one job `home`: btrfs subvolume `src` to the local
+    /// directory `target` of this setup, which it returns.
+    fn home_job(&self, src: &Path, extra: &str) -> PathBuf {
+        let target = self.path("target");
+        let source = format!("btrfs:{}", src.display());
+        self.write_config(&[self.job("home", &source, target.to_str().unwrap(), extra)]);
+        target
+    }
+
+    /// A real sshd for this setup whose rrsync key is confined to the returned `jail`.
+    fn sshd_with_jail(&self) -> (PathBuf, Sshd) {
+        let jail = self.path("rrsync-root");
+        fs::create_dir_all(&jail).unwrap();
+        let sshd = Sshd::start(self.work.path(), &jail);
+        (jail, sshd)
     }
 
     fn write_config(&self, jobs: &[String]) {
@@ -168,6 +181,15 @@ fn sample_tree(root: &Path) {
     fs::create_dir_all(root.join("emptydir")).unwrap();
 }
 
+/// A btrfs subvolume `data` holding [`sample_tree`], and a fresh [`Setup`]; `None` where
+/// btrfs is missing and the opt-out is set.
+fn sampled() -> Option<(BtrfsLoop, PathBuf, Setup)> {
+    let b = BtrfsLoop::new()?;
+    let src = b.subvolume("data");
+    sample_tree(&src);
+    Some((b, src, Setup::new()))
+}
+
 /// The change between run one and run two.
 fn change_tree(root: &Path) {
     fs::write(root.join("change.txt"), b"version two, longer\n").unwrap();
@@ -260,17 +282,8 @@ fn check_two_runs(s: &Setup, target: &Path, source_now: &Path) {
 
 #[test]
 fn btrfs_to_local_target_two_runs_keep_generations_and_restore() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let target = s.path("target");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        target.to_str().unwrap(),
-        "",
-    )]);
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "");
     let out = s.run_ok(&[]);
     assert!(out.contains("home: success"), "{out}");
     s.assert_clean("home", &b);
@@ -312,53 +325,36 @@ fn btrfs_to_local_target_two_runs_keep_generations_and_restore() {
 /// with a key confined by rrsync, as backup hosts set them up.
 #[test]
 fn btrfs_to_ssh_target_full_and_rrsync_keys() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let jail = s.path("rrsync-root");
-    fs::create_dir_all(&jail).unwrap();
-    let sshd = Sshd::start(s.work.path(), &jail);
+    let Some((b, src, s)) = sampled() else { return };
+    let (jail, sshd) = s.sshd_with_jail();
     let full_target = s.path("ssh-target");
-    let toml_list = |v: Vec<String>| {
-        format!(
-            "[{}]",
-            v.iter()
-                .map(|a| format!("{a:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
     s.write_config(&[
         s.job(
             "full",
             &format!("btrfs:{}", src.display()),
             &sshd.target(&full_target),
-            &format!("ssh_args = {}", toml_list(sshd.ssh_args(&sshd.full_key))),
+            &sshd.ssh_args_toml(&sshd.full_key),
         ),
         s.job(
             "jailed",
             &format!("btrfs:{}", src.display()),
             &format!("{}@127.0.0.1:/backup/jailed", sshd.user),
-            &format!("ssh_args = {}", toml_list(sshd.ssh_args(&sshd.rrsync_key))),
+            &sshd.ssh_args_toml(&sshd.rrsync_key),
         ),
     ]);
-    let out = s.run(&[]);
-    assert!(
-        out.status.success(),
-        "{}\nsshd log:\n{}",
-        describe(&Command::new("snapveil run"), &out),
-        sshd.log()
-    );
+    let run_ok = || {
+        let out = s.run(&[]);
+        assert!(
+            out.status.success(),
+            "{}\nsshd log:\n{}",
+            describe(&Command::new("snapveil run"), &out),
+            sshd.log()
+        );
+    };
+    run_ok();
     std::thread::sleep(Duration::from_millis(1100));
     change_tree(&src);
-    let out = s.run(&[]);
-    assert!(
-        out.status.success(),
-        "{}\nsshd log:\n{}",
-        describe(&Command::new("snapveil run"), &out),
-        sshd.log()
-    );
+    run_ok();
     s.assert_clean("full", &b);
     s.assert_clean("jailed", &b);
     check_two_runs(&s, &full_target, &src);
@@ -386,10 +382,7 @@ fn btrfs_to_ssh_target_full_and_rrsync_keys() {
 /// sanitizes `--backup-dir=../…` into a path below the destination).
 #[test]
 fn btrfs_to_rsync_daemon_target_keeps_generations_beside_current() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     let module = s.path("module");
     fs::create_dir_all(&module).unwrap();
     let d = crate::util::rsyncd::RsyncDaemon::start(s.work.path(), "backup", &module);
@@ -417,10 +410,7 @@ fn btrfs_to_rsync_daemon_target_keeps_generations_beside_current() {
 /// on-failure hooks, and does not stop the next job; the exit status says one failed.
 #[test]
 fn failing_hook_aborts_before_the_snapshot_and_other_jobs_still_run() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     let log = s.path("hooks.log");
     let src_spec = format!("btrfs:{}", src.display());
     s.write_config(&[
@@ -469,10 +459,7 @@ fn failing_hook_aborts_before_the_snapshot_and_other_jobs_still_run() {
 /// rsync failing (the target lies below a regular file) fails the job and releases all.
 #[test]
 fn failing_rsync_leaves_nothing_behind() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     fs::write(s.path("plainfile"), b"not a directory").unwrap();
     s.write_config(&[s.job(
         "r",
@@ -501,11 +488,8 @@ fn failing_rsync_leaves_nothing_behind() {
 /// completes the transfer.
 #[test]
 fn sigterm_and_kill9_mid_transfer_then_next_run_recovers() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
+    let Some((b, src, s)) = sampled() else { return };
     write(&src, "big.bin", &random(24 << 20));
-    let s = Setup::new();
     let target = s.path("target");
     let job = |extra: &str| {
         s.job(
@@ -578,10 +562,7 @@ fn sigterm_and_kill9_mid_transfer_then_next_run_recovers() {
 /// holds while the snapshot is taken and is released (stdin closed) right after it.
 #[test]
 fn hooks_run_in_order_with_env_and_held_hook_spans_the_snapshot() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     let log = s.path("hooks.log");
     let snapdir = b.mnt.join(".snapveil");
     let held = s.path("held.sh");
@@ -733,10 +714,7 @@ fn check_config_names_file_line_and_field() {
 /// with `snapshot --hold`), only that job's, and not while the job is running.
 #[test]
 fn cleanup_removes_leftovers_of_all_configured_jobs() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     let spec = format!("btrfs:{}", src.display());
     s.write_config(&[
         s.job("one", &spec, s.path("t1").to_str().unwrap(), ""),
@@ -839,24 +817,10 @@ fn restore_as_of(s: &Setup, target: &Path, stamp: &str, out: &Path) {
 /// source held at that run, and a second prune finds nothing to do.
 #[test]
 fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let jail = s.path("rrsync-root");
-    fs::create_dir_all(&jail).unwrap();
-    let sshd = Sshd::start(s.work.path(), &jail);
+    let Some((b, src, s)) = sampled() else { return };
+    let (jail, sshd) = s.sshd_with_jail();
     let spec = format!("btrfs:{}", src.display());
-    let args = |key: &Path| {
-        format!(
-            "ssh_args = [{}]\n",
-            sshd.ssh_args(key)
-                .iter()
-                .map(|a| format!("{a:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let args = |key: &Path| format!("{}\n", sshd.ssh_args_toml(key));
     let policy = "[job.retention]\nlast = 2\n";
     let targets = [
         ("local", s.path("local")),
@@ -978,20 +942,11 @@ fn records(target: &Path) -> Vec<String> {
 /// agrees, and both restore points restore their own version.
 #[test]
 fn same_size_rewrite_with_the_same_mtime_is_backed_up() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
+    let Some((b, src, s)) = sampled() else { return };
     let f = src.join("racy.txt");
     fs::write(&f, b"P1 version\n").unwrap();
     set_mtime(&f, "2026-01-02 03:04:05.123456789");
-    let s = Setup::new();
-    let target = s.path("target");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        target.to_str().unwrap(),
-        "",
-    )]);
+    let target = s.home_job(&src, "");
     s.run_ok(&[]);
     let p1 = records(&target);
     fs::write(&f, b"P2 version\n").unwrap();
@@ -1067,17 +1022,8 @@ fn text(o: &Output) -> String {
 /// existing point is left exactly as it was. Three successful runs: three points.
 #[test]
 fn runs_in_the_same_second_never_share_a_stamp() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let target = s.path("target");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        target.to_str().unwrap(),
-        "",
-    )]);
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "");
     let o = run_at(&s, "@2026-06-01 12:00:00");
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(records(&target), ["20260601T120000Z"]);
@@ -1143,17 +1089,8 @@ fn runs_in_the_same_second_never_share_a_stamp() {
 /// target is exactly as before.
 #[test]
 fn a_clock_behind_the_target_is_refused_and_nothing_is_pruned() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let target = s.path("target");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        target.to_str().unwrap(),
-        "[job.retention]\nlast = 1\n",
-    )]);
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "[job.retention]\nlast = 1\n");
     s.run_ok(&[]);
     let before = records(&target);
     change_tree(&src);
@@ -1180,21 +1117,11 @@ fn a_clock_behind_the_target_is_refused_and_nothing_is_pruned() {
 /// another job's stops prune, whose records stay.
 #[test]
 fn symlinks_in_the_target_are_never_followed() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
+    let Some((b, src, s)) = sampled() else { return };
     let sshd = Sshd::start(s.work.path(), &s.path("jail"));
     let spec = format!("btrfs:{}", src.display());
     let (home, other, remote) = (s.path("home"), s.path("other"), s.path("remote"));
-    let ssh_args = format!(
-        "ssh_args = [{}]\n",
-        sshd.ssh_args(&sshd.full_key)
-            .iter()
-            .map(|a| format!("{a:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let ssh_args = format!("{}\n", sshd.ssh_args_toml(&sshd.full_key));
     let policy = "[job.retention]\nlast = 1\n";
     s.write_config(&[
         s.job("home", &spec, home.to_str().unwrap(), policy),
@@ -1285,17 +1212,8 @@ fn symlinks_in_the_target_are_never_followed() {
 /// junk alone), and the next run is not held back by the junk's stamp.
 #[test]
 fn a_junk_record_is_not_a_restore_point() {
-    let Some(b) = BtrfsLoop::new() else { return };
-    let src = b.subvolume("data");
-    sample_tree(&src);
-    let s = Setup::new();
-    let target = s.path("target");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        target.to_str().unwrap(),
-        "[job.retention]\nlast = 2\n",
-    )]);
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "[job.retention]\nlast = 2\n");
     s.run_ok(&[]);
     std::thread::sleep(Duration::from_millis(1100));
     change_tree(&src);

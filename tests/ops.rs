@@ -61,11 +61,8 @@ fn example_config_checks_clean() {
     let keys = work.path().join("keys");
     fs::create_dir(&keys).unwrap();
     for name in ["db", "pg", "www", "etc"] {
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(keys.join(format!("{name}.conf")))
-            .arg("--passfile")
-            .arg(keys.join(format!("{name}.pass"))));
+        let (conf, pass) = (format!("{name}.conf"), format!("{name}.pass"));
+        crate::util::init_key(&keys.join(conf), &keys.join(pass));
     }
     let text = text
         .replace("/etc/snapveil/keys/", &format!("{}/", keys.display()))
@@ -364,11 +361,7 @@ fn held_mysql_hook_in_a_real_run() {
     fs::write(src.join("table.ibd"), b"rows").unwrap();
     let key = work.path().join("k.conf");
     let pass = work.path().join("k.pass");
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&key)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key(&key, &pass);
     let cfg = work.path().join("c.toml");
     fs::write(
         &cfg,

@@ -5,7 +5,8 @@
 //! point saw (rsync changes modes and symlinks in place, so no generation keeps them).
 
 use crate::util::btrfs::BtrfsLoop;
-use crate::util::{bin, describe, ok};
+use crate::util::tree::{rel_bytes, set_mtime};
+use crate::util::{bin, describe, ok, run_stamps};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -35,11 +36,7 @@ impl Fx {
             .unwrap();
         let key = work.path().join("key.conf");
         let pass = work.path().join("key.pass");
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&key)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&key, &pass);
         let target = work.path().join("target");
         let config = work.path().join("snapveil.toml");
         fs::write(
@@ -73,16 +70,7 @@ impl Fx {
             .arg(&self.config)
             .arg("data"));
         assert!(out.contains("data: success"), "{out}");
-        let mut runs: Vec<String> = fs::read_dir(self.target.join("runs"))
-            .unwrap()
-            .map(|e| {
-                e.unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .replace(".json", "")
-            })
-            .collect();
-        runs.sort();
+        let mut runs = run_stamps(&self.target);
         runs.pop().unwrap()
     }
 
@@ -149,12 +137,7 @@ fn tree(root: &Path) -> Tree {
     fn walk(root: &Path, dir: &Path, t: &mut Tree) {
         for e in fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
-            let rel = p
-                .strip_prefix(root)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
+            let rel = rel_bytes(root, &p);
             let en = ent(&p);
             let is_dir = en.kind == 'd';
             t.insert(rel, en);
@@ -194,19 +177,6 @@ fn write(p: &Path, data: &[u8], mode: u32) {
 
 fn mkfifo(p: &Path) {
     ok(Command::new("mkfifo").arg(p));
-}
-
-/// Sets an mtime with nanoseconds (no-follow), so restores must carry them.
-fn set_mtime(p: &Path, s: i64, ns: i64) {
-    let t = nix::sys::time::TimeSpec::new(s, ns);
-    nix::sys::stat::utimensat(
-        None,
-        p,
-        &t,
-        &t,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap();
 }
 
 fn lchown(p: &Path, uid: u32, gid: u32) {

@@ -6,9 +6,9 @@ use crate::util::btrfs::BtrfsLoop;
 use crate::util::zfs::ZfsPool;
 use crate::util::{bin, describe, ok};
 use snapveil::exec::scripted::ScriptedRunner;
-use snapveil::exec::{Output, SystemRunner};
+use snapveil::exec::{Output, Runner, SystemRunner};
 use snapveil::snapshot::{
-    cleanup_stale, error_chain, take, SnapshotError, SnapshotOptions, Source, Tools,
+    cleanup_stale, error_chain, take, SnapshotError, SnapshotGuard, SnapshotOptions, Source, Tools,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,18 @@ fn tools() -> Tools {
 
 fn opts() -> SnapshotOptions {
     SnapshotOptions::default()
+}
+
+/// `take` with default options and tools at [`STAMP`].
+// `take`'s own error type, as large as src/snapshot allows it to be there.
+#[allow(clippy::result_large_err)]
+fn take_plain<'a>(
+    r: &'a dyn Runner,
+    job: &str,
+    src: &Source,
+    work: &Path,
+) -> Result<SnapshotGuard<'a>, SnapshotError> {
+    take(r, job, STAMP, src, &opts(), &tools(), work)
 }
 
 fn write(p: &Path, s: &str) {
@@ -82,6 +94,12 @@ fn spawn_snapshot(args: &[&str]) -> (Child, PathBuf) {
     (child, path)
 }
 
+/// `--source <source> --job <job> --state-dir <state>`, for `snapshot` and `cleanup`.
+fn cli_args<'a>(source: &'a str, job: &'a str, state: &'a Path) -> [&'a str; 6] {
+    let state = state.to_str().unwrap();
+    ["--source", source, "--job", job, "--state-dir", state]
+}
+
 fn wait_timeout(child: &mut Child, t: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + t;
     loop {
@@ -114,16 +132,7 @@ fn btrfs_snapshot_is_frozen_read_only_and_released() {
         subvolume: sub.clone(),
     };
     let work = workdir();
-    let g = take(
-        &SystemRunner,
-        "t1",
-        STAMP,
-        &src,
-        &opts(),
-        &tools(),
-        work.path(),
-    )
-    .unwrap();
+    let g = take_plain(&SystemRunner, "t1", &src, work.path()).unwrap();
     let expect = fs.mnt.join(".snapveil/snapveil-t1-20261124T013000Z");
     assert_eq!(g.path(), expect);
     assert_eq!(g.name(), "snapveil-t1-20261124T013000Z");
@@ -155,16 +164,7 @@ fn btrfs_guard_releases_on_panic() {
     let src = Source::Btrfs { subvolume: sub };
     let work = workdir();
     let path = std::panic::catch_unwind(|| {
-        let g = take(
-            &SystemRunner,
-            "t2",
-            STAMP,
-            &src,
-            &opts(),
-            &tools(),
-            work.path(),
-        )
-        .unwrap();
+        let g = take_plain(&SystemRunner, "t2", &src, work.path()).unwrap();
         assert!(g.path().is_dir());
         panic!("job failed at {}", g.path().display());
     })
@@ -184,14 +184,7 @@ fn btrfs_killed_run_is_removed_by_cleanup_but_user_snapshots_stay() {
     let snapdir = fs.mnt.join(".snapveil");
     let state = workdir();
     let source = format!("btrfs:{}", sub.display());
-    let args = [
-        "--source",
-        &source,
-        "--job",
-        "killed",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ];
+    let args = cli_args(&source, "killed", state.path());
 
     let (mut child, path) = spawn_snapshot(&[&args[..], &["--wait"]].concat());
     assert!(
@@ -254,17 +247,12 @@ fn btrfs_hold_keeps_the_snapshot_until_cleanup() {
     let state = workdir();
     let source = format!("btrfs:{}", sub.display());
     let snapdir = fs.mnt.join("snaps");
-    let args = [
-        "--source",
-        &source,
-        "--job",
-        "hold",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--snapshot-dir",
-        snapdir.to_str().unwrap(),
-    ];
-    let out = ok(Command::new(bin()).arg("snapshot").args(args).arg("--hold"));
+    let dir_args = ["--snapshot-dir", snapdir.to_str().unwrap()];
+    let args = [&cli_args(&source, "hold", state.path())[..], &dir_args].concat();
+    let out = ok(Command::new(bin())
+        .arg("snapshot")
+        .args(&args)
+        .arg("--hold"));
     let path = out
         .lines()
         .find_map(|l| l.strip_prefix("path "))
@@ -274,12 +262,12 @@ fn btrfs_hold_keeps_the_snapshot_until_cleanup() {
     assert!(out.ends_with("consistent yes\n"), "{out}");
     assert!(path.starts_with(&snapdir));
     assert_eq!(read(&path.join("a")), "held");
-    let out = ok(Command::new(bin()).arg("cleanup").args(args));
+    let out = ok(Command::new(bin()).arg("cleanup").args(&args));
     assert_eq!(out, format!("removed {}\n", path.display()));
     assert_eq!(ours_in(&snapdir), Vec::<String>::new());
 
     // Without --hold the snapshot is released before the command returns.
-    let out = ok(Command::new(bin()).arg("snapshot").args(args));
+    let out = ok(Command::new(bin()).arg("snapshot").args(&args));
     assert!(out.contains("path "), "{out}");
     assert_eq!(ours_in(&snapdir), Vec::<String>::new());
 }
@@ -290,14 +278,7 @@ fn btrfs_sigint_releases_even_when_repeated() {
     let sub = fs.subvolume("data");
     let state = workdir();
     let source = format!("btrfs:{}", sub.display());
-    let args = [
-        "--source",
-        &source,
-        "--job",
-        "sig",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ];
+    let args = cli_args(&source, "sig", state.path());
     let snapdir = fs.mnt.join(".snapveil");
 
     // --wait: the signal is the normal end; a second one during release changes nothing.
@@ -344,16 +325,7 @@ fn btrfs_failure_names_the_subvolume_and_quotes_btrfs() {
         subvolume: plain.clone(),
     };
     let work = workdir();
-    let e = take(
-        &SystemRunner,
-        "t3",
-        STAMP,
-        &src,
-        &opts(),
-        &tools(),
-        work.path(),
-    )
-    .unwrap_err();
+    let e = take_plain(&SystemRunner, "t3", &src, work.path()).unwrap_err();
     assert!(matches!(e, SnapshotError::Btrfs { .. }), "{e:?}");
     let msg = error_chain(&e);
     assert!(msg.contains(&plain.display().to_string()), "{msg}");
@@ -377,6 +349,19 @@ fn btrfs_failure_names_the_subvolume_and_quotes_btrfs() {
 
 // ---------------------------------------------------------------- ZFS, real (zfs-fuse)
 
+fn recursive() -> SnapshotOptions {
+    SnapshotOptions {
+        recursive: true,
+        ..opts()
+    }
+}
+
+fn zfs_source(dataset: &str) -> Source {
+    Source::Zfs {
+        dataset: dataset.to_owned(),
+    }
+}
+
 fn no_snapveil_names(pool: &ZfsPool) {
     let all = pool.all();
     assert!(
@@ -392,19 +377,8 @@ fn zfs_clone_path_is_frozen_read_only_and_released() {
     let live = pool.mountpoint.join("data");
     write(&live.join("a"), "before");
     let work = workdir();
-    let src = Source::Zfs {
-        dataset: ds.clone(),
-    };
-    let g = take(
-        &SystemRunner,
-        "z1",
-        STAMP,
-        &src,
-        &opts(),
-        &tools(),
-        work.path(),
-    )
-    .unwrap();
+    let src = zfs_source(&ds);
+    let g = take_plain(&SystemRunner, "z1", &src, work.path()).unwrap();
     let name = "snapveil-z1-20261124T013000Z";
     // zfs-fuse has no .zfs/snapshot: the tree is a read-only clone in the work dir.
     assert_eq!(g.path(), work.path().join(name));
@@ -435,13 +409,8 @@ fn zfs_recursive_mounts_children_beneath_and_cleans_up() {
     write(&live.join("child/c"), "c");
     write(&live.join("child/grand/g"), "g");
     let work = workdir();
-    let o = SnapshotOptions {
-        recursive: true,
-        ..opts()
-    };
-    let src = Source::Zfs {
-        dataset: ds.clone(),
-    };
+    let o = recursive();
+    let src = zfs_source(&ds);
     let g = take(&SystemRunner, "z2", STAMP, &src, &o, &tools(), work.path()).unwrap();
     write(&live.join("child/c"), "changed");
     write(&live.join("child/grand/late"), "late");
@@ -464,13 +433,8 @@ fn zfs_stale_cleanup_removes_ours_only() {
     let ds = pool.dataset("data");
     pool.dataset("data/child");
     let work = workdir();
-    let o = SnapshotOptions {
-        recursive: true,
-        ..opts()
-    };
-    let src = Source::Zfs {
-        dataset: ds.clone(),
-    };
+    let o = recursive();
+    let src = zfs_source(&ds);
     // A run that died holding its snapshot: clones and snapshots stay behind.
     let g = take(&SystemRunner, "z3", STAMP, &src, &o, &tools(), work.path()).unwrap();
     let kept = g.keep();
@@ -516,19 +480,8 @@ fn zfs_missing_dataset_is_named_with_zfs_stderr() {
     let Some(pool) = ZfsPool::new() else { return };
     let ds = format!("{}/nope", pool.name);
     let work = workdir();
-    let src = Source::Zfs {
-        dataset: ds.clone(),
-    };
-    let e = take(
-        &SystemRunner,
-        "z4",
-        STAMP,
-        &src,
-        &opts(),
-        &tools(),
-        work.path(),
-    )
-    .unwrap_err();
+    let src = zfs_source(&ds);
+    let e = take_plain(&SystemRunner, "z4", &src, work.path()).unwrap_err();
     assert!(
         matches!(e, SnapshotError::ZfsDatasetNotFound { .. }),
         "{e:?}"
@@ -547,38 +500,26 @@ fn zfs_missing_dataset_is_named_with_zfs_stderr() {
 
 // ---------------------------------------------------------------- ZFS, recorded commands
 
+/// The snapshot name every recorded test uses (job `web`).
+fn web_name() -> String {
+    format!("snapveil-web-{STAMP}")
+}
+
 #[test]
 fn zfs_reads_dot_zfs_snapshot_when_present() {
     let mp = workdir();
-    let name = format!("snapveil-web-{STAMP}");
+    let name = web_name();
     let snapdir = mp.path().join(".zfs/snapshot").join(&name);
     std::fs::create_dir_all(&snapdir).unwrap();
     let mpv = format!("{}\nyes\n", mp.path().display());
     let work = workdir();
+    let snap = format!("tank/home@{name}");
     let r = ScriptedRunner::new();
-    r.expect(
-        &["zfs", "snapshot", &format!("tank/home@{name}")],
-        Output::ok(""),
-    )
-    .expect(
-        &[
-            "zfs",
-            "get",
-            "-H",
-            "-p",
-            "-o",
-            "value",
-            "mountpoint,mounted",
-            "tank/home",
-        ],
-        Output::ok(mpv),
-    )
-    .expect(
-        &["zfs", "destroy", &format!("tank/home@{name}")],
-        Output::ok(""),
-    );
+    r.expect_zfs_snapshot(&snap, Output::ok(""))
+        .expect_zfs_get_mountpoint("tank/home", Output::ok(mpv))
+        .expect_zfs_destroy(&snap, Output::ok(""));
     let src: Source = "zfs:tank/home".parse().unwrap();
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
+    let g = take_plain(&r, "web", &src, work.path()).unwrap();
     assert_eq!(g.path(), snapdir);
     g.release().unwrap();
 }
@@ -586,49 +527,18 @@ fn zfs_reads_dot_zfs_snapshot_when_present() {
 #[test]
 fn zfs_unmounted_dataset_is_read_through_a_clone() {
     let work = workdir();
-    let name = format!("snapveil-web-{STAMP}");
+    let name = web_name();
     let mnt = work.path().join(&name);
+    let snap = format!("tank/db/pg@{name}");
+    let clone = format!("tank/{name}");
     let r = ScriptedRunner::new();
-    r.expect(
-        &["zfs", "snapshot", &format!("tank/db/pg@{name}")],
-        Output::ok(""),
-    )
-    .expect(
-        &[
-            "zfs",
-            "get",
-            "-H",
-            "-p",
-            "-o",
-            "value",
-            "mountpoint,mounted",
-            "tank/db/pg",
-        ],
-        Output::ok("legacy\nno\n"),
-    )
-    .expect(
-        &[
-            "zfs",
-            "clone",
-            "-o",
-            "readonly=on",
-            "-o",
-            &format!("mountpoint={}", mnt.display()),
-            &format!("tank/db/pg@{name}"),
-            &format!("tank/{name}"),
-        ],
-        Output::ok(""),
-    )
-    .expect(
-        &["zfs", "destroy", "-r", &format!("tank/{name}")],
-        Output::ok(""),
-    )
-    .expect(
-        &["zfs", "destroy", &format!("tank/db/pg@{name}")],
-        Output::ok(""),
-    );
+    r.expect_zfs_snapshot(&snap, Output::ok(""))
+        .expect_zfs_get_mountpoint("tank/db/pg", Output::ok("legacy\nno\n"))
+        .expect_zfs_clone(&snap, &clone, &mnt, Output::ok(""))
+        .expect_zfs_destroy_recursive(&clone, Output::ok(""))
+        .expect_zfs_destroy(&snap, Output::ok(""));
     let src: Source = "zfs:tank/db/pg".parse().unwrap();
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
+    let g = take_plain(&r, "web", &src, work.path()).unwrap();
     assert_eq!(g.path(), mnt);
     drop(g); // Drop releases too.
 }
@@ -636,48 +546,24 @@ fn zfs_unmounted_dataset_is_read_through_a_clone() {
 #[test]
 fn zfs_failed_clone_destroys_the_snapshot_and_quotes_zfs() {
     let work = workdir();
-    let name = format!("snapveil-web-{STAMP}");
+    let name = web_name();
     let mnt = work.path().join(&name);
+    let snap = format!("tank/home@{name}");
     let r = ScriptedRunner::new();
-    r.expect(
-        &["zfs", "snapshot", &format!("tank/home@{name}")],
-        Output::ok(""),
-    )
-    .expect(
-        &[
-            "zfs",
-            "get",
-            "-H",
-            "-p",
-            "-o",
-            "value",
-            "mountpoint,mounted",
-            "tank/home",
-        ],
-        Output::ok("/home\nno\n"),
-    )
-    .expect(
-        &[
-            "zfs",
-            "clone",
-            "-o",
-            "readonly=on",
-            "-o",
-            &format!("mountpoint={}", mnt.display()),
-            &format!("tank/home@{name}"),
+    r.expect_zfs_snapshot(&snap, Output::ok(""))
+        .expect_zfs_get_mountpoint("tank/home", Output::ok("/home\nno\n"))
+        .expect_zfs_clone(
+            &snap,
             &format!("tank/{name}"),
-        ],
-        Output::fail(1, "cannot create 'tank/x': out of space\n"),
-    )
-    .expect(
-        &["zfs", "destroy", &format!("tank/home@{name}")],
-        Output::ok(""),
-    );
+            &mnt,
+            Output::fail(1, "cannot create 'tank/x': out of space\n"),
+        )
+        .expect_zfs_destroy(&snap, Output::ok(""));
     let src: Source = "zfs:tank/home".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let e = take_plain(&r, "web", &src, work.path()).unwrap_err();
     let msg = error_chain(&e);
     assert!(
-        msg.starts_with(&format!("ZFS dataset tank/home@{name}: clone failed")),
+        msg.starts_with(&format!("ZFS dataset {snap}: clone failed")),
         "{msg}"
     );
     assert!(msg.contains("out of space"), "{msg}");
@@ -686,17 +572,18 @@ fn zfs_failed_clone_destroys_the_snapshot_and_quotes_zfs() {
 #[test]
 fn zfs_snapshot_failure_quotes_zfs_and_busy_destroy_is_retried() {
     let work = workdir();
-    let name = format!("snapveil-web-{STAMP}");
+    let name = web_name();
+    let snap = format!("tank/home@{name}");
     let r = ScriptedRunner::new();
-    r.expect(
-        &["zfs", "snapshot", &format!("tank/home@{name}")],
+    r.expect_zfs_snapshot(
+        &snap,
         Output::fail(
             1,
             "cannot create snapshot 'tank/home@x': permission denied\n",
         ),
     );
     let src: Source = "zfs:tank/home".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let e = take_plain(&r, "web", &src, work.path()).unwrap_err();
     let msg = error_chain(&e);
     assert!(
         msg.starts_with("ZFS dataset tank/home: snapshot failed"),
@@ -706,193 +593,140 @@ fn zfs_snapshot_failure_quotes_zfs_and_busy_destroy_is_retried() {
 
     let mp = workdir();
     std::fs::create_dir_all(mp.path().join(".zfs/snapshot").join(&name)).unwrap();
-    let snap = format!("tank/home@{name}");
-    r.expect(&["zfs", "snapshot", &snap], Output::ok(""))
-        .expect(
-            &[
-                "zfs",
-                "get",
-                "-H",
-                "-p",
-                "-o",
-                "value",
-                "mountpoint,mounted",
-                "tank/home",
-            ],
+    r.expect_zfs_snapshot(&snap, Output::ok(""))
+        .expect_zfs_get_mountpoint(
+            "tank/home",
             Output::ok(format!("{}\nyes\n", mp.path().display())),
         )
-        .expect(
-            &["zfs", "destroy", &snap],
+        .expect_zfs_destroy(
+            &snap,
             Output::fail(1, "cannot destroy snapshot: dataset is busy\n"),
         )
-        .expect(&["zfs", "destroy", &snap], Output::ok(""));
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
+        .expect_zfs_destroy(&snap, Output::ok(""));
+    let g = take_plain(&r, "web", &src, work.path()).unwrap();
     g.release().unwrap();
 }
 
 // ---------------------------------------------------------------- LVM, recorded commands
 
-const LVS: [&str; 9] = [
-    "lvs",
-    "--noheadings",
-    "--nosuffix",
-    "--units",
-    "b",
-    "--separator",
-    "|",
-    "-o",
-    "lv_name,vg_name,lv_attr,lv_size,origin,snap_percent",
-];
-
-fn lvs(target: &str) -> Vec<String> {
-    LVS.iter()
-        .map(|s| s.to_string())
-        .chain([target.to_owned()])
-        .collect()
-}
-
 const ROOT_10G: &str = "  root|vg0|-wi-ao----|10737418240||\n";
 
-fn snap_row(name: &str, attr: &str, pct: &str) -> Output {
-    Output::ok(format!("  {name}|vg0|{attr}|1073741824|root|{pct}\n"))
-}
-
+/// The one snapshot LV every LVM test takes: `vg0/snapveil-web-<STAMP>` of `vg0/root`,
+/// mounted at `<work>/snapveil-web-<STAMP>`.
 struct Lvm {
     name: String,
     dev: String,
     mnt: PathBuf,
 }
 
-fn lvm_names(work: &Path) -> Lvm {
-    let name = format!("snapveil-web-{STAMP}");
-    Lvm {
+/// A work dir, the names of the snapshot LV taken into it, and an empty runner.
+fn lvm_case() -> (tempfile::TempDir, Lvm, ScriptedRunner) {
+    let work = workdir();
+    let name = web_name();
+    let l = Lvm {
         dev: format!("/dev/vg0/{name}"),
-        mnt: work.join(&name),
+        mnt: work.path().join(&name),
         name,
+    };
+    (work, l, ScriptedRunner::new())
+}
+
+/// The origin every LVM test snapshots.
+fn lvm_root() -> Source {
+    "lvm:vg0/root".parse().unwrap()
+}
+
+impl Lvm {
+    /// `vg0/<name>`, as lvs and lvremove take it.
+    fn lv(&self) -> String {
+        format!("vg0/{}", self.name)
     }
-}
 
-/// The commands of a take up to the mount, answering blkid with `fstype`.
-fn expect_take_until_mount(
-    r: &ScriptedRunner,
-    l: &Lvm,
-    size: &str,
-    fstype: &str,
-    mount_opts: &str,
-) {
-    r.expect(&lvs("vg0/root"), Output::ok(ROOT_10G))
-        .expect(
-            &[
-                "lvcreate",
-                "--snapshot",
-                "--size",
-                size,
-                "--name",
-                &l.name,
-                "vg0/root",
-            ],
-            Output::ok(format!("  Logical volume \"{}\" created.\n", l.name)),
-        )
-        .expect(
-            &["blkid", "-o", "value", "-s", "TYPE", &l.dev],
-            Output::ok(format!("{fstype}\n")),
-        )
-        .expect(
-            &[
-                "mount",
-                "-t",
-                fstype,
-                "-o",
-                mount_opts,
-                &l.dev,
-                &l.mnt.display().to_string(),
-            ],
-            Output::ok(""),
-        );
-}
+    /// `lvs` of the snapshot LV, answered with its row (`attr`, `pct` full).
+    fn expect_status(&self, r: &ScriptedRunner, attr: &str, pct: &str) {
+        let row = format!("  {}|vg0|{attr}|1073741824|root|{pct}\n", self.name);
+        r.expect_lvs(&self.lv(), Output::ok(row));
+    }
 
-fn expect_release(r: &ScriptedRunner, l: &Lvm, attr: &str, pct: &str) {
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, attr, pct),
-    )
-    .expect(&["umount", &l.mnt.display().to_string()], Output::ok(""))
-    .expect(
-        &["lvremove", "-f", &format!("vg0/{}", l.name)],
-        Output::ok(""),
-    );
+    /// `lvs` of the origin and `lvcreate` of a snapshot of `size`, answered with `out`.
+    fn expect_create(&self, r: &ScriptedRunner, size: &str, out: Output) {
+        r.expect_lvs("vg0/root", Output::ok(ROOT_10G))
+            .expect_lvcreate_snapshot(size, &self.name, "vg0/root", out);
+    }
+
+    /// The commands of a take up to the mount, answering blkid with `fstype`.
+    fn expect_take_until_mount(
+        &self,
+        r: &ScriptedRunner,
+        size: &str,
+        fstype: &str,
+        mount_opts: &str,
+    ) {
+        let created = format!("  Logical volume \"{}\" created.\n", self.name);
+        self.expect_create(r, size, Output::ok(created));
+        r.expect_blkid_type(&self.dev, Output::ok(format!("{fstype}\n")))
+            .expect_mount(fstype, mount_opts, &self.dev, &self.mnt, Output::ok(""));
+    }
+
+    /// A release: the status check, then umount and lvremove.
+    fn expect_release(&self, r: &ScriptedRunner, attr: &str, pct: &str) {
+        self.expect_status(r, attr, pct);
+        r.expect_umount(&self.mnt, Output::ok(""))
+            .expect_lvremove(&self.lv(), Output::ok(""));
+    }
 }
 
 #[test]
 fn lvm_ext4_happy_path_with_default_ten_percent() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    expect_take_until_mount(&r, &l, "1073741824b", "ext4", "ro,noload");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "0.01"),
-    );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "1073741824b", "ext4", "ro,noload");
+    l.expect_status(&r, "swi-aos---", "0.01");
+    let g = take_plain(&r, "web", &lvm_root(), work.path()).unwrap();
     assert_eq!(g.path(), l.mnt);
     assert!(l.mnt.is_dir());
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "40.00"),
-    );
+    l.expect_status(&r, "swi-aos---", "40.00");
     g.verify().unwrap();
-    expect_release(&r, &l, "swi-aos---", "41.00");
+    l.expect_release(&r, "swi-aos---", "41.00");
     g.release().unwrap();
     assert!(!l.mnt.exists(), "mountpoint dir left behind");
 }
 
 #[test]
 fn lvm_xfs_gets_nouuid_and_absolute_size_and_extra_options() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    expect_take_until_mount(&r, &l, "2G", "xfs", "ro,nouuid,inode64");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "0.00"),
-    );
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "2G", "xfs", "ro,nouuid,inode64");
+    l.expect_status(&r, "swi-aos---", "0.00");
     let o = SnapshotOptions {
         size: Some("2G".into()),
         mount_options: vec!["inode64".into()],
         ..opts()
     };
-    let src: Source = "lvm:vg0/root".parse().unwrap();
+    let src = lvm_root();
     let g = take(&r, "web", STAMP, &src, &o, &tools(), work.path()).unwrap();
-    expect_release(&r, &l, "swi-aos---", "1.00");
+    l.expect_release(&r, "swi-aos---", "1.00");
     drop(g); // Drop releases with the same sequence.
 }
 
 #[test]
 fn lvm_size_percentage_is_computed_from_the_origin() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
+    let (work, l, r) = lvm_case();
     // 25% of 10 GiB = 2684354560 bytes.
-    expect_take_until_mount(&r, &l, "2684354560b", "ext4", "ro,noload");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "0.00"),
-    );
+    l.expect_take_until_mount(&r, "2684354560b", "ext4", "ro,noload");
+    l.expect_status(&r, "swi-aos---", "0.00");
     let o = SnapshotOptions {
         size: Some("25%".into()),
         ..opts()
     };
-    let src: Source = "lvm:vg0/root".parse().unwrap();
+    let src = lvm_root();
     let g = take(&r, "web", STAMP, &src, &o, &tools(), work.path()).unwrap();
-    expect_release(&r, &l, "swi-aos---", "0.00");
+    l.expect_release(&r, "swi-aos---", "0.00");
     g.release().unwrap();
 
     let bad = SnapshotOptions {
         size: Some("150%".into()),
         ..opts()
     };
-    r.expect(&lvs("vg0/root"), Output::ok(ROOT_10G));
+    r.expect_lvs("vg0/root", Output::ok(ROOT_10G));
     let e = take(&r, "web", STAMP, &src, &bad, &tools(), work.path()).unwrap_err();
     assert!(e.to_string().contains("\"150%\" for vg0/root"), "{e}");
 }
@@ -901,12 +735,12 @@ fn lvm_size_percentage_is_computed_from_the_origin() {
 fn lvm_origin_missing() {
     let work = workdir();
     let r = ScriptedRunner::new();
-    r.expect(
-        &lvs("vg0/nope"),
+    r.expect_lvs(
+        "vg0/nope",
         Output::fail(5, "  Failed to find logical volume \"vg0/nope\"\n"),
     );
     let src: Source = "lvm:vg0/nope".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let e = take_plain(&r, "web", &src, work.path()).unwrap_err();
     assert!(
         matches!(e, SnapshotError::LvmOriginNotFound { .. }),
         "{e:?}"
@@ -921,26 +755,16 @@ fn lvm_origin_missing() {
 
 #[test]
 fn lvm_vg_full() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    r.expect(&lvs("vg0/root"), Output::ok(ROOT_10G)).expect(
-        &[
-            "lvcreate",
-            "--snapshot",
-            "--size",
-            "1073741824b",
-            "--name",
-            &l.name,
-            "vg0/root",
-        ],
+    let (work, l, r) = lvm_case();
+    l.expect_create(
+        &r,
+        "1073741824b",
         Output::fail(
             5,
             "  Volume group \"vg0\" has insufficient free space (12 extents): 256 required.\n",
         ),
     );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let e = take_plain(&r, "web", &lvm_root(), work.path()).unwrap_err();
     assert!(matches!(e, SnapshotError::LvmVgFull { .. }), "{e:?}");
     let msg = error_chain(&e);
     assert!(
@@ -958,23 +782,13 @@ fn lvm_vg_full() {
 
 #[test]
 fn lvm_other_lvcreate_failure_names_origin_and_quotes_stderr() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    r.expect(&lvs("vg0/root"), Output::ok(ROOT_10G)).expect(
-        &[
-            "lvcreate",
-            "--snapshot",
-            "--size",
-            "1073741824b",
-            "--name",
-            &l.name,
-            "vg0/root",
-        ],
+    let (work, l, r) = lvm_case();
+    l.expect_create(
+        &r,
+        "1073741824b",
         Output::fail(5, "  Snapshots of raid4 LVs are not supported.\n"),
     );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let e = take_plain(&r, "web", &lvm_root(), work.path()).unwrap_err();
     let msg = error_chain(&e);
     assert!(
         msg.starts_with("LVM vg0/root: lvcreate --snapshot failed"),
@@ -988,24 +802,15 @@ fn lvm_other_lvcreate_failure_names_origin_and_quotes_stderr() {
 
 #[test]
 fn lvm_snapshot_invalidated_while_held_is_reported_and_still_removed() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    expect_take_until_mount(&r, &l, "1073741824b", "ext4", "ro,noload");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "12.00"),
-    );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-I-s---", "100.00"),
-    );
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "1073741824b", "ext4", "ro,noload");
+    l.expect_status(&r, "swi-aos---", "12.00");
+    let g = take_plain(&r, "web", &lvm_root(), work.path()).unwrap();
+    l.expect_status(&r, "swi-I-s---", "100.00");
     let e = g.verify().unwrap_err();
     assert!(matches!(e, SnapshotError::LvmInvalidated { .. }), "{e:?}");
     assert!(e.to_string().contains("overflowed"), "{e}");
-    expect_release(&r, &l, "swi-I-s---", "100.00");
+    l.expect_release(&r, "swi-I-s---", "100.00");
     let e = g.release().unwrap_err();
     assert!(matches!(e, SnapshotError::LvmInvalidated { .. }), "{e:?}");
     assert!(r
@@ -1018,65 +823,28 @@ fn lvm_snapshot_invalidated_while_held_is_reported_and_still_removed() {
 
 #[test]
 fn lvm_snapshot_already_invalid_after_mount_is_not_handed_out() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    expect_take_until_mount(&r, &l, "1073741824b", "ext4", "ro,noload");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "Swi-I-s---", "100.00"),
-    )
-    .expect(&["umount", &l.mnt.display().to_string()], Output::ok(""))
-    .expect(
-        &["lvremove", "-f", &format!("vg0/{}", l.name)],
-        Output::ok(""),
-    );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "1073741824b", "ext4", "ro,noload");
+    l.expect_release(&r, "Swi-I-s---", "100.00");
+    let e = take_plain(&r, "web", &lvm_root(), work.path()).unwrap_err();
     assert!(matches!(e, SnapshotError::LvmInvalidated { .. }), "{e:?}");
     assert!(!l.mnt.exists());
 }
 
 #[test]
 fn lvm_mount_failure_removes_the_snapshot_lv() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    r.expect(&lvs("vg0/root"), Output::ok(ROOT_10G))
-        .expect(
-            &[
-                "lvcreate",
-                "--snapshot",
-                "--size",
-                "1073741824b",
-                "--name",
-                &l.name,
-                "vg0/root",
-            ],
-            Output::ok(""),
-        )
-        .expect(
-            &["blkid", "-o", "value", "-s", "TYPE", &l.dev],
-            Output::ok("ext4\n"),
-        )
-        .expect(
-            &[
-                "mount",
-                "-t",
-                "ext4",
-                "-o",
-                "ro,noload",
-                &l.dev,
-                &l.mnt.display().to_string(),
-            ],
+    let (work, l, r) = lvm_case();
+    l.expect_create(&r, "1073741824b", Output::ok(""));
+    r.expect_blkid_type(&l.dev, Output::ok("ext4\n"))
+        .expect_mount(
+            "ext4",
+            "ro,noload",
+            &l.dev,
+            &l.mnt,
             Output::fail(32, "mount: wrong fs type, bad option, bad superblock\n"),
         )
-        .expect(
-            &["lvremove", "-f", &format!("vg0/{}", l.name)],
-            Output::ok(""),
-        );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let e = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap_err();
+        .expect_lvremove(&l.lv(), Output::ok(""));
+    let e = take_plain(&r, "web", &lvm_root(), work.path()).unwrap_err();
     let msg = error_chain(&e);
     assert!(
         msg.contains(&format!("mounting {}", l.dev)) && msg.contains("bad superblock"),
@@ -1087,24 +855,12 @@ fn lvm_mount_failure_removes_the_snapshot_lv() {
 
 #[test]
 fn lvm_failed_umount_keeps_the_lv_and_reports() {
-    let work = workdir();
-    let l = lvm_names(work.path());
-    let r = ScriptedRunner::new();
-    expect_take_until_mount(&r, &l, "1073741824b", "ext4", "ro,noload");
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "0.00"),
-    );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), work.path()).unwrap();
-    r.expect(
-        &lvs(&format!("vg0/{}", l.name)),
-        snap_row(&l.name, "swi-aos---", "0.00"),
-    )
-    .expect(
-        &["umount", &l.mnt.display().to_string()],
-        Output::fail(32, "umount: target is busy.\n"),
-    );
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "1073741824b", "ext4", "ro,noload");
+    l.expect_status(&r, "swi-aos---", "0.00");
+    let g = take_plain(&r, "web", &lvm_root(), work.path()).unwrap();
+    l.expect_status(&r, "swi-aos---", "0.00");
+    r.expect_umount(&l.mnt, Output::fail(32, "umount: target is busy.\n"));
     let e = g.release().unwrap_err();
     assert!(matches!(e, SnapshotError::Umount { .. }), "{e:?}");
     assert!(error_chain(&e).contains("target is busy"));
@@ -1125,25 +881,19 @@ fn lvm_stale_cleanup_removes_ours_only() {
          \x20 snapveil-web-20261121T013000Z|vg0|swi-a-s---|1073741824|home|1.00\n\
          \x20 snapveil-web-20261120T013000Z|vg0|-wi-a-----|1073741824||\n"
     );
+    let stale_mnt = work.path().join(stale);
     let r = ScriptedRunner::new();
-    r.expect(&lvs("vg0"), Output::ok(rows))
-        .expect(
-            &["umount", &work.path().join(stale).display().to_string()],
+    r.expect_lvs("vg0", Output::ok(rows))
+        .expect_umount(
+            &stale_mnt,
             Output::fail(
                 32,
-                &*format!(
-                    "umount: {}: not mounted.\n",
-                    work.path().join(stale).display()
-                ),
+                &*format!("umount: {}: not mounted.\n", stale_mnt.display()),
             ),
         )
-        .expect(&["lvremove", "-f", &format!("vg0/{stale}")], Output::ok(""))
-        .expect(
-            &["lvremove", "-f", &format!("vg0/{stale2}")],
-            Output::ok(""),
-        );
-    let src: Source = "lvm:vg0/root".parse().unwrap();
-    let removed = cleanup_stale(&r, "web", &src, &opts(), &tools(), work.path()).unwrap();
+        .expect_lvremove(&format!("vg0/{stale}"), Output::ok(""))
+        .expect_lvremove(&format!("vg0/{stale2}"), Output::ok(""));
+    let removed = cleanup_stale(&r, "web", &lvm_root(), &opts(), &tools(), work.path()).unwrap();
     assert_eq!(
         removed,
         vec![format!("vg0/{stale}"), format!("vg0/{stale2}")]
@@ -1160,7 +910,7 @@ fn dir_source_is_the_live_tree_and_not_consistent() {
     let src = Source::Dir {
         path: d.path().to_owned(),
     };
-    let g = take(&r, "web", STAMP, &src, &opts(), &tools(), d.path()).unwrap();
+    let g = take_plain(&r, "web", &src, d.path()).unwrap();
     assert_eq!(g.path(), d.path());
     assert!(!g.consistent());
     g.release().unwrap();
@@ -1172,7 +922,7 @@ fn dir_source_is_the_live_tree_and_not_consistent() {
     let missing = Source::Dir {
         path: d.path().join("nope"),
     };
-    let e = take(&r, "web", STAMP, &missing, &opts(), &tools(), d.path()).unwrap_err();
+    let e = take_plain(&r, "web", &missing, d.path()).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
 }
 
@@ -1182,7 +932,7 @@ fn bad_job_names_and_stamps_are_refused_before_any_command() {
     let r = ScriptedRunner::new();
     let src: Source = "zfs:tank/home".parse().unwrap();
     for job in ["", "a b", "../x", "a/b"] {
-        let e = take(&r, job, STAMP, &src, &opts(), &tools(), d.path()).unwrap_err();
+        let e = take_plain(&r, job, &src, d.path()).unwrap_err();
         assert!(
             matches!(e, SnapshotError::InvalidJob { .. }),
             "{job}: {e:?}"

@@ -33,13 +33,7 @@ impl Fx {
         fs::set_permissions(&keys, fs::Permissions::from_mode(0o700)).unwrap();
         let key = keys.join("v.conf");
         let pass = keys.join("v.pass");
-        util::ok(
-            Command::new(util::bin())
-                .args(["init", "--scrypt-n", "10", "--config"])
-                .arg(&key)
-                .arg("--passfile")
-                .arg(&pass),
-        );
+        util::init_key(&key, &pass);
         let config = t.join("snapveil.toml");
         let ssh_args: Vec<String> = sshd
             .ssh_args(&sshd.full_key)
@@ -87,16 +81,7 @@ impl Fx {
             util::describe(&self.cmd(&["run", "v"]), &out),
             self.sshd.log()
         );
-        let mut runs: Vec<String> = fs::read_dir(self.target.join("runs"))
-            .unwrap()
-            .map(|e| {
-                e.unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .replace(".json", "")
-            })
-            .collect();
-        runs.sort();
+        let mut runs = util::run_stamps(&self.target);
         // verify_every = 2: every second run checks the target against its manifest.
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(

@@ -67,6 +67,27 @@ fn view_matches_gocryptfs_vectors_in_all_name_modes() {
 
 /// Sizes of ciphertexts of the hard-linked pair: gocryptfs 2.3 gives both paths the
 /// IVs of whichever was opened first, we derive per path, so only sizes compare.
+/// `snapveil decrypt --passfile <pass> <copy> <out>` (the key config is in `copy`).
+fn decrypt(pass: &Path, copy: &Path, out: &Path) {
+    ok(Command::new(bin())
+        .arg("decrypt")
+        .arg("--passfile")
+        .arg(pass)
+        .arg(copy)
+        .arg(out));
+}
+
+/// gocryptfs's view (`gm`) and ours (`sm`) are the same, hardlinked files aside.
+fn assert_same_views(mode: &str, mut gm: Manifest, mut sm: Manifest) {
+    mask_hardlinks(&mut gm);
+    mask_hardlinks(&mut sm);
+    let d = diff(&gm, &sm);
+    assert!(
+        d.is_empty(),
+        "mode {mode}: gocryptfs (left) and snapveil (right) views differ:\n{d}"
+    );
+}
+
 fn mask_hardlinks(m: &mut Manifest) {
     let hl = snapveil::crypto::content::cipher_size(5000);
     for e in m.values_mut() {
@@ -110,19 +131,13 @@ fn gocryptfs_config_works_with_snapveil_and_views_are_identical() {
         let conf = src.join(".gocryptfs.reverse.conf");
         let g = gocryptfs_reverse(None, &pass, &src, &t.path().join("g"));
         let s = snapveil_mount(&conf, &pass, &src, &t.path().join("s"), &[]);
-        let (mut gm, mut sm) = (manifest(g.path()), manifest(s.path()));
+        let (gm, sm) = (manifest(g.path()), manifest(s.path()));
         assert!(
             gm.len() > 40,
             "gocryptfs view unexpectedly small: {}",
             gm.len()
         );
-        mask_hardlinks(&mut gm);
-        mask_hardlinks(&mut sm);
-        let d = diff(&gm, &sm);
-        assert!(
-            d.is_empty(),
-            "mode {mode}: gocryptfs (left) and snapveil (right) views differ:\n{d}"
-        );
+        assert_same_views(mode, gm, sm);
     }
 }
 
@@ -154,19 +169,13 @@ fn snapveil_config_works_with_gocryptfs_and_copies_restore_with_stock_gocryptfs(
         // 2. our config drives gocryptfs -reverse, and both show the same tree.
         let g = gocryptfs_reverse(Some(&conf), &pass, &src, &t.path().join("g"));
         let s = snapveil_mount(&conf, &pass, &src, &t.path().join("s"), &[]);
-        let (mut gm, mut sm) = (manifest(g.path()), manifest(s.path()));
+        let (gm, mut sm) = (manifest(g.path()), manifest(s.path()));
         // With -config elsewhere gocryptfs shows no gocryptfs.conf; ours always does.
         assert!(
             sm.remove(b"gocryptfs.conf".as_slice()).is_some(),
             "view lacks gocryptfs.conf"
         );
-        mask_hardlinks(&mut gm);
-        mask_hardlinks(&mut sm);
-        let d = diff(&gm, &sm);
-        assert!(
-            d.is_empty(),
-            "mode {mode}: gocryptfs (left) and snapveil (right) views differ:\n{d}"
-        );
+        assert_same_views(mode, gm, sm);
         drop(g);
 
         // 3. a copy of our view (self-describing: it carries gocryptfs.conf) restores
@@ -187,12 +196,7 @@ fn snapveil_config_works_with_gocryptfs_and_copies_restore_with_stock_gocryptfs(
         );
         drop(fwd);
         let out = t.path().join("out");
-        ok(Command::new(bin())
-            .arg("decrypt")
-            .arg("--passfile")
-            .arg(&pass)
-            .arg(&copy)
-            .arg(&out));
+        decrypt(&pass, &copy, &out);
         let d = diff(&plain, &manifest(&out));
         assert!(
             d.is_empty(),
@@ -209,11 +213,7 @@ fn hardlinks_are_separate_files_with_path_derived_ciphertext() {
     fs::write(src.join("a"), vec![7u8; 9000]).unwrap();
     fs::hard_link(src.join("a"), src.join("b")).unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key_with(&["--plaintext-names"], &conf, &pass);
     let read = |first: &str, second: &str| {
         let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
         let x = fs::read(m.path().join(first)).unwrap();
@@ -256,11 +256,7 @@ fn excludes_hide_plaintext_paths_gitignore_style() {
     fs::write(src.join("logs/deep/z"), b"x").unwrap();
     fs::write(src.join("cache.tmp"), b"x").unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--plaintext-names", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key_with(&["--plaintext-names"], &conf, &pass);
     let m = snapveil_mount(
         &conf,
         &pass,
@@ -299,11 +295,7 @@ fn special_files_are_listed_but_not_readable_and_decrypt_recreates_them() {
     )
     .unwrap();
     let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    crate::util::init_key(&conf, &pass);
     let m = snapveil_mount(&conf, &pass, &src, &t.path().join("m"), &[]);
     let view = manifest(m.path());
     let fifo = view
@@ -317,12 +309,7 @@ fn special_files_are_listed_but_not_readable_and_decrypt_recreates_them() {
     ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
     drop(m);
     let out = t.path().join("out");
-    ok(Command::new(bin())
-        .arg("decrypt")
-        .arg("--passfile")
-        .arg(&pass)
-        .arg(&copy)
-        .arg(&out));
+    decrypt(&pass, &copy, &out);
     let md = fs::symlink_metadata(out.join("pipe")).unwrap();
     assert!(md.file_type().is_fifo());
     assert_eq!(md.mode() & 0o777, 0o640);
@@ -330,18 +317,8 @@ fn special_files_are_listed_but_not_readable_and_decrypt_recreates_them() {
 
 #[test]
 fn sigterm_unmounts_a_foreground_mount_cleanly() {
-    let t = TempDir::new().unwrap();
-    let src = t.path().join("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
-    let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-    ok(Command::new(bin())
-        .args(["init", "--scrypt-n", "10", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass));
+    let (t, src, conf, pass) = bad_input::setup();
     let mnt = t.path().join("m");
-    fs::create_dir(&mnt).unwrap();
     let guard = crate::util::fuse::Mounted { path: mnt.clone() };
     let mut child = Command::new(bin())
         .arg("mount")
@@ -376,7 +353,8 @@ fn sigterm_unmounts_a_foreground_mount_cleanly() {
 mod bad_input {
     use super::*;
 
-    fn setup() -> (
+    /// A source with one file, a key, and an empty `m` to mount on.
+    pub(super) fn setup() -> (
         TempDir,
         std::path::PathBuf,
         std::path::PathBuf,
@@ -387,11 +365,7 @@ mod bad_input {
         fs::create_dir(&src).unwrap();
         fs::write(src.join("f"), b"data").unwrap();
         let (conf, pass) = (t.path().join("c"), t.path().join("p"));
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&conf)
-            .arg("--passfile")
-            .arg(&pass));
+        crate::util::init_key(&conf, &pass);
         fs::create_dir(t.path().join("m")).unwrap();
         (t, src, conf, pass)
     }

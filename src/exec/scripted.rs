@@ -6,6 +6,7 @@
 use super::{Cmd, Output, Runner, RunningChild};
 use std::collections::VecDeque;
 use std::io;
+use std::path::Path;
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -47,6 +48,106 @@ impl ScriptedRunner {
                 panic!("unexpected command (no more expected): {argv:?}")
             }
         }
+    }
+}
+
+/// `lvs` as the LVM provider runs it, before the target (`vg0/root` or `vg0`). Written
+/// here as a command line, apart from the provider's own, so the tests pin it.
+const LVS: &str =
+    "lvs --noheadings --nosuffix --units b --separator | -o lv_name,vg_name,lv_attr,lv_size,origin,snap_percent";
+
+/// Domain helpers: the command lines the snapshot providers issue (with default tool
+/// names), each written once so that tests name the step and its answer, not the argv.
+impl ScriptedRunner {
+    /// `zfs snapshot <snap>` (`snap` is `dataset@name`).
+    pub fn expect_zfs_snapshot(&self, snap: &str, out: Output) -> &Self {
+        self.expect(&["zfs", "snapshot", snap], out)
+    }
+
+    /// `zfs get -H -p -o value mountpoint,mounted <dataset>`; answer `"<mp>\n<yes|no>\n"`.
+    pub fn expect_zfs_get_mountpoint(&self, dataset: &str, out: Output) -> &Self {
+        let argv: Vec<&str> = "zfs get -H -p -o value mountpoint,mounted"
+            .split(' ')
+            .chain([dataset])
+            .collect();
+        self.expect(&argv, out)
+    }
+
+    /// `zfs clone -o readonly=on -o mountpoint=<mountpoint> <snap> <clone>`.
+    pub fn expect_zfs_clone(
+        &self,
+        snap: &str,
+        clone: &str,
+        mountpoint: &Path,
+        out: Output,
+    ) -> &Self {
+        let mp = format!("mountpoint={}", mountpoint.display());
+        let argv = ["zfs", "clone", "-o", "readonly=on", "-o", &mp, snap, clone];
+        self.expect(&argv, out)
+    }
+
+    /// `zfs destroy <target>`.
+    pub fn expect_zfs_destroy(&self, target: &str, out: Output) -> &Self {
+        self.expect(&["zfs", "destroy", target], out)
+    }
+
+    /// `zfs destroy -r <target>`.
+    pub fn expect_zfs_destroy_recursive(&self, target: &str, out: Output) -> &Self {
+        self.expect(&["zfs", "destroy", "-r", target], out)
+    }
+
+    /// `lvs --noheadings --nosuffix --units b --separator | -o <fields> <target>`.
+    pub fn expect_lvs(&self, target: &str, out: Output) -> &Self {
+        let argv: Vec<&str> = LVS.split(' ').chain([target]).collect();
+        self.expect(&argv, out)
+    }
+
+    /// `lvcreate --snapshot --size <size> --name <name> <origin>`.
+    pub fn expect_lvcreate_snapshot(
+        &self,
+        size: &str,
+        name: &str,
+        origin: &str,
+        out: Output,
+    ) -> &Self {
+        let argv = [
+            "lvcreate",
+            "--snapshot",
+            "--size",
+            size,
+            "--name",
+            name,
+            origin,
+        ];
+        self.expect(&argv, out)
+    }
+
+    /// `blkid -o value -s TYPE <dev>`; answer `"ext4\n"`.
+    pub fn expect_blkid_type(&self, dev: &str, out: Output) -> &Self {
+        self.expect(&["blkid", "-o", "value", "-s", "TYPE", dev], out)
+    }
+
+    /// `mount -t <fstype> -o <options> <dev> <mountpoint>`.
+    pub fn expect_mount(
+        &self,
+        fstype: &str,
+        options: &str,
+        dev: &str,
+        mountpoint: &Path,
+        out: Output,
+    ) -> &Self {
+        let mp = mountpoint.display().to_string();
+        self.expect(&["mount", "-t", fstype, "-o", options, dev, &mp], out)
+    }
+
+    /// `umount <mountpoint>`.
+    pub fn expect_umount(&self, mountpoint: &Path, out: Output) -> &Self {
+        self.expect(&["umount", &mountpoint.display().to_string()], out)
+    }
+
+    /// `lvremove -f <lv>` (`lv` is `vg/name`).
+    pub fn expect_lvremove(&self, lv: &str, out: Output) -> &Self {
+        self.expect(&["lvremove", "-f", lv], out)
     }
 }
 

@@ -78,6 +78,37 @@ pub mod rsyncd;
 pub mod sshd;
 pub mod tree;
 
+/// `snapveil init` with a fast scrypt (`--scrypt-n 10`): a new key config and passfile.
+pub fn init_key(config: &std::path::Path, passfile: &std::path::Path) {
+    init_key_with(&[], config, passfile);
+}
+
+/// [`init_key`] with `flags` (e.g. `--plaintext-names`) right after `init`.
+pub fn init_key_with(flags: &[&str], config: &std::path::Path, passfile: &std::path::Path) {
+    ok(Command::new(bin())
+        .arg("init")
+        .args(flags)
+        .args(["--scrypt-n", "10", "--config"])
+        .arg(config)
+        .arg("--passfile")
+        .arg(passfile));
+}
+
+/// The stamps of a target's restore points (`runs/<stamp>.json`), oldest first.
+pub fn run_stamps(target: &std::path::Path) -> Vec<String> {
+    let mut runs: Vec<String> = std::fs::read_dir(target.join("runs"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .replace(".json", "")
+        })
+        .collect();
+    runs.sort();
+    runs
+}
+
 /// A private copy of a file (mode 0600), as snapveil requires for key material.
 pub fn private_copy(src: &std::path::Path, dst: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;

@@ -104,6 +104,16 @@ impl Sshd {
         }
     }
 
+    /// `ssh_args = [...]`: [`Sshd::ssh_args`] as a job's TOML line (no newline).
+    pub fn ssh_args_toml(&self, key: &Path) -> String {
+        let quoted: Vec<String> = self
+            .ssh_args(key)
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        format!("ssh_args = [{}]", quoted.join(", "))
+    }
+
     /// ssh options (for a job's `ssh_args` or `ssh` on the command line) using `key`.
     pub fn ssh_args(&self, key: &Path) -> Vec<String> {
         [

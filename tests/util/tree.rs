@@ -33,6 +33,15 @@ pub fn manifest(root: &Path) -> Manifest {
     m
 }
 
+/// `p` below `root`, as the raw bytes of the relative path (names need not be UTF-8).
+pub fn rel_bytes(root: &Path, p: &Path) -> Vec<u8> {
+    p.strip_prefix(root)
+        .unwrap()
+        .as_os_str()
+        .as_bytes()
+        .to_vec()
+}
+
 fn walk(root: &Path, dir: &Path, m: &mut Manifest) {
     let mut ents: Vec<_> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
@@ -41,12 +50,7 @@ fn walk(root: &Path, dir: &Path, m: &mut Manifest) {
     ents.sort();
     for p in ents {
         let md = fs::symlink_metadata(&p).unwrap();
-        let rel = p
-            .strip_prefix(root)
-            .unwrap()
-            .as_os_str()
-            .as_bytes()
-            .to_vec();
+        let rel = rel_bytes(root, &p);
         let ft = md.file_type();
         let (kind, data) = if ft.is_dir() {
             ('d', String::new())
@@ -107,8 +111,9 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn set_mtime(p: &Path, secs: i64) {
-    let t = nix::sys::time::TimeSpec::new(secs, 0);
+/// Sets an mtime with nanoseconds, on the link itself for a symlink.
+pub fn set_mtime(p: &Path, secs: i64, ns: i64) {
+    let t = nix::sys::time::TimeSpec::new(secs, ns);
     nix::sys::stat::utimensat(
         None,
         p,
@@ -193,7 +198,7 @@ pub fn make_edge_tree(root: &Path) -> (PathBuf, PathBuf) {
     collect(root, &mut all);
     all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for (i, p) in all.iter().enumerate() {
-        set_mtime(p, 1_700_000_000 + i as i64 * 3600);
+        set_mtime(p, 1_700_000_000 + i as i64 * 3600, 0);
     }
     (h1, h2)
 }
