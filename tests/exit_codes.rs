@@ -68,7 +68,12 @@ impl Setup {
 
 fn exit_2(c: &mut Command) -> String {
     let o: Output = c.output().unwrap();
-    assert_eq!(o.status.code(), Some(2), "expected exit 2\n{}", describe(c, &o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2\n{}",
+        describe(c, &o)
+    );
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -119,7 +124,10 @@ fn a_config_that_does_not_load_exits_2_naming_the_file_for_every_command() {
                 "{what}: {a:?}: the message must name {file}:LINE: {err}"
             );
             assert!(!s.path("out").exists(), "{what}: {a:?}: wrote --to");
-            assert!(!s.path("state").exists(), "{what}: {a:?}: touched state_dir");
+            assert!(
+                !s.path("state").exists(),
+                "{what}: {a:?}: touched state_dir"
+            );
         }
     }
     // A config file that is not there at all.
@@ -152,7 +160,10 @@ fn an_unknown_job_exits_2_naming_the_job_and_the_file() {
     // A known job before the unknown one is not started either.
     let err = s.usage_error(&["run", "data", "nosuchjob"]);
     assert!(err.contains("\"nosuchjob\""), "{err}");
-    assert!(!s.path("target").exists(), "run data started before the check");
+    assert!(
+        !s.path("target").exists(),
+        "run data started before the check"
+    );
     // The same config is fine: the code 2 above is about the name.
     let mut c = Command::new(bin());
     c.args(["check-config", "--config"]).arg(&s.config);

@@ -22,12 +22,7 @@ pub fn run(runner: &dyn Runner, a: CleanupArgs) -> Result<Outcome> {
     }
 }
 
-fn one_source(
-    runner: &dyn Runner,
-    job: &str,
-    source: &Source,
-    a: &CleanupArgs,
-) -> Result<(), snapshot::SnapshotError> {
+fn one_source(runner: &dyn Runner, job: &str, source: &Source, a: &CleanupArgs) -> Result<()> {
     let opts = SnapshotOptions {
         recursive: a.recursive,
         snapshot_dir: a.snapshot_dir.clone(),
@@ -41,7 +36,8 @@ fn one_source(
         &Tools::default(),
         &snapshot::cmd::work_dir(&a.state_dir, job),
         &mut std::io::stdout().lock(),
-    )
+    )?;
+    Ok(())
 }
 
 fn jobs(runner: &dyn Runner, a: &CleanupArgs) -> Result<Outcome> {

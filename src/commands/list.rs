@@ -13,10 +13,7 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
     let gens = crate::job::generations(runner, &cfg, job)?;
     let points = contents.points;
     println!("target {}", job.target);
-    println!(
-        "{:<18} {:<13} {}",
-        "STAMP", "RESTORE POINT", "GENERATION DIR"
-    );
+    println!("{:<18} {:<13} GENERATION DIR", "STAMP", "RESTORE POINT");
     let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
     all.extend(points.iter().cloned());
     all.extend(contents.ignored.iter().filter_map(|(f, _)| {

@@ -9,8 +9,8 @@ use anyhow::Result;
 pub fn run(_runner: &dyn Runner, a: ConfigArg) -> Result<Outcome> {
     let cfg = super::load_config(&a.config)?;
     println!(
-        "{:<16} {:<21} {:<8} {:>9} {:>14} {:>11}  {}",
-        "JOB", "LAST RUN (UTC)", "RESULT", "DURATION", "BYTES SENT", "GENERATIONS", "NOTE"
+        "{:<16} {:<21} {:<8} {:>9} {:>14} {:>11}  NOTE",
+        "JOB", "LAST RUN (UTC)", "RESULT", "DURATION", "BYTES SENT", "GENERATIONS"
     );
     for j in &cfg.jobs {
         match crate::status::load(&cfg.state_dir, &j.name) {
