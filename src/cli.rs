@@ -1,5 +1,6 @@
-//! Command-line interface: clap derive only, no logic. Each subcommand's work lives in
-//! the module that owns it; `lib.rs::run` dispatches.
+//! Command-line interface: clap derive only, no logic. `lib.rs::run` hands each
+//! subcommand's arguments to its `commands::*` module, the only code that reads these
+//! types; nothing below `commands` depends on this module.
 
 use crate::logging::LogFormat;
 use clap::{Args, Parser, Subcommand};
@@ -270,7 +271,7 @@ pub struct SnapshotSourceArgs {
     #[arg(long, value_name = "NAME")]
     pub job: String,
     /// State directory; clones and snapshot LVs are mounted under STATE_DIR/work/JOB.
-    #[arg(long, value_name = "DIR", default_value = crate::snapshot::cmd::DEFAULT_STATE_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// btrfs: directory for snapshots, on the subvolume's filesystem
     /// (default: .snapveil beside the subvolume).
@@ -314,7 +315,7 @@ pub struct CleanupArgs {
     #[arg(long, value_name = "NAME", requires = "source")]
     pub job: Option<String>,
     /// State directory, with --source.
-    #[arg(long, value_name = "DIR", default_value = crate::snapshot::cmd::DEFAULT_STATE_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// btrfs, with --source: directory for snapshots (default: .snapveil beside the subvolume).
     #[arg(long, value_name = "DIR")]

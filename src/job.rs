@@ -20,7 +20,7 @@ use crate::exec::Runner;
 use crate::hooks::{self, HeldHook, HookEnv};
 use crate::lock::JobLock;
 use crate::snapshot::{self, SnapshotGuard};
-use crate::status::{self, RunStatus};
+use crate::status::{self, RunResult, RunStatus};
 use crate::target::{Area, Pass, Target};
 use crate::view::{self, MountedView, ViewOptions};
 use anyhow::{bail, Context, Result};
@@ -93,7 +93,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             return RunStatus {
                 job: job.name.clone(),
                 stamp,
-                result: "failure".into(),
+                result: RunResult::Failure,
                 started: started.to_rfc3339_opts(SecondsFormat::Secs, true),
                 finished: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
                 duration_s: 0.0,
@@ -140,11 +140,19 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             let hook = hooks::run_phase(runner, &job.hooks, Phase::PostBackup, &env);
             match hook {
                 Ok(()) => (
-                    if s.vanished { "warning" } else { "success" },
+                    if s.vanished {
+                        RunResult::Warning
+                    } else {
+                        RunResult::Success
+                    },
                     None,
                     Some(s),
                 ),
-                Err(e) => ("failure", Some(format!("backup done, but {e}")), Some(s)),
+                Err(e) => (
+                    RunResult::Failure,
+                    Some(format!("backup done, but {e}")),
+                    Some(s),
+                ),
             }
         }
         Err(e) => {
@@ -155,7 +163,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             if let Err(he) = hooks::run_phase(runner, &job.hooks, Phase::OnFailure, &env) {
                 tracing::error!("{he}");
             }
-            ("failure", Some(msg), None)
+            (RunResult::Failure, Some(msg), None)
         }
     };
     let generations = match target.generations(runner) {
@@ -168,7 +176,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     let st = RunStatus {
         job: job.name.clone(),
         stamp,
-        result: result_str.into(),
+        result: result_str,
         started: started.to_rfc3339_opts(SecondsFormat::Secs, true),
         finished: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
         duration_s: (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,

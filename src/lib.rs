@@ -2,7 +2,14 @@
 //!
 //! The modules mirror the pipeline: `snapshot` freezes a source, `crypto` holds the
 //! gocryptfs-compatible transforms (no I/O), `view` presents a frozen tree encrypted over
-//! FUSE, `exec` is the one seam through which every external command runs.
+//! FUSE, `exec` is the one seam through which every external command runs. `job` runs a
+//! configured job; `prune`, `verify`, `restore` and `decrypt` work on targets and copies.
+//!
+//! The command line: `cli` declares it (clap, no logic), [`run`] hands each subcommand's
+//! arguments to its module under `commands` (one per subcommand), and `commands` is the
+//! only code that reads `cli` types, prints reports and decides the exit status (0
+//! success, 1 the work failed, 2 usage or config error; see `error` and `snapveil(8)`).
+//! Everything below `commands` takes plain parameters.
 
 pub mod cli;
 mod commands;
@@ -27,61 +34,27 @@ pub mod target;
 pub mod verify;
 pub mod view;
 
-use anyhow::Context;
 use std::process::ExitCode;
 
-/// Runs one CLI invocation. `runner` executes every external command.
-///
-/// # Errors
-/// Any failure of the chosen command, with context; `main` prints it and exits 1.
-pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        cli::Command::Init(a) => commands::init(a),
-        cli::Command::Mount(a) => commands::mount(a),
-        cli::Command::Umount(a) => commands::umount(a),
-        cli::Command::Decrypt(a) => commands::decrypt(a),
-        cli::Command::Open(a) => commands::open(a),
-        cli::Command::Run(a) => commands::run_jobs(runner, a),
-        cli::Command::CheckConfig(a) => commands::check_config(a),
-        cli::Command::Status(a) => commands::status(a),
-        cli::Command::List(a) => commands::list(runner, a),
-        cli::Command::Prune(a) => {
-            if a.target.is_some() {
-                prune::command(runner, &a)
-            } else {
-                prune::jobs_command(runner, &a)
-            }
-        }
-        cli::Command::Verify(a) => verify::command(runner, &a.config.config, &a.job, a.deep)
-            .with_context(|| format!("job {}: verify", a.job)),
-        cli::Command::Restore(a) => restore::command(
-            runner,
-            &a.config.config,
-            &a.job,
-            &a.paths,
-            &a.to,
-            a.as_of.as_deref(),
-            a.raw,
-        )
-        .with_context(|| format!("job {}: restore", a.job)),
-        cli::Command::Snapshot(a) => {
-            signals::install().context("installing signal handlers")?;
-            snapshot::cmd::snapshot_cli(runner, &a).with_context(|| {
-                format!("job {}: snapshot of {}", a.target.job, a.target.source)
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        cli::Command::Cleanup(a) => {
-            // A Ctrl-C must not cut a cleanup in half: the flag is only polled, never fatal.
-            signals::install().context("installing signal handlers")?;
-            match (&a.source, &a.job) {
-                (Some(source), Some(job)) => {
-                    snapshot::cmd::cleanup_cli(runner, job, source, &a)
-                        .with_context(|| format!("job {job}: cleanup of {source}"))?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                _ => commands::cleanup_jobs(runner, &a),
-            }
-        }
-    }
+/// Runs one CLI invocation and returns its exit status; errors are printed on stderr
+/// here (by `commands::exit_code`). `runner` executes every external command.
+pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> ExitCode {
+    use cli::Command as C;
+    let result = match cli.command {
+        C::Init(a) => commands::init::run(runner, a),
+        C::Mount(a) => commands::mount::run(runner, a),
+        C::Umount(a) => commands::umount::run(runner, a),
+        C::Decrypt(a) => commands::decrypt::run(runner, a),
+        C::Open(a) => commands::open::run(runner, a),
+        C::Run(a) => commands::run::run(runner, a),
+        C::CheckConfig(a) => commands::check_config::run(runner, a),
+        C::Status(a) => commands::status::run(runner, a),
+        C::List(a) => commands::list::run(runner, a),
+        C::Prune(a) => commands::prune::run(runner, a),
+        C::Verify(a) => commands::verify::run(runner, a),
+        C::Restore(a) => commands::restore::run(runner, a),
+        C::Snapshot(a) => commands::snapshot::run(runner, a),
+        C::Cleanup(a) => commands::cleanup::run(runner, a),
+    };
+    commands::exit_code(result)
 }

@@ -4,11 +4,5 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = snapveil::cli::Cli::parse();
     snapveil::logging::init(cli.log_format, cli.verbose);
-    match snapveil::run(&snapveil::exec::SystemRunner, cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("snapveil: error: {e:#}");
-            ExitCode::from(snapveil::error::EXIT_FAILURE)
-        }
-    }
+    snapveil::run(&snapveil::exec::SystemRunner, cli)
 }

@@ -38,7 +38,6 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -131,46 +130,6 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// `snapveil restore`.
-///
-/// # Errors
-/// Config, key, target or output problems.
-pub fn command(
-    runner: &dyn Runner,
-    config: &Path,
-    job_name: &str,
-    paths: &[OsString],
-    to: &Path,
-    as_of: Option<&str>,
-    raw: bool,
-) -> Result<ExitCode, RestoreError> {
-    let cfg = crate::config::load(config).map_err(VerifyError::from)?;
-    let job = cfg
-        .job(job_name)
-        .ok_or_else(|| VerifyError::NoJob(job_name.into()))?;
-    let r = restore(runner, &cfg, job, paths, to, as_of, raw)?;
-    for n in &r.notes {
-        println!("note: {n}");
-    }
-    for p in &r.not_found {
-        println!("not in the backup as of {}: {p}", r.point);
-    }
-    for (p, why) in &r.unrecoverable {
-        println!("UNRECOVERABLE ({why}): {p}");
-    }
-    println!(
-        "restored {} files as of {} into {}",
-        r.files,
-        r.point,
-        to.display()
-    );
-    Ok(if r.not_found.is_empty() && r.unrecoverable.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 /// A requested path as plaintext bytes relative to the source root, without empty or
 /// `.` components; empty for the root (`/`, `.`, `""`, `./`).
 ///
@@ -249,7 +208,7 @@ fn lossy(b: &[u8]) -> String {
 /// directories, with the attributes of the fetched copies (a note says so).
 ///
 /// # Errors
-/// As [`command`].
+/// Key, target or output problems.
 pub fn restore(
     runner: &dyn Runner,
     cfg: &Config,

@@ -8,12 +8,46 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// How a run ended. Serialized (status files, `runs/STAMP.json`) and displayed as
+/// `"success"`, `"warning"` or `"failure"`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RunResult {
+    /// Everything was backed up.
+    Success,
+    /// Backed up, with something to know (e.g. files vanished during the transfer).
+    Warning,
+    /// The run failed; the status's `error` says why.
+    Failure,
+}
+
+impl RunResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Success => "success",
+            RunResult::Warning => "warning",
+            RunResult::Failure => "failure",
+        }
+    }
+
+    /// Whether the run backed up (a warning counts as success).
+    pub fn succeeded(self) -> bool {
+        self != RunResult::Failure
+    }
+}
+
+impl std::fmt::Display for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, not `write_str`: `snapveil status` aligns it in a column.
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunStatus {
     pub job: String,
     pub stamp: String,
-    /// "success", "warning" (e.g. files vanished) or "failure".
-    pub result: String,
+    pub result: RunResult,
     pub started: String,
     pub finished: String,
     pub duration_s: f64,
@@ -66,7 +100,7 @@ pub fn prometheus(statuses: &[RunStatus]) -> String {
             "snapveil_last_run_success",
             "gauge",
             "1 if the last run succeeded (warnings count as success)",
-            |s| (s.result != "failure") as u8 as f64,
+            |s| s.result.succeeded() as u8 as f64,
         ),
         (
             "snapveil_last_run_timestamp_seconds",
@@ -130,7 +164,7 @@ mod tests {
         let s = RunStatus {
             job: "home".into(),
             stamp: "20261124T010000Z".into(),
-            result: "success".into(),
+            result: RunResult::Success,
             started: "2026-11-24T01:00:00Z".into(),
             finished: "2026-11-24T01:00:10Z".into(),
             duration_s: 10.0,
@@ -147,5 +181,40 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("snapveil_generations{job=\"home\"} 3\n"));
+    }
+
+    #[test]
+    fn run_result_keeps_its_strings() {
+        for (r, s) in [
+            (RunResult::Success, "success"),
+            (RunResult::Warning, "warning"),
+            (RunResult::Failure, "failure"),
+        ] {
+            assert_eq!(serde_json::to_string(&r).unwrap(), format!("{s:?}"));
+            assert_eq!(
+                serde_json::from_str::<RunResult>(&format!("{s:?}")).unwrap(),
+                r
+            );
+            assert_eq!(r.to_string(), s);
+            assert_eq!(format!("{r:<9}|"), format!("{s:<9}|"));
+        }
+        let mut st = load_example();
+        st.result = RunResult::Warning;
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(json.contains("\"result\":\"warning\""), "{json}");
+        assert_eq!(
+            prometheus(&[st]).lines().nth(2),
+            Some("snapveil_last_run_success{job=\"home\"} 1")
+        );
+    }
+
+    fn load_example() -> RunStatus {
+        serde_json::from_str(
+            r#"{"job":"home","stamp":"20261124T010000Z","result":"failure",
+                "started":"2026-11-24T01:00:00Z","finished":"2026-11-24T01:00:10Z",
+                "duration_s":10.0,"bytes_sent":42,"files_transferred":1,"consistent":true,
+                "generations":3,"error":"boom"}"#,
+        )
+        .unwrap()
     }
 }

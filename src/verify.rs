@@ -27,7 +27,6 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -405,34 +404,10 @@ pub fn deep(
     Ok(r)
 }
 
-/// `snapveil verify JOB [--deep]`: exit 0 when the target's `current/` matches the last
-/// manifest (and, deep, decrypts to the snapshot's plaintext), 1 otherwise.
-///
-/// # Errors
-/// Config, key, snapshot, mount or transfer failures.
-pub fn command(
-    runner: &dyn Runner,
-    config: &Path,
-    job_name: &str,
-    deep_check: bool,
-) -> Result<ExitCode, VerifyError> {
-    let cfg = crate::config::load(config)?;
-    let job = cfg
-        .job(job_name)
-        .ok_or_else(|| VerifyError::NoJob(job_name.into()))?;
-    let r = verify_job(runner, &cfg, job, deep_check)?;
-    r.print();
-    Ok(if r.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 /// The work of `snapveil verify`, also used by a run every `verify_every` runs.
 ///
 /// # Errors
-/// As [`command`].
+/// Key, snapshot, mount or transfer failures.
 pub fn verify_job(
     runner: &dyn Runner,
     cfg: &Config,

@@ -1,5 +1,6 @@
 //! One integration-test binary; one module per area (ripgrep's layout).
 
+mod exit_codes;
 mod job;
 mod ops;
 mod restore;

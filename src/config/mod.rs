@@ -16,6 +16,9 @@ use std::time::Duration;
 
 pub const DEFAULT_PATH: &str = "/etc/snapveil/snapveil.toml";
 
+/// Default state directory (`state_dir`); work dirs are `STATE_DIR/work/<job>`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/snapveil";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]

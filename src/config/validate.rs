@@ -232,7 +232,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         .state_dir
         .as_ref()
         .map(|s| abs_path(cx, s, "state_dir"))
-        .unwrap_or_else(|| PathBuf::from(crate::snapshot::cmd::DEFAULT_STATE_DIR));
+        .unwrap_or_else(|| PathBuf::from(super::DEFAULT_STATE_DIR));
     let hook_timeout = duration(
         cx,
         &raw.hook_timeout,

@@ -1,6 +1,7 @@
-//! The `snapveil snapshot` and `snapveil cleanup` subcommands over one source. The cores
-//! ([`snapshot`], [`cleanup`]) take the job name, source, options, tools and work dir, so
-//! the job-config form (`snapveil snapshot JOB`) calls the same code.
+//! The work of `snapveil snapshot` and `snapveil cleanup --source` over one source:
+//! [`snapshot`] and [`cleanup`] take the job name, source, options, tools and work dir as
+//! plain parameters (the CLI side is `commands::snapshot` / `commands::cleanup`), and
+//! [`work_dir`] names where a job's clones and snapshot LVs are mounted.
 
 use super::{cleanup_stale, now_stamp, take, SnapshotError, SnapshotOptions, Source, Tools};
 use crate::exec::Runner;
@@ -18,9 +19,6 @@ pub enum Mode {
     /// Print it, keep it until SIGINT/SIGTERM/SIGHUP, then release it.
     Wait,
 }
-
-/// Default state directory; work dirs are `STATE_DIR/work/<job>`.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/snapveil";
 
 /// The per-job directory where clones and snapshot LVs are mounted.
 pub fn work_dir(state_dir: &Path, job: &str) -> PathBuf {
@@ -101,70 +99,4 @@ pub fn cleanup(
         writeln!(out, "removed {name}").map_err(stdout_err)?;
     }
     out.flush().map_err(stdout_err)
-}
-
-/// Options and work dir from the command line.
-pub fn from_args(a: &crate::cli::SnapshotSourceArgs) -> (SnapshotOptions, PathBuf) {
-    let opts = SnapshotOptions {
-        recursive: a.recursive,
-        snapshot_dir: a.snapshot_dir.clone(),
-        size: a.size.clone(),
-        mount_options: a.mount_options.clone(),
-    };
-    (opts, work_dir(&a.state_dir, &a.job))
-}
-
-/// `snapveil snapshot --source SPEC --job NAME [--hold|--wait]`.
-///
-/// # Errors
-/// From [`snapshot`].
-pub fn snapshot_cli(
-    runner: &dyn Runner,
-    a: &crate::cli::SnapshotArgs,
-) -> Result<(), SnapshotError> {
-    let (opts, work) = from_args(&a.target);
-    let mode = if a.hold {
-        Mode::Hold
-    } else if a.wait {
-        Mode::Wait
-    } else {
-        Mode::Release
-    };
-    let t = &a.target;
-    snapshot(
-        runner,
-        &t.job,
-        &t.source,
-        &opts,
-        &Tools::default(),
-        &work,
-        mode,
-        &mut std::io::stdout().lock(),
-    )
-}
-
-/// `snapveil cleanup --source SPEC --job NAME`.
-///
-/// # Errors
-/// From [`cleanup`].
-pub fn cleanup_cli(
-    runner: &dyn Runner,
-    job: &str,
-    source: &Source,
-    a: &crate::cli::CleanupArgs,
-) -> Result<(), SnapshotError> {
-    let opts = SnapshotOptions {
-        recursive: a.recursive,
-        snapshot_dir: a.snapshot_dir.clone(),
-        ..SnapshotOptions::default()
-    };
-    cleanup(
-        runner,
-        job,
-        source,
-        &opts,
-        &Tools::default(),
-        &work_dir(&a.state_dir, job),
-        &mut std::io::stdout().lock(),
-    )
 }

@@ -1,0 +1,129 @@
+//! `snapveil prune [JOB]... [--dry-run]` by each job's configured policy, or
+//! `snapveil prune --target T --keep-…` for any target (restic's `forget` rules). The
+//! `--keep-*` options are read here into a [`Policy`]; a bad or empty one is a usage
+//! error (exit 2), as are `--keep-*` without `--target`.
+
+use super::{usage, Outcome};
+use crate::cli::{KeepArgs, PruneArgs};
+use crate::exec::Runner;
+use crate::prune::PruneOptions;
+use crate::retention::{self, Policy};
+use crate::target::{Address, Target};
+use anyhow::{Context, Result};
+
+pub fn run(runner: &dyn Runner, a: PruneArgs) -> Result<Outcome> {
+    match &a.target {
+        Some(target) => prune_target(runner, target, &a),
+        None => prune_jobs(runner, &a),
+    }
+}
+
+fn keep_given(k: &KeepArgs) -> bool {
+    let counts = [
+        k.keep_last,
+        k.keep_hourly,
+        k.keep_daily,
+        k.keep_weekly,
+        k.keep_monthly,
+        k.keep_yearly,
+    ];
+    let spans = [
+        &k.keep_within,
+        &k.keep_within_hourly,
+        &k.keep_within_daily,
+        &k.keep_within_weekly,
+        &k.keep_within_monthly,
+        &k.keep_within_yearly,
+    ];
+    counts.iter().any(|n| *n != 0) || spans.iter().any(|s| s.is_some())
+}
+
+/// The policy of the `--keep-*` options.
+///
+/// # Errors
+/// A [`super::UsageError`]: a bad count or duration, or a policy that keeps nothing.
+fn keep_policy(k: &KeepArgs) -> Result<Policy> {
+    let policy = Policy::from_parts(
+        [
+            k.keep_last,
+            k.keep_hourly,
+            k.keep_daily,
+            k.keep_weekly,
+            k.keep_monthly,
+            k.keep_yearly,
+        ],
+        [
+            k.keep_within.as_deref(),
+            k.keep_within_hourly.as_deref(),
+            k.keep_within_daily.as_deref(),
+            k.keep_within_weekly.as_deref(),
+            k.keep_within_monthly.as_deref(),
+            k.keep_within_yearly.as_deref(),
+        ],
+    )
+    .and_then(|p| p.validate().map(|()| p))
+    .map_err(|e| usage(format!("error: {e}")))?;
+    Ok(policy)
+}
+
+/// `prune JOB...`: each job under its lock, by its policy; one failing does not stop the
+/// others.
+fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
+    if keep_given(&a.keep) {
+        return Err(usage(
+            "--keep-* go with --target; a job's policy comes from its [retention] / [job.retention] in the config",
+        ));
+    }
+    let cfg = super::load_config(&a.config.config)?;
+    let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
+    let mut failed = false;
+    for job in jobs {
+        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("snapveil: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        match crate::prune::prune_job(runner, &Target::for_job(&cfg, job), job, a.dry_run, None) {
+            Ok(Some(r)) => print!("job {}: {r}", job.name),
+            Ok(None) => println!(
+                "job {}: no retention rules: every restore point is kept",
+                job.name
+            ),
+            Err(e) => {
+                eprintln!("snapveil: job {}: {e:#}", job.name);
+                failed = true;
+            }
+        }
+    }
+    Ok(Outcome::from_ok(!failed))
+}
+
+/// `prune --target …`: prints the report on stdout.
+fn prune_target(runner: &dyn Runner, target: &str, a: &PruneArgs) -> Result<Outcome> {
+    let policy = keep_policy(&a.keep)?;
+    let ssh = a.ssh.split_whitespace().map(String::from).collect();
+    let target = Target::open(
+        Address::parse_cli(target),
+        &a.rsync,
+        ssh,
+        std::env::temp_dir(),
+        None,
+    )
+    .assume_shell(!a.rsync_only);
+    let opts = PruneOptions {
+        dry_run: a.dry_run,
+        protect: None,
+        local: if a.utc {
+            &retention::utc
+        } else {
+            &retention::system_local
+        },
+    };
+    let report = crate::prune::prune(runner, &target, &policy, &opts)
+        .with_context(|| format!("prune {} ({policy})", target.address()))?;
+    print!("{report}");
+    Ok(Outcome::Success)
+}

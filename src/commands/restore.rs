@@ -1,0 +1,47 @@
+//! `snapveil restore JOB PATH... --to DIR [--as-of TIME] [--raw]`: prints the report;
+//! exit 1 when a path was not in the backup or a file was unrecoverable.
+
+use super::Outcome;
+use crate::cli::RestoreArgs;
+use crate::exec::Runner;
+use anyhow::{Context, Result};
+
+pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
+    let cfg = super::load_config(&a.config.config)?;
+    let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    // Bad arguments are usage errors, found before the target is read.
+    if let Some(t) = &a.as_of {
+        crate::restore::as_of_stamp(t).map_err(|e| super::usage(e.to_string()))?;
+    }
+    for p in &a.paths {
+        crate::restore::normalize(p).map_err(|e| super::usage(e.to_string()))?;
+    }
+    let r = crate::restore::restore(
+        runner,
+        &cfg,
+        job,
+        &a.paths,
+        &a.to,
+        a.as_of.as_deref(),
+        a.raw,
+    )
+    .with_context(|| format!("job {}: restore", a.job))?;
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+    for p in &r.not_found {
+        println!("not in the backup as of {}: {p}", r.point);
+    }
+    for (p, why) in &r.unrecoverable {
+        println!("UNRECOVERABLE ({why}): {p}");
+    }
+    println!(
+        "restored {} files as of {} into {}",
+        r.files,
+        r.point,
+        a.to.display()
+    );
+    Ok(Outcome::from_ok(
+        r.not_found.is_empty() && r.unrecoverable.is_empty(),
+    ))
+}
