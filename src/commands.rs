@@ -383,7 +383,7 @@ pub fn cleanup_jobs(
                 }
             }
             Err(e) => {
-                eprintln!("snapveil: {}: {e:#}", job.name);
+                eprintln!("snapveil: {}: {}", job.name, crate::error::Chain(e.as_ref()));
                 failed = true;
             }
         }

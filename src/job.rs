@@ -139,7 +139,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             }
         }
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = crate::error::chain(e.as_ref());
             tracing::error!("failed: {msg}");
             env.set("SNAPVEIL_RESULT", "failure");
             env.set("SNAPVEIL_ERROR", &msg);
@@ -370,8 +370,9 @@ fn check_target(runner: &dyn Runner, cfg: &Config, job: &Job, key: &KeyConfig) -
     }
 }
 
-/// Removes what a crashed or killed run of `job` left behind: the view mount and the
-/// job's own snapshots (clones, snapshot LVs and their mounts), never anything else.
+/// Removes what a crashed or killed run of `job` left behind: the view mount, the job's
+/// own snapshots (clones, snapshot LVs and their mounts), the scratch dirs of dead
+/// restores and verifies, and a local target's dead temp files, never anything else.
 /// The caller holds the job's lock, so no running run's snapshot can be taken away.
 ///
 /// # Errors
@@ -394,6 +395,14 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
     .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
     .context("removing stale snapshots of earlier runs")?;
     removed.extend(stale.into_iter().map(|s| format!("snapshot {s}")));
+    let scratch = crate::scratch::sweep(&work);
+    removed.extend(scratch.iter().map(|p| format!("scratch {}", p.display())));
+    if let Target::Local(root) = &job.target {
+        for sub in ["manifests", "runs"] {
+            let tmp = status::sweep_tmp_files(&root.join(sub));
+            removed.extend(tmp.iter().map(|p| format!("temporary file {}", p.display())));
+        }
+    }
     Ok(removed)
 }
 
@@ -488,7 +497,7 @@ fn count_generations(runner: &dyn Runner, cfg: &Config, job: &Job) -> Option<u64
     match generations(runner, cfg, job) {
         Ok(g) => Some(g.len() as u64),
         Err(e) => {
-            tracing::warn!("cannot count generations: {e:#}");
+            tracing::warn!("cannot count generations: {}", crate::error::Chain(e.as_ref()));
             None
         }
     }

@@ -20,6 +20,7 @@ pub mod prune;
 pub mod restore;
 pub mod retention;
 pub mod rsync;
+pub mod scratch;
 pub mod signals;
 pub mod snapshot;
 pub mod status;

@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     match snapveil::run(&snapveil::exec::SystemRunner, cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("snapveil: error: {e:#}");
+            eprintln!("snapveil: error: {}", snapveil::error::Chain(e.as_ref()));
             ExitCode::from(snapveil::error::EXIT_FAILURE)
         }
     }

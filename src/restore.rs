@@ -155,6 +155,7 @@ pub fn restore(
     if to.exists() && fs::read_dir(to).map_err(io(to))?.next().is_some() {
         return Err(RestoreError::OutNotEmpty { path: to.into() });
     }
+    crate::scratch::sweep(&crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name));
     let (key, master) = verify::unlock(job)?;
     let keys = Keys::new(&master, key.flags);
     let points = verify::restore_points(runner, cfg, job)?;

@@ -115,7 +115,7 @@ fn tmp_dir(cfg: &Config, job: &Job, what: &str) -> Result<PathBuf, VerifyError> 
         .state_dir
         .join("work")
         .join(&job.name)
-        .join(format!("{what}-{}", std::process::id()));
+        .join(crate::scratch::name(what));
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).map_err(io(&d))?;
     Ok(d)
