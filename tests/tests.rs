@@ -2,6 +2,7 @@
 
 mod job;
 mod ops;
+mod ops_faults;
 mod retention;
 mod snapshot;
 mod util;

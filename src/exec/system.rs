@@ -35,6 +35,26 @@ fn build(cmd: &Cmd) -> Command {
     // (a hook's `sleep`, rsync's ssh) together, and a terminal's Ctrl-C reaches only us,
     // so that cleanup decides the order in which things stop.
     c.process_group(0);
+    // Its own group also shields the child from a kill -9 of snapveil's group: without
+    // this it would run on as an orphan (a restore's rsync filling a stage that cleanup
+    // just removed). SIGTERM, not SIGKILL, so that a held hook can still unlock or thaw.
+    // The death signal follows the spawning *thread*; every spawning thread here waits
+    // for or outlives its children (the job's thread, `output`'s caller).
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (prctl, getppid, kill).
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // snapveil died between fork and prctl: the signal was already missed.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
     c
 }
 
