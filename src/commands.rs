@@ -383,7 +383,11 @@ pub fn cleanup_jobs(
                 }
             }
             Err(e) => {
-                eprintln!("snapveil: {}: {}", job.name, crate::error::Chain(e.as_ref()));
+                eprintln!(
+                    "snapveil: {}: {}",
+                    job.name,
+                    crate::error::Chain(e.as_ref())
+                );
                 failed = true;
             }
         }
@@ -401,8 +405,8 @@ pub fn status(a: crate::cli::ConfigArg) -> Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     println!(
-        "{:<16} {:<21} {:<8} {:>9} {:>14} {:>11}  {}",
-        "JOB", "LAST RUN (UTC)", "RESULT", "DURATION", "BYTES SENT", "GENERATIONS", "NOTE"
+        "{:<16} {:<21} {:<8} {:>9} {:>14} {:>11}  NOTE",
+        "JOB", "LAST RUN (UTC)", "RESULT", "DURATION", "BYTES SENT", "GENERATIONS"
     );
     for j in &cfg.jobs {
         match crate::status::load(&cfg.state_dir, &j.name) {
@@ -458,10 +462,7 @@ pub fn list(runner: &dyn crate::exec::Runner, a: crate::cli::ListArgs) -> Result
         .map(String::from)
         .collect();
     println!("target {}", job.target);
-    println!(
-        "{:<18} {:<13} {}",
-        "STAMP", "RESTORE POINT", "GENERATION DIR"
-    );
+    println!("{:<18} {:<13} GENERATION DIR", "STAMP", "RESTORE POINT");
     let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
     all.extend(points.iter().cloned());
     for s in all.iter().rev() {

@@ -76,7 +76,12 @@ fn cmd_of(hook: &Hook, env: &HookEnv, phase: Phase) -> Cmd {
 }
 
 fn log_line(phase: Phase, line: &Line) {
-    tracing::info!(hook = phase.as_str(), stream = line.stream(), "{}", line.text());
+    tracing::info!(
+        hook = phase.as_str(),
+        stream = line.stream(),
+        "{}",
+        line.text()
+    );
 }
 
 /// Logs what `wait` still returned (a runner that could not stream it).

@@ -400,7 +400,10 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
     if let Target::Local(root) = &job.target {
         for sub in ["manifests", "runs"] {
             let tmp = status::sweep_tmp_files(&root.join(sub));
-            removed.extend(tmp.iter().map(|p| format!("temporary file {}", p.display())));
+            removed.extend(
+                tmp.iter()
+                    .map(|p| format!("temporary file {}", p.display())),
+            );
         }
     }
     Ok(removed)
@@ -497,7 +500,10 @@ fn count_generations(runner: &dyn Runner, cfg: &Config, job: &Job) -> Option<u64
     match generations(runner, cfg, job) {
         Ok(g) => Some(g.len() as u64),
         Err(e) => {
-            tracing::warn!("cannot count generations: {}", crate::error::Chain(e.as_ref()));
+            tracing::warn!(
+                "cannot count generations: {}",
+                crate::error::Chain(e.as_ref())
+            );
             None
         }
     }

@@ -59,7 +59,7 @@ fn remove(path: &Path) -> io::Result<()> {
 /// gone; returns what it removed. Failures are logged and skipped: a leftover that cannot
 /// be removed must not stop a backup.
 pub fn sweep(work: &Path) -> Vec<PathBuf> {
-    sweep_by(work, |n| scratch_pid(n))
+    sweep_by(work, scratch_pid)
 }
 
 /// Removes the entries of `dir` for which `pid_of` names a PID that is no longer alive.

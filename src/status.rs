@@ -88,7 +88,13 @@ pub fn load(state_dir: &Path, job: &str) -> Option<RunStatus> {
 /// Prometheus text exposition of the last run of each job.
 pub fn prometheus(statuses: &[RunStatus]) -> String {
     let mut out = String::new();
-    let metrics: [(&str, &str, &str, fn(&RunStatus) -> f64); 6] = [
+    type Metric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&RunStatus) -> f64,
+    );
+    let metrics: [Metric; 6] = [
         (
             "snapveil_last_run_success",
             "gauge",

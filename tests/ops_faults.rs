@@ -266,7 +266,11 @@ fn sigterm_during_a_long_pre_snapshot_hook_stops_hook_and_run() {
             );
             fs::metadata(&pidfile).is_ok()
         });
-        let hook_pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let hook_pid: i32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
         // SAFETY: kill(2) on our own child's pid.
@@ -374,7 +378,10 @@ fn failing_transfer_shows_rsync_stderr_once() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let n = err.matches("no-such-option-xyz: unknown option").count();
-    assert_eq!(n, 1, "rsync's complaint appears {n} times on stderr:\n{err}");
+    assert_eq!(
+        n, 1,
+        "rsync's complaint appears {n} times on stderr:\n{err}"
+    );
     s.assert_clean("r", &b);
 }
 
@@ -396,7 +403,11 @@ fn scratch_of_a_killed_restore_is_removed_by_cleanup_and_by_the_next_restore() {
         "",
     )]);
     let out = s.run(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let work = s.state.join("work").join("k");
 
     // Restore, killed with SIGKILL as soon as its stage exists.
@@ -438,7 +449,9 @@ fn scratch_of_a_killed_restore_is_removed_by_cleanup_and_by_the_next_restore() {
     for d in [&dead, &live] {
         write(d, "x/y", b"scratch");
     }
-    ok(s.cmd(&["restore", "k", "a.txt"]).arg("--to").arg(s.path("r2")));
+    ok(s.cmd(&["restore", "k", "a.txt"])
+        .arg("--to")
+        .arg(s.path("r2")));
     assert_eq!(fs::read(s.path("r2/a.txt")).unwrap(), b"alpha\n");
     assert!(!dead.exists(), "the next restore left {}", dead.display());
     assert!(live.exists(), "a live process's scratch was removed");
@@ -495,8 +508,16 @@ fn full_disk_while_writing_the_manifest_leaves_no_temp_file() {
     let dead = dead_pid();
     let mine = std::process::id();
     for dir in ["manifests", "runs"] {
-        write(&target, &format!("{dir}/.20200101T000000Z.x.tmp-{dead}"), b"half");
-        write(&target, &format!("{dir}/.20200101T000000Z.x.tmp-{mine}"), b"live");
+        write(
+            &target,
+            &format!("{dir}/.20200101T000000Z.x.tmp-{dead}"),
+            b"half",
+        );
+        write(
+            &target,
+            &format!("{dir}/.20200101T000000Z.x.tmp-{mine}"),
+            b"live",
+        );
     }
     let out = s.run(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -511,7 +532,11 @@ fn full_disk_while_writing_the_manifest_leaves_no_temp_file() {
             n.iter().any(|n| n.ends_with(&format!(".tmp-{mine}"))),
             "{dir}: a live process's temp file was removed: {n:?}"
         );
-        assert_eq!(n.len(), 2, "{dir}: the run's file and the live temp file: {n:?}");
+        assert_eq!(
+            n.len(),
+            2,
+            "{dir}: the run's file and the live temp file: {n:?}"
+        );
     }
     assert!(err.contains("removed temporary file"), "{err}");
 }

@@ -207,7 +207,9 @@ fn wait_deadline(
         }
         if let Some(w) = watch.as_ref() {
             if !killed && w.grace_over() {
-                tracing::warn!("the command did not stop within {CANCEL_GRACE:?} of SIGTERM: killing it");
+                tracing::warn!(
+                    "the command did not stop within {CANCEL_GRACE:?} of SIGTERM: killing it"
+                );
                 kill_group(child, libc::SIGKILL);
                 killed = true;
             }
@@ -447,7 +449,10 @@ mod tests {
         first.sort_by_key(|l| l.stream());
         assert_eq!(
             first,
-            [Line::Stderr(b"err\n".to_vec()), Line::Stdout(b"out\n".to_vec())]
+            [
+                Line::Stderr(b"err\n".to_vec()),
+                Line::Stdout(b"out\n".to_vec())
+            ]
         );
         c.close_stdin();
         assert_eq!(
