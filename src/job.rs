@@ -156,7 +156,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
             }
         }
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = crate::error::chain(e.as_ref());
             tracing::error!("failed: {msg}");
             env.set("SNAPVEIL_RESULT", "failure");
             env.set("SNAPVEIL_ERROR", &msg);
@@ -435,8 +435,9 @@ pub fn mount_view(
     )
 }
 
-/// Removes what a crashed or killed run of `job` left behind: the view mount and the
-/// job's own snapshots (clones, snapshot LVs and their mounts), never anything else.
+/// Removes what a crashed or killed run of `job` left behind: the view mount, the job's
+/// own snapshots (clones, snapshot LVs and their mounts), the scratch dirs of dead
+/// restores and verifies, and a local target's dead temp files, never anything else.
 /// The caller holds the job's lock, so no running run's snapshot can be taken away.
 ///
 /// # Errors
@@ -459,6 +460,13 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
     .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
     .context("removing stale snapshots of earlier runs")?;
     removed.extend(stale.into_iter().map(|s| format!("snapshot {s}")));
+    let scratch = crate::scratch::sweep(&work);
+    removed.extend(scratch.iter().map(|p| format!("scratch {}", p.display())));
+    let tmp = Target::for_job(cfg, job).sweep_tmp_files();
+    removed.extend(
+        tmp.iter()
+            .map(|p| format!("temporary file {}", p.display())),
+    );
     Ok(removed)
 }
 

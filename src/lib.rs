@@ -26,6 +26,7 @@ pub mod manifest;
 pub mod prune;
 pub mod restore;
 pub mod retention;
+pub mod scratch;
 pub mod signals;
 pub mod snapshot;
 pub mod stamp;

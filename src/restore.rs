@@ -221,6 +221,7 @@ pub fn restore(
     if to.exists() && fs::read_dir(to).map_err(io(to))?.next().is_some() {
         return Err(RestoreError::OutNotEmpty { path: to.into() });
     }
+    crate::scratch::sweep(&crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name));
     let wanted: Vec<(String, Vec<u8>)> = paths
         .iter()
         .map(|p| Ok((Path::new(p).display().to_string(), normalize(p)?)))

@@ -59,7 +59,9 @@ pub struct RunStatus {
     pub error: Option<String>,
 }
 
-/// Writes `data` to `path` atomically (temp file in the same directory, then rename).
+/// Writes `data` to `path` atomically (temp file `.NAME.tmp-PID` in the same directory,
+/// then rename). On failure (a full disk) the temp file is removed: nothing else ever
+/// would, and on a target it would sit beside the manifests for ever.
 ///
 /// # Errors
 /// I/O errors, with the path.
@@ -71,10 +73,35 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
         std::process::id()
     ));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
+    let r = fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, path));
+    if r.is_err() {
+        if let Err(e) = fs::remove_file(&tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %tmp.display(), "cannot remove the temporary file: {e}");
+            }
+        }
+    }
+    r
+}
+
+/// The PID in a [`write_atomic`] temp file name, `.NAME.tmp-PID`.
+fn tmp_pid(name: &str) -> Option<u32> {
+    let (head, pid) = name.rsplit_once(".tmp-")?;
+    if !head.starts_with('.') || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes [`write_atomic`] temp files in `dir` left by a process that no longer runs
+/// (killed between create and rename); returns what it removed.
+pub fn sweep_tmp_files(dir: &Path) -> Vec<PathBuf> {
+    crate::scratch::sweep_by(dir, tmp_pid)
 }
 
 fn status_path(state_dir: &Path, job: &str) -> PathBuf {
@@ -95,7 +122,13 @@ pub fn load(state_dir: &Path, job: &str) -> Option<RunStatus> {
 /// Prometheus text exposition of the last run of each job.
 pub fn prometheus(statuses: &[RunStatus]) -> String {
     let mut out = String::new();
-    let metrics: [(&str, &str, &str, fn(&RunStatus) -> f64); 6] = [
+    type Metric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&RunStatus) -> f64,
+    );
+    let metrics: [Metric; 6] = [
         (
             "snapveil_last_run_success",
             "gauge",
@@ -158,6 +191,28 @@ pub fn write_prometheus(state_dir: &Path, jobs: &[String]) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_file_names() {
+        assert_eq!(tmp_pid(".20261124T010000Z.sha1.tmp-42"), Some(42));
+        assert_eq!(tmp_pid(".x.json.tmp-"), None);
+        assert_eq!(tmp_pid("x.json.tmp-42"), None);
+        assert_eq!(tmp_pid("20261124T010000Z.json"), None);
+    }
+
+    #[test]
+    fn failed_write_leaves_no_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        // The rename fails: the destination is a non-empty directory.
+        let dest = d.path().join("dest");
+        fs::create_dir_all(dest.join("x")).unwrap();
+        write_atomic(&dest, b"data").unwrap_err();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["dest"], "temp file left behind");
+    }
 
     #[test]
     fn prometheus_lines() {

@@ -3,6 +3,7 @@
 mod exit_codes;
 mod job;
 mod ops;
+mod ops_faults;
 mod restore;
 mod retention;
 mod snapshot;

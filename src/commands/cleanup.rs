@@ -61,7 +61,11 @@ fn jobs(runner: &dyn Runner, a: &CleanupArgs) -> Result<Outcome> {
                 }
             }
             Err(e) => {
-                eprintln!("snapveil: {}: {e:#}", job.name);
+                eprintln!(
+                    "snapveil: {}: {}",
+                    job.name,
+                    crate::error::Chain(e.as_ref())
+                );
                 failed = true;
             }
         }

@@ -87,7 +87,7 @@ pub fn exit_code(result: anyhow::Result<Outcome>) -> ExitCode {
                 ExitCode::from(EXIT_USAGE)
             }
             None => {
-                eprintln!("snapveil: error: {e:#}");
+                eprintln!("snapveil: error: {}", crate::error::Chain(e.as_ref()));
                 ExitCode::from(EXIT_FAILURE)
             }
         },

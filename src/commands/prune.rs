@@ -93,7 +93,11 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
                 job.name
             ),
             Err(e) => {
-                eprintln!("snapveil: job {}: {e:#}", job.name);
+                eprintln!(
+                    "snapveil: job {}: {}",
+                    job.name,
+                    crate::error::Chain(e.as_ref())
+                );
                 failed = true;
             }
         }

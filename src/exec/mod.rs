@@ -17,6 +17,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// A command line to run: program, arguments, environment changes, optional stdin and
@@ -29,6 +30,7 @@ pub struct Cmd {
     stdin: Option<Vec<u8>>,
     timeout: Option<Duration>,
     cwd: Option<OsString>,
+    cancel_after: Option<usize>,
 }
 
 impl Cmd {
@@ -40,6 +42,7 @@ impl Cmd {
             stdin: None,
             timeout: None,
             cwd: None,
+            cancel_after: None,
         }
     }
 
@@ -83,6 +86,18 @@ impl Cmd {
         self
     }
 
+    /// Stops the command (SIGTERM to its process group, SIGKILL after a grace period)
+    /// once more than `after` terminating signals reached snapveil
+    /// ([`crate::signals::count`]), and reports [`Exit::Cancelled`]. `0` stops it on any
+    /// signal, also one that came before it started (the steps of a run);
+    /// `signals::count()` only on one that comes while it runs (an on-failure hook that
+    /// reports the interruption). Without this, a command runs to its end: cleanup
+    /// (unmount, snapshot delete) must never be cut in half by a signal.
+    pub fn cancellable(mut self, after: usize) -> Self {
+        self.cancel_after = Some(after);
+        self
+    }
+
     pub fn program(&self) -> &OsStr {
         &self.program
     }
@@ -105,6 +120,10 @@ impl Cmd {
 
     pub fn get_cwd(&self) -> Option<&OsStr> {
         self.cwd.as_deref()
+    }
+
+    pub fn get_cancel_after(&self) -> Option<usize> {
+        self.cancel_after
     }
 
     /// Program and arguments as lossy strings: what tests compare against.
@@ -165,6 +184,8 @@ pub enum Exit {
     Signal(i32),
     /// Killed by us after the command's timeout.
     TimedOut,
+    /// Stopped by us because snapveil was interrupted by a signal ([`Cmd::cancellable`]).
+    Cancelled,
 }
 
 impl Exit {
@@ -191,6 +212,7 @@ impl fmt::Display for Exit {
                 write!(f, "signal: {s}, {name}")
             }
             Exit::TimedOut => write!(f, "timed out and killed"),
+            Exit::Cancelled => write!(f, "stopped: snapveil was interrupted"),
         }
     }
 }
@@ -228,6 +250,30 @@ impl Output {
     }
 }
 
+/// One line a child printed, with its newline when it had one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+impl Line {
+    pub fn stream(&self) -> &'static str {
+        match self {
+            Line::Stdout(_) => "stdout",
+            Line::Stderr(_) => "stderr",
+        }
+    }
+
+    /// The text without its line end, lossily decoded: what goes into a log line.
+    pub fn text(&self) -> String {
+        let (Line::Stdout(b) | Line::Stderr(b)) = self;
+        String::from_utf8_lossy(b)
+            .trim_end_matches(['\n', '\r'])
+            .to_string()
+    }
+}
+
 /// A long-running child (rsync, a held hook, `zfs send | ssh zfs recv`).
 pub trait RunningChild: Send {
     fn pid(&self) -> Option<u32>;
@@ -237,6 +283,12 @@ pub trait RunningChild: Send {
     fn close_stdin(&mut self);
     /// Reads one line of stdout, `None` at end of stream.
     fn read_line(&mut self) -> io::Result<Option<Vec<u8>>>;
+    /// Takes stdout and stderr as one stream of lines, delivered as the child prints
+    /// them (so a hook's "tables locked" is logged when it happens, not when it ends).
+    /// The channel closes when both streams are closed. Afterwards `read_line` returns
+    /// `None` and `wait` returns neither stdout nor stderr; a second call returns a
+    /// closed channel.
+    fn take_lines(&mut self) -> mpsc::Receiver<Line>;
     /// Sends a signal (e.g. SIGTERM) without waiting.
     fn signal(&mut self, sig: i32) -> io::Result<()>;
     /// Waits for the end; stdout not yet read and all stderr are returned.

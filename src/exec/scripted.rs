@@ -3,11 +3,11 @@
 //! dropped, on expectations left over, so a test pins the exact sequence a provider
 //! issues (how LVM and `zfs send -w` are verified on machines that cannot run them).
 
-use super::{Cmd, Output, Runner, RunningChild};
+use super::{Cmd, Line, Output, Runner, RunningChild};
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 
 #[derive(Default)]
 pub struct ScriptedRunner {
@@ -206,6 +206,22 @@ impl RunningChild for ScriptedChild {
             }
         }
         Ok(self.lines.pop())
+    }
+    fn take_lines(&mut self) -> mpsc::Receiver<Line> {
+        let (tx, rx) = mpsc::channel();
+        let mut stdout: Vec<u8> = self.lines.drain(..).rev().flatten().collect();
+        let mut stderr = Vec::new();
+        if let Some(out) = self.out.as_mut() {
+            stdout.extend(std::mem::take(&mut out.stdout));
+            stderr = std::mem::take(&mut out.stderr);
+        }
+        for l in stdout.split_inclusive(|b| *b == b'\n') {
+            let _ = tx.send(Line::Stdout(l.to_vec()));
+        }
+        for l in stderr.split_inclusive(|b| *b == b'\n') {
+            let _ = tx.send(Line::Stderr(l.to_vec()));
+        }
+        rx
     }
     fn signal(&mut self, _sig: i32) -> io::Result<()> {
         Ok(())

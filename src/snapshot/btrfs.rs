@@ -1,7 +1,8 @@
 //! btrfs provider: `btrfs subvolume snapshot -r SUBVOL SNAPDIR/snapveil-JOB-STAMP`, read in
 //! place (a read-only snapshot is already a mounted tree), `btrfs subvolume delete` on
 //! release. SNAPDIR defaults to `.snapveil` beside the subvolume (same filesystem, which a
-//! snapshot requires) and is created when missing.
+//! snapshot requires) and is created when missing (and removed again when the snapshot
+//! then fails).
 //!
 //! Stale cleanup reads SNAPDIR, keeps only entries whose name parses for the job, and
 //! deletes one only after `btrfs subvolume show` confirms it is a read-only snapshot whose
@@ -88,9 +89,17 @@ pub(crate) fn take(
     // Checked before creating SNAPDIR beside it, so a typo does not leave a stray dir.
     std::fs::metadata(subvolume).map_err(io_err(subvolume))?;
     let dir = snapshot_dir(subvolume, opts);
+    // The directories this call creates, deepest first: removed again if the snapshot
+    // fails (a plain directory given as `btrfs:`), so a failed run leaves no empty
+    // `.snapveil/` in the user's tree.
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| std::fs::symlink_metadata(d).is_err())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let path = dir.join(name);
-    btrfs(tools)
+    let taken = btrfs(tools)
         .args(["subvolume", "snapshot", "-r"])
         .arg(subvolume)
         .arg(&path)
@@ -99,7 +108,16 @@ pub(crate) fn take(
             path: subvolume.to_owned(),
             action: "snapshot",
             source: e,
-        })?;
+        });
+    if taken.is_err() {
+        for d in &created {
+            if let Err(e) = std::fs::remove_dir(d) {
+                tracing::warn!(path = %d.display(), "cannot remove the snapshot directory made for this run: {e}");
+                break;
+            }
+        }
+    }
+    taken?;
     Ok((
         path.clone(),
         Held {

@@ -431,15 +431,8 @@ impl Drop for SnapshotGuard<'_> {
 }
 
 /// `error: cause: cause`, for log lines (the stderr of a failed tool is in the chain).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::chain(e)
 }
 
 /// Takes a snapshot of `source` named `snapveil-<job>-<stamp>`. Clones and snapshot LVs

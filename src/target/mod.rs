@@ -376,6 +376,19 @@ impl Target {
         }
     }
 
+    /// Removes the temp files of atomic writes (`.NAME.tmp-PID`) that a killed process
+    /// left in `manifests/` and `runs/` of a local target; returns what it removed. (On
+    /// remote targets rsync writes its own temp files and removes them.)
+    pub fn sweep_tmp_files(&self) -> Vec<PathBuf> {
+        let Some(root) = self.local() else {
+            return Vec::new();
+        };
+        [Area::Manifests, Area::Runs]
+            .into_iter()
+            .flat_map(|a| crate::status::sweep_tmp_files(&root.join(a.dir())))
+            .collect()
+    }
+
     // ---- small files ------------------------------------------------------------------
 
     /// Writes `AREA/NAME` (atomically on a local target; by rsync, into a scratch copy
@@ -554,7 +567,7 @@ impl Target {
         &self,
         paths: impl IntoIterator<Item = impl AsRef<[u8]>>,
     ) -> Result<FilesFrom, TargetError> {
-        let dir = self.scratch("files-from")?;
+        let dir = self.scratch("list")?;
         let p = dir.0.join("list");
         let mut data = Vec::new();
         for c in paths {

@@ -10,9 +10,6 @@
 
 use crate::exec::{Cmd, Exit, Output, Runner};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RsyncError {
@@ -262,30 +259,15 @@ pub fn transfer_cmd(
         .arg(ep.dest("current"))
 }
 
-/// Runs the transfer; on a terminal shows a one-line progress. Polls the signal flag
-/// and stops rsync (SIGTERM to its process group) when the run is cancelled.
+/// Runs the transfer; on a terminal shows a one-line progress. rsync is
+/// [`Cmd::cancellable`]: a terminating signal stops it (SIGTERM to its process group)
+/// through the runner, the same way as hooks.
 ///
 /// # Errors
 /// rsync failing (other than exit 24), or cancellation.
 pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome, RsyncError> {
-    let mut child = runner.spawn(cmd).map_err(RsyncError::Spawn)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = child.pid().map(|pid| {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                if crate::signals::cancelled() {
-                    // SAFETY: rsync runs in its own process group (exec::SystemRunner).
-                    unsafe {
-                        libc::kill(-(pid as i32), libc::SIGTERM);
-                    }
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            false
-        })
-    });
+    let cmd = cmd.clone().cancellable(0);
+    let mut child = runner.spawn(&cmd).map_err(RsyncError::Spawn)?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut stats_text = String::new();
     let mut sent = Vec::new();
@@ -306,21 +288,28 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome,
         eprintln!();
     }
     let out = child.wait().map_err(RsyncError::Spawn)?;
-    stop.store(true, Ordering::SeqCst);
-    let cancelled = watcher.map(|w| w.join().unwrap_or(false)).unwrap_or(false);
     stats_text.push_str(&String::from_utf8_lossy(&out.stdout));
     let stderr = crate::exec::tail(&out.stderr, 20);
-    for l in stderr.lines() {
-        tracing::warn!(target: "snapveil::rsync", "rsync: {l}");
-    }
-    if cancelled {
+    // rsync's stderr is logged only when it does not go into the error: a failure
+    // shows it once, in the error.
+    let log_stderr = || {
+        for l in stderr.lines() {
+            tracing::warn!(target: "snapveil::rsync", "rsync: {l}");
+        }
+    };
+    if out.exit == Exit::Cancelled {
+        log_stderr();
         return Err(RsyncError::Cancelled {
             target: target.to_string(),
         });
     }
     let vanished = match ended(target, &out) {
-        Ok(Ended::Ok) => false,
+        Ok(Ended::Ok) => {
+            log_stderr();
+            false
+        }
         Ok(Ended::Vanished) => {
+            log_stderr();
             tracing::warn!("some files vanished during the transfer (rsync exit 24)");
             true
         }
