@@ -2,8 +2,12 @@
 //!
 //! The modules mirror the pipeline: `snapshot` freezes a source, `crypto` holds the
 //! gocryptfs-compatible transforms (no I/O), `view` presents a frozen tree encrypted over
-//! FUSE, `exec` is the one seam through which every external command runs. `job` runs a
-//! configured job; `prune`, `verify`, `restore` and `decrypt` work on targets and copies.
+//! FUSE, `exec` is the one seam through which every external command runs. `target` owns
+//! the backup target: its layout (`current/`, `generations/`, `runs/`, `manifests/`), its
+//! records and restore points, and the ways to reach it (a local path, rsync over ssh or
+//! rrsync, a daemon); `stamp` names runs. `job` runs a configured job; `prune` plans by
+//! `retention`, `verify` and `restore` read back, each through one `target::Target`;
+//! `decrypt` reads a copy on disk.
 //!
 //! The command line: `cli` declares it (clap, no logic), [`run`] hands each subcommand's
 //! arguments to its module under `commands` (one per subcommand), and `commands` is the

@@ -430,8 +430,8 @@ impl Target {
             .args(["--mkpath", "--times", "--chmod=F644"])
             .arg(file)
             .arg(self.ep.dest(&self.area(area, "")));
-        let (ended, _) = self.ep.run(runner, &cmd)?;
-        self.require_ok(ended, &cmd)
+        let (ended, out) = self.ep.run(runner, &cmd)?;
+        self.require_ok(ended, &out)
     }
 
     /// Reads `AREA/NAME`; `None` when it does not exist.
@@ -459,24 +459,22 @@ impl Target {
             .cmd()
             .arg(self.ep.dest(&self.area(area, name)))
             .arg(&local);
-        match self.ep.run(runner, &cmd)?.0 {
-            Ended::Missing => Ok(None),
-            Ended::Ok => fs::read(&local).map(Some).map_err(io(&local)),
-            e => self.require_ok(e, &cmd).map(|()| None),
+        match self.ep.run(runner, &cmd)? {
+            (Ended::Missing, _) => Ok(None),
+            (Ended::Ok, _) => fs::read(&local).map(Some).map_err(io(&local)),
+            (e, out) => self.require_ok(e, &out).map(|()| None),
         }
     }
 
-    /// What the listing of an `ended` says about a command that must fully succeed.
-    fn require_ok(&self, ended: Ended, cmd: &Cmd) -> Result<(), TargetError> {
+    /// A command that must have done all it was asked: anything but exit 0 is its
+    /// failure, with rsync's own stderr.
+    fn require_ok(&self, ended: Ended, out: &crate::exec::Output) -> Result<(), TargetError> {
         match ended {
             Ended::Ok => Ok(()),
-            e => Err(RsyncError::Failed {
+            _ => Err(RsyncError::Failed {
                 target: self.address.to_string(),
-                exit: crate::exec::Exit::Code(match e {
-                    Ended::Vanished => 24,
-                    _ => 23,
-                }),
-                stderr: format!("`{cmd}` did not complete ({e:?})"),
+                exit: out.exit,
+                stderr: out.stderr_str(),
             }
             .into()),
         }
@@ -629,7 +627,7 @@ impl Target {
             .arg(format!("{}/", view.display()))
             .arg(self.ep.dest(&self.area(Area::Current, "")));
         let (ended, out) = self.ep.run(runner, &cmd)?;
-        self.require_ok(ended, &cmd)?;
+        self.require_ok(ended, &out)?;
         Ok(out.stdout_str())
     }
 
@@ -656,9 +654,13 @@ impl Target {
         let dir = self.scratch("deep")?;
         let local = dir.0.join("f");
         let cmd = self.ep.cmd().arg(self.ep.dest(&rel)).arg(&local);
-        let (ended, _) = self.ep.run(runner, &cmd)?;
-        self.require_ok(ended, &cmd)?;
-        Ok(fs::read(&local))
+        match self.ep.run(runner, &cmd)? {
+            (Ended::Missing, _) => Ok(Err(std::io::Error::from(std::io::ErrorKind::NotFound))),
+            (ended, out) => {
+                self.require_ok(ended, &out)?;
+                Ok(fs::read(&local))
+            }
+        }
     }
 
     // ---- prune ----------------------------------------------------------------------------
