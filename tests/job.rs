@@ -4,171 +4,15 @@
 
 use crate::util::btrfs::BtrfsLoop;
 use crate::util::fuse::{gocryptfs_forward, is_mounted};
+use crate::util::setup::{dirs, random, wait_for, write, Setup};
 use crate::util::sshd::Sshd;
 use crate::util::tree::{diff, manifest};
 use crate::util::{bin, describe, fails, ok};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
-
-/// A work dir with a key made by `snapveil init`, a state dir and a config file.
-struct Setup {
-    work: tempfile::TempDir,
-    key: PathBuf,
-    pass: PathBuf,
-    state: PathBuf,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let work = tempfile::Builder::new()
-            .prefix("snapveil-job-")
-            .tempdir()
-            .unwrap();
-        let keys = work.path().join("keys");
-        fs::create_dir(&keys).unwrap();
-        let key = keys.join("key.conf");
-        let pass = keys.join("key.pass");
-        crate::util::init_key(&key, &pass);
-        let state = work.path().join("state");
-        let config = work.path().join("snapveil.toml");
-        Setup {
-            work,
-            key,
-            pass,
-            state,
-            config,
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.work.path().join(rel)
-    }
-
-    /// A `[[job]]` table with this setup's key; `extra` is appended verbatim.
-    fn job(&self, name: &str, source: &str, target: &str, extra: &str) -> String {
-        format!(
-            "[[job]]\nname = {name:?}\nsource = {source:?}\ntarget = {target:?}\n\
-             key_config = {:?}\npassfile = {:?}\n{extra}\n",
-            self.key.display().to_string(),
-            self.pass.display().to_string()
-        )
-    }
-
-    /// Writes a config with the one job `home`: btrfs subvolume `src` to the local
-    /// directory `target` of this setup, which it returns.
-    fn home_job(&self, src: &Path, extra: &str) -> PathBuf {
-        let target = self.path("target");
-        let source = format!("btrfs:{}", src.display());
-        self.write_config(&[self.job("home", &source, target.to_str().unwrap(), extra)]);
-        target
-    }
-
-    /// A real sshd for this setup whose rrsync key is confined to the returned `jail`.
-    fn sshd_with_jail(&self) -> (PathBuf, Sshd) {
-        let jail = self.path("rrsync-root");
-        fs::create_dir_all(&jail).unwrap();
-        let sshd = Sshd::start(self.work.path(), &jail);
-        (jail, sshd)
-    }
-
-    fn write_config(&self, jobs: &[String]) {
-        let mut s = format!("state_dir = {:?}\n\n", self.state.display().to_string());
-        for j in jobs {
-            s.push_str(j);
-            s.push('\n');
-        }
-        fs::write(&self.config, s).unwrap();
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.args(args).arg("--config").arg(&self.config);
-        c
-    }
-
-    fn run(&self, jobs: &[&str]) -> Output {
-        let mut c = self.cmd(&["run"]);
-        c.args(jobs);
-        c.output().unwrap()
-    }
-
-    fn run_ok(&self, jobs: &[&str]) -> String {
-        let mut c = self.cmd(&["run"]);
-        c.args(jobs);
-        ok(&mut c)
-    }
-
-    fn spawn_run(&self, job: &str) -> Child {
-        self.cmd(&["run"])
-            .arg(job)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn decrypt(&self, tree: &Path, out: &Path) {
-        ok(Command::new(bin())
-            .arg("decrypt")
-            .arg("--config")
-            .arg(&self.key)
-            .arg("--passfile")
-            .arg(&self.pass)
-            .arg(tree)
-            .arg(out));
-    }
-
-    fn view_mountpoint(&self, job: &str) -> PathBuf {
-        self.state.join("view").join(job)
-    }
-
-    /// Nothing of job `job` is left: no snapshot subvolume, no view mount, no held lock.
-    fn assert_clean(&self, job: &str, fs_: &BtrfsLoop) {
-        let snaps: Vec<String> = fs_
-            .subvolumes()
-            .into_iter()
-            .filter(|s| s.contains(&format!("snapveil-{job}-")))
-            .collect();
-        assert!(snaps.is_empty(), "snapshots left behind: {snaps:?}");
-        assert!(
-            !is_mounted(&self.view_mountpoint(job)),
-            "view of {job} still mounted"
-        );
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(
-            !mounts.contains(self.state.to_str().unwrap()),
-            "a mount under the state dir is left:\n{mounts}"
-        );
-        let lock = self.state.join("locks").join(format!("{job}.lock"));
-        if lock.exists() {
-            let st = Command::new("flock")
-                .args(["-n", "-E", "75"])
-                .arg(&lock)
-                .arg("true")
-                .status()
-                .unwrap();
-            assert!(st.success(), "lock {} is still held", lock.display());
-        }
-    }
-}
-
-fn write(root: &Path, rel: &str, data: &[u8]) {
-    let p = root.join(rel);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, data).unwrap();
-}
-
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut v))
-        .unwrap();
-    v
-}
 
 /// A small tree with the shapes that matter: nested dirs, a block-edge size, a symlink.
 fn sample_tree(root: &Path) {
@@ -197,25 +41,7 @@ fn change_tree(root: &Path) {
     write(root, "new.txt", b"added in run two\n");
 }
 
-fn dirs(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(p)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Waits until `cond` holds, or panics after `secs`.
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Waits until the run's view is mounted; a run that ended instead fails the test with
 /// its output.

@@ -4,128 +4,13 @@
 //! message says each thing once; hook output is logged as it arrives, at info.
 
 use crate::util::btrfs::BtrfsLoop;
-use crate::util::fuse::is_mounted;
+use crate::util::setup::{dirs as names, random, wait_for, write, Setup};
 use crate::util::{bin, fails, ok};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A work dir with a key made by `snapveil init`, a state dir and a config file (as in
-/// tests/job.rs).
-struct Setup {
-    work: tempfile::TempDir,
-    key: PathBuf,
-    pass: PathBuf,
-    state: PathBuf,
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let work = tempfile::Builder::new()
-            .prefix("snapveil-ops-")
-            .tempdir()
-            .unwrap();
-        let keys = work.path().join("keys");
-        fs::create_dir(&keys).unwrap();
-        let key = keys.join("key.conf");
-        let pass = keys.join("key.pass");
-        ok(Command::new(bin())
-            .args(["init", "--scrypt-n", "10", "--config"])
-            .arg(&key)
-            .arg("--passfile")
-            .arg(&pass));
-        let state = work.path().join("state");
-        let config = work.path().join("snapveil.toml");
-        Setup {
-            work,
-            key,
-            pass,
-            state,
-            config,
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.work.path().join(rel)
-    }
-
-    fn job(&self, name: &str, source: &str, target: &str, extra: &str) -> String {
-        format!(
-            "[[job]]\nname = {name:?}\nsource = {source:?}\ntarget = {target:?}\n\
-             key_config = {:?}\npassfile = {:?}\n{extra}\n",
-            self.key.display().to_string(),
-            self.pass.display().to_string()
-        )
-    }
-
-    fn write_config(&self, jobs: &[String]) {
-        let mut s = format!("state_dir = {:?}\n\n", self.state.display().to_string());
-        for j in jobs {
-            s.push_str(j);
-            s.push('\n');
-        }
-        fs::write(&self.config, s).unwrap();
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.args(args).arg("--config").arg(&self.config);
-        c
-    }
-
-    fn run(&self, jobs: &[&str]) -> Output {
-        let mut c = self.cmd(&["run"]);
-        c.args(jobs);
-        c.output().unwrap()
-    }
-
-    fn spawn_run(&self, job: &str) -> Child {
-        self.cmd(&["run"])
-            .arg(job)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn status_error(&self, job: &str) -> String {
-        let p = self.state.join("status").join(format!("{job}.json"));
-        let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
-        v["error"].as_str().unwrap_or_default().to_string()
-    }
-
-    /// Nothing of job `job` is left: no snapshot subvolume, no view mount, no held lock.
-    fn assert_clean(&self, job: &str, fs_: &BtrfsLoop) {
-        let snaps: Vec<String> = fs_
-            .subvolumes()
-            .into_iter()
-            .filter(|s| s.contains(&format!("snapveil-{job}-")))
-            .collect();
-        assert!(snaps.is_empty(), "snapshots left behind: {snaps:?}");
-        assert!(
-            !is_mounted(&self.state.join("view").join(job)),
-            "view of {job} still mounted"
-        );
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(
-            !mounts.contains(self.state.to_str().unwrap()),
-            "a mount under the state dir is left:\n{mounts}"
-        );
-        let lock = self.state.join("locks").join(format!("{job}.lock"));
-        if lock.exists() {
-            let st = Command::new("flock")
-                .args(["-n", "-E", "75"])
-                .arg(&lock)
-                .arg("true")
-                .status()
-                .unwrap();
-            assert!(st.success(), "lock {} is still held", lock.display());
-        }
-    }
-}
 
 /// Kills a spawned child (and reaps it) if the test fails before it ended.
 struct KillOnDrop(Option<Child>);
@@ -170,20 +55,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn write(root: &Path, rel: &str, data: &[u8]) {
-    let p = root.join(rel);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, data).unwrap();
-}
-
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut v))
-        .unwrap();
-    v
-}
-
 fn small_tree(root: &Path) {
     write(root, "a.txt", b"alpha\n");
     write(root, "sub/b.bin", &random(3 * 4096 + 5));
@@ -192,25 +63,6 @@ fn small_tree(root: &Path) {
 fn script(path: &Path, body: &str) {
     fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// True while any process of process group `pgid` exists.

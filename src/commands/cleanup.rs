@@ -43,32 +43,15 @@ fn one_source(runner: &dyn Runner, job: &str, source: &Source, a: &CleanupArgs) 
 fn jobs(runner: &dyn Runner, a: &CleanupArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
-    let mut failed = false;
-    for job in jobs {
-        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("snapveil: {e}: skipped");
-                failed = true;
-                continue;
-            }
-        };
-        match crate::job::cleanup_leftovers(runner, &cfg, job) {
-            Ok(removed) if removed.is_empty() => println!("{}: nothing left behind", job.name),
-            Ok(removed) => {
-                for r in removed {
-                    println!("{}: removed {r}", job.name);
-                }
-            }
-            Err(e) => {
-                eprintln!(
-                    "snapveil: {}: {}",
-                    job.name,
-                    crate::error::Chain(e.as_ref())
-                );
-                failed = true;
-            }
+    let done = super::each_job_locked(&cfg, &jobs, |job| {
+        let removed = crate::job::cleanup_leftovers(runner, &cfg, job)?;
+        if removed.is_empty() {
+            println!("{}: nothing left behind", job.name);
         }
-    }
-    Ok(Outcome::from_ok(!failed))
+        for r in removed {
+            println!("{}: removed {r}", job.name);
+        }
+        Ok(())
+    });
+    Ok(Outcome::from_ok(done))
 }

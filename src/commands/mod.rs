@@ -118,6 +118,36 @@ fn no_job(name: &str, file: &Path) -> anyhow::Error {
 ///
 /// # Errors
 /// A [`UsageError`] naming the first unknown job and the config file.
+/// Runs `work` on each job under the job's lock; a job whose lock is held (a run is
+/// going on) is skipped and one whose work fails is reported, and the others go on.
+/// True when every job was done.
+pub fn each_job_locked(
+    cfg: &Config,
+    jobs: &[&crate::config::Job],
+    mut work: impl FnMut(&crate::config::Job) -> anyhow::Result<()>,
+) -> bool {
+    let mut all = true;
+    for job in jobs {
+        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("snapveil: {e}: skipped");
+                all = false;
+                continue;
+            }
+        };
+        if let Err(e) = work(job) {
+            eprintln!(
+                "snapveil: job {}: {}",
+                job.name,
+                crate::error::Chain(e.as_ref())
+            );
+            all = false;
+        }
+    }
+    all
+}
+
 pub fn select_jobs<'c>(
     cfg: &'c Config,
     file: &Path,

@@ -18,24 +18,32 @@ pub fn run(runner: &dyn Runner, a: PruneArgs) -> Result<Outcome> {
     }
 }
 
-fn keep_given(k: &KeepArgs) -> bool {
-    let counts = [
+/// The `--keep-<rule>` counts, in the order [`Policy::from_parts`] takes them.
+fn counts(k: &KeepArgs) -> [i64; 6] {
+    [
         k.keep_last,
         k.keep_hourly,
         k.keep_daily,
         k.keep_weekly,
         k.keep_monthly,
         k.keep_yearly,
-    ];
-    let spans = [
-        &k.keep_within,
-        &k.keep_within_hourly,
-        &k.keep_within_daily,
-        &k.keep_within_weekly,
-        &k.keep_within_monthly,
-        &k.keep_within_yearly,
-    ];
-    counts.iter().any(|n| *n != 0) || spans.iter().any(|s| s.is_some())
+    ]
+}
+
+/// The `--keep-within[-<rule>]` spans, in the order [`Policy::from_parts`] takes them.
+fn spans(k: &KeepArgs) -> [Option<&str>; 6] {
+    [
+        k.keep_within.as_deref(),
+        k.keep_within_hourly.as_deref(),
+        k.keep_within_daily.as_deref(),
+        k.keep_within_weekly.as_deref(),
+        k.keep_within_monthly.as_deref(),
+        k.keep_within_yearly.as_deref(),
+    ]
+}
+
+fn keep_given(k: &KeepArgs) -> bool {
+    counts(k).iter().any(|n| *n != 0) || spans(k).iter().any(Option::is_some)
 }
 
 /// The policy of the `--keep-*` options.
@@ -43,26 +51,9 @@ fn keep_given(k: &KeepArgs) -> bool {
 /// # Errors
 /// A [`super::UsageError`]: a bad count or duration, or a policy that keeps nothing.
 fn keep_policy(k: &KeepArgs) -> Result<Policy> {
-    let policy = Policy::from_parts(
-        [
-            k.keep_last,
-            k.keep_hourly,
-            k.keep_daily,
-            k.keep_weekly,
-            k.keep_monthly,
-            k.keep_yearly,
-        ],
-        [
-            k.keep_within.as_deref(),
-            k.keep_within_hourly.as_deref(),
-            k.keep_within_daily.as_deref(),
-            k.keep_within_weekly.as_deref(),
-            k.keep_within_monthly.as_deref(),
-            k.keep_within_yearly.as_deref(),
-        ],
-    )
-    .and_then(|p| p.validate().map(|()| p))
-    .map_err(|e| usage(format!("error: {e}")))?;
+    let policy = Policy::from_parts(counts(k), spans(k))
+        .and_then(|p| p.validate().map(|()| p))
+        .map_err(|e| usage(format!("error: {e}")))?;
     Ok(policy)
 }
 
@@ -76,33 +67,17 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     }
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
-    let mut failed = false;
-    for job in jobs {
-        let _lock = match crate::lock::JobLock::acquire(&cfg.state_dir, &job.name) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("snapveil: {e}");
-                failed = true;
-                continue;
-            }
-        };
-        match crate::prune::prune_job(runner, &Target::for_job(&cfg, job), job, a.dry_run, None) {
-            Ok(Some(r)) => print!("job {}: {r}", job.name),
-            Ok(None) => println!(
+    let done = super::each_job_locked(&cfg, &jobs, |job| {
+        match crate::prune::prune_job(runner, &Target::for_job(&cfg, job), job, a.dry_run, None)? {
+            Some(r) => print!("job {}: {r}", job.name),
+            None => println!(
                 "job {}: no retention rules: every restore point is kept",
                 job.name
             ),
-            Err(e) => {
-                eprintln!(
-                    "snapveil: job {}: {}",
-                    job.name,
-                    crate::error::Chain(e.as_ref())
-                );
-                failed = true;
-            }
         }
-    }
-    Ok(Outcome::from_ok(!failed))
+        Ok(())
+    });
+    Ok(Outcome::from_ok(done))
 }
 
 /// `prune --target …`: prints the report on stdout.

@@ -33,6 +33,15 @@ fn listing(records: &[i64], gens: &[(i64, &[&str])]) -> Listing {
     Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)))
 }
 
+/// The stamps a plan keeps, newest first.
+fn kept(plan: &PrunePlan) -> Vec<&str> {
+    plan.decisions
+        .iter()
+        .filter(|d| d.keep)
+        .map(|d| d.stamp.as_str())
+        .collect()
+}
+
 fn mv(from: i64, to: i64, p: &str) -> Op {
     Op::Move {
         from: st(from),
@@ -62,13 +71,7 @@ fn plan_merges_intervals_deletes_below_oldest_leaves_tail() {
         ..Policy::default()
     };
     let plan = plan_prune(&l, &p, &utc, Mode::Merge);
-    let kept: Vec<&str> = plan
-        .decisions
-        .iter()
-        .filter(|d| d.keep)
-        .map(|d| d.stamp.as_str())
-        .collect();
-    assert_eq!(kept, [st(7), st(5)]);
+    assert_eq!(kept(&plan), [st(7), st(5)]);
     assert_eq!(
         plan.merges,
         [Merge {
@@ -171,13 +174,7 @@ fn delete_only_mode_reports_approximate_points_and_keeps_failed_runs() {
         ..Policy::default()
     };
     let plan = plan_prune(&l, &p, &utc, Mode::DeleteOnly);
-    let kept: Vec<&str> = plan
-        .decisions
-        .iter()
-        .filter(|d| d.keep)
-        .map(|d| d.stamp.as_str())
-        .collect();
-    assert_eq!(kept, [st(5), st(3)]);
+    assert_eq!(kept(&plan), [st(5), st(3)]);
     // (3, 5] holds 4 (a failed run: stays) and 5 (the kept point's own): nothing lost.
     assert!(plan.approximate.is_empty(), "{:?}", plan.approximate);
     assert_eq!(
@@ -207,13 +204,7 @@ fn delete_only_mode_reports_approximate_points_and_keeps_failed_runs() {
     let old = format_stamp(Utc.with_ymd_and_hms(2025, 12, 31, 2, 0, 0).unwrap());
     l2.records.insert(old.clone());
     let plan = plan_prune(&l2, &p, &utc, Mode::DeleteOnly);
-    let kept: Vec<&str> = plan
-        .decisions
-        .iter()
-        .filter(|d| d.keep)
-        .map(|d| d.stamp.as_str())
-        .collect();
-    assert_eq!(kept, [st(5), old.clone()]);
+    assert_eq!(kept(&plan), [st(5), old.clone()]);
     assert_eq!(
         plan.ops,
         vec![

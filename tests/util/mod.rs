@@ -75,6 +75,7 @@ pub fn require_tool(tool: &str) -> bool {
 
 pub mod fuse;
 pub mod rsyncd;
+pub mod setup;
 pub mod sshd;
 pub mod tree;
 
