@@ -194,6 +194,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     st
 }
 
+#[allow(clippy::result_large_err)] // the snapshot provider's error, checked in a closure
 fn run_steps<'a>(
     runner: &'a dyn Runner,
     cfg: &Config,
@@ -390,6 +391,7 @@ fn changed_since(
 ///
 /// # Errors
 /// The provider could not take it.
+#[allow(clippy::result_large_err)] // the provider's own error type, as in crate::snapshot
 pub fn take_snapshot<'a>(
     runner: &'a dyn Runner,
     cfg: &Config,

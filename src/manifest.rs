@@ -28,7 +28,7 @@ pub enum ManifestError {
     Parse { file: String, line: usize },
 }
 
-fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+fn files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
     let rd = fs::read_dir(dir).map_err(|source| ManifestError::Io {
         path: dir.into(),
         source,
@@ -43,7 +43,7 @@ fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), Manifest
             source,
         })?;
         if ft.is_dir() {
-            files(root, &e.path(), out)?;
+            files(&e.path(), out)?;
         } else if ft.is_file() {
             out.push(e.path());
         }
@@ -71,7 +71,7 @@ pub fn sha1_file(path: &Path) -> io::Result<[u8; 20]> {
 /// The first unreadable directory or file, by path.
 pub fn build(root: &Path) -> Result<Vec<Entry>, ManifestError> {
     let mut paths = Vec::new();
-    files(root, root, &mut paths)?;
+    files(root, &mut paths)?;
     let mut out: Vec<Entry> = paths
         .par_iter()
         .map(|p| {

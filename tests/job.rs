@@ -41,8 +41,6 @@ fn change_tree(root: &Path) {
     write(root, "new.txt", b"added in run two\n");
 }
 
-/// Waits until `cond` holds, or panics after `secs`.
-
 /// Waits until the run's view is mounted; a run that ended instead fails the test with
 /// its output.
 fn wait_mounted(child: &mut Child, mp: &Path) {
@@ -498,7 +496,7 @@ fn hooks_run_in_order_with_env_and_held_hook_spans_the_snapshot() {
 fn check_config_names_file_line_and_field() {
     let s = Setup::new();
     let good = s.job("ok", "dir:/srv", s.path("t").to_str().unwrap(), "");
-    s.write_config(&[good.clone()]);
+    s.write_config(std::slice::from_ref(&good));
     ok(&mut s.cmd(&["check-config"]));
     assert!(!s.state.exists(), "check-config has no side effects");
 

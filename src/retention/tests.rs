@@ -669,7 +669,7 @@ proptest! {
                 prop_assert!(used as i64 <= n, "{rule}: {used} > {n}");
             }
         }
-        prop_assert!(d.iter().all(|d| d.keep == !d.reasons.is_empty()));
+        prop_assert!(d.iter().all(|d| d.keep != d.reasons.is_empty()));
     }
 
     #[test]

@@ -32,8 +32,6 @@ use std::str::FromStr;
 /// Fixed prefix of every name this module creates.
 pub const PREFIX: &str = "snapveil-";
 
-/// The stamp format shared by snapshot names, generations and run records.
-
 /// What a job backs up. Parsed from `zfs:POOL/DATASET`, `btrfs:/path`, `lvm:VG/LV`,
 /// `dir:/path`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -107,6 +107,9 @@ pub(super) fn stamp_of(name: &str) -> Option<&str> {
     crate::snapshot::valid_stamp(stem).then_some(stem)
 }
 
+/// Restore points (oldest first) and the record files left alone, with why.
+pub type Classified = (Vec<String>, Vec<(String, String)>);
+
 /// Sorts record files into restore points and ignored ones (pure). `manifests` holds the
 /// stamps that have a `manifests/STAMP.sha1`; `job` is checked when known (prune with
 /// `--target` has no job).
@@ -118,7 +121,7 @@ pub fn classify(
     records: Vec<RecordFile>,
     manifests: &BTreeSet<String>,
     job: Option<&str>,
-) -> Result<(Vec<String>, Vec<(String, String)>), TargetError> {
+) -> Result<Classified, TargetError> {
     let mut points = Vec::new();
     let mut ignored = Vec::new();
     for r in records {
