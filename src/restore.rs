@@ -56,8 +56,6 @@ pub enum RestoreError {
     NoPointBefore { target: String, time: String },
     #[error("{path}: output directory is not empty; refusing to write into it")]
     OutNotEmpty { path: PathBuf },
-    #[error("listing generations: {0}")]
-    Generations(String),
     #[error(transparent)]
     Rsync(#[from] crate::target::RsyncError),
     #[error(transparent)]

@@ -51,10 +51,6 @@ pub enum VerifyError {
     NoRun { target: String },
     #[error("{target}: restore point {stamp} has no manifests/{stamp}.sha1")]
     NoManifest { target: String, stamp: String },
-    #[error("no job named {0:?} in the config")]
-    NoJob(String),
-    #[error("config: {0}")]
-    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
 }
