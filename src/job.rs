@@ -289,6 +289,10 @@ fn run_steps<'a>(
         .map(|p| p.time().timestamp());
     let changed =
         changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
+    // What the manifest must hash again: everything rsync sent and everything changed
+    // since the last restore point; the rest of current/ is that point's ciphertext.
+    let mut rehash: std::collections::HashSet<Vec<u8>> = changed.iter().cloned().collect();
+    rehash.extend(out.sent.iter().cloned());
     if !changed.is_empty() {
         tracing::info!(
             files = changed.len(),
@@ -302,6 +306,7 @@ fn run_steps<'a>(
                 "sent files whose size and mtime had not changed"
             );
         }
+        rehash.extend(second.sent);
         out.stats.bytes_sent += second.stats.bytes_sent;
         out.stats.files_transferred += second.stats.files_transferred;
         out.vanished |= second.vanished;
@@ -312,7 +317,21 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let manifest = crate::verify::write_manifest(runner, target, stamp, &mp)
+    let reuse =
+        contents
+            .points
+            .last()
+            .and_then(|p| match crate::verify::manifest_of(runner, target, p) {
+                Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
+                Err(e) => {
+                    tracing::warn!(
+                        "the last restore point's manifest cannot be used ({}): hashing every file",
+                        crate::error::Chain(&e)
+                    );
+                    None
+                }
+            });
+    let manifest = crate::verify::write_manifest(runner, target, stamp, &mp, reuse.as_ref())
         .context("writing the manifest of the view")?;
     record_run(runner, target, job, stamp, &out)?;
     if job.verify_every > 0 {

@@ -122,8 +122,9 @@ pub fn write_manifest(
     target: &Target,
     stamp: &str,
     view: &Path,
+    reuse: Option<&Reuse>,
 ) -> Result<Vec<Entry>, VerifyError> {
-    let (entries, meta) = build_outside_rayon(view)?;
+    let (entries, meta) = build_outside_rayon(view, reuse)?;
     target.put(
         runner,
         Area::Manifests,
@@ -139,11 +140,26 @@ pub fn write_manifest(
     Ok(entries)
 }
 
+/// What a run's manifest can take from the last restore point's: the sha1 of every file
+/// the run did not send and that did not change since that point (its ctime is older
+/// than the point's stamp, and its encrypted path is the same) is the one in `prev`,
+/// because current/ still holds that point's ciphertext of it (reverse mode is
+/// deterministic). So a nightly run hashes what changed, not the whole dataset.
+pub struct Reuse {
+    /// The last restore point's manifest.
+    pub prev: BTreeMap<Vec<u8>, [u8; 20]>,
+    /// Paths (relative to the view) to hash again: sent, or changed since that point.
+    pub rehash: std::collections::HashSet<Vec<u8>>,
+}
+
 /// `manifest::build` for a view served by this process: the FUSE handlers encrypt on
 /// rayon's pool, so hashing must not run on that pool too (its workers would block in
 /// reads only the pool can answer: a deadlock). Two plain threads instead. The same walk
 /// records every entry's metadata (lstat, readlink), sorted by path, the root first.
-fn build_outside_rayon(view: &Path) -> Result<(Vec<Entry>, Vec<MetaEntry>), VerifyError> {
+fn build_outside_rayon(
+    view: &Path,
+    reuse: Option<&Reuse>,
+) -> Result<(Vec<Entry>, Vec<MetaEntry>), VerifyError> {
     fn walk(
         view: &Path,
         dir: &Path,
@@ -186,14 +202,28 @@ fn build_outside_rayon(view: &Path) -> Result<(Vec<Entry>, Vec<MetaEntry>), Veri
     walk(view, view, &mut paths, &mut meta)?;
     meta.sort_by(|a, b| a.path.cmp(&b.path));
     let half = paths.len().div_ceil(2).max(1);
+    let hashed = std::sync::atomic::AtomicUsize::new(0);
     let hash = |chunk: &[PathBuf]| -> Result<Vec<Entry>, VerifyError> {
         chunk
             .iter()
             .map(|p| {
-                let sha1 = manifest::sha1_file(p).map_err(io(p))?;
-                let rel = p.strip_prefix(view).expect("under root");
+                let rel = p
+                    .strip_prefix(view)
+                    .expect("under root")
+                    .as_os_str()
+                    .as_bytes();
+                let known = reuse
+                    .filter(|r| !r.rehash.contains(rel))
+                    .and_then(|r| r.prev.get(rel));
+                let sha1 = match known {
+                    Some(h) => *h,
+                    None => {
+                        hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        manifest::sha1_file(p).map_err(io(p))?
+                    }
+                };
                 Ok(Entry {
-                    path: rel.as_os_str().as_bytes().to_vec(),
+                    path: rel.to_vec(),
                     sha1,
                 })
             })
@@ -210,6 +240,11 @@ fn build_outside_rayon(view: &Path) -> Result<(Vec<Entry>, Vec<MetaEntry>), Veri
     })?
     .concat();
     out.sort_by(|a, b| a.path.cmp(&b.path));
+    tracing::info!(
+        files = out.len(),
+        hashed = hashed.into_inner(),
+        "manifest of the view"
+    );
     Ok((out, meta))
 }
 

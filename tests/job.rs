@@ -1088,3 +1088,124 @@ fn a_junk_record_is_not_a_restore_point() {
     );
     s.assert_clean("home", &b);
 }
+
+/// `sha1sum -c` on the target finds exactly what the manifest of `stamp` claims, and the
+/// manifest lists exactly the regular files of `current/`.
+fn sha1sum_agrees(target: &Path, stamp: &str) {
+    let current = target.join("current");
+    ok(Command::new("sha1sum")
+        .args(["-c", "--quiet", "--strict"])
+        .arg(format!("../manifests/{stamp}.sha1"))
+        .current_dir(&current));
+    let listed: std::collections::BTreeSet<Vec<u8>> = snapveil::manifest::parse(
+        stamp,
+        &fs::read(target.join(format!("manifests/{stamp}.sha1"))).unwrap(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|e| e.path)
+    .collect();
+    let out = ok(Command::new("find")
+        .args([".", "-type", "f", "-printf", "%P\\n"])
+        .current_dir(&current));
+    let files: std::collections::BTreeSet<Vec<u8>> =
+        out.lines().map(|l| l.as_bytes().to_vec()).collect();
+    assert_eq!(listed, files, "manifest {stamp} vs the files of current/");
+}
+
+/// The manifest of a run is the last one's, with only what the run sent or what changed
+/// since that restore point hashed again (O(changes)); it stays exactly what `sha1sum -c`
+/// finds after a change, a delete, renames of a file and of a directory, a same-size
+/// rewrite with the same mtime, a run killed half way, and a corrupt previous manifest
+/// (then everything is hashed, and the log says so).
+#[test]
+fn incremental_manifests_stay_exact() {
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "");
+    let hashed = |out: &Output| -> (usize, usize) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.contains("manifest of the view"))
+            .unwrap_or_else(|| panic!("no manifest line:\n{err}"));
+        let num = |k: &str| -> usize {
+            let v = line.split(&format!("{k}=")).nth(1).unwrap();
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        (num("files"), num("hashed"))
+    };
+    let run = |what: &str| -> Output {
+        std::thread::sleep(Duration::from_millis(1100));
+        let o = s.run(&[]);
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    for i in 0..20 {
+        write(
+            &src,
+            &format!("many/f{i}"),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    let o = run("first");
+    let (files, h) = hashed(&o);
+    assert_eq!(h, files, "the first run hashes everything");
+    sha1sum_agrees(&target, &records(&target)[0]);
+
+    // Change, delete, renames, and a same-size rewrite keeping its mtime.
+    change_tree(&src);
+    fs::rename(src.join("keep.txt"), src.join("kept.txt")).unwrap();
+    fs::rename(src.join("sub"), src.join("moved")).unwrap();
+    let f = src.join("many/f3");
+    let m = fs::metadata(&f).unwrap().modified().unwrap();
+    fs::write(&f, b"FILE 3\n").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(m)
+        .unwrap();
+    let o = run("second");
+    let (files, h) = hashed(&o);
+    assert!(
+        h < files / 2,
+        "a small change hashes little: {h} of {files}"
+    );
+    sha1sum_agrees(&target, records(&target).last().unwrap());
+
+    // A run killed half way through a big file, then one that completes.
+    write(&src, "big.bin", &random(24 << 20));
+    write(&src, "many/f5", b"changed before the killed run\n");
+    s.home_job(&src, "rsync_args = [\"--bwlimit=1M\"]");
+    let mut child = s.spawn_run("home");
+    std::thread::sleep(Duration::from_millis(2500));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    wait_for(20, "auto_unmount after kill -9", || {
+        !is_mounted(&s.view_mountpoint("home"))
+    });
+    s.home_job(&src, "");
+    run("after the killed one");
+    sha1sum_agrees(&target, records(&target).last().unwrap());
+
+    // A corrupt previous manifest: everything is hashed again, and said so.
+    let last = records(&target).last().unwrap().clone();
+    fs::write(target.join(format!("manifests/{last}.sha1")), b"junk\n").unwrap();
+    write(&src, "many/f7", b"after the corrupt manifest\n");
+    let o = run("after a corrupt manifest");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("hashing every file"), "{err}");
+    let (files, h) = hashed(&o);
+    assert_eq!(h, files);
+    sha1sum_agrees(&target, records(&target).last().unwrap());
+    s.assert_clean("home", &b);
+}

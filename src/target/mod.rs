@@ -183,7 +183,10 @@ impl Target {
     }
 
     fn scratch(&self, what: &str) -> Result<Scratch, TargetError> {
-        debug_assert!(crate::scratch::KINDS.contains(&what), "{what}: not a swept kind");
+        debug_assert!(
+            crate::scratch::KINDS.contains(&what),
+            "{what}: not a swept kind"
+        );
         let d = self.scratch.join(crate::scratch::name(what));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).map_err(io(&d))?;
