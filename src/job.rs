@@ -287,8 +287,8 @@ fn run_steps<'a>(
         .last()
         .and_then(|p| crate::stamp::Stamp::parse(p))
         .map(|p| p.time().timestamp());
-    let changed =
-        changed_since(&mp, since, &out.sent).context("listing changed files in the view")?;
+    let walk = crate::verify::walk_view(&mp).context("walking the view")?;
+    let changed = changed_since(&walk, since, &out.sent);
     // What the manifest must hash again: everything rsync sent and everything changed
     // since the last restore point; the rest of current/ is that point's ciphertext.
     let mut rehash: std::collections::HashSet<Vec<u8>> = changed.iter().cloned().collect();
@@ -331,7 +331,7 @@ fn run_steps<'a>(
                     None
                 }
             });
-    let manifest = crate::verify::write_manifest(runner, target, stamp, &mp, reuse.as_ref())
+    let manifest = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
     record_run(runner, target, job, stamp, &out)?;
     if job.verify_every > 0 {
@@ -365,44 +365,22 @@ fn run_steps<'a>(
 /// every file), minus those rsync just sent: the files whose change the quick check may
 /// have missed. A snapshot keeps ctimes, and a ctime cannot be set back, so a file
 /// rewritten in the second of the last backup, or given its old mtime again, shows here.
-///
-/// # Errors
-/// The view cannot be read.
 fn changed_since(
-    view: &Path,
+    walk: &crate::verify::ViewWalk,
     since: Option<i64>,
     sent: &[Vec<u8>],
-) -> std::io::Result<Vec<Vec<u8>>> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
+) -> Vec<Vec<u8>> {
     let sent: std::collections::HashSet<&[u8]> = sent.iter().map(Vec::as_slice).collect();
-    let mut out = Vec::new();
-    let mut dirs = vec![view.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                dirs.push(e.path());
-            } else if ft.is_file() {
-                let p = e.path();
-                let rel = p
-                    .strip_prefix(view)
-                    .expect("under the view")
-                    .as_os_str()
-                    .as_bytes();
-                if sent.contains(rel) {
-                    continue;
-                }
-                if since.is_none_or(|s| std::fs::symlink_metadata(&p).is_ok_and(|m| m.ctime() >= s))
-                {
-                    out.push(rel.to_vec());
-                }
-            }
-        }
-    }
+    let mut out: Vec<Vec<u8>> = walk
+        .files
+        .iter()
+        .filter(|(_, rel, ctime)| {
+            !sent.contains(rel.as_slice()) && since.is_none_or(|s| *ctime >= s)
+        })
+        .map(|(_, rel, _)| rel.clone())
+        .collect();
     out.sort();
-    Ok(out)
+    out
 }
 
 /// The job's snapshot (`snapveil-JOB-STAMP`), the first half of the snapshot → view

@@ -110,8 +110,8 @@ impl Report {
 }
 
 /// Writes `TARGET/manifests/STAMP.meta` (every entry's type, mode, owner, mtime, link
-/// target: [`manifest::meta`]) and then `TARGET/manifests/STAMP.sha1` of the view mounted
-/// at `view` (during a run, before `runs/STAMP.json`, so every restore point has both).
+/// target: [`manifest::meta`]) and then `TARGET/manifests/STAMP.sha1` of a walk of the
+/// view (during a run, before `runs/STAMP.json`, so every restore point has both).
 /// The metadata goes first: a `.sha1` without its `.meta` would restore as a point made
 /// by an older snapveil, losing modes and symlinks without a failure.
 ///
@@ -121,15 +121,16 @@ pub fn write_manifest(
     runner: &dyn Runner,
     target: &Target,
     stamp: &str,
-    view: &Path,
+    walk: &ViewWalk,
     reuse: Option<&Reuse>,
 ) -> Result<Vec<Entry>, VerifyError> {
-    let (entries, meta) = build_outside_rayon(view, reuse)?;
+    let entries = hash_files(walk, reuse)?;
+    let meta = &walk.meta;
     target.put(
         runner,
         Area::Manifests,
         &format!("{stamp}.meta"),
-        &manifest::meta::format(&meta),
+        &manifest::meta::format(meta),
     )?;
     target.put(
         runner,
@@ -152,20 +153,23 @@ pub struct Reuse {
     pub rehash: std::collections::HashSet<Vec<u8>>,
 }
 
-/// `manifest::build` for a view served by this process: the FUSE handlers encrypt on
-/// rayon's pool, so hashing must not run on that pool too (its workers would block in
-/// reads only the pool can answer: a deadlock). Two plain threads instead. The same walk
-/// records every entry's metadata (lstat, readlink), sorted by path, the root first.
-fn build_outside_rayon(
-    view: &Path,
-    reuse: Option<&Reuse>,
-) -> Result<(Vec<Entry>, Vec<MetaEntry>), VerifyError> {
-    fn walk(
-        view: &Path,
-        dir: &Path,
-        out: &mut Vec<PathBuf>,
-        meta: &mut Vec<MetaEntry>,
-    ) -> Result<(), VerifyError> {
+/// One walk of a mounted view: every entry's metadata (lstat, readlink; sorted by
+/// path, the root first) and its regular files with their ctimes. A run walks its view
+/// once and uses the walk for the checksum pass and the manifest: the view shows a
+/// frozen snapshot, so it cannot change in between.
+pub struct ViewWalk {
+    /// Regular files: path, path relative to the view, ctime (unix seconds).
+    pub files: Vec<(PathBuf, Vec<u8>, i64)>,
+    pub meta: Vec<MetaEntry>,
+}
+
+/// Walks the view at `view` ([`ViewWalk`]).
+///
+/// # Errors
+/// An unreadable entry, by path.
+pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
+    fn walk(view: &Path, dir: &Path, w: &mut ViewWalk) -> Result<(), VerifyError> {
+        use std::os::unix::fs::MetadataExt;
         for e in fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
             let p = e.path();
@@ -182,36 +186,44 @@ fn build_outside_rayon(
             } else {
                 None
             };
-            let rel = p.strip_prefix(view).expect("under root");
-            meta.push(MetaEntry::from_metadata(
-                rel.as_os_str().as_bytes().to_vec(),
-                &m,
-                link,
-            ));
+            let rel = p
+                .strip_prefix(view)
+                .expect("under root")
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            w.meta.push(MetaEntry::from_metadata(rel.clone(), &m, link));
             if ft.is_dir() {
-                walk(view, &p, out, meta)?;
+                walk(view, &p, w)?;
             } else if ft.is_file() {
-                out.push(p);
+                w.files.push((p, rel, m.ctime()));
             }
         }
         Ok(())
     }
-    let mut paths = Vec::new();
     let root = fs::symlink_metadata(view).map_err(io(view))?;
-    let mut meta = vec![MetaEntry::from_metadata(Vec::new(), &root, None)];
-    walk(view, view, &mut paths, &mut meta)?;
-    meta.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut w = ViewWalk {
+        files: Vec::new(),
+        meta: vec![MetaEntry::from_metadata(Vec::new(), &root, None)],
+    };
+    walk(view, view, &mut w)?;
+    w.meta.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(w)
+}
+
+/// Hashes the files of `walk` for the manifest. The FUSE handlers of a view served by
+/// this process encrypt on rayon's pool, so hashing must not run on that pool too (its
+/// workers would block in reads only the pool can answer: a deadlock): two plain
+/// threads instead.
+fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, VerifyError> {
+    let paths = &walk.files;
     let half = paths.len().div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[PathBuf]| -> Result<Vec<Entry>, VerifyError> {
+    let hash = |chunk: &[(PathBuf, Vec<u8>, i64)]| -> Result<Vec<Entry>, VerifyError> {
         chunk
             .iter()
-            .map(|p| {
-                let rel = p
-                    .strip_prefix(view)
-                    .expect("under root")
-                    .as_os_str()
-                    .as_bytes();
+            .map(|(p, rel, _)| {
+                let rel = rel.as_slice();
                 let known = reuse
                     .filter(|r| !r.rehash.contains(rel))
                     .and_then(|r| r.prev.get(rel));
@@ -245,7 +257,7 @@ fn build_outside_rayon(
         hashed = hashed.into_inner(),
         "manifest of the view"
     );
-    Ok((out, meta))
+    Ok(out)
 }
 
 /// The manifest of restore point `stamp`: sha1 by encrypted path.
