@@ -329,7 +329,7 @@ pub fn restore(
         to.to_path_buf()
     } else {
         crate::snapshot::cmd::work_dir(&cfg.state_dir, &job.name)
-            .join(format!("restore-{}", std::process::id()))
+            .join(crate::scratch::name("restore"))
     };
     let _ = if raw {
         Ok(())

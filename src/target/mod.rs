@@ -273,23 +273,7 @@ impl Target {
             }
             return Ok(names);
         }
-        // One listing of the root: the areas' own entries (no trailing slash in the
-        // patterns, so that a symlink named like an area is listed too) and their children.
-        let mut cmd = self.ep.cmd().args(["--list-only", "-rl"]);
-        for a in Area::ALL {
-            cmd = cmd.arg(format!("--include=/{}", a.dir()));
-        }
-        for a in [Area::Runs, Area::Manifests, Area::Generations] {
-            cmd = cmd.arg(format!("--include=/{}/*", a.dir()));
-        }
-        let cmd = cmd.arg("--exclude=*").arg(self.ep.dest(""));
-        let listing = self.listing(runner, &cmd)?;
-        layout::check_areas(&self.address.to_string(), |a| {
-            listing
-                .iter()
-                .find(|e| e.name == a.dir().as_bytes())
-                .map(|e| (e.kind, String::new()))
-        })?;
+        let listing = self.root_listing(runner, &["/runs/*", "/manifests/*", "/generations/*"])?;
         let mut names = Vec::new();
         for e in &listing {
             let Some((top, name)) = layout::area_child(&e.name) else {
@@ -300,6 +284,33 @@ impl Target {
             }
         }
         Ok(names)
+    }
+
+    /// One recursive listing of a remote root: the areas' own entries (no trailing slash
+    /// in the patterns, so that a symlink named like an area is listed too) and what
+    /// `below` includes of their contents, after checking that no area is a symlink or
+    /// a non-directory. A root that does not exist yet lists as empty.
+    fn root_listing(
+        &self,
+        runner: &dyn Runner,
+        below: &[&str],
+    ) -> Result<Vec<rsync::ListEntry>, TargetError> {
+        let cmd = self
+            .ep
+            .cmd()
+            .args(["--list-only", "-rl"])
+            .args(Area::ALL.map(|a| format!("--include=/{}", a.dir())))
+            .args(below.iter().map(|p| format!("--include={p}")))
+            .arg("--exclude=*")
+            .arg(self.ep.dest(""));
+        let listing = self.listing(runner, &cmd)?;
+        layout::check_areas(&self.address.to_string(), |a| {
+            listing
+                .iter()
+                .find(|e| e.name == a.dir().as_bytes())
+                .map(|e| (e.kind, String::new()))
+        })?;
+        Ok(listing)
     }
 
     /// Runs an rsync `--list-only`; a path that does not exist lists as empty.
@@ -719,35 +730,15 @@ impl Target {
         if let Some(root) = self.local() {
             return ops::local_paths(root);
         }
-        let cmd = self
-            .ep
-            .cmd()
-            .args([
-                "--list-only",
-                "-rl",
-                // Areas without a trailing slash, so that a symlink named like one is listed.
-                "--include=/runs",
-                "--include=/runs/*.json",
-                "--include=/manifests",
-                "--include=/manifests/*.sha1",
-                "--include=/manifests/*.meta",
-                "--include=/generations",
-                "--include=/generations/**",
-                "--include=/current",
-                "--exclude=*",
-            ])
-            .arg(self.ep.dest(""));
-        let out = cmd.run_checked(runner).map_err(RsyncError::from)?;
-        let entries = rsync::parse_listing(&out.stdout).map_err(|line| TargetError::ListParse {
-            target: self.address.to_string(),
-            line,
-        })?;
-        layout::check_areas(&self.address.to_string(), |a| {
-            entries
-                .iter()
-                .find(|e| e.name == a.dir().as_bytes())
-                .map(|e| (e.kind, String::new()))
-        })?;
+        let entries = self.root_listing(
+            runner,
+            &[
+                "/runs/*.json",
+                "/manifests/*.sha1",
+                "/manifests/*.meta",
+                "/generations/**",
+            ],
+        )?;
         let has = |top: &[u8]| entries.iter().any(|e| e.kind == b'd' && e.name == top);
         if !has(b"runs") && !has(b"generations") {
             return Err(TargetError::NotATarget {
