@@ -56,8 +56,6 @@ pub enum PruneError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Command(#[from] CommandError),
-    #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
-    ListParse { target: String, line: String },
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
     #[error(
@@ -147,10 +145,6 @@ pub struct Listing {
     pub foreign: Vec<String>,
 }
 
-fn is_stamp(s: &str) -> bool {
-    retention::parse_stamp(s).is_some()
-}
-
 impl Listing {
     /// Builds a listing from paths relative to the target root (`runs/X.json`,
     /// `generations/X/a/b`, …), as `rsync --list-only -r` prints them.
@@ -170,21 +164,30 @@ impl Listing {
             let area = Area::ALL.into_iter().find(|a| a.dir().as_bytes() == top);
             match (area, rest) {
                 (Some(Area::Runs), None) if !dir => {
-                    if let Some(s) = name.strip_suffix(".json").filter(|s| is_stamp(s)) {
+                    if let Some(s) = name
+                        .strip_suffix(".json")
+                        .filter(|s| crate::snapshot::valid_stamp(s))
+                    {
                         l.records.insert(s.to_string());
                     }
                 }
                 (Some(Area::Manifests), None) if !dir => {
-                    if let Some(s) = name.strip_suffix(".sha1").filter(|s| is_stamp(s)) {
+                    if let Some(s) = name
+                        .strip_suffix(".sha1")
+                        .filter(|s| crate::snapshot::valid_stamp(s))
+                    {
                         l.manifests.insert(s.to_string());
                     }
-                    if let Some(s) = name.strip_suffix(".meta").filter(|s| is_stamp(s)) {
+                    if let Some(s) = name
+                        .strip_suffix(".meta")
+                        .filter(|s| crate::snapshot::valid_stamp(s))
+                    {
                         l.metas.insert(s.to_string());
                     }
                 }
                 (Some(Area::Generations), rest) => {
                     let gen_dir = if rest.is_some() { true } else { dir };
-                    if is_stamp(&name) && gen_dir {
+                    if crate::snapshot::valid_stamp(&name) && gen_dir {
                         let tree = l.generations.entry(name).or_default();
                         if let Some(rest) = rest {
                             tree.insert(rest, dir);
@@ -212,17 +215,19 @@ pub fn list_local(target: &Path) -> Result<Listing, PruneError> {
     ))
 }
 
-/// Parses `rsync --list-only` output into (name, is a directory), byte-exact
-/// ([`crate::target::rsync::parse_listing`]).
-///
-/// # Errors
-/// A line that does not have that shape.
-pub fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>, PruneError> {
+/// `rsync --list-only` output as prune's listing sees it: (name, is a directory), with
+/// the target's parse error ([`crate::target::rsync::parse_listing`]). The remote
+/// listing itself is [`crate::target::Target::prune_paths`].
+#[cfg(test)]
+fn parse_list_only(target: &str, out: &[u8]) -> Result<Vec<(Vec<u8>, bool)>, PruneError> {
     crate::target::rsync::parse_listing(out)
         .map(|v| v.into_iter().map(|e| (e.name, e.kind == b'd')).collect())
-        .map_err(|line| PruneError::ListParse {
-            target: target.into(),
-            line,
+        .map_err(|line| {
+            crate::target::TargetError::ListParse {
+                target: target.into(),
+                line,
+            }
+            .into()
         })
 }
 
