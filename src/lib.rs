@@ -1,8 +1,9 @@
 //! snapveil: snapshot → encrypted reverse view → rsync generations.
 //!
 //! The modules mirror the pipeline: `snapshot` freezes a source, `crypto` holds the
-//! gocryptfs-compatible transforms (no I/O), `view` presents a frozen tree encrypted over
-//! FUSE, `exec` is the one seam through which every external command runs. `target` owns
+//! gocryptfs-compatible transforms and the rules for reading an encrypted copy (file I/O
+//! only for the key config and a copy's `gocryptfs.diriv` and long-name files), `view`
+//! presents a frozen tree encrypted over FUSE, `exec` is the one seam through which every external command runs. `target` owns
 //! the backup target: its layout (`current/`, `generations/`, `runs/`, `manifests/`), its
 //! records and restore points, and the ways to reach it (a local path, rsync over ssh or
 //! rrsync, a daemon); `stamp` names runs. `job` runs a configured job; `prune` plans by
