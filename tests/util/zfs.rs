@@ -1,27 +1,34 @@
-//! A real ZFS pool on a file, served by Debian's zfs-fuse daemon. The daemon is shared by
-//! every process on the machine: it is started when not running and, if a test started
-//! it, stopped when the last pool of this test binary is gone and no pool of anyone else
-//! is imported. Drop destroys the pool, also when the test panicked.
+//! A real ZFS pool on a file, served by Debian's zfs-fuse daemon. Drop destroys the pool,
+//! also when the test panicked.
+//!
+//! zfs-fuse is one userspace daemon for the whole machine, and it is fragile: stopping it
+//! while another request is on its way, or many recursive clone mounts at once, can leave
+//! a `zfs` command waiting forever (a CI run once hung for its whole budget that way). So:
+//! - the pools of one test process exist one at a time (`SERIAL`; the ZFS tests take a
+//!   few seconds together, serialising them costs nothing);
+//! - the daemon is started once per process and, if this process started it and no pool is
+//!   left, stopped at exit, never between two tests;
+//! - pools left by a killed test process are destroyed before the first pool is made;
+//! - a watchdog turns a hang into a failure: when a pool lives longer than `WATCHDOG`, it
+//!   prints what is running and kills the daemon it started, so the waiting command fails
+//!   and the test reports instead of stalling the suite.
 
 use super::{ok, require_tool};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 const DAEMON: &str = "/usr/sbin/zfs-fuse";
+/// Far beyond any ZFS test here (each takes about a second).
+const WATCHDOG: Duration = Duration::from_secs(180);
 
-struct Daemon {
-    users: usize,
-    /// Pid of a daemon we started (so only that one is ever stopped).
-    started: Option<i32>,
-}
-
-static DAEMON_STATE: Mutex<Daemon> = Mutex::new(Daemon {
-    users: 0,
-    started: None,
-});
+static SERIAL: Mutex<()> = Mutex::new(());
+static START: Once = Once::new();
+/// Pid of a daemon this process started, 0 when none (so only that one is ever stopped).
+static STARTED: AtomicI32 = AtomicI32::new(0);
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn zpool_list_works() -> bool {
@@ -33,7 +40,26 @@ fn zpool_list_works() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn ensure_daemon(st: &mut Daemon) {
+fn pool_names() -> Option<Vec<String>> {
+    let out = Command::new("zpool")
+        .args(["list", "-H", "-o", "name"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only probes whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn start_daemon() {
     let pidfile =
         std::env::temp_dir().join(format!("snapveil-zfs-fuse-{}.pid", std::process::id()));
     // A daemon that is still shutting down (or starting, from another process) makes a
@@ -59,9 +85,12 @@ fn ensure_daemon(st: &mut Daemon) {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            st.started = std::fs::read_to_string(&pidfile)
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
                 .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                STARTED.store(pid, Ordering::SeqCst);
+            }
             let _ = std::fs::remove_file(&pidfile);
         } else {
             std::thread::sleep(Duration::from_millis(500));
@@ -69,23 +98,81 @@ fn ensure_daemon(st: &mut Daemon) {
     }
 }
 
-fn stop_daemon_if_ours(st: &mut Daemon) {
-    let Some(pid) = st.started else { return };
-    // Someone else's pool (another test binary, a user): leave the daemon running.
-    let pools = Command::new("zpool")
-        .args(["list", "-H", "-o", "name"])
-        .output();
-    if !pools.is_ok_and(|o| o.status.success() && o.stdout.is_empty()) {
+/// Pools named by `ZfsPool::new` for a process that no longer exists: a test binary that
+/// was killed. zfs-fuse re-imports them at its next start; left alone they would also keep
+/// `stop_at_exit` from ever stopping the daemon.
+fn destroy_stale_pools() {
+    for name in pool_names().unwrap_or_default() {
+        let Some(pid) = name
+            .strip_prefix("svt")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !alive(pid) {
+            let _ = Command::new("zpool")
+                .args(["destroy", "-f", &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+extern "C" fn stop_at_exit() {
+    let pid = STARTED.load(Ordering::SeqCst);
+    if pid == 0 {
+        return;
+    }
+    // Someone else's pool (another test process, a user): leave the daemon running.
+    if !pool_names().is_some_and(|p| p.is_empty()) {
         return;
     }
     // SAFETY: kill(2) on the pid the daemon wrote into our pidfile; no memory is touched.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
-    // SAFETY: kill with signal 0 only probes whether the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+    while alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    st.started = None;
+}
+
+/// Kills the process-wide waiter when a pool outlives `WATCHDOG`; dropping the sender
+/// (the pool's drop) ends it quietly.
+fn watchdog(pool: String) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        // SNAPVEIL_TEST_ZFS_WATCHDOG (seconds) exists to try the watchdog itself.
+        let limit = std::env::var("SNAPVEIL_TEST_ZFS_WATCHDOG")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(WATCHDOG, Duration::from_secs);
+        if rx.recv_timeout(limit) != Err(mpsc::RecvTimeoutError::Timeout) {
+            return;
+        }
+        let ps = Command::new("ps")
+            .args(["-eo", "pid,etime,stat,wchan:20,args"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let waiting: Vec<&str> = ps
+            .lines()
+            .filter(|l| l.contains("zfs") || l.contains("zpool") || l.contains("snapveil"))
+            .collect();
+        eprintln!(
+            "zfs watchdog: pool {pool} still exists after {limit:?}; zfs-fuse seems hung. \
+             Processes:\n{}",
+            waiting.join("\n")
+        );
+        let pid = STARTED.load(Ordering::SeqCst);
+        if pid != 0 {
+            eprintln!("zfs watchdog: killing zfs-fuse {pid} so the waiting commands fail");
+            // SAFETY: kill(2) on the daemon this process started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            STARTED.store(0, Ordering::SeqCst);
+        }
+    });
+    tx
 }
 
 pub struct ZfsPool {
@@ -94,6 +181,9 @@ pub struct ZfsPool {
     pub mountpoint: PathBuf,
     dir: Option<tempfile::TempDir>,
     created: bool,
+    watchdog: Option<mpsc::Sender<()>>,
+    /// Held for the pool's life: one pool at a time per process.
+    serial: Option<MutexGuard<'static, ()>>,
 }
 
 impl ZfsPool {
@@ -105,11 +195,15 @@ impl ZfsPool {
                 return None;
             }
         }
-        {
-            let mut st = DAEMON_STATE.lock().unwrap_or_else(|e| e.into_inner());
-            ensure_daemon(&mut st);
-            st.users += 1;
-        }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        START.call_once(|| {
+            // SAFETY: registers a plain extern "C" function with libc's exit handlers.
+            unsafe { libc::atexit(stop_at_exit) };
+            start_daemon();
+            destroy_stale_pools();
+        });
+        // After a watchdog kill (or someone stopping it), start one again.
+        start_daemon();
         let dir = tempfile::Builder::new()
             .prefix("snapveil-zfs-")
             .tempdir()
@@ -125,10 +219,12 @@ impl ZfsPool {
             .expect("create pool file");
         let mountpoint = dir.path().join("mnt");
         let mut pool = ZfsPool {
+            watchdog: Some(watchdog(name.clone())),
             name,
             mountpoint,
             dir: Some(dir),
             created: false,
+            serial: Some(serial),
         };
         ok(Command::new("zpool")
             .args(["create", "-m"])
@@ -178,10 +274,7 @@ impl Drop for ZfsPool {
             }
         }
         drop(self.dir.take());
-        let mut st = DAEMON_STATE.lock().unwrap_or_else(|e| e.into_inner());
-        st.users -= 1;
-        if st.users == 0 {
-            stop_daemon_if_ours(&mut st);
-        }
+        drop(self.watchdog.take());
+        drop(self.serial.take());
     }
 }
