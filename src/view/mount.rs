@@ -60,27 +60,82 @@ pub struct ViewOptions {
     pub master: MasterKey,
     /// gitignore-style patterns on plaintext paths.
     pub excludes: Vec<String>,
+    pub access: Access,
 }
 
-/// Our mounts carry this fsname/subtype, so that cleanup recognizes them and nothing else.
+/// Who sees a mount and how it is named. The default is private: only the mounting
+/// user (a job's own rsync, a pull's rsync) reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Other users may read it; with default_permissions the kernel still applies the
+    /// source's modes (or the forced owner), so each sees what it could read in clear.
+    pub allow_other: bool,
+    /// Every entry presented as owned by (uid, gid): a pulling account reads it all.
+    pub force_owner: Option<(u32, u32)>,
+    /// Shown by mount and df; the subtype stays `snapveil`, which cleanup recognizes.
+    pub fsname: Option<String>,
+}
+
+impl Access {
+    /// What `snapveil mount` and `open` always did: other users allowed when root.
+    pub fn shared_if_root() -> Access {
+        Access {
+            allow_other: nix::unistd::geteuid().is_root(),
+            ..Access::default()
+        }
+    }
+}
+
+/// Our mounts carry this subtype (and, unless told otherwise, fsname), so that cleanup
+/// recognizes them and nothing else.
 const FSNAME: &str = "snapveil";
 
-fn mount_options() -> Vec<MountOption> {
+fn mount_options(access: &Access) -> Vec<MountOption> {
     let mut o = vec![
         MountOption::RO,
-        MountOption::FSName(FSNAME.into()),
+        MountOption::FSName(access.fsname.clone().unwrap_or_else(|| FSNAME.into())),
         MountOption::Subtype(FSNAME.into()),
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
         MountOption::AutoUnmount,
     ];
-    if nix::unistd::geteuid().is_root() {
-        // With default_permissions the kernel still applies the source's modes, so other
-        // users (a pulling backup account) see exactly what they could read in clear.
+    if access.allow_other {
         o.push(MountOption::AllowOther);
     }
     o
+}
+
+/// Anchored excludes that hide `hidden` paths (the mountpoint itself, the key
+/// directory) when they lie inside `source`, so a view of `/` never shows itself
+/// (recursion) or the passfile. A directory `hidden` that is `source` itself hides
+/// nothing; callers pass the key files then.
+pub fn self_excludes(source: &Path, hidden: &[&Path]) -> Vec<String> {
+    let root = canonical(source);
+    let mut out = Vec::new();
+    for h in hidden {
+        let p = canonical(h);
+        let Ok(rel) = p.strip_prefix(&root) else {
+            continue;
+        };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let mut pat = String::from("/");
+        for c in rel.to_string_lossy().chars() {
+            if "\\*?[]".contains(c) {
+                pat.push('\\');
+            }
+            pat.push(c);
+        }
+        if pat.ends_with(' ') {
+            pat.insert(pat.len() - 1, '\\');
+        }
+        if !out.contains(&pat) {
+            out.push(pat);
+        }
+    }
+    out
 }
 
 /// One line of /proc/self/mountinfo: (mountpoint, fstype).
@@ -176,7 +231,7 @@ pub fn check_paths(source: &Path, mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-fn build_core(source: &Path, opts: ViewOptions) -> Result<Arc<ViewCore>, MountError> {
+fn build_core(source: &Path, opts: ViewOptions) -> Result<(Arc<ViewCore>, Access), MountError> {
     let keys = Keys::new(&opts.master, opts.key.flags);
     drop(opts.master);
     let conf = ExportedConf {
@@ -188,7 +243,7 @@ fn build_core(source: &Path, opts: ViewOptions) -> Result<Arc<ViewCore>, MountEr
             path: source.into(),
             source: e,
         })?;
-    Ok(Arc::new(core))
+    Ok((Arc::new(core), opts.access))
 }
 
 /// Blocks until the kernel has talked to the session and the mountpoint shows the view.
@@ -245,16 +300,19 @@ impl MountedView {
     /// Bad source or mountpoint, exclude patterns, or the mount itself failing.
     pub fn mount(source: &Path, mountpoint: &Path, opts: ViewOptions) -> Result<Self, MountError> {
         check_paths(source, mountpoint)?;
-        let core = build_core(source, opts)?;
+        let (core, access) = build_core(source, opts)?;
         let (tx, rx) = mpsc::channel();
-        let fs = VeilFs::new(core).on_init(move || {
-            let _ = tx.send(());
-        });
-        let session =
-            Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+        let fs = VeilFs::new(core)
+            .force_owner(access.force_owner)
+            .on_init(move || {
+                let _ = tx.send(());
+            });
+        let session = Session::new(fs, mountpoint, &mount_options(&access)).map_err(|e| {
+            MountError::Mount {
                 path: mountpoint.into(),
                 source: e,
-            })?;
+            }
+        })?;
         let bg = session.spawn().map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
@@ -336,9 +394,9 @@ pub fn run_foreground(
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     check_paths(source, mountpoint)?;
-    let core = build_core(source, opts)?;
+    let (core, access) = build_core(source, opts)?;
     tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
-    serve(core, mountpoint, ready)
+    serve(core, mountpoint, &access, ready)
 }
 
 /// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
@@ -349,25 +407,28 @@ pub fn run_foreground(
 pub fn serve<T: Tree>(
     core: Arc<T>,
     mountpoint: &Path,
+    access: &Access,
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
-    let fs = VeilFs::new(core).on_init(move || {
-        // Called on the session thread during INIT: check the answer from another
-        // thread, since our own stat would wait for this very loop.
-        std::thread::spawn(move || {
-            for _ in 0..300 {
-                if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
-                    raise_readahead(&mp);
-                    ready();
-                    return;
+    let fs = VeilFs::new(core)
+        .force_owner(access.force_owner)
+        .on_init(move || {
+            // Called on the session thread during INIT: check the answer from another
+            // thread, since our own stat would wait for this very loop.
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
+                        raise_readahead(&mp);
+                        ready();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            });
         });
-    });
     let mut session =
-        Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+        Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
         })?;
