@@ -519,6 +519,9 @@ fn pull_steps<'a>(
     held: &mut Held<'a>,
     consistent: &mut bool,
 ) -> Result<bool> {
+    if job.mode == crate::config::Mode::ZfsRaw {
+        bail!("mode zfs-raw has no encrypted view to pull");
+    }
     // Keys first: a wrong password must fail before anything is frozen.
     let key = crate::crypto::KeyConfig::load(&job.key_config).context("loading the key config")?;
     let master = key

@@ -498,3 +498,60 @@ fn fstab_mount_with_force_owner_is_pulled_by_an_unprivileged_user() {
         "the view shows its own mount point"
     );
 }
+
+/// What `packaging/pull/` ships is what the README shows and what `mount-unit` prints
+/// (for a job `home` with the example's key paths), and the unit passes systemd-analyze.
+#[test]
+fn packaged_pull_examples_match_the_readme_and_mount_unit() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/pull");
+    let last = |f: &str| {
+        let t = fs::read_to_string(dir.join(f)).unwrap();
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        last("fstab.example"),
+        readme_line("/ /srv/snapveil-pull/root fuse.snapveil ")
+    );
+    assert_eq!(
+        last("authorized_keys.example"),
+        readme_line("command=\"snapveil serve-pull home\"")
+    );
+    let setup = Setup::new();
+    setup.write_config(&[setup.job(
+        "home",
+        "btrfs:/home",
+        "/mnt/backup/home",
+        "excludes = [\"*.tmp\", \"/.cache/\"]",
+    )]);
+    let unit = ok(Command::new(bin())
+        .args([
+            "mount-unit",
+            "home",
+            "--where",
+            "/srv/snapveil-pull/home",
+            "--force-owner",
+            "998:998",
+            "--config",
+        ])
+        .arg(&setup.config))
+    .replace(
+        &setup.key.display().to_string(),
+        "/etc/snapveil/keys/home.conf",
+    )
+    .replace(
+        &setup.pass.display().to_string(),
+        "/etc/snapveil/keys/home.pass",
+    );
+    let shipped = fs::read_to_string(dir.join("home.mount.example")).unwrap();
+    assert_eq!(unit, shipped, "packaging/pull/home.mount.example is stale");
+    if require_tool("systemd-analyze") {
+        let name = "srv-snapveil\\x2dpull-home.mount";
+        assert!(unit.starts_with(&format!("# {name}: install as /etc/systemd/system/{name}")));
+        let p = setup.path(name);
+        fs::write(&p, &unit).unwrap();
+        ok(Command::new("systemd-analyze").arg("verify").arg(&p));
+    }
+}

@@ -56,7 +56,7 @@ const IGNORED: &[&str] = &[
 ];
 
 /// True when this command line is a mount helper call: invoked as
-/// `mount.fuse.snapveil`, or `snapveil SOURCE MOUNTPOINT ...` where SOURCE is no
+/// `mount.fuse.snapveil`, or `snapveil SOURCE MOUNTPOINT -o ...` where SOURCE is no
 /// subcommand (what mount.fuse3 runs).
 pub fn helper_args(argv: &[OsString]) -> bool {
     let name = argv
@@ -73,7 +73,10 @@ pub fn helper_args(argv: &[OsString]) -> bool {
     let Some(first) = argv.get(1) else {
         return false;
     };
-    if first.as_bytes().starts_with(b"-") || argv.len() < 3 {
+    // mount.fuse3 always passes `-o` (config= and passfile= are required anyway), so a
+    // mistyped subcommand with two arguments stays clap's error.
+    let has_o = argv[2..].iter().any(|a| a.as_bytes().starts_with(b"-o"));
+    if first.as_bytes().starts_with(b"-") || argv.len() < 3 || !has_o {
         return false;
     }
     let sub = first.to_string_lossy();
@@ -219,7 +222,8 @@ mod tests {
             "x"
         ])));
         assert!(helper_args(&argv(&["snapveil", "/", "/mnt", "-o", "ro"])));
-        assert!(helper_args(&argv(&["snapveil", "/src", "/mnt"])));
+        assert!(!helper_args(&argv(&["snapveil", "/src", "/mnt"])));
+        assert!(!helper_args(&argv(&["snapveil", "rnu", "home"])));
         assert!(!helper_args(&argv(&["snapveil", "mount", "/src", "/mnt"])));
         assert!(!helper_args(&argv(&["snapveil", "run", "home"])));
         assert!(!helper_args(&argv(&["snapveil", "--help"])));

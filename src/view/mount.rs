@@ -500,3 +500,35 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> Result<bool, MountError> {
         _ => Ok(false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount point and key directory below the source become anchored, escaped
+    /// excludes; paths outside it and the source itself hide nothing.
+    #[test]
+    fn self_excludes_hide_what_lies_below_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        for p in ["srv/pull/root", ".nobackup", "we*ird [x]"] {
+            fs::create_dir_all(src.join(p)).unwrap();
+        }
+        let got = self_excludes(
+            &src,
+            &[
+                &src.join("srv/pull/root"),
+                &src.join(".nobackup"),
+                &src.join("we*ird [x]"),
+                d.path(),
+                &src,
+            ],
+        );
+        assert_eq!(got, ["/srv/pull/root", "/.nobackup", "/we\\*ird \\[x\\]"]);
+        let mut b = ignore::gitignore::GitignoreBuilder::new(&src);
+        b.add_line(None, &got[2]).unwrap();
+        let gi = b.build().unwrap();
+        assert!(gi.matched(src.join("we*ird [x]"), true).is_ignore());
+        assert!(!gi.matched(src.join("weXird x"), true).is_ignore());
+    }
+}
