@@ -213,6 +213,20 @@ fn forced_command_pull_reads_a_snapshot_that_gocryptfs_decrypts() {
         assert_eq!(fs::read_to_string(p.join("root-only")).unwrap(), "secret\n");
     }
     assert_eq!(fs::read_to_string(&log).unwrap(), "pre\npost\nsuccess\n");
+    // rsnapshot's option set behind an ionice/nice --rsync-path is served as well.
+    let dest2 = server.dir("rsnapshot");
+    let mut pull = server.sh(&format!(
+        "rsync -a --delete --numeric-ids --relative --delete-excluded \
+         --rsync-path='ionice -c3 nice -n19 rsync' root@client:/ {}/",
+        dest2.display()
+    ));
+    let out = pull.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&pull, &out));
+    assert_eq!(
+        fs::read(dest2.join("gocryptfs.conf")).unwrap(),
+        fs::read(dest.join("gocryptfs.conf")).unwrap()
+    );
+    fs::write(&log, "").unwrap();
     let st = status(&setup);
     assert_eq!(st["result"], "success", "{st}");
     assert_eq!(st["consistent"], true, "{st}");
@@ -253,7 +267,11 @@ fn forced_command_pull_reads_a_snapshot_that_gocryptfs_decrypts() {
         fs::read(setup.state.join("status/home.json")).unwrap(),
         before
     );
-    assert!(!log.exists() || fs::read_to_string(&log).unwrap() == "pre\npost\nsuccess\n");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "",
+        "a refused request ran hooks"
+    );
     setup.assert_clean("home", &b);
 }
 
@@ -307,6 +325,63 @@ fn killed_pull_leaves_no_snapshot_mount_or_lock() {
     setup.assert_clean("home", &b);
     let st = status(&setup);
     assert_eq!(st["result"], "failure", "{st}");
+
+    // SIGHUP to serve-pull itself (what a hung-up session may get): it stops its rsync
+    // and cleans up the same way. Its pid: the parent of the fusermount3 that keeps
+    // this test's (uniquely named) view mounted.
+    fs::remove_file(setup.state.join("status/home.json")).unwrap();
+    let mut child = server
+        .sh(&format!(
+            "exec rsync -a --bwlimit=200 root@client:/ {}/",
+            dest.display()
+        ))
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(30, "the second pull's view to be mounted", || {
+        is_mounted(&mp)
+    });
+    let out = Command::new("pgrep")
+        .args(["-f", "--"])
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let fusermount: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(fusermount.len(), 1, "{fusermount:?}");
+    let stat = fs::read_to_string(format!("/proc/{}/stat", fusermount[0])).unwrap();
+    let ppid: i32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cmdline = fs::read(format!("/proc/{ppid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("serve-pull"),
+        "{ppid}"
+    );
+    // SAFETY: kill(2) with a pid read from /proc just now, checked to be serve-pull.
+    unsafe {
+        libc::kill(ppid, libc::SIGHUP);
+    }
+    assert!(!child.wait().unwrap().success(), "the pull survived SIGHUP");
+    let st = setup.state.join("status/home.json");
+    wait_for(30, "serve-pull to record the interrupted pull", || {
+        st.exists()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    setup.assert_clean("home", &b);
+    let st = status(&setup);
+    assert_eq!(st["result"], "failure", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("SIGHUP"), "{st}");
 }
 
 /// Kills the mount daemons of this test (their command line names `mp`), by pid.
