@@ -456,7 +456,8 @@ pub fn mount_view(
     if let Some(live) = live {
         excludes.extend(view::mount::self_excludes(
             live,
-            &key_hidden(live, &[mp, &job.key_config, &job.passfile]),
+            mp,
+            &[&job.key_config, &job.passfile],
         ));
     }
     MountedView::mount(
@@ -469,23 +470,6 @@ pub fn mount_view(
             access: view::Access::default(),
         },
     )
-}
-
-/// What to hide of `paths` (the mountpoint, then key files): the mountpoint itself, and
-/// each key file's directory unless that is the source root (then the file).
-pub(crate) fn key_hidden<'p>(source: &Path, paths: &[&'p Path]) -> Vec<&'p Path> {
-    let root = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-    let mut out = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        let dir = p
-            .parent()
-            .filter(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()) != root);
-        match (i, dir) {
-            (0, _) | (_, None) => out.push(*p),
-            (_, Some(d)) => out.push(d),
-        }
-    }
-    out
 }
 
 /// Removes what a crashed or killed run of `job` left behind: the view mount, the job's

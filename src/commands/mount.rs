@@ -43,7 +43,8 @@ fn view_options(a: &MountArgs) -> Result<ViewOptions> {
     let mut excludes = a.exclude.clone();
     excludes.extend(view::mount::self_excludes(
         &a.source,
-        &crate::job::key_hidden(&a.source, &[&a.mountpoint, &a.key.config, &a.key.passfile]),
+        &a.mountpoint,
+        &[&a.key.config, &a.key.passfile],
     ));
     Ok(ViewOptions {
         key,

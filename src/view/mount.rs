@@ -106,16 +106,26 @@ fn mount_options(access: &Access) -> Vec<MountOption> {
     o
 }
 
-/// Anchored excludes that hide `hidden` paths (the mountpoint itself, the key
-/// directory) when they lie inside `source`, so a view of `/` never shows itself
-/// (recursion) or the passfile. A directory `hidden` that is `source` itself hides
-/// nothing; callers pass the key files then.
-pub fn self_excludes(source: &Path, hidden: &[&Path]) -> Vec<String> {
+/// Anchored excludes that keep a view of `source` from showing its own `mountpoint`
+/// (recursion into itself) and the directories of its `key_files` (the passfile), when
+/// they lie inside `source`; a key file right in the source's root is hidden alone.
+pub fn self_excludes(source: &Path, mountpoint: &Path, key_files: &[&Path]) -> Vec<String> {
     let root = canonical(source);
+    let mut hidden = vec![mountpoint.to_path_buf()];
+    for f in key_files {
+        match f.parent() {
+            Some(d) if canonical(d) != root => hidden.push(d.to_path_buf()),
+            _ => hidden.push(f.to_path_buf()),
+        }
+    }
+    anchored(&root, &hidden)
+}
+
+fn anchored(root: &Path, hidden: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
     for h in hidden {
         let p = canonical(h);
-        let Ok(rel) = p.strip_prefix(&root) else {
+        let Ok(rel) = p.strip_prefix(root) else {
             continue;
         };
         if rel.as_os_str().is_empty() {
@@ -505,8 +515,8 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> Result<bool, MountError> {
 mod tests {
     use super::*;
 
-    /// The mount point and key directory below the source become anchored, escaped
-    /// excludes; paths outside it and the source itself hide nothing.
+    /// The mount point and key directories below the source become anchored, escaped
+    /// excludes; a key file in the root is hidden alone; paths outside hide nothing.
     #[test]
     fn self_excludes_hide_what_lies_below_the_source() {
         let d = tempfile::tempdir().unwrap();
@@ -514,17 +524,27 @@ mod tests {
         for p in ["srv/pull/root", ".nobackup", "we*ird [x]"] {
             fs::create_dir_all(src.join(p)).unwrap();
         }
+        fs::write(src.join("root.pass"), "p").unwrap();
         let got = self_excludes(
             &src,
+            &src.join("srv/pull/root"),
             &[
-                &src.join("srv/pull/root"),
-                &src.join(".nobackup"),
-                &src.join("we*ird [x]"),
-                d.path(),
-                &src,
+                &src.join(".nobackup/k.conf"),
+                &src.join(".nobackup/k.pass"),
+                &src.join("we*ird [x]/k.conf"),
+                &src.join("root.pass"),
+                &d.path().join("k.conf"),
             ],
         );
-        assert_eq!(got, ["/srv/pull/root", "/.nobackup", "/we\\*ird \\[x\\]"]);
+        assert_eq!(
+            got,
+            [
+                "/srv/pull/root",
+                "/.nobackup",
+                "/we\\*ird \\[x\\]",
+                "/root.pass"
+            ]
+        );
         let mut b = ignore::gitignore::GitignoreBuilder::new(&src);
         b.add_line(None, &got[2]).unwrap();
         let gi = b.build().unwrap();
