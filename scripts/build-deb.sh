@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # build-deb.sh (`make deb`): a Debian package from the release binary, with dpkg-deb alone
 # (no cargo-deb needed; Cargo.toml's [package.metadata.deb] describes the same package
-# for those who use cargo-deb). Installs: /usr/bin/snapveil, systemd units, hooks,
-# man page, example config and README.
+# for those who use cargo-deb). Installs: /usr/bin/snapveil, the mount helper link
+# /usr/sbin/mount.fuse.snapveil, systemd units, hooks, man page, example config, pull
+# mode examples and README.
 # Usage: scripts/build-deb.sh [OUT_DIR]
 # Env: SNAPVEIL_BIN (default target/release/snapveil), SNAPVEIL_DEB_COMPRESS (xz|gzip|none)
 set -euo pipefail
@@ -15,6 +16,10 @@ ARCH=$(dpkg --print-architecture)
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 install -D -m 755 "$BIN" "$STAGE/usr/bin/snapveil"
+# mount(8) runs /sbin/mount.fuse.TYPE for fstab lines and `mount -t fuse.snapveil`
+# (/sbin is /usr/sbin on merged-/usr systems); snapveil knows the name.
+install -d "$STAGE/usr/sbin"
+ln -s ../bin/snapveil "$STAGE/usr/sbin/mount.fuse.snapveil"
 for u in "$REPO"/packaging/systemd/*; do
     install -D -m 644 "$u" "$STAGE/lib/systemd/system/$(basename "$u")"
 done
@@ -22,6 +27,9 @@ for h in "$REPO"/hooks/*; do
     install -D -m 755 "$h" "$STAGE/usr/share/snapveil/hooks/$(basename "$h")"
 done
 install -D -m 644 "$REPO/examples/snapveil.toml" "$STAGE/usr/share/doc/snapveil/examples/snapveil.toml"
+for e in "$REPO"/packaging/pull/*; do
+    install -D -m 644 "$e" "$STAGE/usr/share/doc/snapveil/examples/pull/$(basename "$e")"
+done
 install -D -m 644 "$REPO/README.md" "$STAGE/usr/share/doc/snapveil/README.md"
 install -d -m 755 "$STAGE/usr/share/man/man8"
 gzip -9n <"$REPO/packaging/snapveil.8" >"$STAGE/usr/share/man/man8/snapveil.8.gz"

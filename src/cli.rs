@@ -59,6 +59,33 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Restore plaintext paths of a job, as of now or of a past run, into a directory.
     Restore(RestoreArgs),
+    /// Pull mode's forced command (`command="snapveil serve-pull JOB",restrict` in
+    /// authorized_keys): snapshot, then serve the server's `rsync --server --sender`
+    /// (SSH_ORIGINAL_COMMAND) from the encrypted view.
+    ServePull(ServePullArgs),
+    /// Print a systemd .mount unit that mounts the job's encrypted view (type
+    /// fuse.snapveil) for a backup server to pull.
+    MountUnit(MountUnitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServePullArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MountUnitArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    pub job: String,
+    /// Where the view is mounted (default /srv/snapveil-pull/JOB).
+    #[arg(long = "where", value_name = "DIR")]
+    pub mountpoint: Option<PathBuf>,
+    /// Present every entry as owned by this UID:GID (the pulling account).
+    #[arg(long, value_name = "UID:GID")]
+    pub force_owner: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +253,15 @@ pub struct MountArgs {
     /// Return once the mount answers, leaving a daemon serving it.
     #[arg(long)]
     pub background: bool,
+    /// Present every entry as owned by UID:GID (so an unprivileged account can pull).
+    #[arg(long, value_name = "UID:GID")]
+    pub force_owner: Option<String>,
+    /// Let other users than the mounting one see the view (root only).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// The filesystem name shown in mount and df (default: snapveil).
+    #[arg(long, value_name = "NAME")]
+    pub fsname: Option<String>,
     pub source: PathBuf,
     pub mountpoint: PathBuf,
 }

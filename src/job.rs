@@ -33,17 +33,18 @@ pub fn view_mountpoint(state_dir: &Path, job: &str) -> PathBuf {
     state_dir.join("view").join(job)
 }
 
-/// Resources of a run, released in reverse order of acquisition.
+/// Resources of a run (a push or a pull, crate::pull), released in reverse order of
+/// acquisition.
 #[derive(Default)]
-struct Held<'a> {
-    hooks: Vec<HeldHook>,
-    snapshot: Option<SnapshotGuard<'a>>,
-    view: Option<MountedView>,
+pub(crate) struct Held<'a> {
+    pub(crate) hooks: Vec<HeldHook>,
+    pub(crate) snapshot: Option<SnapshotGuard<'a>>,
+    pub(crate) view: Option<MountedView>,
 }
 
 impl Held<'_> {
     /// Releases everything still held; returns what failed (already logged).
-    fn release(&mut self) -> Vec<String> {
+    pub(crate) fn release(&mut self) -> Vec<String> {
         let mut errs = Vec::new();
         if let Some(v) = self.view.take() {
             if let Err(e) = v.unmount() {
@@ -227,28 +228,8 @@ fn run_steps<'a>(
     std::fs::create_dir_all(&mp).with_context(|| format!("creating {}", mp.display()))?;
     check_cancel()?;
 
-    hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
-    held.hooks = hooks::start_held(runner, &job.hooks, env)?;
-    check_cancel()?;
-    let guard = take_snapshot(runner, cfg, job, stamp)
-        .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
-        .context("taking the snapshot")?;
-    let consistent = guard.consistent();
-    if !consistent {
-        tracing::warn!(
-            "source {} is read live, NOT from a snapshot: this backup may be inconsistent",
-            job.source
-        );
-    }
-    env.set("SNAPVEIL_SNAPSHOT_NAME", guard.name());
-    env.set("SNAPVEIL_SNAPSHOT_PATH", guard.path().to_string_lossy());
-    let snap_path = guard.path().to_path_buf();
-    held.snapshot = Some(guard);
-    for h in std::mem::take(&mut held.hooks) {
-        h.finish()
-            .context("the held pre-snapshot hook did not hold until the snapshot was taken")?;
-    }
-    hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)?;
+    let snap_path = freeze(runner, cfg, job, stamp, env, held)?;
+    let consistent = held.snapshot.as_ref().is_some_and(|s| s.consistent());
     check_cancel()?;
 
     let v = mount_view(job, &snap_path, &mp, key, master).context("mounting the encrypted view")?;
@@ -361,6 +342,46 @@ fn run_steps<'a>(
     })
 }
 
+/// Pre-snapshot hooks (held ones kept until the snapshot exists) → snapshot →
+/// post-snapshot hooks: the frozen tree's path; the snapshot is left in `held`. Shared
+/// by a run and a pull (crate::pull).
+///
+/// # Errors
+/// A hook failing or the snapshot not taken.
+#[allow(clippy::result_large_err)]
+pub(crate) fn freeze<'a>(
+    runner: &'a dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    stamp: &str,
+    env: &mut HookEnv,
+    held: &mut Held<'a>,
+) -> Result<PathBuf> {
+    hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
+    held.hooks = hooks::start_held(runner, &job.hooks, env)?;
+    check_cancel()?;
+    let guard = take_snapshot(runner, cfg, job, stamp)
+        .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
+        .context("taking the snapshot")?;
+    let consistent = guard.consistent();
+    if !consistent {
+        tracing::warn!(
+            "source {} is read live, NOT from a snapshot: this backup may be inconsistent",
+            job.source
+        );
+    }
+    env.set("SNAPVEIL_SNAPSHOT_NAME", guard.name());
+    env.set("SNAPVEIL_SNAPSHOT_PATH", guard.path().to_string_lossy());
+    let snap_path = guard.path().to_path_buf();
+    held.snapshot = Some(guard);
+    for h in std::mem::take(&mut held.hooks) {
+        h.finish()
+            .context("the held pre-snapshot hook did not hold until the snapshot was taken")?;
+    }
+    hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)?;
+    Ok(snap_path)
+}
+
 /// Regular files of the view whose ctime is at or after `since` (unix seconds; `None`:
 /// every file), minus those rsync just sent: the files whose change the quick check may
 /// have missed. A snapshot keeps ctimes, and a ctime cannot be set back, so a file
@@ -423,13 +444,30 @@ pub fn mount_view(
         path: mp.to_path_buf(),
         source,
     })?;
+    // A view of a whole filesystem must not show its own mountpoint (recursion) or
+    // the key directory: both are named by their live path, and a snapshot holds them
+    // at the same place relative to its root.
+    let mut excludes = job.excludes.clone();
+    let live = match &job.source {
+        snapshot::Source::Btrfs { subvolume } => Some(subvolume.as_path()),
+        snapshot::Source::Dir { path } => Some(path.as_path()),
+        _ => None,
+    };
+    if let Some(live) = live {
+        excludes.extend(view::mount::self_excludes(
+            live,
+            mp,
+            &[&job.key_config, &job.passfile],
+        ));
+    }
     MountedView::mount(
         frozen,
         mp,
         ViewOptions {
             key,
             master,
-            excludes: job.excludes.clone(),
+            excludes,
+            access: view::Access::default(),
         },
     )
 }
@@ -469,7 +507,7 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
     Ok(removed)
 }
 
-fn check_cancel() -> Result<()> {
+pub(crate) fn check_cancel() -> Result<()> {
     if crate::signals::cancelled() {
         let sig = crate::signals::last_signal()
             .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())

@@ -29,6 +29,7 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod prune;
+pub mod pull;
 pub mod restore;
 pub mod retention;
 pub mod scratch;
@@ -41,6 +42,16 @@ pub mod verify;
 pub mod view;
 
 use std::process::ExitCode;
+
+/// When `argv` is a mount helper call (`mount -t fuse.snapveil`, an fstab line), runs
+/// it and returns its exit status; `None` for an ordinary command line.
+pub fn run_mount_helper(argv: &[std::ffi::OsString]) -> Option<ExitCode> {
+    if !commands::mount_helper::helper_args(argv) {
+        return None;
+    }
+    logging::init(logging::LogFormat::Plain, 0);
+    Some(commands::exit_code(commands::mount_helper::run(argv)))
+}
 
 /// Runs one CLI invocation and returns its exit status; errors are printed on stderr
 /// here (by `commands::exit_code`). `runner` executes every external command.
@@ -61,6 +72,8 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> ExitCode {
         C::Restore(a) => commands::restore::run(runner, a),
         C::Snapshot(a) => commands::snapshot::run(runner, a),
         C::Cleanup(a) => commands::cleanup::run(runner, a),
+        C::ServePull(a) => commands::serve_pull::run(runner, a),
+        C::MountUnit(a) => commands::mount_unit::run(runner, a),
     };
     commands::exit_code(result)
 }

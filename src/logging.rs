@@ -23,6 +23,10 @@ pub fn init(format: LogFormat, verbose: u8) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped, not reported with eprintln!,
+        // which panics: stderr is the ssh channel of `serve-pull`, and a server that
+        // drops the connection must not cut the pull's cleanup short.
+        .log_internal_errors(false)
         .with_ansi(ansi);
     let _ = match format {
         LogFormat::Plain => builder.with_target(false).try_init(),

@@ -473,6 +473,10 @@ fn debian_package_installs_binary_units_hooks_and_docs() {
         "./usr/share/snapveil/hooks/fsfreeze",
         "./usr/share/man/man8/snapveil.8.gz",
         "./usr/share/doc/snapveil/examples/snapveil.toml",
+        "./usr/share/doc/snapveil/examples/pull/fstab.example",
+        "./usr/share/doc/snapveil/examples/pull/home.mount.example",
+        "./usr/share/doc/snapveil/examples/pull/authorized_keys.example",
+        "./usr/sbin/mount.fuse.snapveil -> ../bin/snapveil",
     ] {
         assert!(
             list.lines().any(|l| l.ends_with(want)),

@@ -4,6 +4,7 @@ mod exit_codes;
 mod job;
 mod ops;
 mod ops_faults;
+mod pull;
 mod restore;
 mod retention;
 mod snapshot;

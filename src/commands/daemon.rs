@@ -29,7 +29,7 @@ fn detach_stdio() {
 
 /// Runs ourselves in the foreground as a detached child and returns once it reports
 /// that the mount answers; its errors reach our stderr before that.
-pub(super) fn spawn(args: &[OsString], mountpoint: &Path) -> Result<Outcome> {
+pub(super) fn spawn(args: &[OsString], mountpoint: &Path, announce: bool) -> Result<Outcome> {
     let exe = std::env::current_exe().context("locating the snapveil binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args)
@@ -41,7 +41,9 @@ pub(super) fn spawn(args: &[OsString], mountpoint: &Path) -> Result<Outcome> {
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line).ok();
     if line.trim() == "ready" {
-        println!("{}: mounted (pid {})", mountpoint.display(), child.id());
+        if announce {
+            println!("{}: mounted (pid {})", mountpoint.display(), child.id());
+        }
         return Ok(Outcome::Success);
     }
     let status = child.wait()?;

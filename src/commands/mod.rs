@@ -25,10 +25,13 @@ pub mod decrypt;
 pub mod init;
 pub mod list;
 pub mod mount;
+pub mod mount_helper;
+pub mod mount_unit;
 pub mod open;
 pub mod prune;
 pub mod restore;
 pub mod run;
+pub mod serve_pull;
 pub mod snapshot;
 pub mod status;
 pub mod umount;
@@ -40,6 +43,7 @@ use crate::config::{Config, Job};
 use crate::crypto::names::CONF_NAME;
 use crate::crypto::{KeyConfig, Keys};
 use crate::error::{EXIT_FAILURE, EXIT_USAGE};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -82,12 +86,18 @@ pub fn exit_code(result: anyhow::Result<Outcome>) -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(EXIT_FAILURE),
         Err(e) => match e.downcast_ref::<UsageError>() {
+            // Not eprintln!: after a pull whose ssh connection dropped, stderr is a
+            // closed pipe, and a failed print must not turn the exit into a panic.
             Some(u) => {
-                eprintln!("snapveil: {u}");
+                let _ = writeln!(std::io::stderr(), "snapveil: {u}");
                 ExitCode::from(EXIT_USAGE)
             }
             None => {
-                eprintln!("snapveil: error: {}", crate::error::Chain(e.as_ref()));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "snapveil: error: {}",
+                    crate::error::Chain(e.as_ref())
+                );
                 ExitCode::from(EXIT_FAILURE)
             }
         },

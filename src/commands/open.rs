@@ -22,11 +22,11 @@ pub fn run(_runner: &dyn Runner, a: OpenArgs) -> Result<Outcome> {
             args.extend(["--config".into(), c.clone().into()]);
         }
         args.extend([a.target_dir.clone().into(), a.mountpoint.clone().into()]);
-        return daemon::spawn(&args, &a.mountpoint);
+        return daemon::spawn(&args, &a.mountpoint, true);
     }
     let ready = daemon::ready();
     let core = Arc::new(view::forward::ForwardCore::new(&a.target_dir, keys)?);
     tracing::info!(copy = %a.target_dir.display(), mountpoint = %a.mountpoint.display(), "serving decrypted view of a backup copy");
-    view::mount::serve(core, &a.mountpoint, ready)?;
+    view::mount::serve(core, &a.mountpoint, &view::Access::shared_if_root(), ready)?;
     Ok(Outcome::Success)
 }

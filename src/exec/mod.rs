@@ -31,6 +31,14 @@ pub struct Cmd {
     timeout: Option<Duration>,
     cwd: Option<OsString>,
     cancel_after: Option<usize>,
+    relay: Option<Relay>,
+}
+
+/// Descriptors a relayed command talks over instead of pipes (see [`Cmd::relay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub stdin: std::os::fd::RawFd,
+    pub stdout: std::os::fd::RawFd,
 }
 
 impl Cmd {
@@ -43,6 +51,7 @@ impl Cmd {
             timeout: None,
             cwd: None,
             cancel_after: None,
+            relay: None,
         }
     }
 
@@ -96,6 +105,19 @@ impl Cmd {
     pub fn cancellable(mut self, after: usize) -> Self {
         self.cancel_after = Some(after);
         self
+    }
+
+    /// Gives the command these open descriptors as its stdin and stdout, and snapveil's
+    /// stderr, instead of pipes: `serve-pull` hands rsync the ssh channel itself, so the
+    /// protocol flows without a copy through snapveil and nothing snapveil prints can
+    /// reach it. [`Runner::output`] then returns empty stdout and stderr.
+    pub fn relay(mut self, stdin: std::os::fd::RawFd, stdout: std::os::fd::RawFd) -> Self {
+        self.relay = Some(Relay { stdin, stdout });
+        self
+    }
+
+    pub fn get_relay(&self) -> Option<Relay> {
+        self.relay
     }
 
     pub fn program(&self) -> &OsStr {

@@ -236,12 +236,26 @@ impl Runner for SystemRunner {
         let _g = span.enter();
         let start = Instant::now();
         let mut c = build(cmd);
-        c.stdin(if cmd.get_stdin().is_some() {
-            Stdio::piped()
+        if let Some(r) = cmd.get_relay() {
+            // SAFETY: the caller keeps both descriptors open for the call (Cmd::relay);
+            // we only duplicate them for the child.
+            let (i, o) = unsafe {
+                (
+                    std::os::fd::BorrowedFd::borrow_raw(r.stdin).try_clone_to_owned()?,
+                    std::os::fd::BorrowedFd::borrow_raw(r.stdout).try_clone_to_owned()?,
+                )
+            };
+            c.stdin(Stdio::from(i))
+                .stdout(Stdio::from(o))
+                .stderr(Stdio::inherit());
         } else {
-            Stdio::null()
-        });
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.stdin(if cmd.get_stdin().is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         let mut child = c.spawn()?;
         let out_t = drain(child.stdout.take());
         let err_t = drain(child.stderr.take());
@@ -434,6 +448,30 @@ mod tests {
             .unwrap();
         assert_eq!(out.exit, Exit::TimedOut);
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A relayed command talks over the given descriptors, not over pipes of ours
+    /// (serve-pull hands rsync the ssh channel).
+    #[test]
+    fn relayed_command_uses_the_given_descriptors() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in"), "abc\n").unwrap();
+        let input = std::fs::File::open(dir.path().join("in")).unwrap();
+        let output = std::fs::File::create(dir.path().join("out")).unwrap();
+        let out = SystemRunner
+            .output(
+                &Cmd::new("tr")
+                    .args(["a-z", "A-Z"])
+                    .relay(input.as_raw_fd(), output.as_raw_fd()),
+            )
+            .unwrap();
+        assert_eq!(out.exit, Exit::Code(0));
+        assert!(out.stdout.is_empty());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "ABC\n"
+        );
     }
 
     #[test]

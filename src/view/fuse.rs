@@ -27,6 +27,8 @@ pub struct VeilFs<T: Tree> {
     /// the mount from global-pool threads (a manifest of the view, a verify) would
     /// otherwise hold every worker while its reads wait for a free one: a deadlock.
     pool: Arc<rayon::ThreadPool>,
+    /// `force_owner`: every entry presented as owned by this uid and gid.
+    owner: Option<(u32, u32)>,
 }
 
 impl<T: Tree> VeilFs<T> {
@@ -47,7 +49,25 @@ impl<T: Tree> VeilFs<T> {
                     .build()
                     .expect("a thread pool for reads"),
             ),
+            owner: None,
         }
+    }
+
+    /// Presents every entry as owned by `owner` (uid, gid), so that with
+    /// `default_permissions` an unprivileged pulling account can read what only root
+    /// could read in clear (gocryptfs's `-force_owner`).
+    pub fn force_owner(mut self, owner: Option<(u32, u32)>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let mut f = to_fuse(a);
+        if let Some((uid, gid)) = self.owner {
+            f.uid = uid;
+            f.gid = gid;
+        }
+        f
     }
 
     pub fn on_init(mut self, f: impl FnOnce() + Send + 'static) -> Self {
@@ -111,7 +131,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent, name) {
-            Ok(a) => reply.entry(&TTL, &to_fuse(&a), 0),
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), 0),
             Err(e) => {
                 log_err("lookup", parent, &e);
                 reply.error(e.errno())
@@ -125,7 +145,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
                 if ino == ROOT_INO {
                     a.ino = ROOT_INO;
                 }
-                reply.attr(&TTL, &to_fuse(&a))
+                reply.attr(&TTL, &self.attr(&a))
             }
             Err(e) => {
                 log_err("getattr", ino, &e);
@@ -269,7 +289,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
                 if ino == ROOT_INO {
                     a.ino = ROOT_INO;
                 }
-                to_fuse(&a)
+                self.attr(&a)
             }
             Err(e) => {
                 log_err("readdirplus", ino, &e);
@@ -287,7 +307,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         off = off.max(2);
         for (i, (eino, name, _)) in l.entries.iter().enumerate().skip((off - 2) as usize) {
             let attr = match self.core.getattr(*eino) {
-                Ok(a) => to_fuse(&a),
+                Ok(a) => self.attr(&a),
                 Err(e) => {
                     // Vanished under a live (dir:) source: leave it out of this listing.
                     log_err("readdirplus", *eino, &e);

@@ -20,7 +20,7 @@ pub mod forward;
 pub mod fuse;
 pub mod mount;
 
-pub use mount::{cleanup_stale_mount, MountedView, ViewOptions};
+pub use mount::{cleanup_stale_mount, Access, MountedView, ViewOptions};
 
 use crate::crypto::content::{self, FileIvs, BLOCK, CBLOCK, HEADER_LEN};
 use crate::crypto::names::{self, CONF_NAME, DIRIV_NAME, LONGNAME_SUFFIX, REVERSE_CONF_NAME};

@@ -60,27 +60,92 @@ pub struct ViewOptions {
     pub master: MasterKey,
     /// gitignore-style patterns on plaintext paths.
     pub excludes: Vec<String>,
+    pub access: Access,
 }
 
-/// Our mounts carry this fsname/subtype, so that cleanup recognizes them and nothing else.
+/// Who sees a mount and how it is named. The default is private: only the mounting
+/// user (a job's own rsync, a pull's rsync) reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Other users may read it; with default_permissions the kernel still applies the
+    /// source's modes (or the forced owner), so each sees what it could read in clear.
+    pub allow_other: bool,
+    /// Every entry presented as owned by (uid, gid): a pulling account reads it all.
+    pub force_owner: Option<(u32, u32)>,
+    /// Shown by mount and df; the subtype stays `snapveil`, which cleanup recognizes.
+    pub fsname: Option<String>,
+}
+
+impl Access {
+    /// What `snapveil mount` and `open` always did: other users allowed when root.
+    pub fn shared_if_root() -> Access {
+        Access {
+            allow_other: nix::unistd::geteuid().is_root(),
+            ..Access::default()
+        }
+    }
+}
+
+/// Our mounts carry this subtype (and, unless told otherwise, fsname), so that cleanup
+/// recognizes them and nothing else.
 const FSNAME: &str = "snapveil";
 
-fn mount_options() -> Vec<MountOption> {
+fn mount_options(access: &Access) -> Vec<MountOption> {
     let mut o = vec![
         MountOption::RO,
-        MountOption::FSName(FSNAME.into()),
+        MountOption::FSName(access.fsname.clone().unwrap_or_else(|| FSNAME.into())),
         MountOption::Subtype(FSNAME.into()),
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
         MountOption::AutoUnmount,
     ];
-    if nix::unistd::geteuid().is_root() {
-        // With default_permissions the kernel still applies the source's modes, so other
-        // users (a pulling backup account) see exactly what they could read in clear.
+    if access.allow_other {
         o.push(MountOption::AllowOther);
     }
     o
+}
+
+/// Anchored excludes that keep a view of `source` from showing its own `mountpoint`
+/// (recursion into itself) and the directories of its `key_files` (the passfile), when
+/// they lie inside `source`; a key file right in the source's root is hidden alone.
+pub fn self_excludes(source: &Path, mountpoint: &Path, key_files: &[&Path]) -> Vec<String> {
+    let root = canonical(source);
+    let mut hidden = vec![mountpoint.to_path_buf()];
+    for f in key_files {
+        match f.parent() {
+            Some(d) if canonical(d) != root => hidden.push(d.to_path_buf()),
+            _ => hidden.push(f.to_path_buf()),
+        }
+    }
+    anchored(&root, &hidden)
+}
+
+fn anchored(root: &Path, hidden: &[PathBuf]) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in hidden {
+        let p = canonical(h);
+        let Ok(rel) = p.strip_prefix(root) else {
+            continue;
+        };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let mut pat = String::from("/");
+        for c in rel.to_string_lossy().chars() {
+            if "\\*?[]".contains(c) {
+                pat.push('\\');
+            }
+            pat.push(c);
+        }
+        if pat.ends_with(' ') {
+            pat.insert(pat.len() - 1, '\\');
+        }
+        if !out.contains(&pat) {
+            out.push(pat);
+        }
+    }
+    out
 }
 
 /// One line of /proc/self/mountinfo: (mountpoint, fstype).
@@ -176,7 +241,7 @@ pub fn check_paths(source: &Path, mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-fn build_core(source: &Path, opts: ViewOptions) -> Result<Arc<ViewCore>, MountError> {
+fn build_core(source: &Path, opts: ViewOptions) -> Result<(Arc<ViewCore>, Access), MountError> {
     let keys = Keys::new(&opts.master, opts.key.flags);
     drop(opts.master);
     let conf = ExportedConf {
@@ -188,7 +253,7 @@ fn build_core(source: &Path, opts: ViewOptions) -> Result<Arc<ViewCore>, MountEr
             path: source.into(),
             source: e,
         })?;
-    Ok(Arc::new(core))
+    Ok((Arc::new(core), opts.access))
 }
 
 /// Blocks until the kernel has talked to the session and the mountpoint shows the view.
@@ -245,16 +310,19 @@ impl MountedView {
     /// Bad source or mountpoint, exclude patterns, or the mount itself failing.
     pub fn mount(source: &Path, mountpoint: &Path, opts: ViewOptions) -> Result<Self, MountError> {
         check_paths(source, mountpoint)?;
-        let core = build_core(source, opts)?;
+        let (core, access) = build_core(source, opts)?;
         let (tx, rx) = mpsc::channel();
-        let fs = VeilFs::new(core).on_init(move || {
-            let _ = tx.send(());
-        });
-        let session =
-            Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+        let fs = VeilFs::new(core)
+            .force_owner(access.force_owner)
+            .on_init(move || {
+                let _ = tx.send(());
+            });
+        let session = Session::new(fs, mountpoint, &mount_options(&access)).map_err(|e| {
+            MountError::Mount {
                 path: mountpoint.into(),
                 source: e,
-            })?;
+            }
+        })?;
         let bg = session.spawn().map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
@@ -336,9 +404,9 @@ pub fn run_foreground(
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     check_paths(source, mountpoint)?;
-    let core = build_core(source, opts)?;
+    let (core, access) = build_core(source, opts)?;
     tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
-    serve(core, mountpoint, ready)
+    serve(core, mountpoint, &access, ready)
 }
 
 /// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
@@ -349,25 +417,28 @@ pub fn run_foreground(
 pub fn serve<T: Tree>(
     core: Arc<T>,
     mountpoint: &Path,
+    access: &Access,
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
-    let fs = VeilFs::new(core).on_init(move || {
-        // Called on the session thread during INIT: check the answer from another
-        // thread, since our own stat would wait for this very loop.
-        std::thread::spawn(move || {
-            for _ in 0..300 {
-                if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
-                    raise_readahead(&mp);
-                    ready();
-                    return;
+    let fs = VeilFs::new(core)
+        .force_owner(access.force_owner)
+        .on_init(move || {
+            // Called on the session thread during INIT: check the answer from another
+            // thread, since our own stat would wait for this very loop.
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    if mounted_fstype(&mp).is_some() && fs::metadata(&mp).is_ok() {
+                        raise_readahead(&mp);
+                        ready();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            });
         });
-    });
     let mut session =
-        Session::new(fs, mountpoint, &mount_options()).map_err(|e| MountError::Mount {
+        Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
         })?;
@@ -437,5 +508,47 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> Result<bool, MountError> {
             Ok(true)
         }
         _ => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount point and key directories below the source become anchored, escaped
+    /// excludes; a key file in the root is hidden alone; paths outside hide nothing.
+    #[test]
+    fn self_excludes_hide_what_lies_below_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        for p in ["srv/pull/root", ".nobackup", "we*ird [x]"] {
+            fs::create_dir_all(src.join(p)).unwrap();
+        }
+        fs::write(src.join("root.pass"), "p").unwrap();
+        let got = self_excludes(
+            &src,
+            &src.join("srv/pull/root"),
+            &[
+                &src.join(".nobackup/k.conf"),
+                &src.join(".nobackup/k.pass"),
+                &src.join("we*ird [x]/k.conf"),
+                &src.join("root.pass"),
+                &d.path().join("k.conf"),
+            ],
+        );
+        assert_eq!(
+            got,
+            [
+                "/srv/pull/root",
+                "/.nobackup",
+                "/we\\*ird \\[x\\]",
+                "/root.pass"
+            ]
+        );
+        let mut b = ignore::gitignore::GitignoreBuilder::new(&src);
+        b.add_line(None, &got[2]).unwrap();
+        let gi = b.build().unwrap();
+        assert!(gi.matched(src.join("we*ird [x]"), true).is_ignore());
+        assert!(!gi.matched(src.join("weXird x"), true).is_ignore());
     }
 }

@@ -17,6 +17,9 @@ pub struct Sshd {
     pub full_key: PathBuf,
     /// Private key whose authorized_keys line forces `rrsync <rrsync_dir>`.
     pub rrsync_key: PathBuf,
+    /// Private key whose authorized_keys line is [`Sshd::start_with`]'s `forced` line
+    /// (pull mode's `command="snapveil serve-pull JOB",restrict`), if any.
+    pub forced_key: Option<PathBuf>,
     pub user: String,
 }
 
@@ -34,6 +37,18 @@ impl Sshd {
     /// Starts sshd; the `rrsync` key is confined to `rrsync_dir` (rrsync's own chroot-like
     /// path restriction, as `command="rrsync DIR"` on a backup host).
     pub fn start(work: &Path, rrsync_dir: &Path) -> Sshd {
+        Sshd::start_with(work, rrsync_dir, None, &[])
+    }
+
+    /// [`Sshd::start`], plus a third key authorized with the option list `forced` (e.g.
+    /// `command="snapveil serve-pull home",restrict`), and `set_env` (sshd's `SetEnv`:
+    /// PATH, SNAPVEIL_CONFIG) in every session.
+    pub fn start_with(
+        work: &Path,
+        rrsync_dir: &Path,
+        forced: Option<&str>,
+        set_env: &[(&str, String)],
+    ) -> Sshd {
         assert!(super::require_tool("sshd") || Path::new("/usr/sbin/sshd").exists());
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -50,17 +65,26 @@ impl Sshd {
         let rr_pub = keygen(&rrsync_key);
         let rrsync = which("rrsync");
         let auth = dir.join("authorized_keys");
-        fs::write(
-            &auth,
-            format!(
-                "{}command=\"{} {}\",restrict {}",
-                full_pub,
-                rrsync,
-                rrsync_dir.display(),
-                rr_pub
-            ),
-        )
-        .unwrap();
+        let mut lines = format!(
+            "{}command=\"{} {}\",restrict {}",
+            full_pub,
+            rrsync,
+            rrsync_dir.display(),
+            rr_pub
+        );
+        let forced_key = forced.map(|opts| {
+            let k = dir.join("forced_key");
+            lines.push_str(&format!("{opts} {}", keygen(&k)));
+            k
+        });
+        fs::write(&auth, lines).unwrap();
+        // One line: sshd keeps the first SetEnv it reads.
+        let set_env = if set_env.is_empty() {
+            String::new()
+        } else {
+            let vars: Vec<String> = set_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("SetEnv {}\n", vars.join(" "))
+        };
         fs::create_dir_all("/run/sshd").unwrap();
         let conf = dir.join("sshd_config");
         fs::write(
@@ -69,7 +93,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {auth}\n\
                  PidFile {pid}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin yes\nLogLevel VERBOSE\n\
-                 AcceptEnv none\nMaxStartups 50\n",
+                 AcceptEnv none\nMaxStartups 50\n{set_env}",
                 hk = host_key.display(),
                 auth = auth.display(),
                 pid = dir.join("sshd.pid").display(),
@@ -100,6 +124,7 @@ impl Sshd {
             dir,
             full_key,
             rrsync_key,
+            forced_key,
             user,
         }
     }
