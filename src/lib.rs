@@ -39,6 +39,7 @@ pub mod status;
 pub mod target;
 pub mod verify;
 pub mod view;
+pub mod zfs_send;
 
 use std::process::ExitCode;
 
