@@ -10,3 +10,4 @@ mod snapshot;
 mod util;
 mod verify;
 mod view;
+mod zfs_raw;
