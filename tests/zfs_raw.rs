@@ -156,6 +156,11 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let listed = String::from_utf8_lossy(&snapveil(&s.config, &["list", "db"]).stdout).into_owned();
+    assert!(
+        listed.contains(&f1) && listed.contains(&f2) && listed.contains("(increment)"),
+        "{listed}"
+    );
 
     // snapveil restore of the second point: the tree as it was then.
     let back = format!("{}/back", pool.name);
