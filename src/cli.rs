@@ -105,11 +105,26 @@ pub struct RestoreArgs {
     pub job: String,
     /// Plaintext paths relative to the source root (a directory restores its subtree;
     /// `/` the whole source). Raw bytes: any file name can be given.
-    #[arg(required = true, value_parser = clap::value_parser!(std::ffi::OsString))]
+    #[arg(required_unless_present = "into", value_parser = clap::value_parser!(std::ffi::OsString))]
     pub paths: Vec<std::ffi::OsString>,
     /// Output directory (created; must be empty).
-    #[arg(long, value_name = "DIR")]
-    pub to: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "into",
+        conflicts_with = "into"
+    )]
+    pub to: Option<PathBuf>,
+    /// Raw ZFS jobs: receive the chain up to this restore point (a stamp or the snapshot
+    /// name) into a new dataset.
+    #[arg(long, value_name = "POOL/DATASET", requires = "snapshot")]
+    pub into: Option<String>,
+    /// Raw ZFS jobs: the restore point (stamp or snapshot name) for --into.
+    #[arg(long, value_name = "NAME", requires = "into")]
+    pub snapshot: Option<String>,
+    /// Raw ZFS jobs: the age identity file (default: the job's age_identity_file).
+    #[arg(long, value_name = "FILE", requires = "into")]
+    pub identity: Option<PathBuf>,
     /// A run stamp or a time: restore the newest restore point at or before it.
     #[arg(long, value_name = "TIME")]
     pub as_of: Option<String>,

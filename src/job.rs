@@ -206,7 +206,7 @@ fn run_steps<'a>(
     held: &mut Held<'a>,
 ) -> Result<Success> {
     if job.mode == Mode::ZfsRaw {
-        bail!("mode zfs-raw is not available in this version of snapveil");
+        return raw_steps(runner, cfg, job, target, stamp_out, env, held);
     }
     // Keys first: a wrong password must fail before anything is frozen.
     let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
@@ -486,6 +486,13 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
         removed.push(format!("view mount {}", mp.display()));
     }
     let work = snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
+    if job.mode == Mode::ZfsRaw {
+        // A raw job keeps its newest sent snapshot on purpose (the next increment's base);
+        // an unsent one left by a crash goes with the next successful send.
+        let scratch = crate::scratch::sweep(&work);
+        removed.extend(scratch.iter().map(|p| format!("scratch {}", p.display())));
+        return Ok(removed);
+    }
     let stale = snapshot::cleanup_stale(
         runner,
         &job.name,
@@ -516,6 +523,109 @@ pub(crate) fn check_cancel() -> Result<()> {
         bail!("interrupted by {sig}");
     }
     Ok(())
+}
+
+/// A raw ZFS run ([`crate::zfs_send`]): hooks and the snapshot as in file mode, but the
+/// snapshot is kept after a successful send (the next increment's base), and no view is
+/// mounted.
+#[allow(clippy::result_large_err)]
+fn raw_steps(
+    runner: &dyn Runner,
+    cfg: &Config,
+    job: &Job,
+    target: &Target,
+    stamp_out: &mut String,
+    env: &mut HookEnv,
+    held: &mut Held<'_>,
+) -> Result<Success> {
+    use crate::zfs_send;
+    let snapshot::Source::Zfs { dataset } = &job.source else {
+        bail!("mode zfs-raw needs a zfs: source, not {}", job.source);
+    };
+    let tools = &cfg.tools.snapshot;
+    let contents = target.scan(runner).context("reading the target")?;
+    if let Some(p) = contents.points.last() {
+        bail!(
+            "{} holds file-mode restore points (runs/{p}.json): give the raw job a target of its own",
+            target.address()
+        );
+    }
+    let recs = zfs_send::records(runner, target, &job.name)
+        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+        .context("reading the target's stream records")?;
+    let stamp =
+        crate::target::new_stamp(&target.address().to_string(), &zfs_send::contents(&recs))?;
+    let stamp = stamp.as_str();
+    tracing::Span::current().record("stamp", stamp);
+    *stamp_out = stamp.to_string();
+    env.set("SNAPVEIL_STAMP", stamp);
+    check_cancel()?;
+
+    hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
+    held.hooks = hooks::start_held(runner, &job.hooks, env)?;
+    check_cancel()?;
+    let snap = snapshot::snapshot_name(&job.name, stamp);
+    let full = format!("{dataset}@{snap}");
+    let mut take = crate::exec::Cmd::new(&tools.zfs).arg("snapshot");
+    if job.snapshot.recursive {
+        take = take.arg("-r");
+    }
+    take.arg(&full)
+        .run_checked(runner)
+        .with_context(|| format!("taking the snapshot {full}"))?;
+    env.set("SNAPVEIL_SNAPSHOT_NAME", &snap);
+    for h in std::mem::take(&mut held.hooks) {
+        h.finish()
+            .context("the held pre-snapshot hook did not hold until the snapshot was taken")?;
+    }
+    let sent = hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| check_cancel())
+        .and_then(|()| {
+            zfs_send::send(
+                runner,
+                tools,
+                job,
+                target,
+                dataset,
+                &snap,
+                stamp,
+                job.snapshot.recursive,
+            )
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .context("sending the stream")
+        });
+    let sent = match sent {
+        Ok(s) => s,
+        Err(e) => {
+            // Not sent: this snapshot is nobody's base.
+            let mut d = crate::exec::Cmd::new(&tools.zfs).arg("destroy");
+            if job.snapshot.recursive {
+                d = d.arg("-r");
+            }
+            if let Err(de) = d.arg(&full).run_checked(runner) {
+                tracing::error!("{de}");
+            }
+            return Err(e);
+        }
+    };
+    zfs_send::after_send(
+        runner,
+        tools,
+        &job.name,
+        dataset,
+        &snap,
+        job.snapshot.recursive,
+    );
+    if job.retention.policy().ok().flatten().is_some() {
+        tracing::warn!("retention of raw ZFS stream files is not available in this version: every stream is kept");
+    }
+    Ok(Success {
+        bytes_sent: sent.record.bytes,
+        files: 1,
+        vanished: false,
+        consistent: true,
+    })
 }
 
 /// Writes `TARGET/runs/STAMP.json`: the run is now a restore point.

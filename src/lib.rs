@@ -40,6 +40,7 @@ pub mod status;
 pub mod target;
 pub mod verify;
 pub mod view;
+pub mod zfs_send;
 
 use std::process::ExitCode;
 

@@ -11,3 +11,4 @@ mod snapshot;
 mod util;
 mod verify;
 mod view;
+mod zfs_raw;

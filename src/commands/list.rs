@@ -9,6 +9,23 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
     let target = crate::target::Target::for_job(&cfg, job);
+    if job.mode == crate::config::Mode::ZfsRaw {
+        let recs = crate::zfs_send::records(runner, &target, &job.name)
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
+        println!("target {}", job.target);
+        println!("{:<18} {:<12} {:>14} STREAM", "STAMP", "BASE", "BYTES");
+        for r in recs.iter().rev() {
+            println!(
+                "{:<18} {:<12} {:>14} {}",
+                r.stamp,
+                r.base_stamp.as_deref().map_or("(full)", |_| "(increment)"),
+                r.bytes,
+                r.file
+            );
+        }
+        return Ok(Outcome::Success);
+    }
     let contents = target
         .scan(runner)
         .with_context(|| format!("job {}: reading {}", job.name, job.target))?;

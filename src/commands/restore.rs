@@ -9,6 +9,15 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    if job.mode == crate::config::Mode::ZfsRaw {
+        return raw(runner, &cfg, job, &a);
+    }
+    let Some(to) = a.to.clone() else {
+        return Err(super::usage(format!(
+            "job {} is a file job: give PATH... --to DIR",
+            a.job
+        )));
+    };
     // Bad arguments are usage errors, found before the target is read.
     if let Some(t) = &a.as_of {
         crate::restore::as_of_stamp(t).map_err(|e| super::usage(e.to_string()))?;
@@ -16,16 +25,8 @@ pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
     for p in &a.paths {
         crate::restore::normalize(p).map_err(|e| super::usage(e.to_string()))?;
     }
-    let r = crate::restore::restore(
-        runner,
-        &cfg,
-        job,
-        &a.paths,
-        &a.to,
-        a.as_of.as_deref(),
-        a.raw,
-    )
-    .with_context(|| format!("job {}: restore", a.job))?;
+    let r = crate::restore::restore(runner, &cfg, job, &a.paths, &to, a.as_of.as_deref(), a.raw)
+        .with_context(|| format!("job {}: restore", a.job))?;
     for n in &r.notes {
         println!("note: {n}");
     }
@@ -39,9 +40,45 @@ pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
         "restored {} files as of {} into {}",
         r.files,
         r.point,
-        a.to.display()
+        to.display()
     );
     Ok(Outcome::from_ok(
         r.not_found.is_empty() && r.unrecoverable.is_empty(),
     ))
+}
+
+/// `restore JOB --snapshot NAME --into POOL/DATASET` of a raw ZFS job.
+fn raw(
+    runner: &dyn Runner,
+    cfg: &crate::config::Config,
+    job: &crate::config::Job,
+    a: &RestoreArgs,
+) -> Result<Outcome> {
+    let (Some(into), Some(snap)) = (&a.into, &a.snapshot) else {
+        return Err(super::usage(format!(
+            "job {} is a raw ZFS job: give --snapshot NAME --into POOL/DATASET",
+            a.job
+        )));
+    };
+    let target = crate::target::Target::for_job(cfg, job);
+    let identity = a
+        .identity
+        .clone()
+        .or_else(|| crate::zfs_send::default_identity(job));
+    let done = crate::zfs_send::restore(
+        runner,
+        &cfg.tools.snapshot,
+        job,
+        &target,
+        snap,
+        into,
+        identity.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+    .with_context(|| format!("job {}: restore of {snap} into {into}", a.job))?;
+    for d in &done {
+        println!("received {d}");
+    }
+    println!("restored {snap} into {into} ({} streams)", done.len());
+    Ok(Outcome::from_ok(true))
 }

@@ -9,6 +9,21 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    if job.mode == crate::config::Mode::ZfsRaw {
+        let target = crate::target::Target::for_job(&cfg, job);
+        let (n, bad) = crate::zfs_send::verify(runner, job, &target)
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .with_context(|| format!("job {}: verify", a.job))?;
+        for b in &bad {
+            println!("BAD {b}");
+        }
+        println!(
+            "{}: {n} restore points, {} problems in their stream files",
+            a.job,
+            bad.len()
+        );
+        return Ok(Outcome::from_ok(bad.is_empty()));
+    }
     let r = crate::verify::verify_job(runner, &cfg, job, a.deep)
         .with_context(|| format!("job {}: verify", a.job))?;
     r.print();

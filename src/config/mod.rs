@@ -31,8 +31,8 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
-/// What a job does with its source. Only `file` runs today; `zfs-raw` (incremental
-/// `zfs send -w`) is parsed so configs can be written ahead, and refused by `run`.
+/// What a job does with its source: `file` (the encrypted view, rsync'ed) or `zfs-raw`
+/// (`zfs send` streams, raw or age-encrypted: [`crate::zfs_send`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     File,
@@ -149,8 +149,12 @@ pub struct Job {
     pub mode: Mode,
     pub source: Source,
     pub target: Address,
+    /// The gocryptfs key config and its passfile. Always set for file jobs (validation
+    /// requires them); empty for raw ZFS jobs, which never read them.
     pub key_config: PathBuf,
     pub passfile: PathBuf,
+    /// Raw ZFS mode's settings; `Some` exactly for `mode = "zfs-raw"`.
+    pub raw: Option<RawOptions>,
     pub excludes: Vec<String>,
     pub rsync_args: Vec<String>,
     pub ssh_args: Vec<String>,
@@ -158,6 +162,26 @@ pub struct Job {
     pub retention: RetentionPolicy,
     pub hooks: Vec<Hook>,
     pub verify_every: u32,
+}
+
+/// How a raw ZFS job encrypts what ZFS does not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawOptions {
+    /// age X25519 recipients; the host then cannot read its own backups.
+    pub age_recipients: Vec<String>,
+    /// An age passphrase file (scrypt), instead of recipients.
+    pub age_passphrase_file: Option<PathBuf>,
+    /// The identity restore and `verify --deep` decrypt with (recipients only).
+    pub age_identity_file: Option<PathBuf>,
+    pub wrap_raw: bool,
+    pub send_intermediates: bool,
+}
+
+impl RawOptions {
+    /// Whether snapveil can encrypt a stream itself.
+    pub fn has_age(&self) -> bool {
+        !self.age_recipients.is_empty() || self.age_passphrase_file.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]

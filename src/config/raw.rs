@@ -58,8 +58,20 @@ pub struct RawJob {
     pub mode: Option<Spanned<String>>,
     pub source: Spanned<String>,
     pub target: Option<Spanned<String>>,
-    pub key_config: Spanned<String>,
-    pub passfile: Spanned<String>,
+    /// Required in file mode; raw ZFS mode encrypts with ZFS or age instead.
+    pub key_config: Option<Spanned<String>>,
+    pub passfile: Option<Spanned<String>>,
+    /// Raw ZFS mode: age X25519 recipients (`age1...`) for streams snapveil encrypts.
+    #[serde(default)]
+    pub age_recipients: Vec<Spanned<String>>,
+    /// Raw ZFS mode: a file (0600) holding an age passphrase, instead of recipients.
+    pub age_passphrase_file: Option<Spanned<String>>,
+    /// Raw ZFS mode: the age identity file (0600) that restore and `verify --deep` use.
+    pub age_identity_file: Option<Spanned<String>>,
+    /// Raw ZFS mode: also wrap natively encrypted (raw) streams in age.
+    pub wrap_raw: Option<bool>,
+    /// Raw ZFS mode: send intermediate snapshots too (`zfs send -I`).
+    pub send_intermediates: Option<bool>,
     #[serde(default)]
     pub excludes: Vec<String>,
     #[serde(default)]

@@ -331,15 +331,7 @@ fn validate_job(
     }
     let mode = match j.mode.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("file") => Mode::File,
-        Some("zfs-raw") => {
-            let m = j.mode.as_ref().expect("some");
-            cx.warn(
-                m.span(),
-                &format!("{f}.mode"),
-                "zfs-raw is not available in this version; `run` will refuse this job",
-            );
-            Mode::ZfsRaw
-        }
+        Some("zfs-raw") => Mode::ZfsRaw,
         Some(other) => {
             cx.err(
                 j.mode.as_ref().expect("some").span(),
@@ -369,6 +361,15 @@ fn validate_job(
         }
     };
     let target = match (&j.target, default_target) {
+        (Some(t), _) if t.get_ref().starts_with("zfs://") => {
+            cx.err(
+                t.span(),
+                &format!("{f}.target"),
+                "zfs:// targets (zfs receive over ssh) are not available in this version; \
+                 use a directory target (local, ssh or rsync daemon) for stream files",
+            );
+            None
+        }
         (Some(t), _) => match Address::parse(t.get_ref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -409,12 +410,30 @@ fn validate_job(
             None
         }
     };
-    let key_config = abs_path(cx, &j.key_config, &format!("{f}.key_config"));
-    let passfile = abs_path(cx, &j.passfile, &format!("{f}.passfile"));
-    for (field, s, path) in [
-        ("key_config", &j.key_config, &key_config),
-        ("passfile", &j.passfile, &passfile),
-    ] {
+    let mut keys = Vec::new();
+    for (field, v) in [("key_config", &j.key_config), ("passfile", &j.passfile)] {
+        match v {
+            Some(v) => keys.push((field, v, abs_path(cx, v, &format!("{f}.{field}")))),
+            None if mode == Mode::File => cx.err(
+                j.name.span(),
+                &format!("{f}.{field}"),
+                "missing (file mode encrypts with the gocryptfs key config)",
+            ),
+            None => {}
+        }
+    }
+    let raw = (mode == Mode::ZfsRaw).then(|| raw_options(cx, j, f));
+    let key_config = keys
+        .iter()
+        .find(|k| k.0 == "key_config")
+        .map(|k| k.2.clone())
+        .unwrap_or_default();
+    let passfile = keys
+        .iter()
+        .find(|k| k.0 == "passfile")
+        .map(|k| k.2.clone())
+        .unwrap_or_default();
+    for (field, s, path) in keys.iter().map(|(f, s, p)| (*f, *s, p)) {
         if !path.is_absolute() {
             continue;
         }
@@ -428,10 +447,12 @@ fn validate_job(
             Err(e) => cx.err(s.span(), &format!("{f}.{field}"), e),
         }
     }
-    if key_config.is_absolute() && key_config.exists() {
-        if let Err(e) = crate::crypto::KeyConfig::load(&key_config) {
-            if !matches!(e, crate::crypto::ConfigError::TooOpen { .. }) {
-                cx.err(j.key_config.span(), &format!("{f}.key_config"), e);
+    if let Some(kc) = j.key_config.as_ref() {
+        if key_config.is_absolute() && key_config.exists() {
+            if let Err(e) = crate::crypto::KeyConfig::load(&key_config) {
+                if !matches!(e, crate::crypto::ConfigError::TooOpen { .. }) {
+                    cx.err(kc.span(), &format!("{f}.key_config"), e);
+                }
             }
         }
     }
@@ -537,6 +558,7 @@ fn validate_job(
         target: target?,
         key_config,
         passfile,
+        raw,
         excludes: j.excludes.clone(),
         rsync_args: j.rsync_args.iter().map(|a| a.get_ref().clone()).collect(),
         ssh_args: j.ssh_args.clone(),
@@ -549,6 +571,50 @@ fn validate_job(
         hooks,
         verify_every: j.verify_every.unwrap_or(verify_every),
     })
+}
+
+/// A raw ZFS job's age settings: recipients that parse, private key files, and not both
+/// recipients and a passphrase (age cannot mix them in one file).
+fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
+    use std::str::FromStr;
+    let mut o = crate::config::RawOptions {
+        wrap_raw: j.wrap_raw.unwrap_or(false),
+        send_intermediates: j.send_intermediates.unwrap_or(false),
+        ..Default::default()
+    };
+    for r in &j.age_recipients {
+        match age::x25519::Recipient::from_str(r.get_ref()) {
+            Ok(_) => o.age_recipients.push(r.get_ref().clone()),
+            Err(e) => cx.err(
+                r.span(),
+                &format!("{f}.age_recipients"),
+                format!(
+                    "{:?} is not an age X25519 recipient (age1...): {e}",
+                    r.get_ref()
+                ),
+            ),
+        }
+    }
+    let mut private = |v: &Option<Spanned<String>>, field: &str| -> Option<PathBuf> {
+        let v = v.as_ref()?;
+        let p = abs_path(cx, v, &format!("{f}.{field}"));
+        if p.is_absolute() {
+            if let Err(e) = crate::crypto::config::check_private(&p) {
+                cx.err(v.span(), &format!("{f}.{field}"), e);
+            }
+        }
+        Some(p)
+    };
+    o.age_passphrase_file = private(&j.age_passphrase_file, "age_passphrase_file");
+    o.age_identity_file = private(&j.age_identity_file, "age_identity_file");
+    if !o.age_recipients.is_empty() && o.age_passphrase_file.is_some() {
+        cx.err(
+            j.name.span(),
+            &format!("{f}.age_passphrase_file"),
+            "age cannot encrypt to recipients and a passphrase at once: choose one",
+        );
+    }
+    o
 }
 
 #[cfg(test)]

@@ -311,6 +311,11 @@ pub trait RunningChild: Send {
     /// `None` and `wait` returns neither stdout nor stderr; a second call returns a
     /// closed channel.
     fn take_lines(&mut self) -> mpsc::Receiver<Line>;
+    /// Takes stdout as a byte stream (`zfs send`), not lines. Afterwards `read_line`
+    /// returns `None` and `wait` returns no stdout; a second call returns `None`.
+    fn take_stdout(&mut self) -> Option<Box<dyn io::Read + Send>>;
+    /// Takes stdin as a byte stream (`zfs receive`); dropping it closes the child's stdin.
+    fn take_stdin(&mut self) -> Option<Box<dyn io::Write + Send>>;
     /// Sends a signal (e.g. SIGTERM) without waiting.
     fn signal(&mut self, sig: i32) -> io::Result<()>;
     /// Waits for the end; stdout not yet read and all stderr are returned.

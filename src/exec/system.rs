@@ -368,6 +368,18 @@ impl RunningChild for SystemChild {
         }
     }
 
+    fn take_stdout(&mut self) -> Option<Box<dyn io::Read + Send>> {
+        self.stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn io::Read + Send>)
+    }
+
+    fn take_stdin(&mut self) -> Option<Box<dyn io::Write + Send>> {
+        self.stdin
+            .take()
+            .map(|w| Box::new(w) as Box<dyn io::Write + Send>)
+    }
+
     fn signal(&mut self, sig: i32) -> io::Result<()> {
         if let Some(c) = self.child.as_ref() {
             kill_group(c, sig);

@@ -33,14 +33,17 @@ pub enum Area {
     Runs,
     /// `STAMP.sha1` (sha1sum of `current/` after run STAMP) and its companions.
     Manifests,
+    /// Raw ZFS mode: `zfs send` stream files, their `.sha1`, and `STAMP.json` records.
+    Streams,
 }
 
 impl Area {
-    pub const ALL: [Area; 4] = [
+    pub const ALL: [Area; 5] = [
         Area::Current,
         Area::Generations,
         Area::Runs,
         Area::Manifests,
+        Area::Streams,
     ];
 
     pub fn dir(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Area {
             Area::Generations => "generations",
             Area::Runs => "runs",
             Area::Manifests => "manifests",
+            Area::Streams => "streams",
         }
     }
 }
@@ -94,7 +98,7 @@ pub struct Contents {
 
 impl Contents {
     /// The newest stamp the target names, and the entry naming it.
-    pub(super) fn note(&mut self, stamp: &str, entry: String) {
+    pub fn note(&mut self, stamp: &str, entry: String) {
         if self.newest.as_ref().is_none_or(|(s, _)| stamp > s.as_str()) {
             self.newest = Some((stamp.to_string(), entry));
         }

@@ -111,6 +111,57 @@ pub struct Target {
 /// A scratch directory of this process, removed on drop.
 struct Scratch(PathBuf);
 
+/// A file being written for the target; see [`Target::upload`].
+pub struct Upload {
+    file: Option<fs::File>,
+    tmp: PathBuf,
+    area: Area,
+    local_dest: Option<PathBuf>,
+    _scratch: Option<Scratch>,
+}
+
+impl Upload {
+    pub fn file(&mut self) -> &mut fs::File {
+        self.file.as_mut().expect("file present until commit")
+    }
+
+    /// Makes the file durable and gives it its name on the target.
+    ///
+    /// # Errors
+    /// Syncing, renaming or uploading failed; the name then does not exist.
+    pub fn commit(mut self, runner: &dyn Runner, target: &Target) -> Result<(), TargetError> {
+        let file = self.file.take().expect("file present until commit");
+        file.sync_all().map_err(io(&self.tmp))?;
+        drop(file);
+        match self.local_dest.take() {
+            Some(dest) => {
+                fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
+                if let Some(dir) = dest.parent() {
+                    fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io(dir))?;
+                }
+                Ok(())
+            }
+            None => target.send_file(runner, self.area, &self.tmp),
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.local_dest.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A target file readable here; a fetched copy is removed on drop.
+pub struct LocalCopy {
+    pub path: PathBuf,
+    _scratch: Option<Scratch>,
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Err(e) = fs::remove_dir_all(&self.0) {
@@ -447,6 +498,85 @@ impl Target {
             .arg(self.ep.dest(&self.area(area, "")));
         let (ended, out) = self.ep.run(runner, &cmd)?;
         self.require_ok(ended, &out)
+    }
+
+    // ---- large files (raw ZFS streams) -------------------------------------------------
+
+    /// A file to fill and then [`Upload::commit`] as `AREA/NAME`: on a local target a
+    /// hidden temporary file next to it, renamed when complete; otherwise a scratch
+    /// copy, sent by rsync (which writes under a temporary name and renames too). Until
+    /// committed the name does not exist, so a half-written stream is never a restore
+    /// point; dropping an uncommitted upload removes what was written.
+    ///
+    /// # Errors
+    /// The temporary file cannot be created.
+    pub fn upload(&self, area: Area, name: &str) -> Result<Upload, TargetError> {
+        if let Some(root) = self.local() {
+            let dir = root.join(area.dir());
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+            let file = fs::File::create(&tmp).map_err(io(&tmp))?;
+            return Ok(Upload {
+                file: Some(file),
+                tmp,
+                area,
+                local_dest: Some(dir.join(name)),
+                _scratch: None,
+            });
+        }
+        let dir = self.scratch("stream")?;
+        let tmp = dir.0.join(name);
+        let file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        Ok(Upload {
+            file: Some(file),
+            tmp,
+            area,
+            local_dest: None,
+            _scratch: Some(dir),
+        })
+    }
+
+    /// `AREA/NAME` as a local file to read: itself on a local target, else a scratch
+    /// copy fetched by rsync; `None` when it does not exist.
+    ///
+    /// # Errors
+    /// It exists but cannot be fetched.
+    pub fn local_copy(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+    ) -> Result<Option<LocalCopy>, TargetError> {
+        if let Some(root) = self.local() {
+            let p = root.join(area.dir()).join(name);
+            return match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => Ok(Some(LocalCopy {
+                    path: p,
+                    _scratch: None,
+                })),
+                Ok(_) => Err(TargetError::Io {
+                    path: p,
+                    err: std::io::Error::other("not a regular file"),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io(&p)(e)),
+            };
+        }
+        let dir = self.scratch("fetch")?;
+        let local = dir.0.join(name);
+        let cmd = self
+            .ep
+            .cmd()
+            .arg(self.ep.dest(&self.area(area, name)))
+            .arg(&local);
+        match self.ep.run(runner, &cmd)? {
+            (Ended::Missing, _) => Ok(None),
+            (Ended::Ok, _) => Ok(Some(LocalCopy {
+                path: local,
+                _scratch: Some(dir),
+            })),
+            (e, out) => self.require_ok(e, &out).map(|()| None),
+        }
     }
 
     /// Reads `AREA/NAME`; `None` when it does not exist.
