@@ -409,6 +409,28 @@ fn systemd_units_say_what_the_readme_promises() {
     assert!(service.contains("ExecStart=/usr/bin/snapveil run\n"));
     assert!(service.contains("Type=oneshot"));
     assert!(tservice.contains("ExecStart=/usr/bin/snapveil run %i\n"));
+    // Any of these gives the unit a mount namespace of its own: a run's view and snapshot
+    // mounts would be invisible to the host (found under systemd in tests/vm/70-systemd.sh).
+    for unit in [&service, &tservice] {
+        for line in unit.lines() {
+            for key in [
+                "Protect",
+                "Private",
+                "ReadOnlyPaths",
+                "ReadWritePaths",
+                "InaccessiblePaths",
+                "TemporaryFileSystem",
+                "BindPaths",
+                "BindReadOnlyPaths",
+                "MountFlags",
+            ] {
+                assert!(
+                    !line.starts_with(key),
+                    "{line}: puts the unit's mounts in a namespace of its own"
+                );
+            }
+        }
+    }
     for t in [&timer, &ttimer] {
         assert!(t.contains("Persistent=true"));
         assert!(t.contains("RandomizedDelaySec="));
