@@ -6,7 +6,7 @@
 
 use crate::util::{bin, describe};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 struct Setup {
