@@ -19,6 +19,36 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The name of the hidden packaging subcommand; see [`command`].
+pub const GEN_DOCS: &str = "gen-docs";
+
+/// What `main` parses: [`Cli`] plus the hidden `gen-docs DIR` (man pages and completions
+/// for the package, `docs::write_all`). It is added here rather than declared in
+/// [`Command`] so that `Cli::command()`, the tree the pages and completions are made from,
+/// is exactly what users see (completion generators do not skip hidden subcommands).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().subcommand(
+        clap::Command::new(GEN_DOCS)
+            .hide(true)
+            .about("Write man pages (DIR/man8) and shell completions (DIR/completions)")
+            .arg(
+                clap::Arg::new("dir")
+                    .value_name("DIR")
+                    .required(true)
+                    .value_parser(clap::value_parser!(PathBuf)),
+            ),
+    )
+}
+
+/// The DIR of `snapveil gen-docs DIR`, when that is what was asked.
+pub fn gen_docs_dir(matches: &clap::ArgMatches) -> Option<PathBuf> {
+    match matches.subcommand() {
+        Some((GEN_DOCS, m)) => m.get_one::<PathBuf>("dir").cloned(),
+        _ => None,
+    }
+}
+
 const LONG_ABOUT: &str = "\
 snapveil takes a temporary snapshot of a dataset (ZFS, btrfs, LVM), presents it through an
 encrypting FUSE view byte-compatible with `gocryptfs -reverse`, rsyncs that view to a target

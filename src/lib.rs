@@ -21,6 +21,7 @@ mod commands;
 pub mod config;
 pub mod crypto;
 pub mod decrypt;
+pub mod docs;
 pub mod error;
 pub mod exec;
 pub mod hooks;
@@ -77,4 +78,25 @@ pub fn run(runner: &dyn exec::Runner, cli: cli::Cli) -> ExitCode {
         C::MountUnit(a) => commands::mount_unit::run(runner, a),
     };
     commands::exit_code(result)
+}
+
+/// `snapveil gen-docs DIR` (hidden; for the package build): man pages and completions
+/// from [`cli::Cli`]'s command tree. Prints the files written.
+pub fn gen_docs(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    match docs::write_all(cli::Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "snapveil: error: writing man pages and completions to {}: {e}",
+                dir.display()
+            );
+            ExitCode::from(error::EXIT_FAILURE)
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! Logging setup: `tracing` to stderr, plain lines by default (journald adds its own
-//! timestamps), JSON on request. `SNAPVEIL_LOG` overrides the filter (EnvFilter syntax).
+//! Logging setup: `tracing` to stderr, plain lines by default, JSON on request.
+//! `SNAPVEIL_LOG` overrides the filter (EnvFilter syntax). When stderr is the journal
+//! (a systemd unit), plain lines carry no timestamp of their own: journald stamps each.
 
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +30,9 @@ pub fn init(format: LogFormat, verbose: u8) {
         .log_internal_errors(false)
         .with_ansi(ansi);
     let _ = match format {
+        LogFormat::Plain if stderr_is_journal() => {
+            builder.with_target(false).without_time().try_init()
+        }
         LogFormat::Plain => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
@@ -37,4 +41,20 @@ pub fn init(format: LogFormat, verbose: u8) {
         tracing::error!("panic: {info}");
         prev(info);
     }));
+}
+
+/// systemd sets `JOURNAL_STREAM=DEV:INODE` for a unit whose stderr goes to the journal;
+/// the variable is inherited, so it counts only if stderr is still that stream
+/// (`snapveil run >log 2>&1` inside a unit keeps its timestamps).
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    match nix::sys::stat::fstat(libc::STDERR_FILENO) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
 }

@@ -1,4 +1,4 @@
-use clap::Parser;
+use clap::FromArgMatches;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -8,7 +8,11 @@ fn main() -> ExitCode {
     if let Some(code) = snapveil::run_mount_helper(&argv) {
         return code;
     }
-    let cli = snapveil::cli::Cli::parse();
+    let matches = snapveil::cli::command().get_matches();
+    if let Some(dir) = snapveil::cli::gen_docs_dir(&matches) {
+        return snapveil::gen_docs(&dir);
+    }
+    let cli = snapveil::cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     snapveil::logging::init(cli.log_format, cli.verbose);
     snapveil::run(&snapveil::exec::SystemRunner, cli)
 }

@@ -6,7 +6,7 @@
 
 use crate::util::{bin, describe};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 struct Setup {
@@ -215,9 +215,12 @@ fn bad_keep_options_exit_2_before_the_target_is_touched() {
     s.usage_error(&["prune", "data", "--keep-last", "1"]);
 }
 
-/// The man page's EXIT STATUS section, up to the next section.
+/// The EXIT STATUS section of the man page the binary generates (`snapveil gen-docs`,
+/// what the package ships), up to the next section.
 fn exit_status_section() -> String {
-    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/snapveil.8");
+    let dir = tempfile::tempdir().unwrap();
+    crate::util::ok(Command::new(bin()).arg("gen-docs").arg(dir.path()));
+    let page = dir.path().join("man8/snapveil.8");
     let text = fs::read_to_string(&page).unwrap();
     let start = text
         .find(".SH EXIT STATUS")

@@ -409,6 +409,28 @@ fn systemd_units_say_what_the_readme_promises() {
     assert!(service.contains("ExecStart=/usr/bin/snapveil run\n"));
     assert!(service.contains("Type=oneshot"));
     assert!(tservice.contains("ExecStart=/usr/bin/snapveil run %i\n"));
+    // Any of these gives the unit a mount namespace of its own: a run's view and snapshot
+    // mounts would be invisible to the host (found under systemd in tests/vm/70-systemd.sh).
+    for unit in [&service, &tservice] {
+        for line in unit.lines() {
+            for key in [
+                "Protect",
+                "Private",
+                "ReadOnlyPaths",
+                "ReadWritePaths",
+                "InaccessiblePaths",
+                "TemporaryFileSystem",
+                "BindPaths",
+                "BindReadOnlyPaths",
+                "MountFlags",
+            ] {
+                assert!(
+                    !line.starts_with(key),
+                    "{line}: puts the unit's mounts in a namespace of its own"
+                );
+            }
+        }
+    }
     for t in [&timer, &ttimer] {
         assert!(t.contains("Persistent=true"));
         assert!(t.contains("RandomizedDelaySec="));
@@ -452,17 +474,21 @@ fn systemd_units_say_what_the_readme_promises() {
     }
 }
 
-/// The Debian package carries the binary, units, hooks, man page and example config.
+/// The Debian package carries the binary (stripped), units, hooks, a man page per
+/// subcommand, completions and the example config; lintian (run by build-deb.sh) reports
+/// no error or warning; the config is a conffile; the key and state directories are made
+/// by postinst, not shipped, and no maintainer script deletes them.
 #[test]
-fn debian_package_installs_binary_units_hooks_and_docs() {
+fn debian_package_passes_lintian_and_ships_pages_completions_conffile() {
+    use clap::CommandFactory;
     let out_dir = tempfile::tempdir().unwrap();
     let deb = ok(Command::new(repo().join("scripts/build-deb.sh"))
         .arg(out_dir.path())
         .env("SNAPVEIL_BIN", bin())
-        .env("SNAPVEIL_DEB_COMPRESS", "none"));
+        .env("SNAPVEIL_DEB_COMPRESS", "gzip"));
     let deb = deb.trim();
     let list = ok(Command::new("dpkg-deb").args(["-c", deb]));
-    for want in [
+    let mut want: Vec<String> = [
         "./usr/bin/snapveil",
         "./lib/systemd/system/snapveil.service",
         "./lib/systemd/system/snapveil.timer",
@@ -472,17 +498,40 @@ fn debian_package_installs_binary_units_hooks_and_docs() {
         "./usr/share/snapveil/hooks/postgresql",
         "./usr/share/snapveil/hooks/fsfreeze",
         "./usr/share/man/man8/snapveil.8.gz",
+        "./usr/share/bash-completion/completions/snapveil",
+        "./usr/share/zsh/vendor-completions/_snapveil",
+        "./usr/share/fish/vendor_completions.d/snapveil.fish",
         "./usr/share/doc/snapveil/examples/snapveil.toml",
         "./usr/share/doc/snapveil/examples/pull/fstab.example",
         "./usr/share/doc/snapveil/examples/pull/home.mount.example",
         "./usr/share/doc/snapveil/examples/pull/authorized_keys.example",
         "./usr/sbin/mount.fuse.snapveil -> ../bin/snapveil",
-    ] {
+        "./usr/share/doc/snapveil/changelog.Debian.gz",
+        "./usr/share/doc/snapveil/copyright",
+        "./etc/snapveil/snapveil.toml",
+    ]
+    .map(String::from)
+    .to_vec();
+    // one page per subcommand the binary has, whoever added it
+    for sub in snapveil::cli::Cli::command()
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+    {
+        want.push(format!(
+            "./usr/share/man/man8/snapveil-{}.8.gz",
+            sub.get_name()
+        ));
+    }
+    for want in &want {
         assert!(
-            list.lines().any(|l| l.ends_with(want)),
+            list.lines().any(|l| l.ends_with(want.as_str())),
             "{want} missing:\n{list}"
         );
     }
+    assert!(
+        !list.contains("./etc/snapveil/keys") && !list.contains("./var/lib"),
+        "private dirs must come from postinst:\n{list}"
+    );
     assert!(
         list.contains("-rwxr-xr-x root/root")
             && list.contains("./usr/share/snapveil/hooks/fsfreeze")
@@ -492,4 +541,46 @@ fn debian_package_installs_binary_units_hooks_and_docs() {
         info.contains("Package: snapveil") && info.contains("fuse3"),
         "{info}"
     );
+
+    let x = tempfile::tempdir().unwrap();
+    ok(Command::new("dpkg-deb").args(["-R", deb]).arg(x.path()));
+    let bin_in = x.path().join("usr/bin/snapveil");
+    let sections = ok(Command::new("readelf").arg("-S").arg(&bin_in));
+    assert!(
+        !sections.contains(".debug_info") && !sections.contains(" .symtab "),
+        "not stripped:\n{sections}"
+    );
+    let conffiles = fs::read_to_string(x.path().join("DEBIAN/conffiles")).unwrap();
+    assert_eq!(conffiles, "/etc/snapveil/snapveil.toml\n");
+    ok(Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(x.path().join("etc/snapveil/snapveil.toml")));
+    let postinst = fs::read_to_string(x.path().join("DEBIAN/postinst")).unwrap();
+    assert!(
+        postinst.contains("install -d -m 0700 /etc/snapveil/keys"),
+        "{postinst}"
+    );
+    let postrm = fs::read_to_string(x.path().join("DEBIAN/postrm")).unwrap();
+    assert!(
+        !postrm.contains("rm ") && postrm.contains("purge leaves"),
+        "{postrm}"
+    );
+    let copyright = fs::read_to_string(x.path().join("usr/share/doc/snapveil/copyright")).unwrap();
+    assert!(copyright.starts_with(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+    ));
+    // crates linked in, with a stand-alone paragraph for each licence named
+    for crate_ in [
+        "rust-crates/clap_builder-",
+        "rust-crates/fuser-",
+        "rust-crates/aes-siv-",
+    ] {
+        assert!(copyright.contains(crate_), "{crate_} missing in copyright");
+    }
+    for licence in ["Expat", "Apache-2.0", "Unlicense", "BSD-3-Clause"] {
+        assert!(
+            copyright.contains(&format!("\n\nLicense: {licence}\n")),
+            "no License: {licence} paragraph"
+        );
+    }
 }

@@ -51,6 +51,19 @@ for d in tests/fixtures hooks examples; do
     [[ -d $REPO/$d ]] && mkdir -p "$share/$(dirname "$d")" && cp -r "$REPO/$d" "$share/$d"
 done
 cp "$GUEST/versions.txt" "$share/guest-versions.txt"
+cp "$REPO/README.md" "$share/README.md"
+# The Debian package of the binary under test, and a rebuild with a newer version for the
+# upgrade (tests/vm/70-systemd.sh installs both with dpkg -i). lintian runs in the cargo
+# tier (tests/ops.rs); here only the package is needed.
+deb_version=$(sed -n '1s/^snapveil (\([^)]*\)).*/\1/p' "$REPO/packaging/debian/changelog")
+for d in "deb:" "deb-upgrade:$deb_version+vmtest1"; do
+    if ! SNAPVEIL_BIN=$BIN SNAPVEIL_DEB_LINTIAN=0 SNAPVEIL_DEB_COMPRESS=gzip SNAPVEIL_DEB_VERSION=${d#*:} \
+        "$REPO/scripts/build-deb.sh" "$share/${d%%:*}" >/dev/null; then
+        echo "FAIL: building the Debian package (${d%%:*})"
+        summary "$SELF_PASSED" $((SELF_FAILED + 1))
+        exit 1
+    fi
+done
 
 # One disk per test file that needs one (each file owns and wipes its disks), sparse.
 mapfile -t disks < <(sed -n 's/^# disks: *//p' "$REPO"/tests/vm/[0-9][0-9]-*.sh | tr ' ' '\n' | sed '/^$/d' | sort -u)
