@@ -503,7 +503,10 @@ pub fn verify_job(
     tracing::info!(stamp = %stamp, files = want.len(), "verifying against the manifest of the last run");
     let here = target.current_here();
     if let (Some(current), false) = (&here, deep_check) {
-        return check_local(current, &want);
+        let mut r = check_local(current, &want)?;
+        r.tampered = chain;
+        r.notes = notes;
+        return Ok(r);
     }
     // A fresh snapshot: the view to compare a remote target with, and the plaintext for
     // a deep check. The job lock keeps a run from using the same names meanwhile.

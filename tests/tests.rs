@@ -7,6 +7,7 @@ mod ops_faults;
 mod restore;
 mod retention;
 mod snapshot;
+mod tamper;
 mod util;
 mod verify;
 mod view;
