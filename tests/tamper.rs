@@ -42,6 +42,23 @@ fn copy_tree(from: &Path, to: &Path) {
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
 
+impl Drop for Fx {
+    /// Ends the multiplexing ssh master (it would outlive the test by ControlPersist).
+    fn drop(&mut self) {
+        if let Some(d) = &self._sshd {
+            let _ = Command::new("ssh")
+                .args(d.ssh_args(&d.full_key))
+                .args([
+                    "-o",
+                    &format!("ControlPath={}", self.s.path("ssh-%C").display()),
+                ])
+                .args(["-O", "exit"])
+                .arg(format!("{}@127.0.0.1", d.user))
+                .output();
+        }
+    }
+}
+
 impl Fx {
     fn new(ssh: bool) -> Fx {
         assert!(crate::util::require_tool("rsync"));
@@ -49,8 +66,25 @@ impl Fx {
         let src = s.path("src");
         let target = s.path("target");
         let sshd = ssh.then(|| s.sshd_with_jail().1);
+        // Over ssh, one multiplexed connection for the whole suite: every command opens
+        // several rsync sessions, and each handshake costs about a second on a busy host.
         let (addr, extra) = match &sshd {
-            Some(d) => (d.target(&target), d.ssh_args_toml(&d.full_key)),
+            Some(d) => {
+                let mut args = d.ssh_args(&d.full_key);
+                args.extend([
+                    "-o".into(),
+                    "ControlMaster=auto".into(),
+                    "-o".into(),
+                    format!("ControlPath={}", s.path("ssh-%C").display()),
+                    "-o".into(),
+                    "ControlPersist=120".into(),
+                ]);
+                let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+                (
+                    d.target(&target),
+                    format!("ssh_args = [{}]", quoted.join(", ")),
+                )
+            }
             None => (target.display().to_string(), String::new()),
         };
         s.write_config(&[s.job("home", &format!("dir:{}", src.display()), &addr, &extra)]);
