@@ -441,3 +441,139 @@ fn pruned_points_are_recorded_and_manifests_stay_sha1sum_files() {
             .current_dir(target.join("current")),
     );
 }
+
+/// One look at a restore's output while it runs: whether the root lets others in, the
+/// regular files (path, mode, size) and how many entries there are.
+fn look(root: &Path) -> (bool, Vec<(PathBuf, u32, u64)>) {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(d: &Path, out: &mut Vec<(PathBuf, u32, u64)>) {
+        let Ok(rd) = fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let Ok(m) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push((e.path(), m.permissions().mode() & 0o777, m.len()));
+            }
+        }
+    }
+    let open = fs::metadata(root).is_ok_and(|m| m.permissions().mode() & 0o005 != 0);
+    let mut files = Vec::new();
+    walk(root, &mut files);
+    (open, files)
+}
+
+/// A restore of a tree whose files are world-readable exposes none of them to other
+/// users while it runs (directories 0700 and files 0600 until complete, the output root
+/// last), and ends with the recorded modes.
+#[test]
+fn a_restore_is_private_until_it_is_complete() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let src = s.path("src");
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("dir:{}", src.display()),
+        target.to_str().unwrap(),
+        "",
+    )]);
+    for d in 0..20 {
+        for f in 0..15 {
+            write(
+                &src,
+                &format!("d{d}/f{f}.txt"),
+                format!("{d}/{f}\n").as_bytes(),
+            );
+        }
+    }
+    write(&src, "big.bin", &random(8 << 20));
+    ok_chmod(&src, 0o755);
+    s.run_ok(&["home"]);
+    let out = s.path("out");
+    let mut child = s
+        .cmd(&["restore", "home", "/", "--to", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the root is private, a file others could read (once the root opens) must
+    // be complete, and a partial one is 0600; once it opens, everything is there.
+    let size = |p: &Path| {
+        if p.ends_with("big.bin") {
+            8 << 20
+        } else {
+            // "d{d}/f{f}.txt" holds "{d}/{f}\n".
+            (p.parent().unwrap().file_name().unwrap().len() + p.file_stem().unwrap().len()) as u64
+        }
+    };
+    let mut busy_looks = 0;
+    while child.try_wait().unwrap().is_none() {
+        let (open, files) = look(&out);
+        for (p, mode, len) in &files {
+            let partial = p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".snapveil-partial-");
+            assert!(
+                !(partial && *mode & 0o077 != 0),
+                "partial file readable by others: {}",
+                p.display()
+            );
+            assert!(
+                partial || *mode & 0o004 == 0 || *len == size(p),
+                "{} is readable by others ({mode:o}) before it is complete",
+                p.display()
+            );
+            assert!(
+                !(open && partial),
+                "the root opened with {} still partial",
+                p.display()
+            );
+        }
+        if open {
+            assert_eq!(
+                files.len(),
+                301,
+                "the root opened before the tree was complete"
+            );
+        } else {
+            busy_looks += usize::from(!files.is_empty());
+        }
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(busy_looks > 0, "the restore was never seen at work");
+    assert_eq!(
+        fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    let m = fs::metadata(out.join("d3/f4.txt")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        fs::metadata(out.join("d3")).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(fs::read(out.join("d3/f4.txt")).unwrap(), b"3/4\n");
+}
+
+/// `chmod -R` of a source tree: directories `mode`, files `mode & 0o666`.
+fn ok_chmod(root: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            ok_chmod(&p, mode);
+        } else {
+            fs::set_permissions(
+                &p,
+                fs::Permissions::from_mode(mode & 0o666 & !0o022 | 0o644),
+            )
+            .unwrap();
+        }
+    }
+    fs::set_permissions(root, fs::Permissions::from_mode(mode)).unwrap();
+}
