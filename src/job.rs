@@ -560,7 +560,14 @@ fn check_chain(
     for p in &v.problems {
         tracing::warn!("{}: accepted by {}: {p}", target.address(), p.flag());
     }
-    let counter = v.head.as_ref().map_or(1, |h| h.counter + 1);
+    // After an accepted rollback the count goes on from what this machine wrote, so no
+    // counter names two different records of ours.
+    let counter = v
+        .head
+        .as_ref()
+        .map(|h| h.counter)
+        .max(state.as_ref().map(|s| s.counter))
+        .map_or(1, |n| n + 1);
     Ok(NextLink {
         counter,
         prev: v.head.as_ref().map(|h| h.mac.clone()),
