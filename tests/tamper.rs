@@ -442,6 +442,18 @@ fn pruned_points_are_recorded_and_manifests_stay_sha1sum_files() {
         (o.status.success(), describe(&c, &o))
     };
     assert!(ok, "{t}");
+    // Without the job's key, prune cannot seal what it removes: it refuses.
+    let mut c = Command::new(crate::util::bin());
+    c.args([
+        "prune",
+        "--target",
+        target.to_str().unwrap(),
+        "--keep-last",
+        "1",
+    ]);
+    let t = crate::util::fails(&mut c);
+    assert!(t.contains("is sealed") && t.contains(&stamps[0]), "{t}");
+    assert_eq!(run_stamps(&target), stamps);
     crate::util::ok(
         Command::new("sha1sum")
             .args(["-c", "--quiet", "--strict"])
