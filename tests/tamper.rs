@@ -597,3 +597,75 @@ fn ok_chmod(root: &Path, mode: u32) {
     }
     fs::set_permissions(root, fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// A target made by a snapveil before sealed records: its points stay usable, shown as
+/// unauthenticated; the first run of this version starts the chain, and an unsealed
+/// record that appears after it is tampered.
+#[test]
+fn records_of_an_older_snapveil_are_unauthenticated_but_usable() {
+    let s = Setup::new();
+    let src = s.path("src");
+    let target = s.path("target");
+    s.write_config(&[s.job(
+        "home",
+        &format!("dir:{}", src.display()),
+        target.to_str().unwrap(),
+        "",
+    )]);
+    write(&src, "a.txt", b"old\n");
+    s.run_ok(&["home"]);
+    crate::util::as_made_by_older_snapveil(&target, &s.state);
+    let old = run_stamps(&target);
+    let list = crate::util::ok(&mut s.cmd(&["list", "home"]));
+    assert!(
+        list.contains("yes (unauth.)") && list.contains("unauthenticated (older version"),
+        "{list}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(&src, "a.txt", b"new\n");
+    s.run_ok(&["home"]);
+    let v = crate::util::ok(&mut s.cmd(&["verify", "home"]));
+    assert!(
+        v.contains(&format!(
+            "unauthenticated (older version of snapveil, no MAC): {}",
+            old[0]
+        )),
+        "{v}"
+    );
+    let out = s.path("asof-old");
+    crate::util::ok(&mut s.cmd(&[
+        "restore",
+        "home",
+        "a.txt",
+        "--as-of",
+        &old[0],
+        "--to",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"old\n");
+    // An unsealed record newer than the sealed one: no snapveil wrote it.
+    let forged = "20991231T000000Z";
+    fs::write(
+        target.join("runs").join(format!("{forged}.json")),
+        format!("{{\"stamp\":\"{forged}\",\"job\":\"home\"}}\n"),
+    )
+    .unwrap();
+    let newest = run_stamps(&target)[1].clone();
+    for ext in ["sha1", "meta"] {
+        fs::copy(
+            target.join("manifests").join(format!("{newest}.{ext}")),
+            target.join("manifests").join(format!("{forged}.{ext}")),
+        )
+        .unwrap();
+    }
+    let mut c = s.cmd(&["verify", "home"]);
+    let o = c.output().unwrap();
+    let t = describe(&c, &o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "TAMPERED: runs/{forged}.json: it has no MAC but is newer"
+        )),
+        "{t}"
+    );
+}
