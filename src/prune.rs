@@ -14,6 +14,9 @@
 //! change, so the path set at i must come from elsewhere (`manifests/<stamp>.sha1`).
 //!
 //! # What a prune does, in this order (each step keeps every remaining record exact)
+//! 0. Seals the restore points it deletes (stamp, run counter, MAC) into
+//!    `runs/pruned.json`, so that their absence is no gap in the chain of runs
+//!    (`target::chain`). A target with a tampered record is not pruned.
 //! 1. Removes `runs/<stamp>.json` of the restore points the policy deletes, newest
 //!    first, so that an interrupted prune re-plans to the same kept set (the oldest
 //!    record is what restic's "keep the oldest" rule looks at; it goes last). Then their

@@ -9,7 +9,9 @@
 //! layout is checked (an area that is a symlink is refused: rsync `--backup-dir`, prune's
 //! renames and deletions would follow it), its records are read and classified (junk is
 //! no restore point; another job's record stops the command), and a new run's stamp is
-//! made newer than everything it names ([`layout::new_stamp`]).
+//! made newer than everything it names ([`layout::new_stamp`]). With the job's record
+//! key ([`Target::with_auth`]) records are sealed when written and their seals, the
+//! manifests' MACs and the chain of runs are checked when read ([`chain`], issue 14).
 //!
 //! Raw ZFS mode will add targets of another family (`zfs receive` over ssh, stream files
 //! on a directory target) beside this one.
