@@ -420,6 +420,14 @@ pub struct RunArgs {
     pub config: ConfigArg,
     /// Jobs to run (default: all, in config order).
     pub jobs: Vec<String>,
+    /// Back up into a target whose newest restore point is older than what this machine
+    /// last wrote there (rolled back, or its newest points deleted).
+    #[arg(long)]
+    pub accept_rollback: bool,
+    /// Back up into a target with records missing that prune did not remove, records
+    /// that do not link up, or records whose MAC fails (tampered).
+    #[arg(long)]
+    pub accept_truncation: bool,
 }
 
 #[derive(Debug, Args)]

@@ -3,9 +3,18 @@
 //! owners (as root) and special files. Our first restore path, and the same job forward
 //! `gocryptfs` does on a mounted copy.
 //!
-//! A block that fails authentication fails its file (named with the block number); the
-//! partial output is deleted, so unauthenticated plaintext is never left on disk. The
+//! A block that fails authentication fails its file (named with the block number), and
+//! so does a file whose header names another path's file ID (reverse mode derives it
+//! from the encrypted path: a ciphertext copied onto another name). Each file is
+//! decrypted to a temporary name and renamed (never over an existing entry) only once
+//! every block authenticated, so unauthenticated plaintext is never left on disk. The
 //! walk carries on with the rest and reports every failure at the end.
+//!
+//! The output stays private while it is written (issue 14): directories are created
+//! 0700 and files 0600, and each gets its recorded mode only when complete, directories
+//! after their contents, the output root last. Every entry is created new (`mkdir`,
+//! `O_EXCL`, `RENAME_NOREPLACE`): an entry that exists already, such as a symlink an
+//! earlier entry of the same tree created, is never written through.
 //!
 //! Missing `gocryptfs.diriv` files (a generation directory holds only the files a run
 //! replaced) are re-derived: in reverse mode a directory IV is a function of its
@@ -82,7 +91,12 @@ pub fn decrypt_tree_recorded(
             return Err(DecryptError::OutNotEmpty { path: out.into() });
         }
     } else {
-        fs::create_dir_all(out).map_err(io(out))?;
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .map_err(io(out))?;
     }
     fs::read_dir(src).map_err(io(src))?;
     let mut report = Report::default();
@@ -179,7 +193,8 @@ impl Walker<'_> {
             };
             let ft = m.file_type();
             if ft.is_dir() {
-                if let Err(e) = fs::create_dir(&dest) {
+                use std::os::unix::fs::DirBuilderExt;
+                if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&dest) {
                     self.fail(r, &dest, e.to_string());
                     continue;
                 }
@@ -189,16 +204,13 @@ impl Walker<'_> {
             } else if ft.is_symlink() {
                 self.symlink(&path, &dest, &self.attrs(&ccpath, &m), r);
             } else if ft.is_file() {
-                match self.file(&path, &dest) {
+                match self.file(&path, &dest, &ccpath) {
                     Ok(n) => {
                         r.files += 1;
                         r.bytes += n;
                         self.finish_meta(&dest, &self.attrs(&ccpath, &m), r);
                     }
-                    Err(why) => {
-                        let _ = fs::remove_file(&dest);
-                        self.fail(r, &path, why);
-                    }
+                    Err(why) => self.fail(r, &path, why),
                 }
             } else {
                 self.special(&path, &dest, &m, &self.attrs(&ccpath, &m), r);
@@ -254,27 +266,48 @@ impl Walker<'_> {
         }
     }
 
-    /// Decrypts one file into `dest`; returns the plaintext size.
-    fn file(&self, path: &Path, dest: &Path) -> Result<u64, String> {
+    /// Decrypts one file (encrypted path `cpath`) into `dest`, through a temporary name
+    /// that is renamed only when every block authenticated; returns the plaintext size.
+    fn file(&self, path: &Path, dest: &Path, cpath: &[u8]) -> Result<u64, String> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let f = File::open(path).map_err(|e| e.to_string())?;
         let size = f.metadata().map_err(|e| e.to_string())?.len();
         content::checked_plain_size(size).map_err(|e| e.to_string())?;
+        let tmp = dest.with_file_name(format!(
+            ".snapveil-partial-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode_private()
-            .open(dest)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let result = (|| {
+            let mut w = BufWriter::with_capacity(1 << 20, out);
+            let mut rd = BufReader::with_capacity(1 << 20, f);
+            let expect = content::FileIvs::for_cpath(cpath).file_id;
+            let total = content::decrypt_stream(self.keys, size, &mut rd, &mut w, Some(&expect))
+                .map_err(|e| match e {
+                    content::ContentError::Write(e) => format!("{}: {e}", dest.display()),
+                    e => e.to_string(),
+                })?;
+            w.flush().map_err(|e| format!("{}: {e}", dest.display()))?;
+            nix::fcntl::renameat2(
+                None,
+                &tmp,
+                None,
+                dest,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            )
             .map_err(|e| format!("{}: {e}", dest.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, out);
-        let mut rd = BufReader::with_capacity(1 << 20, f);
-        let total = content::decrypt_stream(self.keys, size, &mut rd, &mut w, None).map_err(
-            |e| match e {
-                content::ContentError::Write(e) => format!("{}: {e}", dest.display()),
-                e => e.to_string(),
-            },
-        )?;
-        w.flush().map_err(|e| format!("{}: {e}", dest.display()))?;
-        Ok(total)
+            Ok(total)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Mode, owner (as root) and times, applied after content so mtimes stick.

@@ -73,8 +73,18 @@ struct Success {
     consistent: bool,
 }
 
+/// What `snapveil run` was told to accept about a target's records (issue 14).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// `--accept-rollback`: the target's newest restore point is older than what this
+    /// machine last wrote there.
+    pub accept_rollback: bool,
+    /// `--accept-truncation`: records missing (not by prune), replaced, or tampered.
+    pub accept_truncation: bool,
+}
+
 /// Runs one job and returns its status (also saved under the state dir).
-pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
+pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -> RunStatus {
     // Until the target is read, the stamp is provisional (see crate::target::new_stamp).
     let mut stamp = snapshot::now_stamp();
     let started = Utc::now();
@@ -108,7 +118,9 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
     };
     let mut held = Held::default();
     let target = Target::for_job(cfg, job);
-    let result = run_steps(runner, cfg, job, &target, &mut stamp, &mut env, &mut held);
+    let result = run_steps(
+        runner, cfg, job, opts, &target, &mut stamp, &mut env, &mut held,
+    );
     let cleanup_errs = held.release();
     let result = match (result, cleanup_errs.is_empty()) {
         (Ok(s), true) => Ok(s),
@@ -196,10 +208,12 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job) -> RunStatus {
 }
 
 #[allow(clippy::result_large_err)] // the snapshot provider's error, checked in a closure
+#[allow(clippy::too_many_arguments)]
 fn run_steps<'a>(
     runner: &'a dyn Runner,
     cfg: &Config,
     job: &Job,
+    opts: RunOptions,
     target: &Target,
     stamp_out: &mut String,
     env: &mut HookEnv,
@@ -213,9 +227,12 @@ fn run_steps<'a>(
     let master = key
         .unlock_with_passfile(&job.passfile)
         .context("unlocking the key config")?;
+    target.set_auth(crate::crypto::RecordKey::new(&master));
     // What the target holds decides the stamp, and its layout whether we may write.
     let contents = target.scan(runner).context("reading the target")?;
     target.check_owner(runner, &key.raw)?;
+    // Its records must be ours and complete before anything is sent with --delete.
+    let link = check_chain(cfg, job, opts, target, &contents)?;
     let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
@@ -298,23 +315,29 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let reuse =
-        contents
-            .points
-            .last()
-            .and_then(|p| match crate::verify::manifest_of(runner, target, p) {
-                Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
-                Err(e) => {
-                    tracing::warn!(
-                        "the last restore point's manifest cannot be used ({}): hashing every file",
-                        crate::error::Chain(&e)
-                    );
-                    None
-                }
-            });
-    let manifest = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
+    let reuse = contents.points.last().and_then(|p| {
+        match crate::verify::manifest_of(runner, target, &contents, p) {
+            Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
+            Err(e) => {
+                tracing::warn!(
+                    "the last restore point's manifest cannot be used ({}): hashing every file",
+                    crate::error::Chain(&e)
+                );
+                None
+            }
+        }
+    });
+    let written = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
-    record_run(runner, target, job, stamp, &out)?;
+    let head = record_run(runner, target, job, stamp, &out, &written, &link)?;
+    crate::target::chain::save_state(
+        &cfg.state_dir,
+        &job.name,
+        &target.address().to_string(),
+        &head,
+    )
+    .context("recording the run in the agent's chain state")?;
+    let manifest = written.entries;
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
@@ -628,23 +651,117 @@ fn raw_steps(
     })
 }
 
-/// Writes `TARGET/runs/STAMP.json`: the run is now a restore point.
+/// Where a new run's record links into the target's chain.
+struct NextLink {
+    counter: u64,
+    prev: Option<String>,
+    base: u64,
+}
+
+/// Checks the target's records ([`crate::target::chain`]) against what this machine last
+/// wrote there, and says where this run's record goes in the chain. Problems stop the
+/// run unless the flag naming each was given; an accepted one restarts the chain check
+/// at this run (its record's `base`).
+///
+/// # Errors
+/// A tampered, truncated or rolled-back target not accepted, or unreadable state.
+fn check_chain(
+    cfg: &Config,
+    job: &Job,
+    opts: RunOptions,
+    target: &Target,
+    contents: &crate::target::Contents,
+) -> Result<NextLink> {
+    let state =
+        crate::target::chain::load_state(&cfg.state_dir, &job.name, &target.address().to_string())?;
+    let v = contents.chain(state.as_ref());
+    for w in &v.warnings {
+        tracing::warn!("{}: {w}", target.address());
+    }
+    let old = contents.unsealed();
+    if !old.is_empty() {
+        tracing::warn!(
+            "{}: {} restore point(s) unauthenticated (older version of snapveil, no MAC)",
+            target.address(),
+            old.len()
+        );
+    }
+    let refused: Vec<String> = v
+        .problems
+        .iter()
+        .filter(|p| {
+            !(if p.is_rollback() {
+                opts.accept_rollback
+            } else {
+                opts.accept_truncation
+            })
+        })
+        .map(|p| format!("{p} (accept with {})", p.flag()))
+        .collect();
+    if !refused.is_empty() {
+        bail!(
+            "{}: refusing to back up into this target, nothing was transferred:\n  {}",
+            target.address(),
+            refused.join("\n  ")
+        );
+    }
+    for p in &v.problems {
+        tracing::warn!("{}: accepted by {}: {p}", target.address(), p.flag());
+    }
+    // After an accepted rollback the count goes on from what this machine wrote, so no
+    // counter names two different records of ours.
+    let counter = v
+        .head
+        .as_ref()
+        .map(|h| h.counter)
+        .max(state.as_ref().map(|s| s.counter))
+        .map_or(1, |n| n + 1);
+    Ok(NextLink {
+        counter,
+        prev: v.head.as_ref().map(|h| h.mac.clone()),
+        base: match &v.head {
+            Some(h) if v.problems.is_empty() => h.base,
+            _ => counter,
+        },
+    })
+}
+
+/// Writes `TARGET/runs/STAMP.json`, sealed, with the MACs of its manifests and its link
+/// in the chain: the run is now a restore point. Returns what the agent remembers.
 fn record_run(
     runner: &dyn Runner,
     target: &Target,
     job: &Job,
     stamp: &str,
     out: &crate::target::Outcome,
-) -> Result<()> {
+    written: &crate::verify::Written,
+    link: &NextLink,
+) -> Result<crate::target::chain::Head> {
     let rec = crate::target::RunRecord {
         stamp: stamp.to_string(),
         job: Some(job.name.clone()),
         finished: Some(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)),
         bytes_sent: out.stats.bytes_sent,
         files: out.stats.files_transferred,
+        counter: Some(link.counter),
+        prev: link.prev.clone(),
+        base: Some(link.base),
+        sha1_mac: written.sha1_mac.clone(),
+        meta_mac: written.meta_mac.clone(),
     };
-    let data = serde_json::to_vec_pretty(&rec).expect("json");
+    let body = serde_json::to_vec_pretty(&rec).expect("json");
+    let data = target.seal(&body);
+    let key = target.auth().context("the record key is not set")?;
+    let mac = match crate::target::chain::open(Some(key), &data) {
+        crate::target::chain::Opened::Authentic(_, m) => hex::encode(m),
+        _ => bail!("sealing the run record failed"),
+    };
     target
         .put(runner, Area::Runs, &format!("{stamp}.json"), &data)
-        .context("recording the run on the target")
+        .context("recording the run on the target")?;
+    Ok(crate::target::chain::Head {
+        stamp: stamp.to_string(),
+        counter: link.counter,
+        mac,
+    })
 }

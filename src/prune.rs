@@ -14,6 +14,9 @@
 //! change, so the path set at i must come from elsewhere (`manifests/<stamp>.sha1`).
 //!
 //! # What a prune does, in this order (each step keeps every remaining record exact)
+//! 0. Seals the restore points it deletes (stamp, run counter, MAC) into
+//!    `runs/pruned.json`, so that their absence is no gap in the chain of runs
+//!    (`target::chain`). A target with a tampered record is not pruned.
 //! 1. Removes `runs/<stamp>.json` of the restore points the policy deletes, newest
 //!    first, so that an interrupted prune re-plans to the same kept set (the oldest
 //!    record is what restic's "keep the oldest" rule looks at; it goes last). Then their
@@ -63,6 +66,12 @@ pub enum PruneError {
          was pruned"
     )]
     WouldDeleteNewPoint { stamp: String },
+    #[error(
+        "restore point {stamp} is sealed (issue 14): deleting it needs the job's key, so \
+         that the deletion is recorded in runs/pruned.json; prune it with `snapveil prune \
+         JOB`; nothing was pruned"
+    )]
+    NeedsKey { stamp: String },
 }
 
 // ---- listing ---------------------------------------------------------------------------
@@ -497,22 +506,19 @@ pub fn prune(
     policy.validate()?;
     let paths = target.prune_paths(runner)?;
     let mut listing = Listing::from_paths(paths.iter().map(|(p, d)| (p.as_slice(), *d)));
-    // Only records that are restore points count; junk is left alone, reported.
-    let stamps: Vec<String> = listing.records.iter().cloned().collect();
-    let records = target.read_records(runner, &stamps)?;
-    let (points, ignored) = crate::target::layout::classify(
-        &target.address().to_string(),
-        records,
-        &listing.manifests,
-        target.job(),
-    )?;
-    for (f, why) in &ignored {
-        tracing::warn!(
-            "{}/{f}: not a restore point: {why} (left alone)",
-            target.address()
-        );
+    // Only records that are restore points count; junk is left alone, reported; a
+    // tampered one stops prune (its restore point may be real: nothing is planned
+    // around a record we cannot read).
+    let contents = target.scan(runner)?;
+    if let Some((file, why)) = contents.tampered.first() {
+        return Err(crate::target::TargetError::Tampered {
+            target: target.address().to_string(),
+            file: file.clone(),
+            why: why.clone(),
+        }
+        .into());
     }
-    listing.records = points.into_iter().collect();
+    listing.records = contents.points.iter().cloned().collect();
     let plan = plan_prune(&listing, policy, opts.local, target.mode(runner));
     if let Some(p) = &opts.protect {
         if plan.decisions.iter().any(|d| &d.stamp == p && !d.keep) {
@@ -520,6 +526,7 @@ pub fn prune(
         }
     }
     if !opts.dry_run && !plan.ops.is_empty() {
+        record_pruned(runner, target, &contents, &plan)?;
         target.apply(runner, &plan.ops)?;
     }
     for f in &plan.foreign {
@@ -530,6 +537,55 @@ pub fn prune(
         plan,
         dry_run: opts.dry_run,
     })
+}
+
+/// Seals the restore points the plan deletes into `runs/pruned.json` before anything is
+/// deleted, so that their absence is not taken for a truncated target
+/// ([`crate::target::chain`]). Without the key (`prune --target`) sealed points are
+/// not deleted at all: the gap they would leave could not be told from tampering.
+fn record_pruned(
+    runner: &dyn Runner,
+    target: &Target,
+    contents: &crate::target::Contents,
+    plan: &PrunePlan,
+) -> Result<(), PruneError> {
+    use crate::target::chain::{Ledger, Pruned, LEDGER};
+    let deleted: Vec<&str> = plan
+        .decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.stamp.as_str())
+        .collect();
+    if let Some(s) = deleted.iter().find(|s| contents.unchecked.contains(**s)) {
+        return Err(PruneError::NeedsKey {
+            stamp: (*s).to_string(),
+        });
+    }
+    let new: Vec<Pruned> = deleted
+        .iter()
+        .filter_map(|s| contents.sealed.get(*s))
+        .map(|(_, l)| Pruned {
+            stamp: l.stamp.clone(),
+            counter: l.counter,
+            mac: l.mac.clone(),
+        })
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut ledger = contents.ledger.clone().unwrap_or_else(|| Ledger {
+        job: target.job().map(str::to_string),
+        pruned: Vec::new(),
+    });
+    for p in new {
+        if !ledger.pruned.iter().any(|q| q.counter == p.counter) {
+            ledger.pruned.push(p);
+        }
+    }
+    ledger.pruned.sort_by_key(|p| p.counter);
+    let body = serde_json::to_vec_pretty(&ledger).expect("json");
+    target.put(runner, Area::Runs, LEDGER, &target.seal(&body))?;
+    Ok(())
 }
 
 impl fmt::Display for PruneReport {

@@ -126,6 +126,9 @@ pub struct Report {
     pub unrecoverable: Vec<(String, String)>,
     /// What the user should know although nothing failed (an old restore point, no root).
     pub notes: Vec<String>,
+    /// Tampered records, a truncated or rolled-back target (issue 14): the restore is
+    /// reported as failed, though what it wrote was checked.
+    pub tampered: Vec<String>,
 }
 
 /// A requested path as plaintext bytes relative to the source root, without empty or
@@ -226,15 +229,17 @@ pub fn restore(
         .collect::<Result<_, RestoreError>>()?;
     let (key, master) = verify::unlock(job)?;
     let keys = Keys::new(&master, key.flags);
-    let target = Target::for_job(cfg, job);
-    let points = target.scan(runner).map_err(VerifyError::from)?.points;
+    let target = Target::for_job(cfg, job).with_auth(crate::crypto::RecordKey::new(&master));
+    let contents = target.scan(runner).map_err(VerifyError::from)?;
+    let (tampered, chain_notes) = verify::chain_report(cfg, job, &target, &contents)?;
+    let points = contents.points.clone();
     let as_of = as_of.map(as_of_stamp).transpose()?;
     let point =
         pick_point(&points, as_of.as_deref()).ok_or_else(|| RestoreError::NoPointBefore {
             target: target.address().to_string(),
             time: as_of.clone().unwrap_or_else(|| "now".into()),
         })?;
-    let want = verify::manifest_of(runner, &target, &point)?;
+    let want = verify::manifest_of(runner, &target, &contents, &point)?;
     if let Some(bad) = want.keys().find(|c| !safe_rel(c)) {
         return Err(RestoreError::BadMeta {
             file: format!("manifests/{point}.sha1"),
@@ -244,11 +249,25 @@ pub fn restore(
     }
     let meta_file = format!("manifests/{point}.meta");
     let recorded = match target.fetch(runner, Area::Manifests, &format!("{point}.meta"))? {
-        Some(d) => Some(load_meta(&meta_file, &d)?),
+        Some(d) => {
+            target.check_manifest(&contents, &point, "meta", &d)?;
+            Some(load_meta(&meta_file, &d)?)
+        }
+        // A sealed point's record names its .meta: gone is tampered, not "older".
+        None if contents.sealed.contains_key(&point) => {
+            return Err(crate::target::TargetError::Tampered {
+                target: target.address().to_string(),
+                file: meta_file,
+                why: format!("missing, but runs/{point}.json records it"),
+            }
+            .into())
+        }
         None => None,
     };
     let mut report = Report {
         point: point.clone(),
+        tampered,
+        notes: chain_notes,
         ..Report::default()
     };
     if recorded.is_none() {
@@ -343,6 +362,7 @@ pub fn restore(
         keys: &keys,
         point: &point,
         points: &points,
+        contents: &contents,
     };
     let result = ctx.fetch_and_check(&sel, &stage, &mut report);
     let result = result.and_then(|fetched| {
@@ -440,6 +460,7 @@ struct Ctx<'a> {
     keys: &'a Keys,
     point: &'a str,
     points: &'a [String],
+    contents: &'a crate::target::Contents,
 }
 
 impl Ctx<'_> {
@@ -518,9 +539,11 @@ impl NewerManifests {
     ) -> Result<Option<String>, RestoreError> {
         if self.loaded.is_empty() {
             for q in ctx.points.iter().filter(|q| q.as_str() > ctx.point) {
-                let m = match verify::manifest_of(ctx.runner, ctx.target, q) {
+                let m = match verify::manifest_of(ctx.runner, ctx.target, ctx.contents, q) {
                     Ok(m) => Some(m),
                     Err(VerifyError::NoManifest { .. }) => None,
+                    // Reported by the chain check; it cannot name a holder.
+                    Err(VerifyError::Target(crate::target::TargetError::Tampered { .. })) => None,
                     Err(e) => return Err(e.into()),
                 };
                 self.loaded.push((q.clone(), m));

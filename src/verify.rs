@@ -53,6 +53,8 @@ pub enum VerifyError {
     NoManifest { target: String, stamp: String },
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
+    #[error(transparent)]
+    Chain(#[from] crate::target::chain::StateError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
@@ -73,6 +75,10 @@ pub struct Report {
     pub wrong_plaintext: Vec<String>,
     /// Files the source changed since the last run: the target cannot be judged there.
     pub unverifiable: Vec<String>,
+    /// Records that fail their MAC, and a truncated or rolled-back chain (issue 14).
+    pub tampered: Vec<String>,
+    /// What the user should know although nothing failed.
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -81,9 +87,16 @@ impl Report {
             && self.extra.is_empty()
             && self.differing.is_empty()
             && self.wrong_plaintext.is_empty()
+            && self.tampered.is_empty()
     }
 
     pub fn print(&self) {
+        for n in &self.notes {
+            println!("note: {n}");
+        }
+        for t in &self.tampered {
+            println!("{t}");
+        }
         for (what, v) in [
             ("missing", &self.missing),
             ("extra", &self.extra),
@@ -123,22 +136,25 @@ pub fn write_manifest(
     stamp: &str,
     walk: &ViewWalk,
     reuse: Option<&Reuse>,
-) -> Result<Vec<Entry>, VerifyError> {
+) -> Result<Written, VerifyError> {
     let entries = hash_files(walk, reuse)?;
-    let meta = &walk.meta;
-    target.put(
-        runner,
-        Area::Manifests,
-        &format!("{stamp}.meta"),
-        &manifest::meta::format(meta),
-    )?;
-    target.put(
-        runner,
-        Area::Manifests,
-        &format!("{stamp}.sha1"),
-        &manifest::format(&entries),
-    )?;
-    Ok(entries)
+    let meta = manifest::meta::format(&walk.meta);
+    target.put(runner, Area::Manifests, &format!("{stamp}.meta"), &meta)?;
+    let sha1 = manifest::format(&entries);
+    target.put(runner, Area::Manifests, &format!("{stamp}.sha1"), &sha1)?;
+    Ok(Written {
+        entries,
+        sha1_mac: target.mac_hex(&sha1),
+        meta_mac: target.mac_hex(&meta),
+    })
+}
+
+/// What [`write_manifest`] wrote: the entries, and the MACs (hex) of the two files'
+/// exact bytes, for the run record that authenticates them.
+pub struct Written {
+    pub entries: Vec<Entry>,
+    pub sha1_mac: Option<String>,
+    pub meta_mac: Option<String>,
 }
 
 /// What a run's manifest can take from the last restore point's: the sha1 of every file
@@ -260,13 +276,16 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, Veri
     Ok(out)
 }
 
-/// The manifest of restore point `stamp`: sha1 by encrypted path.
+/// The manifest of restore point `stamp` (of `contents`, as scanned): sha1 by
+/// encrypted path, checked against the MAC in its sealed record first.
 ///
 /// # Errors
-/// No restore point, no manifest for it, or a transfer/parse failure.
+/// No restore point, no manifest for it, a tampered manifest, or a transfer/parse
+/// failure.
 pub fn manifest_of(
     runner: &dyn Runner,
     target: &Target,
+    contents: &crate::target::Contents,
     stamp: &str,
 ) -> Result<BTreeMap<Vec<u8>, [u8; 20]>, VerifyError> {
     let sub = format!("manifests/{stamp}.sha1");
@@ -276,6 +295,7 @@ pub fn manifest_of(
             target: target.address().to_string(),
             stamp: stamp.into(),
         })?;
+    target.check_manifest(contents, stamp, "sha1", &data)?;
     Ok(manifest::parse(&sub, &data)?
         .into_iter()
         .map(|e| (e.path, e.sha1))
@@ -458,19 +478,35 @@ pub fn verify_job(
     deep_check: bool,
 ) -> Result<Report, VerifyError> {
     let (key, master) = unlock(job)?;
-    let target = Target::for_job(cfg, job);
-    let stamp = target
-        .scan(runner)?
+    let target = Target::for_job(cfg, job).with_auth(crate::crypto::RecordKey::new(&master));
+    let contents = target.scan(runner)?;
+    let (chain, notes) = chain_report(cfg, job, &target, &contents)?;
+    let stamp = contents
         .points
-        .pop()
+        .last()
+        .cloned()
         .ok_or_else(|| VerifyError::NoRun {
             target: target.address().to_string(),
         })?;
-    let want = manifest_of(runner, &target, &stamp)?;
+    let want = match manifest_of(runner, &target, &contents, &stamp) {
+        Ok(w) => w,
+        // A tampered manifest is a finding, reported with the rest.
+        Err(VerifyError::Target(crate::target::TargetError::Tampered { file, why, .. })) => {
+            return Ok(Report {
+                tampered: [chain, vec![format!("TAMPERED: {file}: {why}")]].concat(),
+                notes,
+                ..Report::default()
+            })
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(stamp = %stamp, files = want.len(), "verifying against the manifest of the last run");
     let here = target.current_here();
     if let (Some(current), false) = (&here, deep_check) {
-        return check_local(current, &want);
+        let mut r = check_local(current, &want)?;
+        r.tampered = chain;
+        r.notes = notes;
+        return Ok(r);
     }
     // A fresh snapshot: the view to compare a remote target with, and the plaintext for
     // a deep check. The job lock keeps a run from using the same names meanwhile.
@@ -501,5 +537,34 @@ pub fn verify_job(
     guard
         .release()
         .map_err(|e| VerifyError::Snapshot(crate::snapshot::error_chain(&e)))?;
+    report.tampered = chain;
+    report.notes = notes;
     Ok(report)
+}
+
+/// The chain check of a target's records (tampered records, gaps, rollback against what
+/// this machine last wrote: [`crate::target::chain`]) as report lines: problems, and
+/// notes (unauthenticated restore points of older snapveils, accepted damage).
+///
+/// # Errors
+/// The agent's chain state cannot be read.
+pub fn chain_report(
+    cfg: &Config,
+    job: &Job,
+    target: &Target,
+    contents: &crate::target::Contents,
+) -> Result<(Vec<String>, Vec<String>), VerifyError> {
+    let state =
+        crate::target::chain::load_state(&cfg.state_dir, &job.name, &target.address().to_string())?;
+    let v = contents.chain(state.as_ref());
+    let mut notes = v.warnings;
+    let old = contents.unsealed();
+    if !old.is_empty() {
+        notes.push(format!(
+            "{} restore point(s) unauthenticated (older version of snapveil, no MAC): {}",
+            old.len(),
+            old.join(", ")
+        ));
+    }
+    Ok((v.problems.iter().map(ToString::to_string).collect(), notes))
 }

@@ -691,10 +691,7 @@ fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
         std::thread::sleep(Duration::from_millis(1100));
     }
     for (job, target) in &targets {
-        let runs: Vec<String> = dirs(&target.join("runs"))
-            .into_iter()
-            .map(|r| r.trim_end_matches(".json").to_string())
-            .collect();
+        let runs = records(target);
         assert_eq!(
             runs.len(),
             2,
@@ -726,10 +723,7 @@ fn runs_prune_by_policy_and_kept_restore_points_restore_exactly() {
         assert!(dry.contains("nothing to do"), "{job}: {dry}");
         // Each kept point has its .sha1 and its .meta; those of pruned points go too.
         let manifests = dirs(&target.join("manifests"));
-        let kept: Vec<String> = dirs(&target.join("runs"))
-            .iter()
-            .map(|r| r.replace(".json", ""))
-            .collect();
+        let kept = records(target);
         let mut want: Vec<String> = kept
             .iter()
             .flat_map(|k| [format!("{k}.meta"), format!("{k}.sha1")])
@@ -753,10 +747,12 @@ fn set_mtime(p: &Path, when: &str) {
     ok(Command::new("touch").args(["-m", "-d", when]).arg(p));
 }
 
+/// The stamps of `runs/STAMP.json` (not prune's `runs/pruned.json`).
 fn records(target: &Path) -> Vec<String> {
     dirs(&target.join("runs"))
         .into_iter()
         .filter_map(|r| r.strip_suffix(".json").map(str::to_string))
+        .filter(|r| r != "pruned")
         .collect()
 }
 

@@ -388,6 +388,14 @@ fn restore_names_non_utf8_files_symlinks_fifos_and_empty_dirs() {
     let line = m.iter().filter(|b| **b == b'\n').count() + 1;
     m.extend_from_slice(b"f 0644 0 0 1 ../../escape\n");
     fs::write(&meta, m).unwrap();
+    // The record's MAC of the .meta catches the edit first (issue 14) ...
+    let (ok, text) = fx.restore(&[OsStr::new("/")], &fx.out_dir("z0"), Some(&p1));
+    assert!(
+        !ok && text.contains(&format!("manifests/{p1}.meta: TAMPERED")),
+        "{text}"
+    );
+    // ... and a point of an older snapveil (no MACs) still has its paths checked.
+    crate::util::as_made_by_older_snapveil(&fx.target, &fx.work.path().join("state"));
     let (ok, text) = fx.restore(&[OsStr::new("/")], &fx.out_dir("z"), Some(&p1));
     assert!(!ok, "{text}");
     assert!(
@@ -476,6 +484,13 @@ fn restore_point_without_metadata_restores_regular_files_and_says_so() {
     let meta = fx.target.join("manifests").join(format!("{p1}.meta"));
     assert!(meta.is_file(), "a run writes {}", meta.display());
     fs::remove_file(&meta).unwrap();
+    // A sealed record names its .meta: its absence is tampering (issue 14).
+    let (ok, text) = fx.restore(&[OsStr::new("/")], &fx.out_dir("gone"), Some(&p1));
+    assert!(
+        !ok && text.contains(&format!("manifests/{p1}.meta: TAMPERED")),
+        "{text}"
+    );
+    crate::util::as_made_by_older_snapveil(&fx.target, &fx.work.path().join("state"));
     let out = fx.out_dir("old");
     let (ok, text) = fx.restore(&[OsStr::new("/")], &out, Some(&p1));
     assert!(ok, "{text}");

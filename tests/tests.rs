@@ -8,6 +8,7 @@ mod pull;
 mod restore;
 mod retention;
 mod snapshot;
+mod tamper;
 mod util;
 mod verify;
 mod view;

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
-    let target = crate::target::Target::for_job(&cfg, job);
     if job.mode == crate::config::Mode::ZfsRaw {
+        let target = crate::target::Target::for_job(&cfg, job);
         let recs = crate::zfs_send::records(runner, &target, &job.name)
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
@@ -26,26 +26,41 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
         }
         return Ok(Outcome::Success);
     }
+    let target = super::keyed_target(&cfg, job)?;
     let contents = target
         .scan(runner)
         .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
     let gens = target.generations(runner)?;
-    let points = contents.points;
+    let points = contents.points.clone();
     println!("target {}", job.target);
     println!("{:<18} {:<13} GENERATION DIR", "STAMP", "RESTORE POINT");
     let mut all: std::collections::BTreeSet<String> = gens.iter().cloned().collect();
     all.extend(points.iter().cloned());
-    all.extend(contents.ignored.iter().filter_map(|(f, _)| {
-        f.strip_prefix("runs/")?
-            .strip_suffix(".json")
-            .map(str::to_string)
-    }));
+    all.extend(
+        contents
+            .ignored
+            .iter()
+            .chain(&contents.tampered)
+            .filter_map(|(f, _)| {
+                f.strip_prefix("runs/")?
+                    .strip_suffix(".json")
+                    .map(str::to_string)
+            }),
+    );
     for s in all.iter().rev() {
         println!(
             "{:<18} {:<13} {}",
             s,
-            if points.contains(s) {
+            if contents.sealed.contains_key(s) {
                 "yes"
+            } else if points.contains(s) {
+                "yes (unauth.)"
+            } else if contents
+                .tampered
+                .iter()
+                .any(|(f, _)| f.contains(s.as_str()))
+            {
+                "no (TAMPERED)"
             } else if contents.ignored.iter().any(|(f, _)| f.contains(s.as_str())) {
                 "no (junk)"
             } else {
@@ -58,5 +73,15 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
             }
         );
     }
-    Ok(Outcome::Success)
+    let (problems, notes) = crate::verify::chain_report(&cfg, job, &target, &contents)?;
+    for n in &notes {
+        println!("note: {n}");
+    }
+    for (f, why) in &contents.tampered {
+        println!("TAMPERED: {f}: {why}");
+    }
+    for p in problems.iter().filter(|p| !p.starts_with("TAMPERED")) {
+        println!("{p}");
+    }
+    Ok(Outcome::from_ok(problems.is_empty()))
 }

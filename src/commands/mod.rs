@@ -207,3 +207,21 @@ fn copy_keys(config: Option<&Path>, tree: &Path, passfile: &Path) -> anyhow::Res
     let master = key.unlock_with_passfile(passfile)?;
     Ok(Keys::new(&master, key.flags))
 }
+
+/// A job's target with its record key, so that its records' MACs are checked (issue 14).
+///
+/// # Errors
+/// The key config or passfile cannot be read, or the password is wrong.
+pub fn keyed_target(
+    cfg: &crate::config::Config,
+    job: &crate::config::Job,
+) -> anyhow::Result<crate::target::Target> {
+    use anyhow::Context;
+    let (_, master) = crate::verify::unlock(job).with_context(|| {
+        format!(
+            "job {}: unlocking the key (to check the target's records)",
+            job.name
+        )
+    })?;
+    Ok(crate::target::Target::for_job(cfg, job).with_auth(crate::crypto::RecordKey::new(&master)))
+}

@@ -68,7 +68,8 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
     let done = super::each_job_locked(&cfg, &jobs, |job| {
-        match crate::prune::prune_job(runner, &Target::for_job(&cfg, job), job, a.dry_run, None)? {
+        let target = super::keyed_target(&cfg, job)?;
+        match crate::prune::prune_job(runner, &target, job, a.dry_run, None)? {
             Some(r) => print!("job {}: {r}", job.name),
             None => println!(
                 "job {}: no retention rules: every restore point is kept",

@@ -33,6 +33,9 @@ pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
     for p in &r.not_found {
         println!("not in the backup as of {}: {p}", r.point);
     }
+    for t in &r.tampered {
+        println!("{t}");
+    }
     for (p, why) in &r.unrecoverable {
         println!("UNRECOVERABLE ({why}): {p}");
     }
@@ -43,7 +46,7 @@ pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
         to.display()
     );
     Ok(Outcome::from_ok(
-        r.not_found.is_empty() && r.unrecoverable.is_empty(),
+        r.not_found.is_empty() && r.unrecoverable.is_empty() && r.tampered.is_empty(),
     ))
 }
 

@@ -16,7 +16,11 @@ pub fn run(runner: &dyn Runner, a: RunArgs) -> Result<Outcome> {
             failed.push(format!("{} (not started: interrupted)", job.name));
             continue;
         }
-        let st = crate::job::run_job(runner, &cfg, job);
+        let opts = crate::job::RunOptions {
+            accept_rollback: a.accept_rollback,
+            accept_truncation: a.accept_truncation,
+        };
+        let st = crate::job::run_job(runner, &cfg, job, opts);
         if !st.result.succeeded() {
             failed.push(job.name.clone());
         }

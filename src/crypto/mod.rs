@@ -116,6 +116,48 @@ impl Keys {
     }
 }
 
+/// The key that authenticates what snapveil writes to a target besides the view (run
+/// records, manifests, prune's record): HKDF-SHA256 of the master key with a purpose
+/// string of our own, so it is independent of gocryptfs's content and name keys (a
+/// MAC never reveals or reuses them). Zeroized on drop; never logged.
+pub struct RecordKey(Zeroizing<Vec<u8>>);
+
+/// HKDF info of [`RecordKey`]; a new format gets a new string.
+const RECORD_MAC_INFO: &[u8] = b"snapveil record MAC v1";
+
+impl RecordKey {
+    pub fn new(master: &MasterKey) -> Self {
+        RecordKey(hkdf_expand(master.bytes(), RECORD_MAC_INFO, 32))
+    }
+
+    fn hmac(&self) -> hmac::Hmac<Sha256> {
+        <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.0)
+            .expect("HMAC takes any key length")
+    }
+
+    /// HMAC-SHA256 of `data`.
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut m = self.hmac();
+        m.update(data);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the MAC of `data` (compared in constant time).
+    pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        use hmac::Mac;
+        let mut m = self.hmac();
+        m.update(data);
+        m.verify_slice(tag).is_ok()
+    }
+}
+
+impl std::fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordKey(<redacted>)")
+    }
+}
+
 /// `SHA256(cpath || 0x00 || purpose)[..16]`: every IV, nonce and file ID of reverse mode
 /// is a function of the encrypted path (spec §5), which is what makes the view
 /// deterministic and rsync-friendly.

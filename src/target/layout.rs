@@ -71,6 +71,21 @@ pub struct RunRecord {
     pub bytes_sent: u64,
     #[serde(default)]
     pub files: u64,
+    /// The chain (issue 14, [`super::chain`]): this run's number on the target, its
+    /// predecessor's MAC (hex), and the counter the chain is checked from. Absent in
+    /// records of older snapveils.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    /// HMAC-SHA256 (hex) of `manifests/STAMP.sha1` and `manifests/STAMP.meta`: the
+    /// manifests are authenticated through their record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha1_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_mac: Option<String>,
 }
 
 /// A record file as found on the target.
@@ -94,6 +109,33 @@ pub struct Contents {
     /// Stamps of junk records: a new stamp must not be one of them (it would overwrite),
     /// but they do not order anything.
     pub taken: BTreeSet<String>,
+    /// Sealed restore points: their records (the MACs of their manifests) and chain
+    /// links. A restore point not in here is an older snapveil's, unauthenticated.
+    pub sealed: std::collections::BTreeMap<String, (RunRecord, super::chain::Link)>,
+    /// Record files whose seal fails (or that cannot be ours), with why: never restore
+    /// points, always reported.
+    pub tampered: Vec<(String, String)>,
+    /// `runs/pruned.json`, when present and authentic.
+    pub ledger: Option<super::chain::Ledger>,
+    /// Restore points whose seal was not checked (no key: `prune --target`).
+    pub unchecked: BTreeSet<String>,
+}
+
+impl Contents {
+    /// Restore points without a seal (made by a snapveil before sealed records).
+    pub fn unsealed(&self) -> Vec<&str> {
+        self.points
+            .iter()
+            .filter(|p| !self.sealed.contains_key(*p))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The chain check of these contents against what this machine last wrote.
+    pub fn chain(&self, state: Option<&super::chain::Head>) -> super::chain::Verdict {
+        let links: Vec<super::chain::Link> = self.sealed.values().map(|(_, l)| l.clone()).collect();
+        super::chain::check(&links, &self.tampered, self.ledger.as_ref(), state)
+    }
 }
 
 impl Contents {
@@ -111,12 +153,23 @@ pub(super) fn stamp_of(name: &str) -> Option<&str> {
     crate::snapshot::valid_stamp(stem).then_some(stem)
 }
 
-/// Restore points (oldest first) and the record files left alone, with why.
-pub type Classified = (Vec<String>, Vec<(String, String)>);
+/// Record files sorted out: restore points (oldest first), files left alone with why,
+/// tampered files with why, and the sealed points' records and links.
+#[derive(Debug, Default)]
+pub struct Classified {
+    pub points: Vec<String>,
+    pub ignored: Vec<(String, String)>,
+    pub tampered: Vec<(String, String)>,
+    pub sealed: std::collections::BTreeMap<String, (RunRecord, super::chain::Link)>,
+    /// Restore points with a seal that was not checked (no key).
+    pub unchecked: BTreeSet<String>,
+}
 
 /// Sorts record files into restore points and ignored ones (pure). `manifests` holds the
 /// stamps that have a `manifests/STAMP.sha1`; `job` is checked when known (prune with
-/// `--target` has no job).
+/// `--target` has no job). With `key`, seals are checked ([`super::chain`]): a forged
+/// one makes the record tampered, and so does a missing one on a record newer than a
+/// sealed one (no older snapveil wrote it after us).
 ///
 /// # Errors
 /// A record of another job.
@@ -125,12 +178,38 @@ pub fn classify(
     records: Vec<RecordFile>,
     manifests: &BTreeSet<String>,
     job: Option<&str>,
+    key: Option<&crate::crypto::RecordKey>,
 ) -> Result<Classified, TargetError> {
-    let mut points = Vec::new();
-    let mut ignored = Vec::new();
+    use super::chain::{open, Link, Opened};
+    let mut c = Classified::default();
+    let mut unsealed = Vec::new();
     for r in records {
         let file = format!("runs/{}.json", r.stamp);
-        let why = match r.data.as_deref().map(serde_json::from_slice::<RunRecord>) {
+        let (body, mac) = match r.data.as_deref().map(|d| open(key, d)) {
+            Some(Opened::Forged(_)) => {
+                c.tampered.push((
+                    file,
+                    "its MAC does not match its contents: altered, or not written with this \
+                     job's key"
+                        .into(),
+                ));
+                continue;
+            }
+            Some(Opened::Authentic(b, m)) => (Some(b), Some(m)),
+            Some(Opened::Unsealed(b)) => {
+                if key.is_some() {
+                    unsealed.push(r.stamp.clone());
+                }
+                (Some(b), None)
+            }
+            Some(Opened::Unchecked(b)) => {
+                c.unchecked.insert(r.stamp.clone());
+                (Some(b), None)
+            }
+            None => (None, None),
+        };
+        let parsed = body.map(serde_json::from_slice::<RunRecord>);
+        let why = match &parsed {
             None => Some("not a regular file".to_string()),
             Some(Err(e)) => Some(format!("not a run record ({e})")),
             Some(Ok(rec)) if job.is_some() && rec.job.is_none() => {
@@ -141,7 +220,7 @@ pub fn classify(
                     target: target.into(),
                     file: format!("{}.json", r.stamp),
                     job: job.unwrap_or_default().into(),
-                    other: rec.job.unwrap_or_default(),
+                    other: rec.job.clone().unwrap_or_default(),
                 })
             }
             Some(Ok(rec)) if rec.stamp != r.stamp => {
@@ -150,16 +229,49 @@ pub fn classify(
             Some(Ok(_)) if !manifests.contains(&r.stamp) => {
                 Some(format!("manifests/{}.sha1 is missing", r.stamp))
             }
+            Some(Ok(rec)) if mac.is_some() && rec.counter.is_none() => {
+                Some("it is sealed but has no run counter".to_string())
+            }
             Some(Ok(_)) => None,
         };
-        match why {
-            None => points.push(r.stamp),
-            Some(w) => ignored.push((file, w)),
+        match (why, parsed, mac) {
+            (None, Some(Ok(rec)), Some(mac)) => {
+                let link = Link {
+                    stamp: r.stamp.clone(),
+                    counter: rec.counter.unwrap_or_default(),
+                    mac: hex::encode(mac),
+                    prev: rec.prev.clone(),
+                    base: rec.base.unwrap_or(1),
+                };
+                c.sealed.insert(r.stamp.clone(), (rec, link));
+                c.points.push(r.stamp);
+            }
+            (None, _, _) => c.points.push(r.stamp),
+            // A sealed record that is not a restore point is ours and broken: tampered.
+            (Some(w), _, Some(_)) => c.tampered.push((file, w)),
+            (Some(w), _, None) => c.ignored.push((file, w)),
         }
     }
-    points.sort();
-    ignored.sort();
-    Ok((points, ignored))
+    // Older snapveils wrote no seals; none of them wrote after a sealed record. (Junk
+    // that is no record at all stays junk: it restores nothing.)
+    if let Some(first) = c.sealed.keys().next().cloned() {
+        for s in unsealed {
+            if s > first && c.points.contains(&s) {
+                c.points.retain(|p| *p != s);
+                c.tampered.push((
+                    format!("runs/{s}.json"),
+                    format!(
+                        "it has no MAC but is newer than runs/{first}.json, which has one: \
+                         not written by snapveil"
+                    ),
+                ));
+            }
+        }
+    }
+    c.points.sort();
+    c.ignored.sort();
+    c.tampered.sort();
+    Ok(c)
 }
 
 /// Checks that none of the areas is a symlink or a non-directory; `kind` gives the
@@ -283,7 +395,9 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let ok = |s: &str| format!(r#"{{"stamp":"{s}","job":"home"}}"#);
-        let (points, ignored) = classify(
+        let Classified {
+            points, ignored, ..
+        } = classify(
             "t",
             vec![
                 rec("20261124T010000Z", Some(&ok("20261124T010000Z"))),
@@ -294,6 +408,7 @@ mod tests {
             ],
             &m,
             Some("home"),
+            None,
         )
         .unwrap();
         assert_eq!(points, vec!["20261124T010000Z".to_string()]);
@@ -313,11 +428,75 @@ mod tests {
             vec![rec("20261124T010000Z", Some(foreign))],
             &m,
             Some("home"),
+            None,
         )
         .unwrap_err();
         assert!(matches!(e, TargetError::ForeignRecord { .. }), "{e}");
         // Without a job (prune --target) another job's record is just a record.
-        assert!(classify("t", vec![rec("20261124T010000Z", Some(foreign))], &m, None).is_ok());
+        assert!(classify(
+            "t",
+            vec![rec("20261124T010000Z", Some(foreign))],
+            &m,
+            None,
+            None
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn forged_seals_and_unsealed_records_after_a_sealed_one_are_tampered() {
+        use crate::crypto::{MasterKey, RecordKey};
+        let key = RecordKey::new(&MasterKey::from_slice(&[7; 32]));
+        let stamps = [
+            "20261124T010000Z",
+            "20261124T020000Z",
+            "20261124T030000Z",
+            "20261124T040000Z",
+        ];
+        let m: BTreeSet<String> = stamps.iter().map(|s| s.to_string()).collect();
+        let body = |s: &str, n: u64| {
+            format!("{{\"stamp\":\"{s}\",\"job\":\"home\",\"counter\":{n}}}\n").into_bytes()
+        };
+        let sealed = |s: &str, n: u64| super::super::chain::seal(&key, &body(s, n));
+        let mut forged = sealed(stamps[2], 2);
+        forged[3] ^= 1;
+        let recs = vec![
+            RecordFile {
+                stamp: stamps[0].into(),
+                data: Some(body(stamps[0], 0)),
+            },
+            RecordFile {
+                stamp: stamps[1].into(),
+                data: Some(sealed(stamps[1], 1)),
+            },
+            RecordFile {
+                stamp: stamps[2].into(),
+                data: Some(forged),
+            },
+            RecordFile {
+                stamp: stamps[3].into(),
+                data: Some(body(stamps[3], 0)),
+            },
+        ];
+        let c = classify("t", recs, &m, Some("home"), Some(&key)).unwrap();
+        // The unsealed record older than the first sealed one is an older snapveil's.
+        assert_eq!(c.points, [stamps[0], stamps[1]]);
+        assert_eq!(c.sealed.keys().collect::<Vec<_>>(), [stamps[1]]);
+        let t: Vec<&str> = c.tampered.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            t,
+            ["runs/20261124T030000Z.json", "runs/20261124T040000Z.json"]
+        );
+        assert!(
+            c.tampered[0].1.contains("MAC does not match"),
+            "{:?}",
+            c.tampered
+        );
+        assert!(
+            c.tampered[1].1.contains("no MAC but is newer"),
+            "{:?}",
+            c.tampered
+        );
     }
 
     #[test]

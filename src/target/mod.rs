@@ -9,12 +9,15 @@
 //! layout is checked (an area that is a symlink is refused: rsync `--backup-dir`, prune's
 //! renames and deletions would follow it), its records are read and classified (junk is
 //! no restore point; another job's record stops the command), and a new run's stamp is
-//! made newer than everything it names ([`layout::new_stamp`]).
+//! made newer than everything it names ([`layout::new_stamp`]). With the job's record
+//! key ([`Target::with_auth`]) records are sealed when written and their seals, the
+//! manifests' MACs and the chain of runs are checked when read ([`chain`], issue 14).
 //!
 //! Raw ZFS mode will add targets of another family (`zfs receive` over ssh, stream files
 //! on a directory target) beside this one.
 
 mod address;
+pub mod chain;
 pub mod layout;
 pub mod ops;
 pub mod rsync;
@@ -82,6 +85,12 @@ pub enum TargetError {
     Rsync(#[from] RsyncError),
     #[error("{target}: cannot parse `rsync --list-only` line {line:?}")]
     ListParse { target: String, line: String },
+    #[error("{target}/{file}: TAMPERED: {why}; not used")]
+    Tampered {
+        target: String,
+        file: String,
+        why: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
@@ -106,6 +115,9 @@ pub struct Target {
     /// Whether the ssh key may run a shell (merges by renames) or only `rsync --server`
     /// (rrsync, a forced command): probed once, unless the caller said.
     shell: OnceLock<bool>,
+    /// The job's record key: seals are made and checked ([`chain`]). `None` for `prune
+    /// --target` (no key; seals are kept but not checked) and for cleanup.
+    auth: OnceLock<crate::crypto::RecordKey>,
 }
 
 /// A scratch directory of this process, removed on drop.
@@ -195,6 +207,87 @@ impl Target {
             job: job.map(str::to_string),
             ssh,
             shell: OnceLock::new(),
+            auth: OnceLock::new(),
+        }
+    }
+
+    /// With the job's record key: records are sealed when written and checked when read.
+    pub fn with_auth(self, key: crate::crypto::RecordKey) -> Target {
+        self.set_auth(key);
+        self
+    }
+
+    /// [`Target::with_auth`] once the key is unlocked (a run opens its target first); a
+    /// second key is ignored.
+    pub fn set_auth(&self, key: crate::crypto::RecordKey) {
+        let _ = self.auth.set(key);
+    }
+
+    pub fn auth(&self) -> Option<&crate::crypto::RecordKey> {
+        self.auth.get()
+    }
+
+    /// `body` sealed with the record key (as is without one).
+    pub fn seal(&self, body: &[u8]) -> Vec<u8> {
+        match self.auth.get() {
+            Some(k) => chain::seal(k, body),
+            None => body.to_vec(),
+        }
+    }
+
+    /// The MAC (hex) of a manifest's bytes, for its run record.
+    pub fn mac_hex(&self, data: &[u8]) -> Option<String> {
+        self.auth.get().map(|k| hex::encode(k.mac(data)))
+    }
+
+    /// Checks a restore point's manifest (`manifests/STAMP.sha1` or `.meta`, by its
+    /// extension `ext`) against the MAC its sealed record carries. An unsealed point's
+    /// manifests (older snapveil) pass with a warning.
+    ///
+    /// # Errors
+    /// [`TargetError::Tampered`] naming the file: the MAC differs, or the record has none.
+    pub fn check_manifest(
+        &self,
+        contents: &Contents,
+        stamp: &str,
+        ext: &str,
+        data: &[u8],
+    ) -> Result<(), TargetError> {
+        let file = format!("manifests/{stamp}.{ext}");
+        let Some((rec, _)) = contents.sealed.get(stamp) else {
+            if self.auth.get().is_some() {
+                tracing::warn!(
+                    "{}/{file}: unauthenticated (made by an older snapveil): used as is",
+                    self.address
+                );
+            }
+            return Ok(());
+        };
+        let want = if ext == "sha1" {
+            &rec.sha1_mac
+        } else {
+            &rec.meta_mac
+        };
+        let ok = match (want, self.auth.get()) {
+            (Some(w), Some(k)) => {
+                let mut tag = [0u8; 32];
+                hex::decode_to_slice(w, &mut tag).is_ok() && k.verify(data, &tag)
+            }
+            (None, _) => false,
+            (Some(_), None) => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TargetError::Tampered {
+                target: self.address.to_string(),
+                file,
+                why: if want.is_some() {
+                    format!("its contents do not match the MAC in runs/{stamp}.json")
+                } else {
+                    format!("runs/{stamp}.json carries no MAC for it")
+                },
+            })
         }
     }
 
@@ -275,10 +368,48 @@ impl Target {
                     .map(str::to_string)
             })
             .collect();
-        let records = self.read_records(runner, &stamps)?;
-        let (points, ignored) = layout::classify(&shown, records, &manifests, self.job.as_deref())?;
+        let has_ledger = names
+            .iter()
+            .any(|(a, n)| *a == Area::Runs && n == chain::LEDGER);
+        let (records, ledger) = self.read_records(runner, &stamps, has_ledger)?;
+        let layout::Classified {
+            points,
+            ignored,
+            mut tampered,
+            sealed,
+            unchecked,
+        } = layout::classify(
+            &shown,
+            records,
+            &manifests,
+            self.job.as_deref(),
+            self.auth.get(),
+        )?;
         for (f, why) in &ignored {
             tracing::warn!("{shown}/{f}: not a restore point: {why} (left alone)");
+        }
+        let ledger = match ledger.as_deref().map(|d| chain::open(self.auth.get(), d)) {
+            Some(chain::Opened::Authentic(b, _)) => match serde_json::from_slice(b) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tampered.push((
+                        format!("runs/{}", chain::LEDGER),
+                        format!("sealed but not a prune record ({e})"),
+                    ));
+                    None
+                }
+            },
+            Some(chain::Opened::Unchecked(_)) | None => None,
+            Some(_) => {
+                tampered.push((
+                    format!("runs/{}", chain::LEDGER),
+                    "its MAC does not match its contents (or it has none)".into(),
+                ));
+                None
+            }
+        };
+        for (f, why) in &tampered {
+            tracing::error!("{shown}/{f}: TAMPERED: {why}");
         }
         let mut c = Contents::default();
         // Restore points first, so that an error names a record rather than its manifest.
@@ -297,10 +428,15 @@ impl Target {
         }
         c.taken = ignored
             .iter()
+            .chain(&tampered)
             .filter_map(|(f, _)| layout::stamp_of(f.strip_prefix("runs/")?).map(str::to_string))
             .collect();
         c.points = points;
         c.ignored = ignored;
+        c.tampered = tampered;
+        c.sealed = sealed;
+        c.ledger = ledger;
+        c.unchecked = unchecked;
         Ok(c)
     }
 
@@ -380,14 +516,22 @@ impl Target {
         }
     }
 
-    /// `runs/STAMP.json` for each stamp, read where it is (local) or copied to scratch
-    /// first (rsync without `--links` skips a symlinked record, which then reads as not
-    /// a regular file).
-    pub fn read_records(
+    /// `runs/STAMP.json` for each stamp (and prune's `runs/pruned.json` when `ledger`),
+    /// read where they are (local) or copied to scratch first (rsync without `--links`
+    /// skips a symlinked record, which then reads as not a regular file).
+    fn read_records(
         &self,
         runner: &dyn Runner,
         stamps: &[String],
-    ) -> Result<Vec<RecordFile>, TargetError> {
+        ledger: bool,
+    ) -> Result<(Vec<RecordFile>, Option<Vec<u8>>), TargetError> {
+        let read_ledger = |dir: &Path| -> Result<Option<Vec<u8>>, TargetError> {
+            let p = dir.join(chain::LEDGER);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if ledger && m.is_file() => fs::read(&p).map(Some).map_err(io(&p)),
+                _ => Ok(None),
+            }
+        };
         let read = |dir: &Path| -> Result<Vec<RecordFile>, TargetError> {
             let mut v = Vec::new();
             for s in stamps {
@@ -404,10 +548,11 @@ impl Target {
             Ok(v)
         };
         if let Some(root) = self.local() {
-            return read(&root.join(Area::Runs.dir()));
+            let dir = root.join(Area::Runs.dir());
+            return Ok((read(&dir)?, read_ledger(&dir)?));
         }
-        if stamps.is_empty() {
-            return Ok(Vec::new());
+        if stamps.is_empty() && !ledger {
+            return Ok((Vec::new(), None));
         }
         let dir = self.scratch("records")?;
         let cmd = self
@@ -417,7 +562,7 @@ impl Target {
             .arg(self.ep.dest(&self.area(Area::Runs, "")))
             .arg(format!("{}/", dir.0.display()));
         self.ep.run(runner, &cmd)?;
-        read(&dir.0)
+        Ok((read(&dir.0)?, read_ledger(&dir.0)?))
     }
 
     /// Refuses a target whose `current/` is not this job's backup: rsync `--delete` there

@@ -95,7 +95,8 @@ pub fn init_key_with(flags: &[&str], config: &std::path::Path, passfile: &std::p
         .arg(passfile));
 }
 
-/// The stamps of a target's restore points (`runs/<stamp>.json`), oldest first.
+/// The stamps of a target's restore points (`runs/<stamp>.json`, not prune's
+/// `runs/pruned.json`), oldest first.
 pub fn run_stamps(target: &std::path::Path) -> Vec<String> {
     let mut runs: Vec<String> = std::fs::read_dir(target.join("runs"))
         .unwrap()
@@ -105,9 +106,28 @@ pub fn run_stamps(target: &std::path::Path) -> Vec<String> {
                 .to_string_lossy()
                 .replace(".json", "")
         })
+        .filter(|r| r != "pruned")
         .collect();
     runs.sort();
     runs
+}
+
+/// Makes a target look as an older snapveil (before sealed records, issue 14) left it:
+/// the seal line of every run record, prune's ledger and the agent's chain state go.
+pub fn as_made_by_older_snapveil(target: &std::path::Path, state_dir: &std::path::Path) {
+    for s in run_stamps(target) {
+        let p = target.join("runs").join(format!("{s}.json"));
+        let data = std::fs::read_to_string(&p).unwrap();
+        let body: String = data
+            .lines()
+            .filter(|l| !l.starts_with("snapveil-mac-v1 "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_ne!(body, data, "{} had no seal", p.display());
+        std::fs::write(&p, body).unwrap();
+    }
+    let _ = std::fs::remove_file(target.join("runs/pruned.json"));
+    let _ = std::fs::remove_dir_all(state_dir.join("chain"));
 }
 
 /// A private copy of a file (mode 0600), as snapveil requires for key material.
