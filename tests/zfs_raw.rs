@@ -156,6 +156,14 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let pruned = snapveil(&s.config, &["prune", "db"]);
+    assert!(
+        pruned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(String::from_utf8_lossy(&pruned.stdout).contains("every stream is kept"));
+    assert_eq!(records(&target).len(), 2);
     let listed = String::from_utf8_lossy(&snapveil(&s.config, &["list", "db"]).stdout).into_owned();
     assert!(
         listed.contains(&f1) && listed.contains(&f2) && listed.contains("(increment)"),

@@ -68,6 +68,13 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
     let done = super::each_job_locked(&cfg, &jobs, |job| {
+        if job.mode == crate::config::Mode::ZfsRaw {
+            println!(
+                "job {}: raw ZFS mode: stream files are not pruned in this version (every stream is kept)",
+                job.name
+            );
+            return Ok(());
+        }
         let target = super::keyed_target(&cfg, job)?;
         match crate::prune::prune_job(runner, &target, job, a.dry_run, None)? {
             Some(r) => print!("job {}: {r}", job.name),
