@@ -79,6 +79,8 @@ install -d "$ROOT/usr/share/man/man8"
 for m in "$STAGE"/docs/man8/*.8; do
     gzip -9n <"$m" >"$ROOT/usr/share/man/man8/$(basename "$m").gz"
 done
+# The mount helper is snapveil itself; snapveil(8) describes `mount -t fuse.snapveil`.
+ln -s snapveil.8.gz "$ROOT/usr/share/man/man8/mount.fuse.snapveil.8.gz"
 install -D -m 644 "$STAGE/docs/completions/bash/snapveil" "$ROOT/usr/share/bash-completion/completions/snapveil"
 install -D -m 644 "$STAGE/docs/completions/zsh/_snapveil" "$ROOT/usr/share/zsh/vendor-completions/_snapveil"
 install -D -m 644 "$STAGE/docs/completions/fish/snapveil.fish" "$ROOT/usr/share/fish/vendor_completions.d/snapveil.fish"

@@ -7,7 +7,7 @@ normal (not dev, not build) dependencies for the host platform, walked from the 
 package, without descending into proc-macro crates (they run in the compiler and are
 not linked in). Each licence named (SPDX in Cargo.toml, DEP-5 short names here) gets one
 stand-alone License paragraph, its text from packaging/debian/licenses/NAME, or a
-pointer to /usr/share/common-licenses for Apache-2.0. A crate under a licence with no
+pointer to /usr/share/common-licenses for Apache-2.0 and GPL-2. A crate under a licence with no
 text there is an error naming the crate and the file to add.
 
 Usage: deb-copyright.py REPO  (writes the copyright file on stdout)
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 FORMAT = "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
-SPDX_TO_DEP5 = {"MIT": "Expat"}
-COMMON = {"Apache-2.0": "Apache-2.0"}
+SPDX_TO_DEP5 = {"MIT": "Expat", "GPL-2.0-only": "GPL-2"}
+COMMON = {"Apache-2.0": "Apache-2.0", "GPL-2": "GPL-2"}
 
 
 def die(msg):

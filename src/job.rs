@@ -573,6 +573,11 @@ fn raw_steps(
             target.address()
         );
     }
+    // A plain dataset without age keys fails here, before any hook freezes anything.
+    let enc = zfs_send::encryption(runner, tools, dataset)
+        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
+    zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
+        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
     let recs = zfs_send::records(runner, target, &job.name)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
         .context("reading the target's stream records")?;

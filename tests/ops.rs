@@ -64,6 +64,15 @@ fn example_config_checks_clean() {
         let (conf, pass) = (format!("{name}.conf"), format!("{name}.pass"));
         crate::util::init_key(&keys.join(conf), &keys.join(pass));
     }
+    // The raw ZFS jobs' age identity and passphrase files (private, as required).
+    for name in ["vms.age", "pgraw.age-pass"] {
+        fs::write(keys.join(name), "secret\n").unwrap();
+        fs::set_permissions(
+            keys.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
     let text = text
         .replace("/etc/snapveil/keys/", &format!("{}/", keys.display()))
         .replace(
@@ -75,7 +84,10 @@ fn example_config_checks_clean() {
     let out = ok(Command::new(bin())
         .args(["check-config", "--config"])
         .arg(&cfg));
-    assert!(out.contains("OK, 4 job(s): db, pg, www, etc"), "{out}");
+    assert!(
+        out.contains("OK, 6 job(s): db, pg, www, etc, vms, pgraw"),
+        "{out}"
+    );
 }
 
 /// Every field the config parser accepts (the serde structs of src/config/raw.rs and the
