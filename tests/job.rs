@@ -367,7 +367,7 @@ fn sigterm_and_kill9_mid_transfer_then_next_run_recovers() {
         .filter(|v| v.contains("snapveil-slow-"))
         .collect();
     assert_eq!(stale.len(), 1, "kill -9 leaves its snapshot: {stale:?}");
-    wait_for(20, "auto_unmount after kill -9", || {
+    wait_for(60, "auto_unmount after kill -9", || {
         !is_mounted(&s.view_mountpoint("slow"))
     });
 
@@ -1186,7 +1186,7 @@ fn incremental_manifests_stay_exact() {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    wait_for(20, "auto_unmount after kill -9", || {
+    wait_for(60, "auto_unmount after kill -9", || {
         !is_mounted(&s.view_mountpoint("home"))
     });
     s.home_job(&src, "");
