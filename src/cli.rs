@@ -226,6 +226,11 @@ pub struct MountArgs {
     /// Return once the mount answers, leaving a daemon serving it.
     #[arg(long)]
     pub background: bool,
+    /// SOURCE does not change while mounted (a snapshot): the kernel may cache names,
+    /// attributes, listings and contents for the life of the mount (much faster on many
+    /// small files). Without it, changes show within a second.
+    #[arg(long)]
+    pub frozen: bool,
     pub source: PathBuf,
     pub mountpoint: PathBuf,
 }

@@ -251,7 +251,8 @@ fn run_steps<'a>(
     hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)?;
     check_cancel()?;
 
-    let v = mount_view(job, &snap_path, &mp, key, master).context("mounting the encrypted view")?;
+    let v = mount_view(job, &snap_path, consistent, &mp, key, master)
+        .context("mounting the encrypted view")?;
     held.view = Some(v);
     // The key config goes first: an interrupted transfer then leaves a current/ that
     // check_owner still recognises as this job's, and the next run completes it.
@@ -406,14 +407,16 @@ pub fn take_snapshot<'a>(
     )
 }
 
-/// The encrypted view of a frozen tree at `mp` (a stale mount there, left by a killed
-/// process, is removed first), with the job's excludes: the second half.
+/// The encrypted view of a snapshot at `mp` (a stale mount there, left by a killed
+/// process, is removed first), with the job's excludes: the second half. `frozen` is
+/// the snapshot's consistency: a `dir:` source is live and gets short kernel caching.
 ///
 /// # Errors
 /// Mounting failed.
 pub fn mount_view(
     job: &Job,
-    frozen: &Path,
+    snap: &Path,
+    frozen: bool,
     mp: &Path,
     key: KeyConfig,
     master: crate::crypto::MasterKey,
@@ -424,12 +427,17 @@ pub fn mount_view(
         source,
     })?;
     MountedView::mount(
-        frozen,
+        snap,
         mp,
         ViewOptions {
             key,
             master,
             excludes: job.excludes.clone(),
+            caching: if frozen {
+                view::fuse::Caching::Frozen
+            } else {
+                view::fuse::Caching::Live
+            },
         },
     )
 }

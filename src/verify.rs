@@ -485,7 +485,14 @@ pub fn verify_job(
                 .state_dir
                 .join("view")
                 .join(format!("{}.verify", job.name));
-            let view = crate::job::mount_view(job, &snap, &mp, key.clone(), master.clone())?;
+            let view = crate::job::mount_view(
+                job,
+                &snap,
+                guard.consistent(),
+                &mp,
+                key.clone(),
+                master.clone(),
+            )?;
             let r = check_view_against_target(runner, &target, &mp, &want);
             view.unmount()?;
             r?

@@ -16,6 +16,11 @@ fn view_options(a: &MountArgs) -> Result<ViewOptions> {
         key,
         master,
         excludes: a.exclude.clone(),
+        caching: if a.frozen {
+            view::fuse::Caching::Frozen
+        } else {
+            view::fuse::Caching::Live
+        },
     })
 }
 
@@ -44,6 +49,9 @@ fn background(a: &MountArgs) -> Result<Outcome> {
     args.extend(["--passfile".into(), a.key.passfile.clone().into()]);
     for e in &a.exclude {
         args.extend(["--exclude".into(), e.into()]);
+    }
+    if a.frozen {
+        args.push("--frozen".into());
     }
     args.extend([a.source.clone().into(), a.mountpoint.clone().into()]);
     daemon::spawn(&args, &a.mountpoint)

@@ -5,7 +5,7 @@
 //! unmounts the moment our process dies, even by SIGKILL, so a crashed run never leaves
 //! a dead "transport endpoint is not connected" mount behind.
 
-use super::fuse::VeilFs;
+use super::fuse::{Caching, VeilFs};
 use super::{ExportedConf, Tree, ViewCore, ViewError};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use fuser::{MountOption, Session};
@@ -60,6 +60,8 @@ pub struct ViewOptions {
     pub master: MasterKey,
     /// gitignore-style patterns on plaintext paths.
     pub excludes: Vec<String>,
+    /// Whether the source can change while mounted ([`Caching`]).
+    pub caching: Caching,
 }
 
 /// Our mounts carry this fsname/subtype, so that cleanup recognizes them and nothing else.
@@ -245,9 +247,10 @@ impl MountedView {
     /// Bad source or mountpoint, exclude patterns, or the mount itself failing.
     pub fn mount(source: &Path, mountpoint: &Path, opts: ViewOptions) -> Result<Self, MountError> {
         check_paths(source, mountpoint)?;
+        let caching = opts.caching;
         let core = build_core(source, opts)?;
         let (tx, rx) = mpsc::channel();
-        let fs = VeilFs::new(core).on_init(move || {
+        let fs = VeilFs::new(core, caching).on_init(move || {
             let _ = tx.send(());
         });
         let session =
@@ -265,7 +268,7 @@ impl MountedView {
         };
         wait_answer(mountpoint, rx)?;
         raise_readahead(mountpoint);
-        tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "encrypted view mounted");
+        tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), ?caching, "encrypted view mounted");
         Ok(view)
     }
 
@@ -336,9 +339,10 @@ pub fn run_foreground(
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     check_paths(source, mountpoint)?;
+    let caching = opts.caching;
     let core = build_core(source, opts)?;
-    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
-    serve(core, mountpoint, ready)
+    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), ?caching, "serving encrypted view");
+    serve(core, caching, mountpoint, ready)
 }
 
 /// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
@@ -348,11 +352,12 @@ pub fn run_foreground(
 /// The mount or the session loop failing.
 pub fn serve<T: Tree>(
     core: Arc<T>,
+    caching: Caching,
     mountpoint: &Path,
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
-    let fs = VeilFs::new(core).on_init(move || {
+    let fs = VeilFs::new(core, caching).on_init(move || {
         // Called on the session thread during INIT: check the answer from another
         // thread, since our own stat would wait for this very loop.
         std::thread::spawn(move || {
