@@ -56,7 +56,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 rm -rf "$DIR"
-mkdir -p "$DIR/fs" "$DIR/keys" "$DIR/big"
+mkdir -p "$DIR/fs" "$DIR/keys" "$DIR/big" "$DIR/plain/current"
 chmod 700 "$DIR/keys"
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
@@ -100,7 +100,7 @@ img_gib=$(( NFILES * 16 / 1000000 + 2 ))
 ((MILLION)) && img_gib=$(( img_gib + 4 ))
 truncate -s "${img_gib}G" "$DIR/fs.img"
 LOOP=$(losetup -f --show "$DIR/fs.img")
-mkfs.btrfs -q "$LOOP"
+mkfs.btrfs -q "$LOOP" >/dev/null 2>&1
 mount "$LOOP" "$DIR/fs"
 btrfs -q subvolume create "$DIR/fs/src"
 SRC=$DIR/fs/src
@@ -110,7 +110,7 @@ MB=$(( BYTES / 1000000 ))
 sync
 
 KEY=$DIR/keys/bench.conf PASS=$DIR/keys/bench.pass
-"$BIN" init --config "$KEY" --passfile "$PASS" --scrypt-n 10 >/dev/null
+"$BIN" init --config "$KEY" --passfile "$PASS" --scrypt-n 10 >/dev/null 2>&1
 printf 'bench-password\n' >"$DIR/keys/restic.pass"
 chmod 600 "$DIR/keys/restic.pass"
 export RESTIC_PASSWORD_FILE=$DIR/keys/restic.pass RESTIC_CACHE_DIR=$DIR/restic-cache
@@ -143,7 +143,7 @@ run_phase() {
     t1=$(now); T[$phase,restic]=$(secs "$t0" "$t1")
     warm
     t0=$(now)
-    /usr/bin/time -v -o "$DIR/time-$phase.txt" "$BIN" run --config "$DIR/snapveil.toml" 2>"$DIR/run-$phase.log" \
+    /usr/bin/time -v -o "$DIR/time-$phase.txt" "$BIN" run --config "$DIR/snapveil.toml" >/dev/null 2>"$DIR/run-$phase.log" \
         || { echo "bench: snapveil run failed ($phase):" >&2; tail -20 "$DIR/run-$phase.log" >&2; exit 1; }
     t1=$(now); T[$phase,snapveil]=$(secs "$t0" "$t1")
     RSS_RUN+=("$(awk '/Maximum resident/ { printf "%d", $NF / 1024 }' "$DIR/time-$phase.txt")")
@@ -224,7 +224,7 @@ if ((MILLION)); then
     python3 "$DIR/gen.py" "$DIR/fs/million" 1000000 100 1000 >/dev/null
     sed -e "s|btrfs:$SRC|btrfs:$DIR/fs/million|" -e "s|$DIR/target|$DIR/target-million|" \
         -e 's|name = "bench"|name = "million"|' "$DIR/snapveil.toml" >"$DIR/million.toml"
-    /usr/bin/time -v -o "$DIR/time-million.txt" "$BIN" run --config "$DIR/million.toml" 2>"$DIR/run-million.log" \
+    /usr/bin/time -v -o "$DIR/time-million.txt" "$BIN" run --config "$DIR/million.toml" >/dev/null 2>"$DIR/run-million.log" \
         || { echo "bench: snapveil run failed (1M):" >&2; tail -20 "$DIR/run-million.log" >&2; exit 1; }
     RSS_1M=$(awk '/Maximum resident/ { printf "%d", $NF / 1024 }' "$DIR/time-million.txt")
 fi
@@ -250,9 +250,9 @@ printf '%-36s %10s %10s %10s\n' "  snapveil / gocryptfs" "" "$(ratio "${READ[sna
 printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
 echo
 echo "where the no-op snapveil run spends its time (gaps between log lines, > 0.05 s):"
-awk '/^[0-9]{4}-/ {
+awk '/^[0-9][0-9][0-9][0-9]-/ {
     split($1, a, "T"); split(a[2], b, ":"); sub("Z", "", b[3]);
     t = b[1] * 3600 + b[2] * 60 + b[3];
-    if (NR > 1 && t - prev > 0.05) printf "  %6.2f s  before: %s\n", t - prev, substr($0, index($0, ": ") + 2, 90);
-    prev = t
+    if (seen && t - prev > 0.05) printf "  %6.2f s  before: %s\n", t - prev, substr($0, index($0, ": ") + 2, 100);
+    prev = t; seen = 1
 }' "$DIR/run-noop.log"

@@ -375,10 +375,8 @@ fn changed_since(
     let mut out: Vec<Vec<u8>> = walk
         .files
         .iter()
-        .filter(|(_, rel, ctime)| {
-            !sent.contains(rel.as_slice()) && since.is_none_or(|s| *ctime >= s)
-        })
-        .map(|(_, rel, _)| rel.clone())
+        .filter(|(rel, ctime)| !sent.contains(rel.as_slice()) && since.is_none_or(|s| *ctime >= s))
+        .map(|(rel, _)| rel.clone())
         .collect();
     out.sort();
     out

@@ -158,8 +158,11 @@ pub struct Reuse {
 /// once and uses the walk for the checksum pass and the manifest: the view shows a
 /// frozen snapshot, so it cannot change in between.
 pub struct ViewWalk {
-    /// Regular files: path, path relative to the view, ctime (unix seconds).
-    pub files: Vec<(PathBuf, Vec<u8>, i64)>,
+    /// The view's root.
+    pub root: PathBuf,
+    /// Regular files: path relative to the view, ctime (unix seconds). No absolute
+    /// paths: on a big tree they would be most of a run's memory.
+    pub files: Vec<(Vec<u8>, i64)>,
     pub meta: Vec<MetaEntry>,
 }
 
@@ -196,13 +199,14 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
             if ft.is_dir() {
                 walk(view, &p, w)?;
             } else if ft.is_file() {
-                w.files.push((p, rel, m.ctime()));
+                w.files.push((rel, m.ctime()));
             }
         }
         Ok(())
     }
     let root = fs::symlink_metadata(view).map_err(io(view))?;
     let mut w = ViewWalk {
+        root: view.to_path_buf(),
         files: Vec::new(),
         meta: vec![MetaEntry::from_metadata(Vec::new(), &root, None)],
     };
@@ -219,10 +223,10 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, Veri
     let paths = &walk.files;
     let half = paths.len().div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[(PathBuf, Vec<u8>, i64)]| -> Result<Vec<Entry>, VerifyError> {
+    let hash = |chunk: &[(Vec<u8>, i64)]| -> Result<Vec<Entry>, VerifyError> {
         chunk
             .iter()
-            .map(|(p, rel, _)| {
+            .map(|(rel, _)| {
                 let rel = rel.as_slice();
                 let known = reuse
                     .filter(|r| !r.rehash.contains(rel))
@@ -231,7 +235,8 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, Veri
                     Some(h) => *h,
                     None => {
                         hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        manifest::sha1_file(p).map_err(io(p))?
+                        let p = walk.root.join(OsStr::from_bytes(rel));
+                        manifest::sha1_file(&p).map_err(io(&p))?
                     }
                 };
                 Ok(Entry {
