@@ -95,6 +95,23 @@ pub fn build(root: &Path) -> Result<Vec<Entry>, ManifestError> {
 /// `sha1sum` output format, with GNU's escaping of `\` and newline in names.
 pub fn format(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
+    format_to(&mut out, entries).expect("writing to memory");
+    out
+}
+
+/// [`format`], streamed to `w` a few lines at a time.
+///
+/// # Errors
+/// Writing to `w`.
+pub fn format_to(w: &mut dyn io::Write, entries: &[Entry]) -> io::Result<()> {
+    for chunk in entries.chunks(512) {
+        w.write_all(&format_lines(chunk))?;
+    }
+    Ok(())
+}
+
+fn format_lines(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
     for e in entries {
         let needs = e.path.iter().any(|b| *b == b'\\' || *b == b'\n');
         if needs {

@@ -126,18 +126,12 @@ pub fn write_manifest(
 ) -> Result<Vec<Entry>, VerifyError> {
     let entries = hash_files(walk, reuse)?;
     let meta = &walk.meta;
-    target.put(
-        runner,
-        Area::Manifests,
-        &format!("{stamp}.meta"),
-        &manifest::meta::format(meta),
-    )?;
-    target.put(
-        runner,
-        Area::Manifests,
-        &format!("{stamp}.sha1"),
-        &manifest::format(&entries),
-    )?;
+    target.put_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
+        manifest::meta::format_to(w, meta)
+    })?;
+    target.put_with(runner, Area::Manifests, &format!("{stamp}.sha1"), |w| {
+        manifest::format_to(w, &entries)
+    })?;
     Ok(entries)
 }
 

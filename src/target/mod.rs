@@ -418,13 +418,34 @@ impl Target {
         name: &str,
         data: &[u8],
     ) -> Result<(), TargetError> {
+        self.put_with(runner, area, name, |w| w.write_all(data))
+    }
+
+    /// [`Target::put`] of what `write` produces, streamed into the file (a local
+    /// target's, or the upload's scratch copy), never held in memory as a whole.
+    ///
+    /// # Errors
+    /// `write` failing, writing the file, or the transfer.
+    pub fn put_with(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), TargetError> {
         if let Some(root) = self.local() {
             let p = root.join(area.dir()).join(name);
-            return crate::status::write_atomic(&p, data).map_err(io(&p));
+            return crate::status::write_atomic_with(&p, write).map_err(io(&p));
         }
         let dir = self.scratch("upload")?;
         let tmp = dir.0.join(name);
-        fs::write(&tmp, data).map_err(io(&tmp))?;
+        fs::File::create(&tmp)
+            .and_then(|f| {
+                let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+                write(&mut w)?;
+                w.into_inner().map_err(|e| e.into_error()).map(drop)
+            })
+            .map_err(io(&tmp))?;
         self.send_file(runner, area, &tmp)
     }
 
