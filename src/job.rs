@@ -277,7 +277,13 @@ fn run_steps<'a>(
                 }
             })
     };
+    let phase = Instant::now();
     let mut out = transfer(Pass::Full)?;
+    tracing::info!(
+        files = out.sent.len(),
+        secs = phase.elapsed().as_secs_f32(),
+        "transfer done"
+    );
     check_cancel()?;
     // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
     // same size in the second it was last backed up, or whose mtime was set back. Such a
@@ -288,7 +294,13 @@ fn run_steps<'a>(
         .last()
         .and_then(|p| crate::stamp::Stamp::parse(p))
         .map(|p| p.time().timestamp());
+    let phase = Instant::now();
     let walk = crate::verify::walk_view(&mp).context("walking the view")?;
+    tracing::info!(
+        entries = walk.meta.len(),
+        secs = phase.elapsed().as_secs_f32(),
+        "walked the view"
+    );
     let changed = changed_since(&walk, since, &out.sent);
     // What the manifest must hash again: everything rsync sent and everything changed
     // since the last restore point; the rest of current/ is that point's ciphertext.
@@ -318,20 +330,18 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let reuse =
-        contents
-            .points
-            .last()
-            .and_then(|p| match crate::verify::manifest_of(runner, target, p) {
-                Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
-                Err(e) => {
-                    tracing::warn!(
-                        "the last restore point's manifest cannot be used ({}): hashing every file",
-                        crate::error::Chain(&e)
-                    );
-                    None
-                }
-            });
+    let reuse = contents.points.last().and_then(|p| {
+        match crate::verify::manifest_entries_of(runner, target, p) {
+            Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
+            Err(e) => {
+                tracing::warn!(
+                    "the last restore point's manifest cannot be used ({}): hashing every file",
+                    crate::error::Chain(&e)
+                );
+                None
+            }
+        }
+    });
     let manifest = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
     record_run(runner, target, job, stamp, &out)?;
@@ -373,10 +383,9 @@ fn changed_since(
 ) -> Vec<Vec<u8>> {
     let sent: std::collections::HashSet<&[u8]> = sent.iter().map(Vec::as_slice).collect();
     let mut out: Vec<Vec<u8>> = walk
-        .files
-        .iter()
-        .filter(|(rel, ctime)| !sent.contains(rel.as_slice()) && since.is_none_or(|s| *ctime >= s))
-        .map(|(rel, _)| rel.clone())
+        .files()
+        .filter(|(rel, ctime)| !sent.contains(*rel) && since.is_none_or(|s| *ctime >= s))
+        .map(|(rel, _)| rel.to_vec())
         .collect();
     out.sort();
     out

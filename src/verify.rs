@@ -141,10 +141,20 @@ pub fn write_manifest(
 /// because current/ still holds that point's ciphertext of it (reverse mode is
 /// deterministic). So a nightly run hashes what changed, not the whole dataset.
 pub struct Reuse {
-    /// The last restore point's manifest.
-    pub prev: BTreeMap<Vec<u8>, [u8; 20]>,
+    /// The last restore point's manifest, sorted by path (a sorted list, not a map: a
+    /// third of the memory on a big tree).
+    pub prev: Vec<Entry>,
     /// Paths (relative to the view) to hash again: sent, or changed since that point.
     pub rehash: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Reuse {
+    fn prev(&self, path: &[u8]) -> Option<&[u8; 20]> {
+        self.prev
+            .binary_search_by(|e| e.path.as_slice().cmp(path))
+            .ok()
+            .map(|i| &self.prev[i].sha1)
+    }
 }
 
 /// One walk of a mounted view: every entry's metadata (lstat, readlink; sorted by
@@ -154,10 +164,19 @@ pub struct Reuse {
 pub struct ViewWalk {
     /// The view's root.
     pub root: PathBuf,
-    /// Regular files: path relative to the view, ctime (unix seconds). No absolute
-    /// paths: on a big tree they would be most of a run's memory.
-    pub files: Vec<(Vec<u8>, i64)>,
     pub meta: Vec<MetaEntry>,
+    /// Regular files: index into `meta` (which holds the path, once), ctime (unix
+    /// seconds). On a big tree, paths are most of a run's memory (issue 13).
+    files: Vec<(u32, i64)>,
+}
+
+impl ViewWalk {
+    /// Regular files, by path: (path relative to the view, ctime).
+    pub fn files(&self) -> impl ExactSizeIterator<Item = (&[u8], i64)> + '_ {
+        self.files
+            .iter()
+            .map(|(i, ct)| (self.meta[*i as usize].path.as_slice(), *ct))
+    }
 }
 
 /// Walks the view at `view` ([`ViewWalk`]).
@@ -165,7 +184,9 @@ pub struct ViewWalk {
 /// # Errors
 /// An unreadable entry, by path.
 pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
-    fn walk(view: &Path, dir: &Path, w: &mut ViewWalk) -> Result<(), VerifyError> {
+    /// Entries with the ctime of regular files (`None` for the others).
+    type Found = Vec<(MetaEntry, Option<i64>)>;
+    fn walk(view: &Path, dir: &Path, w: &mut Found) -> Result<(), VerifyError> {
         use std::os::unix::fs::MetadataExt;
         for e in fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
@@ -189,24 +210,28 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
                 .as_os_str()
                 .as_bytes()
                 .to_vec();
-            w.meta.push(MetaEntry::from_metadata(rel.clone(), &m, link));
+            let ctime = ft.is_file().then(|| m.ctime());
+            w.push((MetaEntry::from_metadata(rel, &m, link), ctime));
             if ft.is_dir() {
                 walk(view, &p, w)?;
-            } else if ft.is_file() {
-                w.files.push((rel, m.ctime()));
             }
         }
         Ok(())
     }
     let root = fs::symlink_metadata(view).map_err(io(view))?;
-    let mut w = ViewWalk {
+    let mut found: Found = vec![(MetaEntry::from_metadata(Vec::new(), &root, None), None)];
+    walk(view, view, &mut found)?;
+    found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    let files = found
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, ct))| ct.map(|ct| (i as u32, ct)))
+        .collect();
+    Ok(ViewWalk {
         root: view.to_path_buf(),
-        files: Vec::new(),
-        meta: vec![MetaEntry::from_metadata(Vec::new(), &root, None)],
-    };
-    walk(view, view, &mut w)?;
-    w.meta.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(w)
+        meta: found.into_iter().map(|(m, _)| m).collect(),
+        files,
+    })
 }
 
 /// Hashes the files of `walk` for the manifest. The FUSE handlers of a view served by
@@ -214,17 +239,17 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
 /// workers would block in reads only the pool can answer: a deadlock): two plain
 /// threads instead.
 fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, VerifyError> {
-    let paths = &walk.files;
+    let paths: Vec<&[u8]> = walk.files().map(|(p, _)| p).collect();
     let half = paths.len().div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[(Vec<u8>, i64)]| -> Result<Vec<Entry>, VerifyError> {
+    let hash = |chunk: &[&[u8]]| -> Result<Vec<Entry>, VerifyError> {
         chunk
             .iter()
-            .map(|(rel, _)| {
-                let rel = rel.as_slice();
+            .map(|rel| {
+                let rel = *rel;
                 let known = reuse
                     .filter(|r| !r.rehash.contains(rel))
-                    .and_then(|r| r.prev.get(rel));
+                    .and_then(|r| r.prev(rel));
                 let sha1 = match known {
                     Some(h) => *h,
                     None => {
@@ -268,6 +293,21 @@ pub fn manifest_of(
     target: &Target,
     stamp: &str,
 ) -> Result<BTreeMap<Vec<u8>, [u8; 20]>, VerifyError> {
+    Ok(manifest_entries_of(runner, target, stamp)?
+        .into_iter()
+        .map(|e| (e.path, e.sha1))
+        .collect())
+}
+
+/// [`manifest_of`] as a list sorted by path.
+///
+/// # Errors
+/// As [`manifest_of`].
+pub fn manifest_entries_of(
+    runner: &dyn Runner,
+    target: &Target,
+    stamp: &str,
+) -> Result<Vec<Entry>, VerifyError> {
     let sub = format!("manifests/{stamp}.sha1");
     let data = target
         .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
@@ -275,10 +315,15 @@ pub fn manifest_of(
             target: target.address().to_string(),
             stamp: stamp.into(),
         })?;
-    Ok(manifest::parse(&sub, &data)?
-        .into_iter()
-        .map(|e| (e.path, e.sha1))
-        .collect())
+    let mut v = manifest::parse(&sub, &data)?;
+    drop(data);
+    v.sort_by(|a, b| a.path.cmp(&b.path));
+    // A path listed twice would make the binary search pick either: take the last line,
+    // as a map built from the lines would.
+    v.reverse();
+    v.dedup_by(|a, b| a.path == b.path);
+    v.reverse();
+    Ok(v)
 }
 
 fn lossy(p: &[u8]) -> String {
