@@ -225,6 +225,20 @@ fn run_steps<'a>(
     }
     let mp = view_mountpoint(&cfg.state_dir, &job.name);
     std::fs::create_dir_all(&mp).with_context(|| format!("creating {}", mp.display()))?;
+    // The last restore point's manifest, read now, before the view and its walk take
+    // their memory: the file itself is only needed while it is parsed (issue 13).
+    let prev = contents.points.last().and_then(|p| {
+        match crate::verify::prev_manifest(runner, target, p) {
+            Ok(prev) => Some(prev),
+            Err(e) => {
+                tracing::warn!(
+                    "the last restore point's manifest cannot be used ({}): hashing every file",
+                    crate::error::Chain(&e)
+                );
+                None
+            }
+        }
+    });
     check_cancel()?;
 
     hooks::run_phase(runner, &job.hooks, Phase::PreSnapshot, env)?;
@@ -302,10 +316,7 @@ fn run_steps<'a>(
         "walked the view"
     );
     let changed = changed_since(&walk, since, &out.sent);
-    // What the manifest must hash again: everything rsync sent and everything changed
-    // since the last restore point; the rest of current/ is that point's ciphertext.
-    let mut rehash: std::collections::HashSet<Vec<u8>> = changed.iter().cloned().collect();
-    rehash.extend(out.sent.iter().cloned());
+    let mut resent = Vec::new();
     if !changed.is_empty() {
         tracing::info!(
             files = changed.len(),
@@ -319,7 +330,7 @@ fn run_steps<'a>(
                 "sent files whose size and mtime had not changed"
             );
         }
-        rehash.extend(second.sent);
+        resent = second.sent;
         out.stats.bytes_sent += second.stats.bytes_sent;
         out.stats.files_transferred += second.stats.files_transferred;
         out.vanished |= second.vanished;
@@ -330,17 +341,13 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let reuse = contents.points.last().and_then(|p| {
-        match crate::verify::manifest_entries_of(runner, target, p) {
-            Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
-            Err(e) => {
-                tracing::warn!(
-                    "the last restore point's manifest cannot be used ({}): hashing every file",
-                    crate::error::Chain(&e)
-                );
-                None
-            }
-        }
+    // What the manifest must hash again: everything rsync sent and everything changed
+    // since the last restore point; the rest of current/ is that point's ciphertext.
+    let reuse = prev.map(|prev| {
+        let mut rehash: std::collections::HashSet<Vec<u8>> = changed.into_iter().collect();
+        rehash.extend(std::mem::take(&mut out.sent));
+        rehash.extend(resent);
+        crate::verify::Reuse { prev, rehash }
     });
     let manifest = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
@@ -348,7 +355,11 @@ fn run_steps<'a>(
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
-            let want = manifest.into_iter().map(|e| (e.path, e.sha1)).collect();
+            let want = walk
+                .files()
+                .map(|(p, _)| p.to_vec())
+                .zip(manifest)
+                .collect();
             let r = crate::verify::check_view_against_target(runner, target, &mp, &want)?;
             if !r.ok() {
                 r.print();

@@ -18,8 +18,8 @@ use crate::crypto::content;
 use crate::crypto::names::{self, LONGNAME_PREFIX};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use crate::exec::Runner;
+use crate::manifest;
 use crate::manifest::meta::MetaEntry;
-use crate::manifest::{self, Entry};
 use crate::target::{Area, Target};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -123,16 +123,16 @@ pub fn write_manifest(
     stamp: &str,
     walk: &ViewWalk,
     reuse: Option<&Reuse>,
-) -> Result<Vec<Entry>, VerifyError> {
-    let entries = hash_files(walk, reuse)?;
+) -> Result<Vec<[u8; 20]>, VerifyError> {
+    let sums = hash_files(walk, reuse)?;
     let meta = &walk.meta;
     target.put_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
         manifest::meta::format_to(w, meta)
     })?;
     target.put_with(runner, Area::Manifests, &format!("{stamp}.sha1"), |w| {
-        manifest::format_to(w, &entries)
+        manifest::format_pairs_to(w, walk.files().map(|(p, _)| p).zip(sums.iter()))
     })?;
-    Ok(entries)
+    Ok(sums)
 }
 
 /// What a run's manifest can take from the last restore point's: the sha1 of every file
@@ -141,19 +141,52 @@ pub fn write_manifest(
 /// because current/ still holds that point's ciphertext of it (reverse mode is
 /// deterministic). So a nightly run hashes what changed, not the whole dataset.
 pub struct Reuse {
-    /// The last restore point's manifest, sorted by path (a sorted list, not a map: a
-    /// third of the memory on a big tree).
-    pub prev: Vec<Entry>,
+    /// The last restore point's manifest ([`PrevManifest`]).
+    pub prev: PrevManifest,
     /// Paths (relative to the view) to hash again: sent, or changed since that point.
     pub rehash: std::collections::HashSet<Vec<u8>>,
 }
 
-impl Reuse {
-    fn prev(&self, path: &[u8]) -> Option<&[u8; 20]> {
-        self.prev
-            .binary_search_by(|e| e.path.as_slice().cmp(path))
+/// A manifest held for lookups only: (first 16 bytes of the SHA-256 of the path, sha1),
+/// sorted. 36 bytes a file instead of the path itself, so a big tree's last manifest
+/// costs a few MB (issue 13); two of 10 million paths share a key with a chance of
+/// about 1e-25.
+pub struct PrevManifest(Vec<([u8; 16], [u8; 20])>);
+
+impl PrevManifest {
+    fn key(path: &[u8]) -> [u8; 16] {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(path);
+        d[..16].try_into().expect("16 bytes")
+    }
+
+    /// # Errors
+    /// A line that does not parse, by `file` and line number.
+    pub fn parse(file: &str, data: &[u8]) -> Result<Self, manifest::ManifestError> {
+        let mut v = Vec::new();
+        manifest::parse_each(file, data, |path, sha1| v.push((Self::key(path), sha1)))?;
+        // A path listed twice: the last line wins, as in a map built from the lines.
+        v.reverse();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.shrink_to_fit();
+        Ok(PrevManifest(v))
+    }
+
+    pub fn get(&self, path: &[u8]) -> Option<&[u8; 20]> {
+        let k = Self::key(path);
+        self.0
+            .binary_search_by(|e| e.0.cmp(&k))
             .ok()
-            .map(|i| &self.prev[i].sha1)
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -238,34 +271,31 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
 /// this process encrypt on rayon's pool, so hashing must not run on that pool too (its
 /// workers would block in reads only the pool can answer: a deadlock): two plain
 /// threads instead.
-fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, VerifyError> {
+fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
     let paths: Vec<&[u8]> = walk.files().map(|(p, _)| p).collect();
     let half = paths.len().div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[&[u8]]| -> Result<Vec<Entry>, VerifyError> {
+    let hash = |chunk: &[&[u8]]| -> Result<Vec<[u8; 20]>, VerifyError> {
         chunk
             .iter()
             .map(|rel| {
                 let rel = *rel;
                 let known = reuse
                     .filter(|r| !r.rehash.contains(rel))
-                    .and_then(|r| r.prev(rel));
-                let sha1 = match known {
+                    .and_then(|r| r.prev.get(rel));
+                Ok(match known {
                     Some(h) => *h,
                     None => {
                         hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let p = walk.root.join(OsStr::from_bytes(rel));
                         manifest::sha1_file(&p).map_err(io(&p))?
                     }
-                };
-                Ok(Entry {
-                    path: rel.to_vec(),
-                    sha1,
                 })
             })
             .collect()
     };
-    let mut out = std::thread::scope(|s| {
+    // In walk order (sorted by path): the halves are joined in order.
+    let out = std::thread::scope(|s| {
         let hs: Vec<_> = paths
             .chunks(half)
             .map(|c| s.spawn(move || hash(c)))
@@ -275,7 +305,6 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, Veri
             .collect::<Result<Vec<_>, _>>()
     })?
     .concat();
-    out.sort_by(|a, b| a.path.cmp(&b.path));
     tracing::info!(
         files = out.len(),
         hashed = hashed.into_inner(),
@@ -293,21 +322,6 @@ pub fn manifest_of(
     target: &Target,
     stamp: &str,
 ) -> Result<BTreeMap<Vec<u8>, [u8; 20]>, VerifyError> {
-    Ok(manifest_entries_of(runner, target, stamp)?
-        .into_iter()
-        .map(|e| (e.path, e.sha1))
-        .collect())
-}
-
-/// [`manifest_of`] as a list sorted by path.
-///
-/// # Errors
-/// As [`manifest_of`].
-pub fn manifest_entries_of(
-    runner: &dyn Runner,
-    target: &Target,
-    stamp: &str,
-) -> Result<Vec<Entry>, VerifyError> {
     let sub = format!("manifests/{stamp}.sha1");
     let data = target
         .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
@@ -315,15 +329,31 @@ pub fn manifest_entries_of(
             target: target.address().to_string(),
             stamp: stamp.into(),
         })?;
-    let mut v = manifest::parse(&sub, &data)?;
-    drop(data);
-    v.sort_by(|a, b| a.path.cmp(&b.path));
-    // A path listed twice would make the binary search pick either: take the last line,
-    // as a map built from the lines would.
-    v.reverse();
-    v.dedup_by(|a, b| a.path == b.path);
-    v.reverse();
-    Ok(v)
+    Ok(manifest::parse(&sub, &data)?
+        .into_iter()
+        .map(|e| (e.path, e.sha1))
+        .collect())
+}
+
+/// The manifest of restore point `stamp` for lookups only ([`PrevManifest`]).
+///
+/// # Errors
+/// As [`manifest_of`].
+pub fn prev_manifest(
+    runner: &dyn Runner,
+    target: &Target,
+    stamp: &str,
+) -> Result<PrevManifest, VerifyError> {
+    let data = target
+        .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
+        .ok_or_else(|| VerifyError::NoManifest {
+            target: target.address().to_string(),
+            stamp: stamp.into(),
+        })?;
+    Ok(PrevManifest::parse(
+        &format!("manifests/{stamp}.sha1"),
+        &data,
+    )?)
 }
 
 fn lossy(p: &[u8]) -> String {
