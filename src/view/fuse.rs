@@ -5,10 +5,10 @@
 //!
 //! How much the kernel may cache depends on the source ([`Caching`]). A frozen source (a
 //! snapshot) is served with hour-long entry and attribute timeouts and zero-message
-//! opens: OPEN and OPENDIR answer ENOSYS once, after which the kernel opens files and
-//! directories without asking, keeps their page cache and directory listings across
-//! opens, and sends no RELEASE or FLUSH. A small-file read is then one round trip (the
-//! READ) after the READDIRPLUS that listed it. A live source (`dir:`) gets one-second
+//! opens: OPEN answers ENOSYS once, after which the kernel opens files without asking,
+//! keeps their page cache across opens, and sends no RELEASE or FLUSH; OPENDIR asks the
+//! kernel to keep listings (FOPEN_CACHE_DIR). A small-file read is then one round trip
+//! (the READ) after the READDIRPLUS that listed it. A live source (`dir:`) gets one-second
 //! timeouts and real opens that drop the page cache, so changes show.
 //!
 //! fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes `&mut self` and
@@ -283,12 +283,15 @@ impl<T: Tree> Filesystem for VeilFs<T> {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        if self.caching == Caching::Frozen {
-            // Zero-message opendir: the kernel keeps listings (FOPEN_CACHE_DIR).
-            return reply.error(libc::ENOSYS);
-        }
+        // A real OPENDIR even when frozen (one per directory, cheap): fusermount's
+        // auto_unmount decides that the server died by opening the mountpoint, which
+        // must then fail with ENOTCONN, not succeed from the kernel's caches.
+        let flags = match self.caching {
+            Caching::Frozen => fuser::consts::FOPEN_CACHE_DIR | fuser::consts::FOPEN_KEEP_CACHE,
+            Caching::Live => 0,
+        };
         match self.core.opendir(ino) {
-            Ok(()) => reply.opened(0, 0),
+            Ok(()) => reply.opened(0, flags),
             Err(e) => {
                 log_err("opendir", ino, &e);
                 reply.error(e.errno())
