@@ -146,7 +146,7 @@ run_phase() {
     /usr/bin/time -v -o "$DIR/time-$phase.txt" "$BIN" run --config "$DIR/snapveil.toml" >/dev/null 2>"$DIR/run-$phase.log" \
         || { echo "bench: snapveil run failed ($phase):" >&2; tail -20 "$DIR/run-$phase.log" >&2; exit 1; }
     t1=$(now); T[$phase,snapveil]=$(secs "$t0" "$t1")
-    RSS_RUN+=("$(awk '/Maximum resident/ { printf "%d", $NF / 1024 }' "$DIR/time-$phase.txt")")
+    RSS_RUN+=("$(awk '/Maximum resident/ { printf "%.1f", $NF / 1024 }' "$DIR/time-$phase.txt")")
     sleep 1 # the next run's stamp must be a later second
 }
 echo "bench: pipeline (full, 1% changed, no-op) ..."
@@ -179,17 +179,19 @@ unmount_view() {
     fusermount3 -u "$1"
     wait "$MOUNT_PID" 2>/dev/null || true
 }
-hwm_mb() { awk '/^VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
+hwm_mb() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
 echo "bench: reading every file: plain tree, snapveil view, gocryptfs -reverse ..."
 # A read-only snapshot is what a run reads: the views get the same frozen source.
 btrfs -q subvolume snapshot -r "$SRC" "$DIR/fs/ro"
-warm
+# The snapshot's files are other inodes than the source's: warm their pages too, so all
+# three read the same plaintext from memory.
+tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null
 t0=$(now); tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null; t1=$(now)
 TAR_PLAIN=$(secs "$t0" "$t1")
 declare -A TAR READ RSS
 for kind in snapveil gocryptfs; do
-    warm
+    tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null
     mount_view "$kind" "$DIR/fs/ro" "$DIR/mnt-$kind"
     t0=$(now); tar -C "$DIR/mnt-$kind" -cf - . | cat >/dev/null; t1=$(now)
     TAR[$kind]=$(secs "$t0" "$t1")
@@ -226,7 +228,7 @@ if ((MILLION)); then
         -e 's|name = "bench"|name = "million"|' "$DIR/snapveil.toml" >"$DIR/million.toml"
     /usr/bin/time -v -o "$DIR/time-million.txt" "$BIN" run --config "$DIR/million.toml" >/dev/null 2>"$DIR/run-million.log" \
         || { echo "bench: snapveil run failed (1M):" >&2; tail -20 "$DIR/run-million.log" >&2; exit 1; }
-    RSS_1M=$(awk '/Maximum resident/ { printf "%d", $NF / 1024 }' "$DIR/time-million.txt")
+    RSS_1M=$(awk '/Maximum resident/ { printf "%.1f", $NF / 1024 }' "$DIR/time-million.txt")
 fi
 
 echo
@@ -239,15 +241,15 @@ for phase in full changed noop; do
         "$(ratio "${T[$phase,restic]}" "${T[$phase,rsync]}")" "$(ratio "${T[$phase,snapveil]}" "${T[$phase,rsync]}")"
 done
 echo "(1% changed = $CHANGED files rewritten, same size)"
-printf '%-36s %s MB (full), %s MB (1%%), %s MB (no-op)\n' "peak RSS of snapveil run, ${NFILES} files" "${RSS_RUN[0]}" "${RSS_RUN[1]}" "${RSS_RUN[2]}"
-[[ -n $RSS_1M ]] && printf '%-36s %s MB (full)\n' "peak RSS of snapveil run, 1M files" "$RSS_1M"
+printf '%-36s %s MiB (full), %s MiB (1%%), %s MiB (no-op)\n' "peak RSS of snapveil run, ${NFILES} files" "${RSS_RUN[0]}" "${RSS_RUN[1]}" "${RSS_RUN[2]}"
+if [[ -n $RSS_1M ]]; then printf '%-36s %s MiB (full)\n' "peak RSS of snapveil run, 1M files" "$RSS_1M"; fi
 echo
 printf '%-36s %10s %10s %10s\n' "" plain snapveil gocryptfs
 printf '%-36s %10s %10s %10s\n' "read every file, tar | cat (s)" "$TAR_PLAIN" "${TAR[snapveil]}" "${TAR[gocryptfs]}"
 printf '%-36s %10s %10s %10s\n' "  ratio to the plain tree" "1.0x" "$(ratio "${TAR[snapveil]}" "$TAR_PLAIN")" "$(ratio "${TAR[gocryptfs]}" "$TAR_PLAIN")"
 printf '%-36s %10s %10s %10s\n' "seq read ${SIZE_MIB} MiB (MB/s), best of $ROUNDS" "" "${READ[snapveil]}" "${READ[gocryptfs]}"
 printf '%-36s %10s %10s %10s\n' "  snapveil / gocryptfs" "" "$(ratio "${READ[snapveil]}" "${READ[gocryptfs]}")" ""
-printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
+printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MiB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
 echo
 echo "where the no-op snapveil run spends its time (gaps between log lines, > 0.05 s):"
 awk '/^[0-9][0-9][0-9][0-9]-/ {

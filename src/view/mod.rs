@@ -5,9 +5,12 @@
 //! Owns: node numbering, directory listings, attributes, reads. Does not own: the kernel
 //! protocol (`fuse.rs`) or mounting (`mount.rs`).
 //!
-//! The source is a snapshot, so nothing underneath changes: each directory is listed and
-//! its names encrypted once, node numbers are assigned once and never reused, and the
-//! kernel may cache attributes and pages for as long as the mount lives.
+//! Each directory is listed and its names encrypted once per life of its node (a
+//! snapshot does not change; a live `dir:` source is read as it was when first listed).
+//! Memory follows what the kernel holds, not the tree (issue 13): a node is the place of
+//! an entry (parent, index in the parent's listing) and its lookup count, a listing keeps
+//! two names per entry, and both go when the kernel forgets the node. Node numbers are
+//! never reused; an entry looked up again after that gets a new one.
 //!
 //! Hard links: gocryptfs 2.3 gives every path of a hard-linked inode the file ID of the
 //! path opened first, so the ciphertext depends on access order. Here every path derives
