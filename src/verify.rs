@@ -167,7 +167,7 @@ impl PrevManifest {
         manifest::parse_each(file, data, |path, sha1| v.push((Self::key(path), sha1)))?;
         // A path listed twice: the last line wins, as in a map built from the lines.
         v.reverse();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|e| e.0);
         v.dedup_by(|a, b| a.0 == b.0);
         v.shrink_to_fit();
         Ok(PrevManifest(v))

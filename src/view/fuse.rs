@@ -51,13 +51,16 @@ impl Caching {
 /// request and a big one front to back.
 const OPEN_CACHE: usize = 64;
 
+/// Open files by node, oldest first (see [`OPEN_CACHE`]).
+type OpenFiles<H> = Mutex<VecDeque<(u64, Arc<H>)>>;
+
 pub struct VeilFs<T: Tree> {
     core: Arc<T>,
     caching: Caching,
     ttl: Duration,
     handles: Mutex<HashMap<u64, Arc<T::Handle>>>,
     /// Frozen sources: open files by node, for reads that come without an OPEN.
-    by_ino: Arc<Mutex<VecDeque<(u64, Arc<T::Handle>)>>>,
+    by_ino: Arc<OpenFiles<T::Handle>>,
     next_fh: AtomicU64,
     /// Called once the kernel has initialised the session: the mount answers.
     on_init: Option<Box<dyn FnOnce() + Send>>,
@@ -369,7 +372,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
 /// and remembered (the oldest falls out).
 fn cached_open<T: Tree>(
     core: &T,
-    cache: &Mutex<VecDeque<(u64, Arc<T::Handle>)>>,
+    cache: &OpenFiles<T::Handle>,
     ino: u64,
 ) -> Result<Arc<T::Handle>, super::ViewError> {
     if let Some(h) = cache
