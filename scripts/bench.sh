@@ -1,31 +1,45 @@
 #!/usr/bin/env bash
-# bench.sh (`make bench`): snapveil's encrypted view against `gocryptfs -reverse` on the same
-# machine, in the same run, on the same key config and the same source tree.
+# bench.sh (`make bench`): snapveil against what a user would pick instead, on one tree, in
+# one run (issue 13), and its encrypted view against `gocryptfs -reverse` (issue 2).
 #
-# Figures (issue 2's targets in brackets):
-#   seq read   MB/s reading a 1 GiB file through a freshly mounted view, best of 3 [>= 4x gocryptfs]
-#   find cold  s for `find VIEW -printf '%s %T@\n'` over ~60,000 entries      [<= gocryptfs, aim 3x]
-#   find warm  the same walk again on the same mount
-#   rsync      s for `rsync -a` of the 60k tree: plain source, snapveil view, gocryptfs view
-#   peak RSS   VmHWM of the mount process after serving all of the above     [< 64 MB]
+# The tree: BENCH_FILES files (default 100,000) of 100 B to 50 KB (skewed to small; ~1.5 GB
+# at the default), in directories of 100, on a btrfs subvolume on a loop device, so that
+# `snapveil run` backs up a real snapshot (source btrfs:) as a nightly job would.
 #
-# Each view is mounted fresh per workload, so neither side is helped by the other's caches;
-# the plaintext source is kept in the page cache for both, so the figures measure the
-# filesystems, not the disk.
+# 1. Pipeline, local target, warm page cache, three phases: full (empty target), 1% of
+#    the files changed (rewritten, same size), nothing changed. Per phase:
+#      plain rsync   rsync -a --delete --backup --backup-dir=GEN  (no encryption: the limit)
+#      restic        restic backup (repository on the same disk)
+#      snapveil run  snapshot, encrypted view, rsync with generations, manifests, prune
+#    Seconds and the ratio to plain rsync; peak RSS of `snapveil run` (/usr/bin/time -v);
+#    where the time of the no-op run goes (the gaps between its log lines).
+# 2. The encrypted view, each mounted fresh on the same key config:
+#      read every file   `tar -cf - . | cat` of the tree: plain, snapveil, gocryptfs -reverse
+#      seq read          MB/s of a BENCH_SIZE_MIB file, best of BENCH_ROUNDS fresh mounts
+#      peak RSS          VmHWM of the mount process after the tar
+# 3. With BENCH_MILLION=1: peak RSS of a full `snapveil run` over 1,000,000 files (100 B to
+#    1 KB, to keep the disk small), to show how memory grows with the tree.
 #
-# Env: SNAPVEIL_BIN (default target/release/snapveil), BENCH_DIR (default /var/tmp/snapveil-bench),
-#      BENCH_SIZE_MIB (default 1024), BENCH_FILES (default 60000), BENCH_ROUNDS (default 3).
+# Env: SNAPVEIL_BIN (default target/release/snapveil), BENCH_DIR (default
+#      /var/tmp/snapveil-bench), BENCH_FILES (default 100000; e.g. 5000 for a quick check),
+#      BENCH_SIZE_MIB (default 1024), BENCH_ROUNDS (default 3), BENCH_MILLION (default 0).
+# Needs root (loop device, btrfs), restic, gocryptfs, rsync, btrfs-progs, GNU time.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${SNAPVEIL_BIN:-$REPO/target/release/snapveil}
 DIR=${BENCH_DIR:-/var/tmp/snapveil-bench}
+NFILES=${BENCH_FILES:-100000}
 SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-NFILES=${BENCH_FILES:-60000}
 ROUNDS=${BENCH_ROUNDS:-3}
+MILLION=${BENCH_MILLION:-0}
 [[ -x $BIN ]] || { echo "bench: $BIN missing: run 'cargo build --release'" >&2; exit 1; }
-command -v gocryptfs >/dev/null || { echo "bench: gocryptfs missing (scripts/install-deps.sh)" >&2; exit 1; }
+for t in gocryptfs restic rsync mkfs.btrfs btrfs losetup /usr/bin/time python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t missing (make bench installs it)" >&2; exit 1; }
+done
+[[ $(id -u) == 0 ]] || { echo "bench: needs root (loop device, btrfs)" >&2; exit 1; }
 
 PIDS=()
+LOOP=
 cleanup() {
     set +e
     for m in "$DIR"/mnt-*; do
@@ -33,39 +47,120 @@ cleanup() {
     done
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
+    if mountpoint -q "$DIR/fs" 2>/dev/null; then
+        for s in "$DIR"/fs/.snapveil/*; do [[ -d $s ]] && btrfs -q subvolume delete "$s" >/dev/null 2>&1; done
+        umount "$DIR/fs"
+    fi
+    [[ -n $LOOP ]] && losetup -d "$LOOP"
     rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
 rm -rf "$DIR"
-mkdir -p "$DIR/big" "$DIR/tree" "$DIR/keys"
+mkdir -p "$DIR/fs" "$DIR/keys" "$DIR/big" "$DIR/plain/current"
+chmod 700 "$DIR/keys"
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", (b > 0 ? a / b : 0) }'; }
 
-echo "bench: preparing ${SIZE_MIB} MiB file and ${NFILES}-file tree in $DIR"
-head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom >"$DIR/big/data.bin"
-python3 - "$DIR/tree" "$NFILES" <<'EOF'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-per = 100
+# gen.py ROOT N MIN MAX: N files, sizes MIN..MAX skewed to small (u^2.2), 100 per directory.
+cat >"$DIR/gen.py" <<'EOF'
+import os, random, sys
+root, n, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(13)
+pool = os.urandom(1 << 17)
+total = 0
 for i in range(n):
-    d = os.path.join(root, f"d{i // per // 20:03d}", f"s{i // per:04d}")
-    if i % per == 0:
+    d = os.path.join(root, f"d{i // 5000:04d}", f"s{i // 100:06d}")
+    if i % 100 == 0:
         os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"file-{i:06d}.txt"), "wb") as f:
-        f.write(b"x" * (i % 3000))
+    size = lo + int((hi - lo) * rng.random() ** 2.2)
+    off = rng.randrange(0, len(pool) - size)
+    with open(os.path.join(d, f"f{i:07d}.dat"), "wb") as f:
+        f.write(pool[off:off + size])
+    total += size
+print(total)
 EOF
-ENTRIES=$(find "$DIR/tree" | wc -l)
+# change.py ROOT: rewrites every 100th file with new bytes of the same size (1%).
+cat >"$DIR/change.py" <<'EOF'
+import os, sys
+n = 0
+for dirpath, _, files in sorted(os.walk(sys.argv[1])):
+    for name in sorted(files):
+        if int(name[1:8]) % 100 == 37:
+            p = os.path.join(dirpath, name)
+            size = os.path.getsize(p)
+            with open(p, "r+b") as f:
+                f.write(os.urandom(size))
+            n += 1
+print(n)
+EOF
+
+# The source: a btrfs subvolume on a loop device, big enough for the tree and its snapshots.
+img_gib=$(( NFILES * 16 / 1000000 + 2 ))
+((MILLION)) && img_gib=$(( img_gib + 4 ))
+truncate -s "${img_gib}G" "$DIR/fs.img"
+LOOP=$(losetup -f --show "$DIR/fs.img")
+mkfs.btrfs -q "$LOOP" >/dev/null 2>&1
+mount "$LOOP" "$DIR/fs"
+btrfs -q subvolume create "$DIR/fs/src"
+SRC=$DIR/fs/src
+echo "bench: building ${NFILES} files in $SRC ..."
+BYTES=$(python3 "$DIR/gen.py" "$SRC" "$NFILES" 100 50000)
+MB=$(( BYTES / 1000000 ))
 sync
 
 KEY=$DIR/keys/bench.conf PASS=$DIR/keys/bench.pass
-"$BIN" init --config "$KEY" --passfile "$PASS" --scrypt-n 10 >/dev/null
+"$BIN" init --config "$KEY" --passfile "$PASS" --scrypt-n 10 >/dev/null 2>&1
+printf 'bench-password\n' >"$DIR/keys/restic.pass"
+chmod 600 "$DIR/keys/restic.pass"
+export RESTIC_PASSWORD_FILE=$DIR/keys/restic.pass RESTIC_CACHE_DIR=$DIR/restic-cache
+restic -q init -r "$DIR/restic" >/dev/null
 
-# mount_view KIND SRC MNT: starts a foreground mount, sets MOUNT_PID once it answers.
+cat >"$DIR/snapveil.toml" <<EOF
+state_dir = "$DIR/state"
+[retention]
+last = 100
+[[job]]
+name = "bench"
+source = "btrfs:$SRC"
+target = "$DIR/target"
+key_config = "$KEY"
+passfile = "$PASS"
+EOF
+
+warm() { tar -C "$SRC" -cf - . | cat >/dev/null; }
+declare -A T
+RSS_RUN=()
+run_phase() {
+    local phase=$1 t0 t1
+    warm
+    t0=$(now)
+    rsync -a --delete --backup --backup-dir="$DIR/plain/generations/$phase" "$SRC/" "$DIR/plain/current/"
+    t1=$(now); T[$phase,rsync]=$(secs "$t0" "$t1")
+    warm
+    t0=$(now)
+    restic -q -r "$DIR/restic" backup "$SRC" >/dev/null
+    t1=$(now); T[$phase,restic]=$(secs "$t0" "$t1")
+    warm
+    t0=$(now)
+    /usr/bin/time -v -o "$DIR/time-$phase.txt" "$BIN" run --config "$DIR/snapveil.toml" >/dev/null 2>"$DIR/run-$phase.log" \
+        || { echo "bench: snapveil run failed ($phase):" >&2; tail -20 "$DIR/run-$phase.log" >&2; exit 1; }
+    t1=$(now); T[$phase,snapveil]=$(secs "$t0" "$t1")
+    RSS_RUN+=("$(awk '/Maximum resident/ { printf "%.1f", $NF / 1024 }' "$DIR/time-$phase.txt")")
+    sleep 1 # the next run's stamp must be a later second
+}
+echo "bench: pipeline (full, 1% changed, no-op) ..."
+run_phase full
+CHANGED=$(python3 "$DIR/change.py" "$SRC")
+run_phase changed
+run_phase noop
+
+# 2. The view. mount_view KIND SRC MNT: a foreground mount; MOUNT_PID once it answers.
 mount_view() {
     local kind=$1 src=$2 mnt=$3
     mkdir -p "$mnt"
     if [[ $kind == snapveil ]]; then
-        "$BIN" mount --config "$KEY" --passfile "$PASS" "$src" "$mnt" 2>"$DIR/$kind.log" &
+        "$BIN" mount --frozen --config "$KEY" --passfile "$PASS" "$src" "$mnt" 2>"$DIR/$kind.log" &
     else
         gocryptfs -q -fg -reverse -ro -config "$KEY" -passfile "$PASS" "$src" "$mnt" 2>"$DIR/$kind.log" &
     fi
@@ -84,13 +179,30 @@ unmount_view() {
     fusermount3 -u "$1"
     wait "$MOUNT_PID" 2>/dev/null || true
 }
-hwm_kb() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
+hwm_mb() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
-declare -A READ FCOLD FWARM RSYNC RSS
+echo "bench: reading every file: plain tree, snapveil view, gocryptfs -reverse ..."
+# A read-only snapshot is what a run reads: the views get the same frozen source.
+btrfs -q subvolume snapshot -r "$SRC" "$DIR/fs/ro"
+# The snapshot's files are other inodes than the source's: warm their pages too, so all
+# three read the same plaintext from memory.
+tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null
+t0=$(now); tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null; t1=$(now)
+TAR_PLAIN=$(secs "$t0" "$t1")
+declare -A TAR READ RSS
 for kind in snapveil gocryptfs; do
-    peak=0
-    # sequential read of the big file: best of BENCH_ROUNDS fresh mounts (other load on
-    # the machine only ever makes a round slower)
+    tar -C "$DIR/fs/ro" -cf - . | cat >/dev/null
+    mount_view "$kind" "$DIR/fs/ro" "$DIR/mnt-$kind"
+    t0=$(now); tar -C "$DIR/mnt-$kind" -cf - . | cat >/dev/null; t1=$(now)
+    TAR[$kind]=$(secs "$t0" "$t1")
+    RSS[$kind]=$(hwm_mb "$MOUNT_PID")
+    unmount_view "$DIR/mnt-$kind"
+done
+btrfs -q subvolume delete "$DIR/fs/ro" >/dev/null
+
+echo "bench: sequential read of a ${SIZE_MIB} MiB file ..."
+head -c "$((SIZE_MIB * 1024 * 1024))" /dev/urandom >"$DIR/big/data.bin"
+for kind in snapveil gocryptfs; do
     best=0
     for _ in $(seq "$ROUNDS"); do
         cat "$DIR/big/data.bin" >/dev/null
@@ -101,42 +213,48 @@ for kind in snapveil gocryptfs; do
         t1=$(now)
         mbs=$(awk -v s="$(secs "$t0" "$t1")" -v m="$SIZE_MIB" 'BEGIN { printf "%.0f", m * 1.048576 / s }')
         ((mbs > best)) && best=$mbs
-        r=$(hwm_kb "$MOUNT_PID"); ((r > peak)) && peak=$r
         unmount_view "$DIR/mnt-$kind"
     done
     READ[$kind]=$best
-
-    # metadata walk, cold then warm, on a fresh mount
-    find "$DIR/tree" -printf '%s %T@\n' >/dev/null
-    mount_view "$kind" "$DIR/tree" "$DIR/mnt-$kind"
-    t0=$(now); find "$DIR/mnt-$kind" -printf '%s %T@\n' >/dev/null; t1=$(now)
-    FCOLD[$kind]=$(secs "$t0" "$t1")
-    t0=$(now); find "$DIR/mnt-$kind" -printf '%s %T@\n' >/dev/null; t1=$(now)
-    FWARM[$kind]=$(secs "$t0" "$t1")
-    r=$(hwm_kb "$MOUNT_PID"); ((r > peak)) && peak=$r
-    unmount_view "$DIR/mnt-$kind"
-
-    # rsync of the tree through a fresh mount, to an empty local directory
-    mount_view "$kind" "$DIR/tree" "$DIR/mnt-$kind"
-    rm -rf "$DIR/dest"
-    t0=$(now); rsync -a "$DIR/mnt-$kind/" "$DIR/dest/"; t1=$(now)
-    RSYNC[$kind]=$(secs "$t0" "$t1")
-    r=$(hwm_kb "$MOUNT_PID"); ((r > peak)) && peak=$r
-    unmount_view "$DIR/mnt-$kind"
-    RSS[$kind]=$((peak / 1024))
 done
-rm -rf "$DIR/dest"
-t0=$(now); rsync -a "$DIR/tree/" "$DIR/dest/"; t1=$(now)
-RSYNC_PLAIN=$(secs "$t0" "$t1")
+rm -f "$DIR/big/data.bin"
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1fx", (b > 0 ? a / b : 0) }'; }
+RSS_1M=
+if ((MILLION)); then
+    echo "bench: 1,000,000 files for the memory check ..."
+    btrfs -q subvolume create "$DIR/fs/million"
+    python3 "$DIR/gen.py" "$DIR/fs/million" 1000000 100 1000 >/dev/null
+    sed -e "s|btrfs:$SRC|btrfs:$DIR/fs/million|" -e "s|$DIR/target|$DIR/target-million|" \
+        -e 's|name = "bench"|name = "million"|' "$DIR/snapveil.toml" >"$DIR/million.toml"
+    /usr/bin/time -v -o "$DIR/time-million.txt" "$BIN" run --config "$DIR/million.toml" >/dev/null 2>"$DIR/run-million.log" \
+        || { echo "bench: snapveil run failed (1M):" >&2; tail -20 "$DIR/run-million.log" >&2; exit 1; }
+    RSS_1M=$(awk '/Maximum resident/ { printf "%.1f", $NF / 1024 }' "$DIR/time-million.txt")
+fi
+
 echo
-echo "snapveil $("$BIN" --version | awk '{print $2}') vs $(gocryptfs -version | head -1 | sed "s/;.*//"), $(nproc) cores"
-printf '%-34s %12s %12s %10s\n' "" snapveil gocryptfs ratio
-printf '%-34s %12s %12s %10s\n' "seq read ${SIZE_MIB} MiB (MB/s)" "${READ[snapveil]}" "${READ[gocryptfs]}" "$(ratio "${READ[snapveil]}" "${READ[gocryptfs]}")"
-printf '%-34s %12s %12s %10s\n' "find ${ENTRIES} entries, cold (s)" "${FCOLD[snapveil]}" "${FCOLD[gocryptfs]}" "$(ratio "${FCOLD[gocryptfs]}" "${FCOLD[snapveil]}")"
-printf '%-34s %12s %12s %10s\n' "find ${ENTRIES} entries, warm (s)" "${FWARM[snapveil]}" "${FWARM[gocryptfs]}" "$(ratio "${FWARM[gocryptfs]}" "${FWARM[snapveil]}")"
-printf '%-34s %12s %12s %10s\n' "rsync -a of the tree (s)" "${RSYNC[snapveil]}" "${RSYNC[gocryptfs]}" "$(ratio "${RSYNC[gocryptfs]}" "${RSYNC[snapveil]}")"
-printf '%-34s %12s %12s %10s\n' "peak RSS of the mount (MB)" "${RSS[snapveil]}" "${RSS[gocryptfs]}" ""
-printf '%-34s %12s\n' "rsync -a of the plain tree (s)" "$RSYNC_PLAIN"
-echo "(ratios: higher is better for snapveil; times are wall clock)"
+echo "snapveil $("$BIN" --version | awk '{print $2}'), $(rsync --version | head -1 | awk '{print "rsync " $3}'), $(restic version | awk '{print "restic " $2}'), $(gocryptfs -version | head -1 | sed "s/;.*//"), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "tree: $NFILES files, $MB MB, btrfs on a loop device; local target; warm page cache"
+printf '%-22s %9s %9s %9s %11s %11s\n' "" "rsync" "restic" "snapveil" "restic/rs" "snapveil/rs"
+for phase in full changed noop; do
+    case $phase in full) label="full (s)";; changed) label="1% changed (s)";; noop) label="nothing changed (s)";; esac
+    printf '%-22s %9s %9s %9s %11s %11s\n' "$label" "${T[$phase,rsync]}" "${T[$phase,restic]}" "${T[$phase,snapveil]}" \
+        "$(ratio "${T[$phase,restic]}" "${T[$phase,rsync]}")" "$(ratio "${T[$phase,snapveil]}" "${T[$phase,rsync]}")"
+done
+echo "(1% changed = $CHANGED files rewritten, same size)"
+printf '%-36s %s MiB (full), %s MiB (1%%), %s MiB (no-op)\n' "peak RSS of snapveil run, ${NFILES} files" "${RSS_RUN[0]}" "${RSS_RUN[1]}" "${RSS_RUN[2]}"
+if [[ -n $RSS_1M ]]; then printf '%-36s %s MiB (full)\n' "peak RSS of snapveil run, 1M files" "$RSS_1M"; fi
+echo
+printf '%-36s %10s %10s %10s\n' "" plain snapveil gocryptfs
+printf '%-36s %10s %10s %10s\n' "read every file, tar | cat (s)" "$TAR_PLAIN" "${TAR[snapveil]}" "${TAR[gocryptfs]}"
+printf '%-36s %10s %10s %10s\n' "  ratio to the plain tree" "1.0x" "$(ratio "${TAR[snapveil]}" "$TAR_PLAIN")" "$(ratio "${TAR[gocryptfs]}" "$TAR_PLAIN")"
+printf '%-36s %10s %10s %10s\n' "seq read ${SIZE_MIB} MiB (MB/s), best of $ROUNDS" "" "${READ[snapveil]}" "${READ[gocryptfs]}"
+printf '%-36s %10s %10s %10s\n' "  snapveil / gocryptfs" "" "$(ratio "${READ[snapveil]}" "${READ[gocryptfs]}")" ""
+printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MiB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
+echo
+echo "where the no-op snapveil run spends its time (gaps between log lines, > 0.05 s):"
+awk '/^[0-9][0-9][0-9][0-9]-/ {
+    split($1, a, "T"); split(a[2], b, ":"); sub("Z", "", b[3]);
+    t = b[1] * 3600 + b[2] * 60 + b[3];
+    if (seen && t - prev > 0.05) printf "  %6.2f s  before: %s\n", t - prev, substr($0, index($0, ": ") + 2, 100);
+    prev = t; seen = 1
+}' "$DIR/run-noop.log"

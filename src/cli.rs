@@ -307,6 +307,11 @@ pub struct MountArgs {
     /// The filesystem name shown in mount and df (default: snapveil).
     #[arg(long, value_name = "NAME")]
     pub fsname: Option<String>,
+    /// SOURCE does not change while mounted (a snapshot): the kernel may cache names,
+    /// attributes, listings and contents for the life of the mount (much faster on many
+    /// small files). Without it, changes show within a second.
+    #[arg(long)]
+    pub frozen: bool,
     pub source: PathBuf,
     pub mountpoint: PathBuf,
 }

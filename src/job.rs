@@ -243,13 +243,28 @@ fn run_steps<'a>(
     }
     let mp = view_mountpoint(&cfg.state_dir, &job.name);
     std::fs::create_dir_all(&mp).with_context(|| format!("creating {}", mp.display()))?;
+    // The last restore point's manifest, read now, before the view and its walk take
+    // their memory: the file itself is only needed while it is parsed (issue 13).
+    let prev = contents.points.last().and_then(|p| {
+        match crate::verify::prev_manifest(runner, target, &contents, p) {
+            Ok(prev) => Some(prev),
+            Err(e) => {
+                tracing::warn!(
+                    "the last restore point's manifest cannot be used ({}): hashing every file",
+                    crate::error::Chain(&e)
+                );
+                None
+            }
+        }
+    });
     check_cancel()?;
 
     let snap_path = freeze(runner, cfg, job, stamp, env, held)?;
     let consistent = held.snapshot.as_ref().is_some_and(|s| s.consistent());
     check_cancel()?;
 
-    let v = mount_view(job, &snap_path, &mp, key, master).context("mounting the encrypted view")?;
+    let v = mount_view(job, &snap_path, consistent, &mp, key, master)
+        .context("mounting the encrypted view")?;
     held.view = Some(v);
     // The key config goes first: an interrupted transfer then leaves a current/ that
     // check_owner still recognises as this job's, and the next run completes it.
@@ -274,7 +289,13 @@ fn run_steps<'a>(
                 }
             })
     };
+    let phase = Instant::now();
     let mut out = transfer(Pass::Full)?;
+    tracing::info!(
+        files = out.sent.len(),
+        secs = phase.elapsed().as_secs_f32(),
+        "transfer done"
+    );
     check_cancel()?;
     // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
     // same size in the second it was last backed up, or whose mtime was set back. Such a
@@ -285,12 +306,15 @@ fn run_steps<'a>(
         .last()
         .and_then(|p| crate::stamp::Stamp::parse(p))
         .map(|p| p.time().timestamp());
+    let phase = Instant::now();
     let walk = crate::verify::walk_view(&mp).context("walking the view")?;
+    tracing::info!(
+        entries = walk.meta.len(),
+        secs = phase.elapsed().as_secs_f32(),
+        "walked the view"
+    );
     let changed = changed_since(&walk, since, &out.sent);
-    // What the manifest must hash again: everything rsync sent and everything changed
-    // since the last restore point; the rest of current/ is that point's ciphertext.
-    let mut rehash: std::collections::HashSet<Vec<u8>> = changed.iter().cloned().collect();
-    rehash.extend(out.sent.iter().cloned());
+    let mut resent = Vec::new();
     if !changed.is_empty() {
         tracing::info!(
             files = changed.len(),
@@ -304,7 +328,7 @@ fn run_steps<'a>(
                 "sent files whose size and mtime had not changed"
             );
         }
-        rehash.extend(second.sent);
+        resent = second.sent;
         out.stats.bytes_sent += second.stats.bytes_sent;
         out.stats.files_transferred += second.stats.files_transferred;
         out.vanished |= second.vanished;
@@ -315,17 +339,13 @@ fn run_steps<'a>(
             .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
             .context("the snapshot did not stay valid during the transfer")?;
     }
-    let reuse = contents.points.last().and_then(|p| {
-        match crate::verify::manifest_of(runner, target, &contents, p) {
-            Ok(prev) => Some(crate::verify::Reuse { prev, rehash }),
-            Err(e) => {
-                tracing::warn!(
-                    "the last restore point's manifest cannot be used ({}): hashing every file",
-                    crate::error::Chain(&e)
-                );
-                None
-            }
-        }
+    // What the manifest must hash again: everything rsync sent and everything changed
+    // since the last restore point; the rest of current/ is that point's ciphertext.
+    let reuse = prev.map(|prev| {
+        let mut rehash: std::collections::HashSet<Vec<u8>> = changed.into_iter().collect();
+        rehash.extend(std::mem::take(&mut out.sent));
+        rehash.extend(resent);
+        crate::verify::Reuse { prev, rehash }
     });
     let written = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
@@ -337,11 +357,15 @@ fn run_steps<'a>(
         &head,
     )
     .context("recording the run in the agent's chain state")?;
-    let manifest = written.entries;
+    let manifest = written.sums;
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
-            let want = manifest.into_iter().map(|e| (e.path, e.sha1)).collect();
+            let want = walk
+                .files()
+                .map(|(p, _)| p.to_vec())
+                .zip(manifest)
+                .collect();
             let r = crate::verify::check_view_against_target(runner, target, &mp, &want)?;
             if !r.ok() {
                 r.print();
@@ -416,12 +440,9 @@ fn changed_since(
 ) -> Vec<Vec<u8>> {
     let sent: std::collections::HashSet<&[u8]> = sent.iter().map(Vec::as_slice).collect();
     let mut out: Vec<Vec<u8>> = walk
-        .files
-        .iter()
-        .filter(|(_, rel, ctime)| {
-            !sent.contains(rel.as_slice()) && since.is_none_or(|s| *ctime >= s)
-        })
-        .map(|(_, rel, _)| rel.clone())
+        .files()
+        .filter(|(rel, ctime)| !sent.contains(*rel) && since.is_none_or(|s| *ctime >= s))
+        .map(|(rel, _)| rel.to_vec())
         .collect();
     out.sort();
     out
@@ -450,14 +471,16 @@ pub fn take_snapshot<'a>(
     )
 }
 
-/// The encrypted view of a frozen tree at `mp` (a stale mount there, left by a killed
-/// process, is removed first), with the job's excludes: the second half.
+/// The encrypted view of a snapshot at `mp` (a stale mount there, left by a killed
+/// process, is removed first), with the job's excludes: the second half. `frozen` is
+/// the snapshot's consistency: a `dir:` source is live and gets short kernel caching.
 ///
 /// # Errors
 /// Mounting failed.
 pub fn mount_view(
     job: &Job,
-    frozen: &Path,
+    snap: &Path,
+    frozen: bool,
     mp: &Path,
     key: KeyConfig,
     master: crate::crypto::MasterKey,
@@ -484,13 +507,18 @@ pub fn mount_view(
         ));
     }
     MountedView::mount(
-        frozen,
+        snap,
         mp,
         ViewOptions {
             key,
             master,
             excludes,
             access: view::Access::default(),
+            caching: if frozen {
+                view::fuse::Caching::Frozen
+            } else {
+                view::fuse::Caching::Live
+            },
         },
     )
 }

@@ -95,14 +95,35 @@ pub fn build(root: &Path) -> Result<Vec<Entry>, ManifestError> {
 /// `sha1sum` output format, with GNU's escaping of `\` and newline in names.
 pub fn format(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
-    for e in entries {
-        let needs = e.path.iter().any(|b| *b == b'\\' || *b == b'\n');
+    format_to(&mut out, entries).expect("writing to memory");
+    out
+}
+
+/// [`format`], streamed to `w` a few lines at a time.
+///
+/// # Errors
+/// Writing to `w`.
+pub fn format_to(w: &mut dyn io::Write, entries: &[Entry]) -> io::Result<()> {
+    format_pairs_to(w, entries.iter().map(|e| (e.path.as_slice(), &e.sha1)))
+}
+
+/// [`format_to`] of (path, sha1) pairs, so a caller need not build [`Entry`]s.
+///
+/// # Errors
+/// Writing to `w`.
+pub fn format_pairs_to<'a>(
+    w: &mut dyn io::Write,
+    entries: impl Iterator<Item = (&'a [u8], &'a [u8; 20])>,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(1 << 16);
+    for (path, sha1) in entries {
+        let needs = path.iter().any(|b| *b == b'\\' || *b == b'\n');
         if needs {
             out.push(b'\\');
         }
-        out.extend_from_slice(hex::encode(e.sha1).as_bytes());
+        out.extend_from_slice(hex::encode(sha1).as_bytes());
         out.extend_from_slice(b"  ");
-        for b in &e.path {
+        for b in path {
             match b {
                 b'\\' if needs => out.extend_from_slice(b"\\\\"),
                 b'\n' => out.extend_from_slice(b"\\n"),
@@ -110,8 +131,12 @@ pub fn format(entries: &[Entry]) -> Vec<u8> {
             }
         }
         out.push(b'\n');
+        if out.len() >= 1 << 16 {
+            w.write_all(&out)?;
+            out.clear();
+        }
     }
-    out
+    w.write_all(&out)
 }
 
 /// Parses `sha1sum` output (as written by [`format`] or by `sha1sum` itself).
@@ -120,6 +145,25 @@ pub fn format(entries: &[Entry]) -> Vec<u8> {
 /// A line that is not `HEX40  PATH`, naming `file` and the line number.
 pub fn parse(file: &str, data: &[u8]) -> Result<Vec<Entry>, ManifestError> {
     let mut out = Vec::new();
+    parse_each(file, data, |path, sha1| {
+        out.push(Entry {
+            path: path.to_vec(),
+            sha1,
+        })
+    })?;
+    Ok(out)
+}
+
+/// [`parse`], handing each (path, sha1) to `f` instead of collecting them.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_each(
+    file: &str,
+    data: &[u8],
+    mut f: impl FnMut(&[u8], [u8; 20]),
+) -> Result<(), ManifestError> {
+    let mut unescaped = Vec::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
@@ -139,7 +183,8 @@ pub fn parse(file: &str, data: &[u8]) -> Result<Vec<Entry>, ManifestError> {
         hex::decode_to_slice(&line[..40], &mut sha1).map_err(|_| err())?;
         let raw = &line[42..];
         let path = if escaped {
-            let mut p = Vec::with_capacity(raw.len());
+            let p = &mut unescaped;
+            p.clear();
             let mut it = raw.iter();
             while let Some(b) = it.next() {
                 if *b == b'\\' {
@@ -152,13 +197,13 @@ pub fn parse(file: &str, data: &[u8]) -> Result<Vec<Entry>, ManifestError> {
                     p.push(*b);
                 }
             }
-            p
+            &p[..]
         } else {
-            raw.to_vec()
+            raw
         };
-        out.push(Entry { path, sha1 });
+        f(path, sha1);
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

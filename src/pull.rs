@@ -535,7 +535,7 @@ fn pull_steps<'a>(
     let snap_path = job::freeze(runner, cfg, job, stamp, env, held)?;
     *consistent = held.snapshot.as_ref().is_some_and(|s| s.consistent());
     job::check_cancel()?;
-    let v = job::mount_view(job, &snap_path, &mp, key, master)
+    let v = job::mount_view(job, &snap_path, *consistent, &mp, key, master)
         .context("mounting the encrypted view")?;
     held.view = Some(v);
     let cmd = req

@@ -66,6 +66,15 @@ pub struct RunStatus {
 /// # Errors
 /// I/O errors, with the path.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(data))
+}
+
+/// [`write_atomic`] of what `write` produces, streamed: a big file (a run's manifest)
+/// is never held in memory as a whole.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -74,9 +83,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         std::process::id()
     ));
     let r = fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(data)?;
-            f.sync_all()
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+            write(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
         })
         .and_then(|()| fs::rename(&tmp, path));
     if r.is_err() {

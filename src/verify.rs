@@ -18,8 +18,8 @@ use crate::crypto::content;
 use crate::crypto::names::{self, LONGNAME_PREFIX};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use crate::exec::Runner;
+use crate::manifest;
 use crate::manifest::meta::MetaEntry;
-use crate::manifest::{self, Entry};
 use crate::target::{Area, Target};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -137,22 +137,27 @@ pub fn write_manifest(
     walk: &ViewWalk,
     reuse: Option<&Reuse>,
 ) -> Result<Written, VerifyError> {
-    let entries = hash_files(walk, reuse)?;
-    let meta = manifest::meta::format(&walk.meta);
-    target.put(runner, Area::Manifests, &format!("{stamp}.meta"), &meta)?;
-    let sha1 = manifest::format(&entries);
-    target.put(runner, Area::Manifests, &format!("{stamp}.sha1"), &sha1)?;
+    let sums = hash_files(walk, reuse)?;
+    let meta = &walk.meta;
+    let meta_mac =
+        target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
+            manifest::meta::format_to(w, meta)
+        })?;
+    let sha1_mac =
+        target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.sha1"), |w| {
+            manifest::format_pairs_to(w, walk.files().map(|(p, _)| p).zip(sums.iter()))
+        })?;
     Ok(Written {
-        entries,
-        sha1_mac: target.mac_hex(&sha1),
-        meta_mac: target.mac_hex(&meta),
+        sums,
+        sha1_mac,
+        meta_mac,
     })
 }
 
-/// What [`write_manifest`] wrote: the entries, and the MACs (hex) of the two files'
-/// exact bytes, for the run record that authenticates them.
+/// What [`write_manifest`] wrote: each walked file's sha1 (in the walk's order), and the
+/// MACs (hex) of the two files' exact bytes, for the run record that authenticates them.
 pub struct Written {
-    pub entries: Vec<Entry>,
+    pub sums: Vec<[u8; 20]>,
     pub sha1_mac: Option<String>,
     pub meta_mac: Option<String>,
 }
@@ -163,10 +168,53 @@ pub struct Written {
 /// because current/ still holds that point's ciphertext of it (reverse mode is
 /// deterministic). So a nightly run hashes what changed, not the whole dataset.
 pub struct Reuse {
-    /// The last restore point's manifest.
-    pub prev: BTreeMap<Vec<u8>, [u8; 20]>,
+    /// The last restore point's manifest ([`PrevManifest`]).
+    pub prev: PrevManifest,
     /// Paths (relative to the view) to hash again: sent, or changed since that point.
     pub rehash: std::collections::HashSet<Vec<u8>>,
+}
+
+/// A manifest held for lookups only: (first 16 bytes of the SHA-256 of the path, sha1),
+/// sorted. 36 bytes a file instead of the path itself, so a big tree's last manifest
+/// costs a few MB (issue 13); two of 10 million paths share a key with a chance of
+/// about 1e-25.
+pub struct PrevManifest(Vec<([u8; 16], [u8; 20])>);
+
+impl PrevManifest {
+    fn key(path: &[u8]) -> [u8; 16] {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(path);
+        d[..16].try_into().expect("16 bytes")
+    }
+
+    /// # Errors
+    /// A line that does not parse, by `file` and line number.
+    pub fn parse(file: &str, data: &[u8]) -> Result<Self, manifest::ManifestError> {
+        let mut v = Vec::new();
+        manifest::parse_each(file, data, |path, sha1| v.push((Self::key(path), sha1)))?;
+        // A path listed twice: the last line wins, as in a map built from the lines.
+        v.reverse();
+        v.sort_by_key(|e| e.0);
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.shrink_to_fit();
+        Ok(PrevManifest(v))
+    }
+
+    pub fn get(&self, path: &[u8]) -> Option<&[u8; 20]> {
+        let k = Self::key(path);
+        self.0
+            .binary_search_by(|e| e.0.cmp(&k))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// One walk of a mounted view: every entry's metadata (lstat, readlink; sorted by
@@ -174,9 +222,21 @@ pub struct Reuse {
 /// once and uses the walk for the checksum pass and the manifest: the view shows a
 /// frozen snapshot, so it cannot change in between.
 pub struct ViewWalk {
-    /// Regular files: path, path relative to the view, ctime (unix seconds).
-    pub files: Vec<(PathBuf, Vec<u8>, i64)>,
+    /// The view's root.
+    pub root: PathBuf,
     pub meta: Vec<MetaEntry>,
+    /// Regular files: index into `meta` (which holds the path, once), ctime (unix
+    /// seconds). On a big tree, paths are most of a run's memory (issue 13).
+    files: Vec<(u32, i64)>,
+}
+
+impl ViewWalk {
+    /// Regular files, by path: (path relative to the view, ctime).
+    pub fn files(&self) -> impl ExactSizeIterator<Item = (&[u8], i64)> + '_ {
+        self.files
+            .iter()
+            .map(|(i, ct)| (self.meta[*i as usize].path.as_slice(), *ct))
+    }
 }
 
 /// Walks the view at `view` ([`ViewWalk`]).
@@ -184,7 +244,9 @@ pub struct ViewWalk {
 /// # Errors
 /// An unreadable entry, by path.
 pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
-    fn walk(view: &Path, dir: &Path, w: &mut ViewWalk) -> Result<(), VerifyError> {
+    /// Entries with the ctime of regular files (`None` for the others).
+    type Found = Vec<(MetaEntry, Option<i64>)>;
+    fn walk(view: &Path, dir: &Path, w: &mut Found) -> Result<(), VerifyError> {
         use std::os::unix::fs::MetadataExt;
         for e in fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
@@ -208,56 +270,59 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
                 .as_os_str()
                 .as_bytes()
                 .to_vec();
-            w.meta.push(MetaEntry::from_metadata(rel.clone(), &m, link));
+            let ctime = ft.is_file().then(|| m.ctime());
+            w.push((MetaEntry::from_metadata(rel, &m, link), ctime));
             if ft.is_dir() {
                 walk(view, &p, w)?;
-            } else if ft.is_file() {
-                w.files.push((p, rel, m.ctime()));
             }
         }
         Ok(())
     }
     let root = fs::symlink_metadata(view).map_err(io(view))?;
-    let mut w = ViewWalk {
-        files: Vec::new(),
-        meta: vec![MetaEntry::from_metadata(Vec::new(), &root, None)],
-    };
-    walk(view, view, &mut w)?;
-    w.meta.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(w)
+    let mut found: Found = vec![(MetaEntry::from_metadata(Vec::new(), &root, None), None)];
+    walk(view, view, &mut found)?;
+    found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    let files = found
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, ct))| ct.map(|ct| (i as u32, ct)))
+        .collect();
+    Ok(ViewWalk {
+        root: view.to_path_buf(),
+        meta: found.into_iter().map(|(m, _)| m).collect(),
+        files,
+    })
 }
 
 /// Hashes the files of `walk` for the manifest. The FUSE handlers of a view served by
 /// this process encrypt on rayon's pool, so hashing must not run on that pool too (its
 /// workers would block in reads only the pool can answer: a deadlock): two plain
 /// threads instead.
-fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, VerifyError> {
-    let paths = &walk.files;
+fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
+    let paths: Vec<&[u8]> = walk.files().map(|(p, _)| p).collect();
     let half = paths.len().div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[(PathBuf, Vec<u8>, i64)]| -> Result<Vec<Entry>, VerifyError> {
+    let hash = |chunk: &[&[u8]]| -> Result<Vec<[u8; 20]>, VerifyError> {
         chunk
             .iter()
-            .map(|(p, rel, _)| {
-                let rel = rel.as_slice();
+            .map(|rel| {
+                let rel = *rel;
                 let known = reuse
                     .filter(|r| !r.rehash.contains(rel))
                     .and_then(|r| r.prev.get(rel));
-                let sha1 = match known {
+                Ok(match known {
                     Some(h) => *h,
                     None => {
                         hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        manifest::sha1_file(p).map_err(io(p))?
+                        let p = walk.root.join(OsStr::from_bytes(rel));
+                        manifest::sha1_file(&p).map_err(io(&p))?
                     }
-                };
-                Ok(Entry {
-                    path: rel.to_vec(),
-                    sha1,
                 })
             })
             .collect()
     };
-    let mut out = std::thread::scope(|s| {
+    // In walk order (sorted by path): the halves are joined in order.
+    let out = std::thread::scope(|s| {
         let hs: Vec<_> = paths
             .chunks(half)
             .map(|c| s.spawn(move || hash(c)))
@@ -267,7 +332,6 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<Entry>, Veri
             .collect::<Result<Vec<_>, _>>()
     })?
     .concat();
-    out.sort_by(|a, b| a.path.cmp(&b.path));
     tracing::info!(
         files = out.len(),
         hashed = hashed.into_inner(),
@@ -300,6 +364,31 @@ pub fn manifest_of(
         .into_iter()
         .map(|e| (e.path, e.sha1))
         .collect())
+}
+
+/// The manifest of restore point `stamp` for lookups only ([`PrevManifest`]).
+///
+/// # Errors
+/// As [`manifest_of`].
+pub fn prev_manifest(
+    runner: &dyn Runner,
+    target: &Target,
+    contents: &crate::target::Contents,
+    stamp: &str,
+) -> Result<PrevManifest, VerifyError> {
+    let data = target
+        .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
+        .ok_or_else(|| VerifyError::NoManifest {
+            target: target.address().to_string(),
+            stamp: stamp.into(),
+        })?;
+    // Its hashes go into the new manifest, which the new record seals: a provider's
+    // edit must not be laundered into an authenticated manifest.
+    target.check_manifest(contents, stamp, "sha1", &data)?;
+    Ok(PrevManifest::parse(
+        &format!("manifests/{stamp}.sha1"),
+        &data,
+    )?)
 }
 
 fn lossy(p: &[u8]) -> String {
@@ -521,7 +610,14 @@ pub fn verify_job(
                 .state_dir
                 .join("view")
                 .join(format!("{}.verify", job.name));
-            let view = crate::job::mount_view(job, &snap, &mp, key.clone(), master.clone())?;
+            let view = crate::job::mount_view(
+                job,
+                &snap,
+                guard.consistent(),
+                &mp,
+                key.clone(),
+                master.clone(),
+            )?;
             let r = check_view_against_target(runner, &target, &mp, &want);
             view.unmount()?;
             r?

@@ -49,8 +49,6 @@ fn view_matches_gocryptfs_vectors_in_all_name_modes() {
         private_copy(&vdir.join("gocryptfs.reverse.conf"), &conf);
         let pass = t.path().join("pass");
         passfile(&pass, "PASSWORD");
-        let m = snapveil_mount(&conf, &pass, &plain, &t.path().join("mnt"), &[]);
-        let got = tsv(&manifest(m.path()));
         let mut want: Vec<String> = fs::read_to_string(vdir.join("manifest.tsv"))
             .unwrap()
             .lines()
@@ -58,10 +56,21 @@ fn view_matches_gocryptfs_vectors_in_all_name_modes() {
             .collect();
         want.sort();
         assert!(want.len() > 20);
-        assert_eq!(
-            got, want,
-            "variant {v}: view differs from gocryptfs's manifest"
-        );
+        // Live (short caching, real opens) and --frozen (long caching, zero-message opens).
+        for (i, extra) in [&[][..], &["--frozen"][..]].into_iter().enumerate() {
+            let m = snapveil_mount(
+                &conf,
+                &pass,
+                &plain,
+                &t.path().join(format!("mnt{i}")),
+                extra,
+            );
+            let got = tsv(&manifest(m.path()));
+            assert_eq!(
+                got, want,
+                "variant {v} {extra:?}: view differs from gocryptfs's manifest"
+            );
+        }
     }
 }
 
@@ -137,7 +146,12 @@ fn gocryptfs_config_works_with_snapveil_and_views_are_identical() {
             "gocryptfs view unexpectedly small: {}",
             gm.len()
         );
-        assert_same_views(mode, gm, sm);
+        assert_same_views(mode, gm.clone(), sm);
+        // Issue 13: a --frozen mount (zero-message opens, kernel caches kept) is the same
+        // view, read cold and again from the kernel's caches.
+        let f = snapveil_mount(&conf, &pass, &src, &t.path().join("f"), &["--frozen"]);
+        assert_same_views(mode, gm.clone(), manifest(f.path()));
+        assert_same_views(mode, gm, manifest(f.path()));
     }
 }
 

@@ -51,6 +51,11 @@ fn view_options(a: &MountArgs) -> Result<ViewOptions> {
         master,
         excludes,
         access: access(a)?,
+        caching: if a.frozen {
+            view::fuse::Caching::Frozen
+        } else {
+            view::fuse::Caching::Live
+        },
     })
 }
 
@@ -90,6 +95,9 @@ pub(super) fn background(a: &MountArgs, announce: bool) -> Result<Outcome> {
     }
     if let Some(f) = &a.fsname {
         args.extend(["--fsname".into(), f.into()]);
+    }
+    if a.frozen {
+        args.push("--frozen".into());
     }
     args.extend([a.source.clone().into(), a.mountpoint.clone().into()]);
     daemon::spawn(&args, &a.mountpoint, announce)

@@ -181,6 +181,8 @@ pub fn parse(argv: &[OsString]) -> Result<HelperCall> {
             force_owner,
             allow_other,
             fsname,
+            // A persistent mount reads the live source: changes must show.
+            frozen: false,
             source,
             mountpoint,
         },

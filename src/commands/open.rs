@@ -27,6 +27,13 @@ pub fn run(_runner: &dyn Runner, a: OpenArgs) -> Result<Outcome> {
     let ready = daemon::ready();
     let core = Arc::new(view::forward::ForwardCore::new(&a.target_dir, keys)?);
     tracing::info!(copy = %a.target_dir.display(), mountpoint = %a.mountpoint.display(), "serving decrypted view of a backup copy");
-    view::mount::serve(core, &a.mountpoint, &view::Access::shared_if_root(), ready)?;
+    // A copy may be written to while browsed (the next night's rsync): no long caching.
+    view::mount::serve(
+        core,
+        view::fuse::Caching::Live,
+        &a.mountpoint,
+        &view::Access::shared_if_root(),
+        ready,
+    )?;
     Ok(Outcome::Success)
 }

@@ -135,6 +135,11 @@ impl RecordKey {
             .expect("HMAC takes any key length")
     }
 
+    /// An HMAC-SHA256 computed over bytes as they are written.
+    pub fn start(&self) -> RecordMac {
+        RecordMac(self.hmac())
+    }
+
     /// HMAC-SHA256 of `data`.
     pub fn mac(&self, data: &[u8]) -> [u8; 32] {
         use hmac::Mac;
@@ -149,6 +154,19 @@ impl RecordKey {
         let mut m = self.hmac();
         m.update(data);
         m.verify_slice(tag).is_ok()
+    }
+}
+
+/// A [`RecordKey`] MAC in progress: a manifest is streamed to the target, not held whole.
+pub struct RecordMac(hmac::Hmac<Sha256>);
+
+impl RecordMac {
+    pub fn update(&mut self, data: &[u8]) {
+        hmac::Mac::update(&mut self.0, data);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        hmac::Mac::finalize(self.0).into_bytes().into()
     }
 }
 

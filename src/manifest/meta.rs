@@ -177,8 +177,25 @@ fn unescape(b: &[u8]) -> Result<Vec<u8>, String> {
 /// The file's text: header, then one line per entry in the given order.
 pub fn format(entries: &[MetaEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 * entries.len() + 20);
-    out.extend_from_slice(HEADER.as_bytes());
-    out.push(b'\n');
+    format_to(&mut out, entries).expect("writing to memory");
+    out
+}
+
+/// [`format`], streamed to `w` a few lines at a time.
+///
+/// # Errors
+/// Writing to `w`.
+pub fn format_to(w: &mut dyn std::io::Write, entries: &[MetaEntry]) -> std::io::Result<()> {
+    w.write_all(HEADER.as_bytes())?;
+    w.write_all(b"\n")?;
+    for chunk in entries.chunks(512) {
+        w.write_all(&format_lines(chunk))?;
+    }
+    Ok(())
+}
+
+fn format_lines(entries: &[MetaEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 * entries.len());
     for e in entries {
         out.extend_from_slice(
             format!(

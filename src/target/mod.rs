@@ -614,13 +614,72 @@ impl Target {
         name: &str,
         data: &[u8],
     ) -> Result<(), TargetError> {
+        self.put_with(runner, area, name, |w| w.write_all(data))
+    }
+
+    /// [`Target::put_with`], returning the MAC (hex) of the exact bytes written when the
+    /// target has a record key: what a sealed run record names for a manifest.
+    ///
+    /// # Errors
+    /// As [`Target::put_with`].
+    pub fn put_sealed_with(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<Option<String>, TargetError> {
+        struct Tee<'a> {
+            inner: &'a mut dyn std::io::Write,
+            mac: Option<&'a mut crate::crypto::RecordMac>,
+        }
+        impl std::io::Write for Tee<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.inner.write(buf)?;
+                if let Some(m) = self.mac.as_mut() {
+                    m.update(&buf[..n]);
+                }
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let mut mac = self.auth.get().map(|k| k.start());
+        self.put_with(runner, area, name, |w| {
+            write(&mut Tee {
+                inner: w,
+                mac: mac.as_mut(),
+            })
+        })?;
+        Ok(mac.map(|m| hex::encode(m.finish())))
+    }
+
+    /// [`Target::put`] of what `write` produces, streamed into the file (a local
+    /// target's, or the upload's scratch copy), never held in memory as a whole.
+    ///
+    /// # Errors
+    /// `write` failing, writing the file, or the transfer.
+    pub fn put_with(
+        &self,
+        runner: &dyn Runner,
+        area: Area,
+        name: &str,
+        write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), TargetError> {
         if let Some(root) = self.local() {
             let p = root.join(area.dir()).join(name);
-            return crate::status::write_atomic(&p, data).map_err(io(&p));
+            return crate::status::write_atomic_with(&p, write).map_err(io(&p));
         }
         let dir = self.scratch("upload")?;
         let tmp = dir.0.join(name);
-        fs::write(&tmp, data).map_err(io(&tmp))?;
+        fs::File::create(&tmp)
+            .and_then(|f| {
+                let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+                write(&mut w)?;
+                w.into_inner().map_err(|e| e.into_error()).map(drop)
+            })
+            .map_err(io(&tmp))?;
         self.send_file(runner, area, &tmp)
     }
 

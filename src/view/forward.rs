@@ -8,12 +8,11 @@
 //! reads, which fail with EIO on a bad header or block. Reads decrypt only the blocks
 //! they cover, in parallel.
 
-use super::{attr_from, kind_of_ft, Attr, Kind, Listing, Tree, ViewError, ROOT_INO};
+use super::{attr_from, kind_of_ft, AddEntry, Attr, Kind, Listing, Tree, ViewError, ROOT_INO};
 use crate::crypto::content::{self, FileHeader, BLOCK, CBLOCK, HEADER_LEN};
 use crate::crypto::names::{self, decode_entry, dir_iv_of};
 use crate::crypto::{join_cpath, Keys, NameMode};
 use rayon::prelude::*;
-use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -94,9 +93,7 @@ impl ForwardCore {
     }
 }
 
-impl Tree for ForwardCore {
-    type Handle = FHandle;
-
+impl ForwardCore {
     fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError> {
         if let Some(l) = self.listings.read().expect("listings lock").get(&ino) {
             return Ok(Arc::clone(l));
@@ -129,7 +126,7 @@ impl Tree for ForwardCore {
                 }
             }
         }
-        let l = Arc::new(Listing::new(entries, HashSet::new()));
+        let l = Arc::new(Listing::new(entries));
         Ok(Arc::clone(
             self.listings
                 .write()
@@ -137,6 +134,24 @@ impl Tree for ForwardCore {
                 .entry(ino)
                 .or_insert(l),
         ))
+    }
+}
+
+impl Tree for ForwardCore {
+    type Handle = FHandle;
+
+    fn opendir(&self, ino: u64) -> Result<(), ViewError> {
+        self.listing(ino).map(|_| ())
+    }
+
+    fn readdir(
+        &self,
+        ino: u64,
+        offset: i64,
+        plus: bool,
+        add: &mut AddEntry<'_>,
+    ) -> Result<(), ViewError> {
+        self.listing(ino)?.readdir(self, ino, offset, plus, add)
     }
 
     fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError> {

@@ -1,25 +1,66 @@
-//! Links fuser's callbacks to [`ViewCore`]: converts types, replies with errnos, and
-//! moves reads off the request loop onto the view's own rayon pool so that several reads are
-//! encrypted at once while the loop keeps answering lookups.
+//! Links fuser's callbacks to a [`Tree`] (the reverse view's `ViewCore`, the forward
+//! view): converts types, replies with errnos, and moves reads off the request loop onto
+//! the view's own rayon pool so that several reads are encrypted at once while the loop
+//! keeps answering lookups.
+//!
+//! How much the kernel may cache depends on the source ([`Caching`]). A frozen source (a
+//! snapshot) is served with hour-long entry and attribute timeouts and zero-message
+//! opens: OPEN answers ENOSYS once, after which the kernel opens files without asking,
+//! keeps their page cache across opens, and sends no RELEASE or FLUSH; OPENDIR asks the
+//! kernel to keep listings (FOPEN_CACHE_DIR). A small-file read is then one round trip
+//! (the READ) after the READDIRPLUS that listed it. A live source (`dir:`) gets one-second
+//! timeouts and real opens that drop the page cache, so changes show.
+//!
+//! fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes `&mut self` and
+//! cloned device fds are not supported); the work that costs (encrypting reads, opening
+//! source files) runs on the pool, so the loop only parses and dispatches.
 
 use super::{Attr, Kind, Tree, ROOT_INO};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The tree under the view is frozen: let the kernel cache names and attributes for
-/// the life of the mount (an hour, refreshed on use).
-const TTL: Duration = Duration::from_secs(3600);
+/// What the kernel may cache of a view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caching {
+    /// Nothing under the source changes while it is mounted (a snapshot): names,
+    /// attributes, listings and pages for the life of the mount (an hour, refreshed on use).
+    Frozen,
+    /// The source may change (`dir:`, a backup copy being written): one-second timeouts,
+    /// page cache dropped on every open.
+    Live,
+}
+
+impl Caching {
+    fn ttl(self) -> Duration {
+        match self {
+            Caching::Frozen => Duration::from_secs(3600),
+            Caching::Live => Duration::from_secs(1),
+        }
+    }
+}
+
+/// Files opened for zero-message opens (frozen sources), most recent last: a file read
+/// in several requests is opened once. Small, since the kernel reads a small file in one
+/// request and a big one front to back.
+const OPEN_CACHE: usize = 64;
+
+/// Open files by node, oldest first (see [`OPEN_CACHE`]).
+type OpenFiles<H> = Mutex<VecDeque<(u64, Arc<H>)>>;
 
 pub struct VeilFs<T: Tree> {
     core: Arc<T>,
+    caching: Caching,
+    ttl: Duration,
     handles: Mutex<HashMap<u64, Arc<T::Handle>>>,
+    /// Frozen sources: open files by node, for reads that come without an OPEN.
+    by_ino: Arc<OpenFiles<T::Handle>>,
     next_fh: AtomicU64,
     /// Called once the kernel has initialised the session: the mount answers.
     on_init: Option<Box<dyn FnOnce() + Send>>,
@@ -32,10 +73,13 @@ pub struct VeilFs<T: Tree> {
 }
 
 impl<T: Tree> VeilFs<T> {
-    pub fn new(core: Arc<T>) -> Self {
+    pub fn new(core: Arc<T>, caching: Caching) -> Self {
         VeilFs {
             core,
+            caching,
+            ttl: caching.ttl(),
             handles: Mutex::new(HashMap::new()),
+            by_ino: Arc::new(Mutex::new(VecDeque::with_capacity(OPEN_CACHE))),
             next_fh: AtomicU64::new(1),
             on_init: None,
             pool: Arc::new(
@@ -117,9 +161,11 @@ fn log_err(op: &str, ino: u64, e: &super::ViewError) {
 
 impl<T: Tree> Filesystem for VeilFs<T> {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
-        // Large reads: fewer round trips, more blocks to encrypt in parallel per request.
+        // Large reads: fewer round trips, more blocks to encrypt in parallel per request
+        // (fuser asks for max_pages to match, so a READ carries up to 1 MiB).
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(16);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         // Entries and their attributes in one reply: a `find` or rsync walk then needs no
         // separate LOOKUP per file.
         let _ = config.add_capabilities(fuser::consts::FUSE_DO_READDIRPLUS);
@@ -131,11 +177,21 @@ impl<T: Tree> Filesystem for VeilFs<T> {
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent, name) {
-            Ok(a) => reply.entry(&TTL, &self.attr(&a), 0),
+            Ok(a) => reply.entry(&self.ttl, &self.attr(&a), 0),
             Err(e) => {
                 log_err("lookup", parent, &e);
                 reply.error(e.errno())
             }
+        }
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.core.forget(ino, nlookup);
+    }
+
+    fn batch_forget(&mut self, _req: &Request<'_>, nodes: &[fuser::fuse_forget_one]) {
+        for n in nodes {
+            self.core.forget(n.nodeid, n.nlookup);
         }
     }
 
@@ -145,7 +201,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
                 if ino == ROOT_INO {
                     a.ino = ROOT_INO;
                 }
-                reply.attr(&TTL, &self.attr(&a))
+                reply.attr(&self.ttl, &self.attr(&a))
             }
             Err(e) => {
                 log_err("getattr", ino, &e);
@@ -168,6 +224,10 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
+        if self.caching == Caching::Frozen {
+            // Zero-message opens from now on (module doc); the read opens the file.
+            return reply.error(libc::ENOSYS);
+        }
         match self.core.open(ino) {
             Ok(h) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -175,8 +235,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
                     .lock()
                     .expect("handles lock")
                     .insert(fh, Arc::new(h));
-                // Frozen source: cached pages stay valid across opens.
-                reply.opened(fh, fuser::consts::FOPEN_KEEP_CACHE)
+                reply.opened(fh, 0)
             }
             Err(e) => {
                 log_err("open", ino, &e);
@@ -196,11 +255,32 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         _lock: Option<u64>,
         reply: ReplyData,
     ) {
+        tracing::trace!(ino, offset, size, "read");
+        let core = Arc::clone(&self.core);
+        if fh == 0 && self.caching == Caching::Frozen {
+            // No OPEN came: find or open the file on the pool, not in the request loop.
+            let cache = Arc::clone(&self.by_ino);
+            self.pool.spawn(move || {
+                let h = match cached_open(&*core, &cache, ino) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        log_err("open", ino, &e);
+                        return reply.error(e.errno());
+                    }
+                };
+                match core.read(&h, offset.max(0) as u64, size) {
+                    Ok(d) => reply.data(&d),
+                    Err(e) => {
+                        log_err("read", ino, &e);
+                        reply.error(e.errno())
+                    }
+                }
+            });
+            return;
+        }
         let Some(h) = self.handles.lock().expect("handles lock").get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        tracing::trace!(ino, offset, size, "read");
-        let core = Arc::clone(&self.core);
         self.pool
             .spawn(move || match core.read(&h, offset.max(0) as u64, size) {
                 Ok(d) => reply.data(&d),
@@ -226,8 +306,15 @@ impl<T: Tree> Filesystem for VeilFs<T> {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        match self.core.listing(ino) {
-            Ok(_) => reply.opened(0, 0),
+        // A real OPENDIR even when frozen (one per directory, cheap): fusermount's
+        // auto_unmount decides that the server died by opening the mountpoint, which
+        // must then fail with ENOTCONN, not succeed from the kernel's caches.
+        let flags = match self.caching {
+            Caching::Frozen => fuser::consts::FOPEN_CACHE_DIR | fuser::consts::FOPEN_KEEP_CACHE,
+            Caching::Live => 0,
+        };
+        match self.core.opendir(ino) {
+            Ok(()) => reply.opened(0, flags),
             Err(e) => {
                 log_err("opendir", ino, &e);
                 reply.error(e.errno())
@@ -243,30 +330,18 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let l = match self.core.listing(ino) {
-            Ok(l) => l,
+        let r = self
+            .core
+            .readdir(ino, offset, false, &mut |eino, next, name, kind, _| {
+                reply.add(eino, next, file_type(kind), name)
+            });
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => {
                 log_err("readdir", ino, &e);
-                return reply.error(e.errno());
-            }
-        };
-        // Offsets: 1 = ".", 2 = "..", 3.. = entries; each reply entry carries the offset
-        // of the one after it.
-        let mut off = offset;
-        if off < 1 && reply.add(ino, 1, FileType::Directory, ".") {
-            return reply.ok();
-        }
-        off = off.max(1);
-        if off < 2 && reply.add(ino, 2, FileType::Directory, "..") {
-            return reply.ok();
-        }
-        off = off.max(2);
-        for (i, (eino, name, kind)) in l.entries.iter().enumerate().skip((off - 2) as usize) {
-            if reply.add(*eino, i as i64 + 3, file_type(*kind), name) {
-                break;
+                reply.error(e.errno())
             }
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -277,48 +352,32 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         offset: i64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let l = match self.core.listing(ino) {
-            Ok(l) => l,
-            Err(e) => {
-                log_err("readdirplus", ino, &e);
-                return reply.error(e.errno());
-            }
-        };
-        let dir = match self.core.getattr(ino) {
-            Ok(mut a) => {
-                if ino == ROOT_INO {
+        let ttl = self.ttl;
+        let owner = self.owner;
+        let r = self
+            .core
+            .readdir(ino, offset, true, &mut |eino, next, name, kind, attr| {
+                let mut a = match attr {
+                    Some(a) => to_fuse(a),
+                    None => return false,
+                };
+                if let Some((uid, gid)) = owner {
+                    a.uid = uid;
+                    a.gid = gid;
+                }
+                a.kind = file_type(kind);
+                if eino == ROOT_INO {
                     a.ino = ROOT_INO;
                 }
-                self.attr(&a)
-            }
+                reply.add(eino, next, name, &ttl, &a, 0)
+            });
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => {
                 log_err("readdirplus", ino, &e);
-                return reply.error(e.errno());
-            }
-        };
-        let mut off = offset;
-        if off < 1 && reply.add(ino, 1, ".", &TTL, &dir, 0) {
-            return reply.ok();
-        }
-        off = off.max(1);
-        if off < 2 && reply.add(ino, 2, "..", &TTL, &dir, 0) {
-            return reply.ok();
-        }
-        off = off.max(2);
-        for (i, (eino, name, _)) in l.entries.iter().enumerate().skip((off - 2) as usize) {
-            let attr = match self.core.getattr(*eino) {
-                Ok(a) => self.attr(&a),
-                Err(e) => {
-                    // Vanished under a live (dir:) source: leave it out of this listing.
-                    log_err("readdirplus", *eino, &e);
-                    continue;
-                }
-            };
-            if reply.add(*eino, i as i64 + 3, name, &TTL, &attr, 0) {
-                break;
+                reply.error(e.errno())
             }
         }
-        reply.ok();
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
@@ -332,4 +391,30 @@ impl<T: Tree> Filesystem for VeilFs<T> {
             reply.ok()
         }
     }
+}
+
+/// The open file of node `ino` for a read without OPEN: from the cache, or opened now
+/// and remembered (the oldest falls out).
+fn cached_open<T: Tree>(
+    core: &T,
+    cache: &OpenFiles<T::Handle>,
+    ino: u64,
+) -> Result<Arc<T::Handle>, super::ViewError> {
+    if let Some(h) = cache
+        .lock()
+        .expect("open cache lock")
+        .iter()
+        .rev()
+        .find(|(i, _)| *i == ino)
+        .map(|(_, h)| Arc::clone(h))
+    {
+        return Ok(h);
+    }
+    let h = Arc::new(core.open(ino)?);
+    let mut c = cache.lock().expect("open cache lock");
+    if c.len() >= OPEN_CACHE {
+        c.pop_front();
+    }
+    c.push_back((ino, Arc::clone(&h)));
+    Ok(h)
 }

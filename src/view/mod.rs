@@ -5,9 +5,12 @@
 //! Owns: node numbering, directory listings, attributes, reads. Does not own: the kernel
 //! protocol (`fuse.rs`) or mounting (`mount.rs`).
 //!
-//! The source is a snapshot, so nothing underneath changes: each directory is listed and
-//! its names encrypted once, node numbers are assigned once and never reused, and the
-//! kernel may cache attributes and pages for as long as the mount lives.
+//! Each directory is listed and its names encrypted once per life of its node (a
+//! snapshot does not change; a live `dir:` source is read as it was when first listed).
+//! Memory follows what the kernel holds, not the tree (issue 13): a node is the place of
+//! an entry (parent, index in the parent's listing) and its lookup count, a listing keeps
+//! two names per entry, and both go when the kernel forgets the node. Node numbers are
+//! never reused; an entry looked up again after that gets a new one.
 //!
 //! Hard links: gocryptfs 2.3 gives every path of a hard-linked inode the file ID of the
 //! path opened first, so the ciphertext depends on access order. Here every path derives
@@ -127,61 +130,134 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
     }
 }
 
+/// What an entry of a directory is.
 #[derive(Clone, Debug)]
-enum NodeKind {
+enum Virt {
     /// An entry of the plaintext tree.
     Real,
-    /// `gocryptfs.diriv` of the parent directory.
+    /// `gocryptfs.diriv` of the directory.
     DirIv,
-    /// `gocryptfs.longname.H.name`: holds the full encrypted name of `named`.
-    LongName { content: Arc<[u8]>, named: PathBuf },
+    /// `gocryptfs.longname.H.name`: holds the full encrypted name of the entry whose
+    /// plaintext name is this entry's `plain`.
+    LongName(Arc<[u8]>),
     /// `gocryptfs.conf`, the key config itself.
     Conf,
 }
 
-#[derive(Clone, Debug)]
-struct Node {
-    /// Path relative to the source root (for virtual files: of the directory holding them).
-    plain: PathBuf,
-    /// Encrypted relative path (long names in their hashed form), the input of every IV.
-    cpath: Vec<u8>,
-    /// Name as shown in the view (last component of `cpath`).
-    shown: Vec<u8>,
-    kind: NodeKind,
+/// One entry of a directory of the reverse view. Only the two names are kept per entry
+/// (no paths: a path is put together from the parents when needed), so a mount's memory
+/// grows by about one small allocation pair per entry listed. Issue 13.
+struct DirEntry {
+    /// Name as shown in the view (encrypted; long names in their hashed form).
+    shown: Box<[u8]>,
+    /// Plaintext name in the source (for a long-name file: of the entry it names; empty
+    /// for the directory IV and the config).
+    plain: Box<[u8]>,
+    kind: Kind,
+    virt: Virt,
 }
 
-/// One directory's listing, built once.
+/// One directory's listing, built once per life of its node, sorted by shown name.
+struct DirListing {
+    entries: Vec<DirEntry>,
+    excluded: HashSet<Box<[u8]>>,
+}
+
+impl DirListing {
+    fn find(&self, shown: &[u8]) -> Option<u32> {
+        self.entries
+            .binary_search_by(|e| e.shown[..].cmp(shown))
+            .ok()
+            .map(|i| i as u32)
+    }
+}
+
+/// One directory's listing as the forward view builds it.
 pub struct Listing {
     pub entries: Vec<(u64, OsString, Kind)>,
     by_name: HashMap<OsString, u64>,
-    excluded: HashSet<OsString>,
 }
 
 impl Listing {
-    pub fn new(entries: Vec<(u64, OsString, Kind)>, excluded: HashSet<OsString>) -> Self {
+    pub fn new(entries: Vec<(u64, OsString, Kind)>) -> Self {
         let by_name = entries.iter().map(|(i, n, _)| (n.clone(), *i)).collect();
-        Listing {
-            entries,
-            by_name,
-            excluded,
-        }
+        Listing { entries, by_name }
     }
 
     pub fn get(&self, name: &OsStr) -> Option<u64> {
         self.by_name.get(name).copied()
     }
+
+    /// Answers a READDIR(PLUS) from this listing (see [`Tree::readdir`]); attributes
+    /// come from `tree`. Entries are not counted as lookups: the forward view never
+    /// releases nodes.
+    pub fn readdir<T: Tree + ?Sized>(
+        &self,
+        tree: &T,
+        ino: u64,
+        offset: i64,
+        plus: bool,
+        add: &mut AddEntry<'_>,
+    ) -> Result<(), ViewError> {
+        let dir = if plus { Some(tree.getattr(ino)?) } else { None };
+        let mut off = offset;
+        if off < 1 && add(ino, 1, OsStr::new("."), Kind::Dir, dir.as_ref()) {
+            return Ok(());
+        }
+        off = off.max(1);
+        if off < 2 && add(ino, 2, OsStr::new(".."), Kind::Dir, dir.as_ref()) {
+            return Ok(());
+        }
+        off = off.max(2);
+        for (i, (eino, name, kind)) in self.entries.iter().enumerate().skip((off - 2) as usize) {
+            let attr = if plus {
+                match tree.getattr(*eino) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(ino = *eino, "readdirplus: {e}");
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            if add(*eino, i as i64 + 3, name, *kind, attr.as_ref()) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Adds one directory entry to a READDIR(PLUS) reply: (node, offset of the next entry,
+/// name, kind, attributes for READDIRPLUS). Returns true when the reply is full and the
+/// entry was NOT added.
+pub type AddEntry<'a> = dyn FnMut(u64, i64, &OsStr, Kind, Option<&Attr>) -> bool + 'a;
 
 /// What the FUSE adapter needs from a tree: the reverse (encrypting) view over a
 /// snapshot, or the forward (decrypting) view over a backup copy.
 pub trait Tree: Send + Sync + 'static {
     type Handle: Send + Sync + 'static;
+    /// The entry `name` of `parent`; counts as one lookup of the node returned.
     fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError>;
     fn getattr(&self, ino: u64) -> Result<Attr, ViewError>;
-    fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError>;
+    /// Whether directory `ino` can be listed.
+    fn opendir(&self, ino: u64) -> Result<(), ViewError>;
+    /// Lists directory `ino` from `offset` (1 = ".", 2 = "..", 3.. = its entries) until
+    /// `add` says the reply is full. With `plus` every entry carries its attributes and
+    /// counts as a lookup of its node (the kernel will forget it like one).
+    fn readdir(
+        &self,
+        ino: u64,
+        offset: i64,
+        plus: bool,
+        add: &mut AddEntry<'_>,
+    ) -> Result<(), ViewError>;
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, ViewError>;
     fn open(&self, ino: u64) -> Result<Self::Handle, ViewError>;
     fn read(&self, h: &Self::Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError>;
+    /// The kernel dropped `n` lookups of `ino`: state kept only for it may go.
+    fn forget(&self, _ino: u64, _n: u64) {}
 }
 
 impl Tree for ViewCore {
@@ -192,8 +268,18 @@ impl Tree for ViewCore {
     fn getattr(&self, ino: u64) -> Result<Attr, ViewError> {
         ViewCore::getattr(self, ino)
     }
-    fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError> {
-        ViewCore::listing(self, ino)
+    fn opendir(&self, ino: u64) -> Result<(), ViewError> {
+        let dir = self.resolve(ino)?;
+        self.listing_of(ino, &dir).map(|_| ())
+    }
+    fn readdir(
+        &self,
+        ino: u64,
+        offset: i64,
+        plus: bool,
+        add: &mut AddEntry<'_>,
+    ) -> Result<(), ViewError> {
+        ViewCore::readdir(self, ino, offset, plus, add)
     }
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, ViewError> {
         ViewCore::readlink(self, ino)
@@ -204,28 +290,92 @@ impl Tree for ViewCore {
     fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError> {
         ViewCore::read(self, h, offset, size)
     }
+    fn forget(&self, ino: u64, n: u64) {
+        ViewCore::forget(self, ino, n)
+    }
 }
 
-#[derive(Default)]
+/// A node the kernel knows (or the root): where it sits, and how often the kernel
+/// looked it up. It goes when the kernel forgot every lookup and no child is left.
+struct NodeRec {
+    parent: u64,
+    /// Index of the entry in the parent's listing.
+    idx: u32,
+    nlookup: u64,
+    children: u32,
+    /// For a directory, once listed.
+    listing: Option<Arc<DirListing>>,
+}
+
 struct Table {
-    nodes: Vec<Node>,
-    index: HashMap<(u64, Vec<u8>), u64>,
+    nodes: HashMap<u64, NodeRec>,
+    by_entry: HashMap<(u64, u32), u64>,
+    /// Node numbers are never reused: a number the kernel forgot never names another entry.
+    next: u64,
 }
 
 impl Table {
-    fn get(&self, ino: u64) -> Option<&Node> {
-        self.nodes.get((ino as usize).checked_sub(1)?)
+    /// Removes `ino` if nothing refers to it any more, then its parent likewise.
+    fn collect(&mut self, mut ino: u64) {
+        while ino != ROOT_INO {
+            match self.nodes.get(&ino) {
+                Some(n) if n.nlookup == 0 && n.children == 0 => {}
+                _ => return,
+            }
+            let Some(n) = self.nodes.remove(&ino) else {
+                return;
+            };
+            self.by_entry.remove(&(n.parent, n.idx));
+            match self.nodes.get_mut(&n.parent) {
+                Some(p) => p.children = p.children.saturating_sub(1),
+                None => return,
+            }
+            ino = n.parent;
+        }
+    }
+}
+
+/// Readdir without attributes shows node numbers the kernel does not keep; entries not
+/// looked up yet get a number from this range, which never names a node.
+const UNLOOKED_INO: u64 = 1 << 63;
+
+/// A node's place, put together from its parents on demand.
+struct Resolved {
+    /// Path relative to the source root (for virtual files: of the directory holding
+    /// them; for long-name files: of the entry they name).
+    plain: PathBuf,
+    /// Encrypted relative path (long names in their hashed form), the input of every IV.
+    cpath: Vec<u8>,
+    virt: Virt,
+}
+
+impl Resolved {
+    fn root() -> Self {
+        Resolved {
+            plain: PathBuf::new(),
+            cpath: Vec::new(),
+            virt: Virt::Real,
+        }
     }
 
-    fn intern(&mut self, parent: u64, node: Node) -> u64 {
-        let key = (parent, node.shown.clone());
-        if let Some(ino) = self.index.get(&key) {
-            return *ino;
+    fn child(&self, e: &DirEntry) -> Self {
+        Resolved {
+            plain: if e.plain.is_empty() {
+                self.plain.clone()
+            } else {
+                self.plain.join(OsStr::from_bytes(&e.plain))
+            },
+            cpath: join_cpath(&self.cpath, &e.shown),
+            virt: e.virt.clone(),
         }
-        self.nodes.push(node);
-        let ino = self.nodes.len() as u64;
-        self.index.insert(key, ino);
-        ino
+    }
+
+    /// Name as shown in the view (last component of `cpath`).
+    fn shown(&self) -> &[u8] {
+        match self.cpath.iter().rposition(|b| *b == b'/') {
+            Some(i) => &self.cpath[i + 1..],
+            None => &self.cpath,
+        }
     }
 }
 
@@ -243,7 +393,6 @@ pub struct ViewCore {
     conf: Option<ExportedConf>,
     excludes: Gitignore,
     table: RwLock<Table>,
-    listings: RwLock<HashMap<u64, Arc<Listing>>>,
 }
 
 /// An open file of the view.
@@ -283,20 +432,27 @@ impl ViewCore {
             pattern: String::new(),
             reason: e.to_string(),
         })?;
-        let mut table = Table::default();
-        table.nodes.push(Node {
-            plain: PathBuf::new(),
-            cpath: Vec::new(),
-            shown: Vec::new(),
-            kind: NodeKind::Real,
-        });
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            NodeRec {
+                parent: 0,
+                idx: 0,
+                nlookup: 1,
+                children: 0,
+                listing: None,
+            },
+        );
         Ok(ViewCore {
             root: root.into(),
             keys,
             conf,
             excludes,
-            table: RwLock::new(table),
-            listings: RwLock::new(HashMap::new()),
+            table: RwLock::new(Table {
+                nodes,
+                by_entry: HashMap::new(),
+                next: ROOT_INO + 1,
+            }),
         })
     }
 
@@ -304,13 +460,75 @@ impl ViewCore {
         self.keys.flags.names
     }
 
-    fn node(&self, ino: u64) -> Result<Node, ViewError> {
-        self.table
-            .read()
-            .expect("table lock")
-            .get(ino)
-            .cloned()
-            .ok_or(ViewError::NotFound)
+    /// Nodes the view currently keeps (the root included): what `forget` gives back.
+    pub fn nodes(&self) -> usize {
+        self.table.read().expect("table lock").nodes.len()
+    }
+
+    fn resolve(&self, ino: u64) -> Result<Resolved, ViewError> {
+        let mut chain: Vec<(Arc<DirListing>, u32)> = Vec::new();
+        {
+            let t = self.table.read().expect("table lock");
+            let mut cur = ino;
+            while cur != ROOT_INO {
+                let n = t.nodes.get(&cur).ok_or(ViewError::NotFound)?;
+                let l = t
+                    .nodes
+                    .get(&n.parent)
+                    .and_then(|p| p.listing.clone())
+                    .ok_or(ViewError::NotFound)?;
+                chain.push((l, n.idx));
+                cur = n.parent;
+            }
+        }
+        let mut r = Resolved::root();
+        for (l, idx) in chain.iter().rev() {
+            r = r.child(&l.entries[*idx as usize]);
+        }
+        Ok(r)
+    }
+
+    /// The node of entry `idx` of directory `parent`, created if new, with `n` more
+    /// lookups counted.
+    fn intern(&self, parent: u64, idx: u32, n: u64) -> Result<u64, ViewError> {
+        let mut t = self.table.write().expect("table lock");
+        if let Some(ino) = t.by_entry.get(&(parent, idx)).copied() {
+            if let Some(node) = t.nodes.get_mut(&ino) {
+                node.nlookup += n;
+            }
+            return Ok(ino);
+        }
+        t.nodes
+            .get_mut(&parent)
+            .ok_or(ViewError::NotFound)?
+            .children += 1;
+        let ino = t.next;
+        t.next += 1;
+        t.nodes.insert(
+            ino,
+            NodeRec {
+                parent,
+                idx,
+                nlookup: n,
+                children: 0,
+                listing: None,
+            },
+        );
+        t.by_entry.insert((parent, idx), ino);
+        Ok(ino)
+    }
+
+    /// The kernel dropped `n` lookups of `ino` (FUSE FORGET): once none is left and no
+    /// child of it is known, the node and its listing go, and so may its parent.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = self.table.write().expect("table lock");
+        if let Some(node) = t.nodes.get_mut(&ino) {
+            node.nlookup = node.nlookup.saturating_sub(n);
+            t.collect(ino);
+        }
     }
 
     fn abs(&self, rel: &Path) -> PathBuf {
@@ -326,24 +544,32 @@ impl ViewCore {
         fs::symlink_metadata(&p).map_err(|source| ViewError::Io { path: p, source })
     }
 
-    /// The listing of directory `ino`, built on first use.
-    ///
-    /// # Errors
-    /// Unknown node, not a directory, or the plaintext directory cannot be read.
-    pub fn listing(&self, ino: u64) -> Result<Arc<Listing>, ViewError> {
-        if let Some(l) = self.listings.read().expect("listings lock").get(&ino) {
-            return Ok(Arc::clone(l));
+    /// The listing of directory `ino` (at `dir`), built on first use.
+    fn listing_of(&self, ino: u64, dir: &Resolved) -> Result<Arc<DirListing>, ViewError> {
+        if let Some(l) = self
+            .table
+            .read()
+            .expect("table lock")
+            .nodes
+            .get(&ino)
+            .and_then(|n| n.listing.clone())
+        {
+            return Ok(l);
         }
-        let dir = self.node(ino)?;
-        if !matches!(dir.kind, NodeKind::Real) {
-            return Err(ViewError::NotDir { path: dir.plain });
+        if !matches!(dir.virt, Virt::Real) {
+            return Err(ViewError::NotDir {
+                path: dir.plain.clone(),
+            });
         }
-        let l = Arc::new(self.build_listing(ino, &dir)?);
-        let mut w = self.listings.write().expect("listings lock");
-        Ok(Arc::clone(w.entry(ino).or_insert(l)))
+        let l = Arc::new(self.build_listing(ino == ROOT_INO, dir)?);
+        let mut t = self.table.write().expect("table lock");
+        match t.nodes.get_mut(&ino) {
+            Some(n) => Ok(Arc::clone(n.listing.get_or_insert(l))),
+            None => Err(ViewError::NotFound),
+        }
     }
 
-    fn build_listing(&self, ino: u64, dir: &Node) -> Result<Listing, ViewError> {
+    fn build_listing(&self, is_root: bool, dir: &Resolved) -> Result<DirListing, ViewError> {
         let abs = self.abs(&dir.plain);
         let rd = fs::read_dir(&abs).map_err(|source| ViewError::Io {
             path: abs.clone(),
@@ -351,8 +577,7 @@ impl ViewCore {
         })?;
         let mode = self.keys.flags.names;
         let iv = names::dir_iv(mode, &dir.cpath);
-        let is_root = ino == ROOT_INO;
-        let mut real = Vec::new();
+        let mut entries = Vec::new();
         let mut longs = Vec::new();
         let mut excluded = HashSet::new();
         for ent in rd {
@@ -368,7 +593,6 @@ impl ViewCore {
                 path: ent.path(),
                 source,
             })?;
-            let rel = dir.plain.join(&pname);
             let (shown, long) = match mode {
                 NameMode::Plaintext => (pname.as_bytes().to_vec(), None),
                 _ => {
@@ -376,109 +600,163 @@ impl ViewCore {
                     (e.shown.into_bytes(), e.long)
                 }
             };
-            if self
-                .excludes
-                .matched_path_or_any_parents(&rel, ft.is_dir())
-                .is_ignore()
+            if !self.excludes.is_empty()
+                && self
+                    .excludes
+                    .matched_path_or_any_parents(dir.plain.join(&pname), ft.is_dir())
+                    .is_ignore()
             {
-                excluded.insert(OsString::from_vec(shown));
+                excluded.insert(shown.into_boxed_slice());
                 if let Some(l) = long {
-                    excluded.insert(OsString::from(format!(
-                        "{}{LONGNAME_SUFFIX}",
-                        names::long_hash(&l)
-                    )));
+                    excluded.insert(
+                        format!("{}{LONGNAME_SUFFIX}", names::long_hash(&l))
+                            .into_bytes()
+                            .into_boxed_slice(),
+                    );
                 }
                 continue;
             }
             if is_root && self.conf.is_some() && shown == CONF_NAME.as_bytes() {
                 // Only possible with plaintext names. gocryptfs shows an inaccessible
                 // renamed entry; a backup must not silently lose the file, so say it loudly.
-                tracing::error!(path = %rel.display(), "a source file named gocryptfs.conf collides with the view's key config and is NOT in the view");
+                tracing::error!(path = %dir.plain.join(&pname).display(), "a source file named gocryptfs.conf collides with the view's key config and is NOT in the view");
                 continue;
             }
-            let cpath = join_cpath(&dir.cpath, &shown);
-            real.push((
-                Node {
-                    plain: rel.clone(),
-                    cpath,
-                    shown,
-                    kind: NodeKind::Real,
-                },
-                kind_of_ft(&ft),
-            ));
+            let plain: Box<[u8]> = pname.into_vec().into_boxed_slice();
             if let Some(l) = long {
-                let hashed = names::long_hash(&l);
-                let nname = format!("{hashed}{LONGNAME_SUFFIX}").into_bytes();
-                longs.push(Node {
-                    plain: rel.clone(),
-                    cpath: join_cpath(&dir.cpath, &nname),
-                    shown: nname,
-                    kind: NodeKind::LongName {
-                        content: Arc::from(l.into_bytes()),
-                        named: rel,
-                    },
+                let nname = format!("{}{LONGNAME_SUFFIX}", names::long_hash(&l));
+                longs.push(DirEntry {
+                    shown: nname.into_bytes().into_boxed_slice(),
+                    plain: plain.clone(),
+                    kind: Kind::File,
+                    virt: Virt::LongName(Arc::from(l.into_bytes())),
                 });
             }
+            entries.push(DirEntry {
+                shown: shown.into_boxed_slice(),
+                plain,
+                kind: kind_of_ft(&ft),
+                virt: Virt::Real,
+            });
         }
-        let mut virt = Vec::new();
         if mode == NameMode::DirIv {
-            let n = DIRIV_NAME.as_bytes().to_vec();
-            virt.push(Node {
-                plain: dir.plain.clone(),
-                cpath: join_cpath(&dir.cpath, &n),
-                shown: n,
-                kind: NodeKind::DirIv,
+            entries.push(DirEntry {
+                shown: DIRIV_NAME.as_bytes().into(),
+                plain: Box::default(),
+                kind: Kind::File,
+                virt: Virt::DirIv,
             });
         }
         if is_root && self.conf.is_some() {
-            let n = CONF_NAME.as_bytes().to_vec();
-            virt.push(Node {
-                plain: PathBuf::new(),
-                cpath: n.clone(),
-                shown: n,
-                kind: NodeKind::Conf,
+            entries.push(DirEntry {
+                shown: CONF_NAME.as_bytes().into(),
+                plain: Box::default(),
+                kind: Kind::File,
+                virt: Virt::Conf,
             });
         }
-        let mut table = self.table.write().expect("table lock");
-        let mut entries = Vec::with_capacity(real.len() + virt.len() + longs.len());
-        for (node, kind) in real {
-            let name = OsString::from_vec(node.shown.clone());
-            entries.push((table.intern(ino, node), name, kind));
-        }
-        for node in virt.into_iter().chain(longs) {
-            let name = OsString::from_vec(node.shown.clone());
-            entries.push((table.intern(ino, node), name, Kind::File));
-        }
-        let by_name = entries.iter().map(|(i, n, _)| (n.clone(), *i)).collect();
-        Ok(Listing {
-            entries,
-            by_name,
-            excluded,
-        })
+        entries.extend(longs);
+        entries.sort_by(|a, b| a.shown.cmp(&b.shown));
+        entries.shrink_to_fit();
+        Ok(DirListing { entries, excluded })
     }
 
+    /// Entry `name` of `parent`, as one lookup of its node.
+    ///
     /// # Errors
     /// `NotFound`, `Excluded` (EPERM, as gocryptfs), or I/O errors of the source.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, ViewError> {
-        let l = self.listing(parent)?;
-        match l.get(name) {
-            Some(ino) => self.getattr(ino),
-            None if l.excluded.contains(name) => Err(ViewError::Excluded),
-            None => Err(ViewError::NotFound),
+        let dir = self.resolve(parent)?;
+        let l = self.listing_of(parent, &dir)?;
+        let Some(idx) = l.find(name.as_bytes()) else {
+            return Err(if l.excluded.contains(name.as_bytes()) {
+                ViewError::Excluded
+            } else {
+                ViewError::NotFound
+            });
+        };
+        let mut a = self.attr_of(0, &dir.child(&l.entries[idx as usize]))?;
+        a.ino = self.intern(parent, idx, 1)?;
+        Ok(a)
+    }
+
+    /// See [`Tree::readdir`].
+    ///
+    /// # Errors
+    /// Unknown node, not a directory, or the plaintext directory cannot be read.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: i64,
+        plus: bool,
+        add: &mut AddEntry<'_>,
+    ) -> Result<(), ViewError> {
+        let dir = self.resolve(ino)?;
+        let l = self.listing_of(ino, &dir)?;
+        let dattr = if plus {
+            Some(self.attr_of(ino, &dir)?)
+        } else {
+            None
+        };
+        let mut off = offset;
+        if off < 1 && add(ino, 1, OsStr::new("."), Kind::Dir, dattr.as_ref()) {
+            return Ok(());
         }
+        off = off.max(1);
+        if off < 2 && add(ino, 2, OsStr::new(".."), Kind::Dir, dattr.as_ref()) {
+            return Ok(());
+        }
+        off = off.max(2);
+        for (i, e) in l.entries.iter().enumerate().skip((off - 2) as usize) {
+            let name = OsStr::from_bytes(&e.shown);
+            let next = i as i64 + 3;
+            if !plus {
+                let shown_ino = self
+                    .table
+                    .read()
+                    .expect("table lock")
+                    .by_entry
+                    .get(&(ino, i as u32))
+                    .copied()
+                    .unwrap_or(UNLOOKED_INO | (ino << 24) | i as u64);
+                if add(shown_ino, next, name, e.kind, None) {
+                    break;
+                }
+                continue;
+            }
+            let mut a = match self.attr_of(0, &dir.child(e)) {
+                Ok(a) => a,
+                Err(err) => {
+                    // Vanished under a live (dir:) source: leave it out of this listing.
+                    tracing::debug!(ino, "readdirplus: {err}");
+                    continue;
+                }
+            };
+            a.ino = self.intern(ino, i as u32, 1)?;
+            if add(a.ino, next, name, a.kind, Some(&a)) {
+                // Not sent: the kernel will not count it.
+                self.forget(a.ino, 1);
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// # Errors
     /// Unknown node or I/O errors of the source.
     pub fn getattr(&self, ino: u64) -> Result<Attr, ViewError> {
-        let node = self.node(ino)?;
-        match &node.kind {
-            NodeKind::Real => {
+        let r = self.resolve(ino)?;
+        self.attr_of(ino, &r)
+    }
+
+    fn attr_of(&self, ino: u64, node: &Resolved) -> Result<Attr, ViewError> {
+        match &node.virt {
+            Virt::Real => {
                 let m = self.lstat(&node.plain)?;
                 let kind = Kind::of(&m);
                 let (size, nlink) = match kind {
                     Kind::File => (content::cipher_size(m.size()), 1),
-                    Kind::Symlink => (self.readlink_node(&node)?.len() as u64, 1),
+                    Kind::Symlink => (self.readlink_node(node)?.len() as u64, 1),
                     _ => (m.size(), m.nlink() as u32),
                 };
                 Ok(attr_from(
@@ -490,12 +768,12 @@ impl ViewCore {
                     &m,
                 ))
             }
-            NodeKind::DirIv => {
+            Virt::DirIv => {
                 let m = self.lstat(&node.plain)?;
                 Ok(attr_from(ino, Kind::File, 16, 1, 0o444, &m))
             }
-            NodeKind::LongName { content, named } => {
-                let m = self.lstat(named)?;
+            Virt::LongName(content) => {
+                let m = self.lstat(&node.plain)?;
                 Ok(attr_from(
                     ino,
                     Kind::File,
@@ -505,7 +783,7 @@ impl ViewCore {
                     &m,
                 ))
             }
-            NodeKind::Conf => {
+            Virt::Conf => {
                 let conf = self.conf.as_ref().ok_or(ViewError::NotFound)?;
                 let m = fs::metadata(&conf.stat_path).map_err(|source| ViewError::Io {
                     path: conf.stat_path.clone(),
@@ -523,21 +801,23 @@ impl ViewCore {
         }
     }
 
-    fn readlink_node(&self, node: &Node) -> Result<Vec<u8>, ViewError> {
+    fn readlink_node(&self, node: &Resolved) -> Result<Vec<u8>, ViewError> {
         let p = self.abs(&node.plain);
         let target = fs::read_link(&p).map_err(|source| ViewError::Io { path: p, source })?;
         let target = target.into_os_string().into_vec();
         Ok(match self.keys.flags.names {
             NameMode::Plaintext => target,
-            _ => names::encrypt_symlink(&self.keys, &node.cpath, &node.shown, &target).into_bytes(),
+            _ => {
+                names::encrypt_symlink(&self.keys, &node.cpath, node.shown(), &target).into_bytes()
+            }
         })
     }
 
     /// # Errors
     /// Unknown node, not a symlink, or I/O errors of the source.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, ViewError> {
-        let node = self.node(ino)?;
-        if !matches!(node.kind, NodeKind::Real) {
+        let node = self.resolve(ino)?;
+        if !matches!(node.virt, Virt::Real) {
             return Err(ViewError::NotFound);
         }
         self.readlink_node(&node)
@@ -546,10 +826,12 @@ impl ViewCore {
     /// # Errors
     /// Unknown node, a special file (EACCES, as gocryptfs), or I/O errors.
     pub fn open(&self, ino: u64) -> Result<Handle, ViewError> {
-        let node = self.node(ino)?;
-        match &node.kind {
-            NodeKind::Real => {
+        let node = self.resolve(ino)?;
+        match &node.virt {
+            Virt::Real => {
                 let p = self.abs(&node.plain);
+                // lstat first: opening a FIFO or a device to find out would block or
+                // touch the device.
                 let m = fs::symlink_metadata(&p).map_err(|source| ViewError::Io {
                     path: p.clone(),
                     source,
@@ -578,11 +860,11 @@ impl ViewCore {
                     plain_size: m.size(),
                 })
             }
-            NodeKind::DirIv => Ok(Handle::Virtual(Arc::from(
+            Virt::DirIv => Ok(Handle::Virtual(Arc::from(
                 &names::dir_iv(NameMode::DirIv, parent_cpath(&node.cpath))[..],
             ))),
-            NodeKind::LongName { content, .. } => Ok(Handle::Virtual(Arc::clone(content))),
-            NodeKind::Conf => Ok(Handle::Virtual(Arc::clone(
+            Virt::LongName(content) => Ok(Handle::Virtual(Arc::clone(content))),
+            Virt::Conf => Ok(Handle::Virtual(Arc::clone(
                 &self.conf.as_ref().ok_or(ViewError::NotFound)?.bytes,
             ))),
         }
@@ -807,5 +1089,99 @@ mod read_tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+    use crate::crypto::{Flags, MasterKey, NameMode};
+
+    fn core(root: &Path) -> ViewCore {
+        let keys = Keys::new(
+            &MasterKey::random(),
+            Flags {
+                names: NameMode::DirIv,
+                hkdf: true,
+                long_names: true,
+                long_name_max: 255,
+            },
+        );
+        ViewCore::new(root, keys, None, &[]).unwrap()
+    }
+
+    fn names(c: &ViewCore, ino: u64, plus: bool) -> Vec<(u64, OsString)> {
+        let mut out = Vec::new();
+        c.readdir(ino, 0, plus, &mut |i, _, n, _, _| {
+            out.push((i, n.to_os_string()));
+            false
+        })
+        .unwrap();
+        out.into_iter().skip(2).collect()
+    }
+
+    /// Issue 13: nodes live while the kernel holds a lookup of them (LOOKUP and every
+    /// READDIRPLUS entry count one), and go with their listings once it forgot them all,
+    /// parents after their children; a forgotten entry looked up again gets a new number
+    /// and the same attributes.
+    #[test]
+    fn forget_releases_nodes_and_their_listings() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("d/e")).unwrap();
+        fs::write(t.path().join("d/e/f"), b"hello").unwrap();
+        fs::write(t.path().join("g"), b"x").unwrap();
+        let c = core(t.path());
+        assert_eq!(c.nodes(), 1);
+        let root = names(&c, ROOT_INO, true);
+        // d, g and gocryptfs.diriv, each counted once
+        assert_eq!(root.len(), 3);
+        assert_eq!(c.nodes(), 4);
+        let d = root
+            .iter()
+            .find(|(i, _)| c.getattr(*i).unwrap().kind == Kind::Dir)
+            .cloned()
+            .unwrap();
+        let da = c.lookup(ROOT_INO, &d.1).unwrap();
+        assert_eq!(da.ino, d.0, "same entry, same node while it is held");
+        let e = names(&c, d.0, false);
+        assert_eq!(c.nodes(), 4, "plain READDIR creates no nodes");
+        let e_name = e
+            .iter()
+            .find(|(_, n)| n != DIRIV_NAME)
+            .map(|(_, n)| n.clone())
+            .unwrap();
+        let ea = c.lookup(d.0, &e_name).unwrap();
+        let f = names(&c, ea.ino, true);
+        let f_ino = f
+            .iter()
+            .find(|(_, n)| n != DIRIV_NAME)
+            .map(|(i, _)| *i)
+            .unwrap();
+        let before = c.getattr(f_ino).unwrap();
+        assert_eq!(before.size, content::cipher_size(5));
+        assert_eq!(c.nodes(), 7);
+        // The kernel forgets d first (two lookups): its children keep it.
+        c.forget(d.0, 2);
+        assert!(c.getattr(d.0).is_ok());
+        for (i, _) in &f {
+            c.forget(*i, 1);
+        }
+        assert_eq!(c.nodes(), 7 - f.len());
+        c.forget(ea.ino, 1);
+        // e had no lookups left and no children: gone, and with it d.
+        assert_eq!(c.nodes(), 3);
+        assert!(matches!(c.getattr(d.0), Err(ViewError::NotFound)));
+        assert!(matches!(c.getattr(f_ino), Err(ViewError::NotFound)));
+        // Looked up again: new numbers, same attributes.
+        let d2 = c.lookup(ROOT_INO, &d.1).unwrap();
+        assert_ne!(d2.ino, d.0);
+        let e2 = c.lookup(d2.ino, &e_name).unwrap();
+        let f2 = names(&c, e2.ino, true);
+        let mut again = c
+            .getattr(f2.iter().find(|(_, n)| n != DIRIV_NAME).unwrap().0)
+            .unwrap();
+        assert_ne!(again.ino, f_ino);
+        again.ino = before.ino;
+        assert_eq!(again, before);
     }
 }

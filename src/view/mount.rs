@@ -5,7 +5,7 @@
 //! unmounts the moment our process dies, even by SIGKILL, so a crashed run never leaves
 //! a dead "transport endpoint is not connected" mount behind.
 
-use super::fuse::VeilFs;
+use super::fuse::{Caching, VeilFs};
 use super::{ExportedConf, Tree, ViewCore, ViewError};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use fuser::{MountOption, Session};
@@ -61,6 +61,8 @@ pub struct ViewOptions {
     /// gitignore-style patterns on plaintext paths.
     pub excludes: Vec<String>,
     pub access: Access,
+    /// Whether the source can change while mounted ([`Caching`]).
+    pub caching: Caching,
 }
 
 /// Who sees a mount and how it is named. The default is private: only the mounting
@@ -310,9 +312,10 @@ impl MountedView {
     /// Bad source or mountpoint, exclude patterns, or the mount itself failing.
     pub fn mount(source: &Path, mountpoint: &Path, opts: ViewOptions) -> Result<Self, MountError> {
         check_paths(source, mountpoint)?;
+        let caching = opts.caching;
         let (core, access) = build_core(source, opts)?;
         let (tx, rx) = mpsc::channel();
-        let fs = VeilFs::new(core)
+        let fs = VeilFs::new(core, caching)
             .force_owner(access.force_owner)
             .on_init(move || {
                 let _ = tx.send(());
@@ -333,7 +336,7 @@ impl MountedView {
         };
         wait_answer(mountpoint, rx)?;
         raise_readahead(mountpoint);
-        tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "encrypted view mounted");
+        tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), ?caching, "encrypted view mounted");
         Ok(view)
     }
 
@@ -404,9 +407,10 @@ pub fn run_foreground(
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     check_paths(source, mountpoint)?;
+    let caching = opts.caching;
     let (core, access) = build_core(source, opts)?;
-    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), "serving encrypted view");
-    serve(core, mountpoint, &access, ready)
+    tracing::info!(source = %source.display(), mountpoint = %mountpoint.display(), ?caching, "serving encrypted view");
+    serve(core, caching, mountpoint, &access, ready)
 }
 
 /// Serves any [`Tree`] at `mountpoint` in this thread until it is unmounted or a
@@ -416,12 +420,13 @@ pub fn run_foreground(
 /// The mount or the session loop failing.
 pub fn serve<T: Tree>(
     core: Arc<T>,
+    caching: Caching,
     mountpoint: &Path,
     access: &Access,
     ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
-    let fs = VeilFs::new(core)
+    let fs = VeilFs::new(core, caching)
         .force_owner(access.force_owner)
         .on_init(move || {
             // Called on the session thread during INIT: check the answer from another
