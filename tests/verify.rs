@@ -238,6 +238,17 @@ fn verify_and_restore_as_of_each_run_over_ssh() {
     // verify and verify --deep pass on a good backup.
     util::ok(&mut fx.cmd(&["verify", "v"]));
     util::ok(&mut fx.cmd(&["verify", "v", "--deep"]));
+    // Without --deep, an ssh target with a shell is checked against the authenticated
+    // manifest alone: the source is not read (here it is not even there).
+    let away = fx.src.with_extension("away");
+    fs::rename(&fx.src, &away).unwrap();
+    let out = fx.cmd(&["verify", "v"]).output().unwrap();
+    fs::rename(&away, &fx.src).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A flipped byte on the target is found.
     let victim = fx.cipher_of("d/e/c.bin");

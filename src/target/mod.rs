@@ -1030,6 +1030,49 @@ impl Target {
         }
     }
 
+    /// The sha1 of every regular file in `current/`, computed on an ssh target that runs
+    /// a shell (`find | xargs sha1sum`); `None` for other targets (local ones are read
+    /// here, rrsync and daemons have no shell). What a provider's host says it holds:
+    /// it catches damage and swapped files, not a host that lies about its own hashes
+    /// (`verify --deep` and `restore` hash what they fetch themselves).
+    ///
+    /// # Errors
+    /// The command failing, or output that is not sha1sum's.
+    pub fn remote_sums(
+        &self,
+        runner: &dyn Runner,
+    ) -> Result<Option<std::collections::BTreeMap<Vec<u8>, [u8; 20]>>, TargetError> {
+        let Address::Ssh { path, .. } = &self.address else {
+            return Ok(None);
+        };
+        if self.mode(runner) != Mode::Merge {
+            return Ok(None);
+        }
+        let dir = format!("{}/{}", path.trim_end_matches('/'), Area::Current.dir());
+        let script = format!(
+            "cd -- {} && find . -type f -print0 | xargs -0 -r sha1sum -z --",
+            String::from_utf8_lossy(&rsync::sh_quote(dir.as_bytes()))
+        );
+        let cmd = self.ssh_cmd().arg(script);
+        let out = cmd.run_checked(runner).map_err(|e| TargetError::Io {
+            path: PathBuf::from(self.address.to_string()),
+            err: std::io::Error::other(e.to_string()),
+        })?;
+        let mut sums = std::collections::BTreeMap::new();
+        for rec in out.stdout.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            let bad = || TargetError::ListParse {
+                target: self.address.to_string(),
+                line: String::from_utf8_lossy(rec).into_owned(),
+            };
+            let (hexsum, rest) = rec.split_at_checked(40).ok_or_else(bad)?;
+            let path = rest.strip_prefix(b"  ./").ok_or_else(bad)?;
+            let mut sha1 = [0u8; 20];
+            hex::decode_to_slice(hexsum, &mut sha1).map_err(|_| bad())?;
+            sums.insert(path.to_vec(), sha1);
+        }
+        Ok(Some(sums))
+    }
+
     fn probe_shell(&self, runner: &dyn Runner) -> bool {
         const MARK: &str = "snapveil-shell-ok";
         let probe = self.ssh_cmd().arg(format!("echo {MARK}"));
