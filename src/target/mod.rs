@@ -123,6 +123,9 @@ pub struct Target {
 /// A scratch directory of this process, removed on drop.
 struct Scratch(PathBuf);
 
+/// File path (relative to `current/`) → sha1, as a manifest or a hashing pass has them.
+pub type Sums = std::collections::BTreeMap<Vec<u8>, [u8; 20]>;
+
 /// A file being written for the target; see [`Target::upload`].
 pub struct Upload {
     file: Option<fs::File>,
@@ -1041,7 +1044,7 @@ impl Target {
     pub fn remote_sums(
         &self,
         runner: &dyn Runner,
-    ) -> Result<Option<std::collections::BTreeMap<Vec<u8>, [u8; 20]>>, TargetError> {
+    ) -> Result<Option<Sums>, TargetError> {
         let Address::Ssh { path, .. } = &self.address else {
             return Ok(None);
         };
