@@ -168,16 +168,11 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
                 ),
             }
         }
-        Err(e) => {
-            let msg = crate::error::chain(e.as_ref());
-            tracing::error!("failed: {msg}");
-            env.set("SNAPVEIL_RESULT", "failure");
-            env.set("SNAPVEIL_ERROR", &msg);
-            if let Err(he) = hooks::run_phase(runner, &job.hooks, Phase::OnFailure, &env) {
-                tracing::error!("{he}");
-            }
-            (RunResult::Failure, Some(msg), None)
-        }
+        Err(e) => (
+            RunResult::Failure,
+            Some(on_failure(runner, job, &mut env, &e)),
+            None,
+        ),
     };
     let generations = match target.generations(runner) {
         Ok(g) => Some(g.len() as u64),
@@ -387,6 +382,24 @@ fn run_steps<'a>(
         vanished: out.vanished,
         consistent,
     })
+}
+
+/// A failed run or pull: logs the error and runs the on-failure hooks with it in their
+/// environment; returns the message for the status.
+pub(crate) fn on_failure(
+    runner: &dyn Runner,
+    job: &Job,
+    env: &mut HookEnv,
+    e: &anyhow::Error,
+) -> String {
+    let msg = crate::error::chain(e.as_ref());
+    tracing::error!("failed: {msg}");
+    env.set("SNAPVEIL_RESULT", "failure");
+    env.set("SNAPVEIL_ERROR", &msg);
+    if let Err(he) = hooks::run_phase(runner, &job.hooks, Phase::OnFailure, env) {
+        tracing::error!("{he}");
+    }
+    msg
 }
 
 /// Pre-snapshot hooks (held ones kept until the snapshot exists) → snapshot →

@@ -482,16 +482,10 @@ pub fn serve(
                 Err(e) => (RunResult::Failure, Some(format!("pull done, but {e}"))),
             }
         }
-        Err(e) => {
-            let msg = crate::error::chain(e.as_ref());
-            tracing::error!("failed: {msg}");
-            env.set("SNAPVEIL_RESULT", "failure");
-            env.set("SNAPVEIL_ERROR", &msg);
-            if let Err(he) = hooks::run_phase(runner, &job.hooks, Phase::OnFailure, &env) {
-                tracing::error!("{he}");
-            }
-            (RunResult::Failure, Some(msg))
-        }
+        Err(e) => (
+            RunResult::Failure,
+            Some(job::on_failure(runner, job, &mut env, &e)),
+        ),
     };
     let st = finish(res, error, consistent);
     if let Err(e) = status::save(&cfg.state_dir, &st) {

@@ -353,13 +353,7 @@ pub fn manifest_of(
     stamp: &str,
 ) -> Result<BTreeMap<Vec<u8>, [u8; 20]>, VerifyError> {
     let sub = format!("manifests/{stamp}.sha1");
-    let data = target
-        .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
-        .ok_or_else(|| VerifyError::NoManifest {
-            target: target.address().to_string(),
-            stamp: stamp.into(),
-        })?;
-    target.check_manifest(contents, stamp, "sha1", &data)?;
+    let data = checked_manifest(runner, target, contents, stamp)?;
     Ok(manifest::parse(&sub, &data)?
         .into_iter()
         .map(|e| (e.path, e.sha1))
@@ -376,19 +370,30 @@ pub fn prev_manifest(
     contents: &crate::target::Contents,
     stamp: &str,
 ) -> Result<PrevManifest, VerifyError> {
+    // Its hashes go into the new manifest, which the new record seals: a provider's
+    // edit must not be laundered into an authenticated manifest.
+    let data = checked_manifest(runner, target, contents, stamp)?;
+    Ok(PrevManifest::parse(
+        &format!("manifests/{stamp}.sha1"),
+        &data,
+    )?)
+}
+
+/// The bytes of `manifests/STAMP.sha1`, checked against the MAC its record carries.
+fn checked_manifest(
+    runner: &dyn Runner,
+    target: &Target,
+    contents: &crate::target::Contents,
+    stamp: &str,
+) -> Result<Vec<u8>, VerifyError> {
     let data = target
         .fetch(runner, Area::Manifests, &format!("{stamp}.sha1"))?
         .ok_or_else(|| VerifyError::NoManifest {
             target: target.address().to_string(),
             stamp: stamp.into(),
         })?;
-    // Its hashes go into the new manifest, which the new record seals: a provider's
-    // edit must not be laundered into an authenticated manifest.
     target.check_manifest(contents, stamp, "sha1", &data)?;
-    Ok(PrevManifest::parse(
-        &format!("manifests/{stamp}.sha1"),
-        &data,
-    )?)
+    Ok(data)
 }
 
 fn lossy(p: &[u8]) -> String {

@@ -804,17 +804,9 @@ impl Target {
                 Err(e) => Err(io(&p)(e)),
             };
         }
-        let dir = self.scratch("fetch")?;
-        let local = dir.0.join("file");
-        let cmd = self
-            .ep
-            .cmd()
-            .arg(self.ep.dest(&self.area(area, name)))
-            .arg(&local);
-        match self.ep.run(runner, &cmd)? {
-            (Ended::Missing, _) => Ok(None),
-            (Ended::Ok, _) => fs::read(&local).map(Some).map_err(io(&local)),
-            (e, out) => self.require_ok(e, &out).map(|()| None),
+        match self.local_copy(runner, area, name)? {
+            Some(c) => fs::read(&c.path).map(Some).map_err(io(&c.path)),
+            None => Ok(None),
         }
     }
 
@@ -1041,10 +1033,7 @@ impl Target {
     ///
     /// # Errors
     /// The command failing, or output that is not sha1sum's.
-    pub fn remote_sums(
-        &self,
-        runner: &dyn Runner,
-    ) -> Result<Option<Sums>, TargetError> {
+    pub fn remote_sums(&self, runner: &dyn Runner) -> Result<Option<Sums>, TargetError> {
         let Address::Ssh { path, .. } = &self.address else {
             return Ok(None);
         };
