@@ -170,7 +170,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
         }
         Err(e) => (
             RunResult::Failure,
-            Some(on_failure(runner, job, &mut env, &e)),
+            Some(on_failure(runner, job, &mut env, e)),
             None,
         ),
     };
