@@ -264,10 +264,12 @@ pub fn send(
         };
         drop(input);
         let out = child.wait().map_err(|e| CommandError::spawn(&cmd, e))?;
+        // A full disk is the cause when writing failed (zfs then only sees a closed
+        // pipe); otherwise zfs's own failure is.
+        copied.map_err(io_err(format!("writing the stream {file}")))?;
         if !out.exit.success() {
             return Err(CommandError::failed(&cmd, &out).into());
         }
-        copied.map_err(io_err(format!("writing the stream {file}")))?;
         hashing.finish()
     };
     upload.commit(runner, target)?;
@@ -573,11 +575,14 @@ fn receive_one(
     };
     drop(stdin);
     let out = child.wait().map_err(|e| CommandError::spawn(&cmd, e))?;
-    fed?;
-    if !out.exit.success() {
-        return Err(CommandError::failed(&cmd, &out).into());
+    // A stream that does not decrypt is the cause of whatever zfs then says; a receive
+    // that refused the stream is the cause of our broken pipe.
+    match (fed, out.exit.success()) {
+        (Err(e @ ZfsSendError::Age(_)), _) => Err(e),
+        (_, false) => Err(CommandError::failed(&cmd, &out).into()),
+        (Err(e), true) => Err(e),
+        (Ok(_), true) => Ok(()),
     }
-    Ok(())
 }
 
 /// `verify` of a raw job: every record's stream file against its sha1.
