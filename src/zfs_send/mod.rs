@@ -566,8 +566,13 @@ fn receive_one(
     let f = std::fs::File::open(file).map_err(io_err(file.display().to_string()))?;
     let fed: Result<u64, ZfsSendError> = if r.age {
         age_io::decryptor(opts, identity, io::BufReader::new(f)).and_then(|mut rd| {
-            copy(&mut rd, &mut stdin)
-                .map_err(|e| ZfsSendError::Age(format!("{}: {e} (altered or cut stream)", r.file)))
+            copy(&mut rd, &mut stdin).map_err(|e| {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    io_err(format!("feeding {}", r.file))(e)
+                } else {
+                    ZfsSendError::Age(format!("{}: {e} (altered or cut stream)", r.file))
+                }
+            })
         })
     } else {
         let mut f = f;
