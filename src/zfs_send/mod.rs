@@ -188,8 +188,9 @@ pub struct Sent {
     pub record: StreamRecord,
 }
 
-/// One raw run's send, after the snapshot `DATASET@SNAP` was taken: picks the base,
-/// streams, records. `kept` says whether the source's older snapshots may go.
+/// One raw run's send, after the snapshot `DATASET@SNAP` was taken: picks the base (the
+/// newest record's snapshot, or its bookmark), streams to the target, then writes the
+/// stream's `.sha1` and, last, the record that makes it a restore point.
 ///
 /// # Errors
 /// Any step failed; nothing is recorded then, and a partial stream file is removed.

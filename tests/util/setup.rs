@@ -20,6 +20,29 @@ pub struct Setup {
     pub config: PathBuf,
 }
 
+/// A test that failed half way can leave a view mounted under the work dir (a killed
+/// run whose auto_unmount did not come, an assertion between mount and unmount): the
+/// guard detaches every mount below it, deepest first, so the machine is left clean and
+/// the work dir can go.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let root = self.work.path().to_string_lossy().into_owned();
+        let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let mut below: Vec<String> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|m| m.replace("\\040", " "))
+            .filter(|m| m.starts_with(&format!("{root}/")))
+            .collect();
+        below.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in below {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
 impl Setup {
     pub fn new() -> Setup {
         let work = tempfile::Builder::new()
