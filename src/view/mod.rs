@@ -200,15 +200,9 @@ impl Listing {
         add: &mut AddEntry<'_>,
     ) -> Result<(), ViewError> {
         let dir = if plus { Some(tree.getattr(ino)?) } else { None };
-        let mut off = offset;
-        if off < 1 && add(ino, 1, OsStr::new("."), Kind::Dir, dir.as_ref()) {
+        let Some(off) = add_dots(ino, offset, dir.as_ref(), add) else {
             return Ok(());
-        }
-        off = off.max(1);
-        if off < 2 && add(ino, 2, OsStr::new(".."), Kind::Dir, dir.as_ref()) {
-            return Ok(());
-        }
-        off = off.max(2);
+        };
         for (i, (eino, name, kind)) in self.entries.iter().enumerate().skip((off - 2) as usize) {
             let attr = if plus {
                 match tree.getattr(*eino) {
@@ -233,6 +227,19 @@ impl Listing {
 /// name, kind, attributes for READDIRPLUS). Returns true when the reply is full and the
 /// entry was NOT added.
 pub type AddEntry<'a> = dyn FnMut(u64, i64, &OsStr, Kind, Option<&Attr>) -> bool + 'a;
+
+/// `.` and `..` of a READDIR(PLUS) reply, at offsets 1 and 2 (both views number a
+/// directory's entries from 3). Returns the offset the entries continue from (at least
+/// 2), or `None` when the reply filled up.
+fn add_dots(ino: u64, offset: i64, dir: Option<&Attr>, add: &mut AddEntry<'_>) -> Option<i64> {
+    if offset < 1 && add(ino, 1, OsStr::new("."), Kind::Dir, dir) {
+        return None;
+    }
+    if offset < 2 && add(ino, 2, OsStr::new(".."), Kind::Dir, dir) {
+        return None;
+    }
+    Some(offset.max(2))
+}
 
 /// What the FUSE adapter needs from a tree: the reverse (encrypting) view over a
 /// snapshot, or the forward (decrypting) view over a backup copy.
@@ -698,15 +705,9 @@ impl ViewCore {
         } else {
             None
         };
-        let mut off = offset;
-        if off < 1 && add(ino, 1, OsStr::new("."), Kind::Dir, dattr.as_ref()) {
+        let Some(off) = add_dots(ino, offset, dattr.as_ref(), add) else {
             return Ok(());
-        }
-        off = off.max(1);
-        if off < 2 && add(ino, 2, OsStr::new(".."), Kind::Dir, dattr.as_ref()) {
-            return Ok(());
-        }
-        off = off.max(2);
+        };
         for (i, e) in l.entries.iter().enumerate().skip((off - 2) as usize) {
             let name = OsStr::from_bytes(&e.shown);
             let next = i as i64 + 3;

@@ -508,13 +508,7 @@ pub fn restore(
     into: &str,
     identity: Option<&std::path::Path>,
 ) -> Result<Vec<String>, ZfsSendError> {
-    let exists = zfs(tools).args(["list", "-H", "-o", "name", into]);
-    if runner
-        .output(&exists)
-        .map_err(|e| CommandError::spawn(&exists, e))?
-        .exit
-        .success()
-    {
+    if dataset_exists(runner, tools, into) {
         return Err(ZfsSendError::IntoExists(into.to_string()));
     }
     let recs = records(runner, target, &job.name)?;
