@@ -5,6 +5,10 @@ set -euo pipefail
 pkgs=(fuse3 gocryptfs rsync openssh-server openssh-client btrfs-progs zfs-fuse e2fsprogs util-linux procps psmisc python3 systemd)
 # tests that need a clock the test sets (a run in the same second, a clock behind the target)
 pkgs+=(faketime)
+# raw ZFS mode: stock age is the restore oracle (tests/zfs_raw.rs)
+pkgs+=(age)
+# the shipped database hooks, tested against real servers (tests/hooks_db.rs)
+pkgs+=(mariadb-server mariadb-client postgresql)
 # the Debian package (scripts/build-deb.sh, tested in tests/ops.rs): strip, lintian
 pkgs+=(binutils lintian)
 # the real-kernel tier (scripts/vm, make test-vm): qemu boots a Debian guest that debootstrap builds

@@ -1,6 +1,7 @@
 //! One integration-test binary; one module per area (ripgrep's layout).
 
 mod exit_codes;
+mod hooks_db;
 mod job;
 mod ops;
 mod ops_faults;
