@@ -5,7 +5,7 @@
 #               qemu guest, see docs/vm-tier.md.
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-unit test-integration test-vm bench deb clean
+.PHONY: deps build demo test test-unit test-integration test-vm bench bench-raw deb clean
 
 deps:
 	./scripts/install-deps.sh
@@ -31,6 +31,12 @@ test-vm: deps
 bench: build
 	./scripts/install-deps.sh restic
 	./scripts/bench.sh
+
+# Raw ZFS mode against zfs send | zfs receive, stock age and gpg (issue 15), on zfs-fuse.
+bench-raw: build
+	./scripts/install-deps.sh gnupg
+	$(CARGO) bench --bench age --no-run
+	./scripts/bench-raw.sh
 
 # A Debian package (dpkg-deb) in target/debian/.
 deb: build
