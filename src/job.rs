@@ -227,7 +227,14 @@ fn run_steps<'a>(
     let contents = target.scan(runner).context("reading the target")?;
     target.check_owner(runner, &key.raw)?;
     // Its records must be ours and complete before anything is sent with --delete.
-    let link = check_chain(cfg, job, opts, target, &contents)?;
+    let link = check_chain(
+        cfg,
+        job,
+        opts,
+        target,
+        |st| contents.chain(st),
+        contents.unsealed().len(),
+    )?;
     let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
@@ -697,17 +704,13 @@ fn raw_steps(
     })
 }
 
-/// Where a new run's record links into the target's chain.
-struct NextLink {
-    counter: u64,
-    prev: Option<String>,
-    base: u64,
-}
-
 /// Checks the target's records ([`crate::target::chain`]) against what this machine last
 /// wrote there, and says where this run's record goes in the chain. Problems stop the
 /// run unless the flag naming each was given; an accepted one restarts the chain check
 /// at this run (its record's `base`).
+///
+/// `verdict` checks the records (file mode's `runs/`, raw mode's `streams/`) against
+/// the state; `unsealed` counts the restore points of an older snapveil.
 ///
 /// # Errors
 /// A tampered, truncated or rolled-back target not accepted, or unreadable state.
@@ -716,20 +719,19 @@ fn check_chain(
     job: &Job,
     opts: RunOptions,
     target: &Target,
-    contents: &crate::target::Contents,
-) -> Result<NextLink> {
+    verdict: impl FnOnce(Option<&crate::target::chain::Head>) -> crate::target::chain::Verdict,
+    unsealed: usize,
+) -> Result<crate::target::chain::Next> {
     let state =
         crate::target::chain::load_state(&cfg.state_dir, &job.name, &target.address().to_string())?;
-    let v = contents.chain(state.as_ref());
+    let v = verdict(state.as_ref());
     for w in &v.warnings {
         tracing::warn!("{}: {w}", target.address());
     }
-    let old = contents.unsealed();
-    if !old.is_empty() {
+    if unsealed > 0 {
         tracing::warn!(
-            "{}: {} restore point(s) unauthenticated (older version of snapveil, no MAC)",
+            "{}: {unsealed} restore point(s) unauthenticated (older version of snapveil, no MAC)",
             target.address(),
-            old.len()
         );
     }
     let refused: Vec<String> = v
@@ -762,7 +764,7 @@ fn check_chain(
         .map(|h| h.counter)
         .max(state.as_ref().map(|s| s.counter))
         .map_or(1, |n| n + 1);
-    Ok(NextLink {
+    Ok(crate::target::chain::Next {
         counter,
         prev: v.head.as_ref().map(|h| h.mac.clone()),
         base: match &v.head {
@@ -781,7 +783,7 @@ fn record_run(
     stamp: &str,
     out: &crate::target::Outcome,
     written: &crate::verify::Written,
-    link: &NextLink,
+    link: &crate::target::chain::Next,
 ) -> Result<crate::target::chain::Head> {
     let rec = crate::target::RunRecord {
         stamp: stamp.to_string(),
