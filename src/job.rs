@@ -215,7 +215,7 @@ fn run_steps<'a>(
     held: &mut Held<'a>,
 ) -> Result<Success> {
     if job.mode == Mode::ZfsRaw {
-        return raw_steps(runner, cfg, job, target, stamp_out, env, held);
+        return raw_steps(runner, cfg, job, opts, target, stamp_out, env, held);
     }
     // Keys first: a wrong password must fail before anything is frozen.
     let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
@@ -600,10 +600,12 @@ pub(crate) fn check_cancel() -> Result<()> {
 /// snapshot is kept after a successful send (the next increment's base), and no view is
 /// mounted.
 #[allow(clippy::result_large_err)]
+#[allow(clippy::too_many_arguments)]
 fn raw_steps(
     runner: &dyn Runner,
     cfg: &Config,
     job: &Job,
+    opts: RunOptions,
     target: &Target,
     stamp_out: &mut String,
     env: &mut HookEnv,
@@ -614,6 +616,13 @@ fn raw_steps(
         bail!("mode zfs-raw needs a zfs: source, not {}", job.source);
     };
     let tools = &cfg.tools.snapshot;
+    // The record key first, as in file mode: a wrong password fails before any snapshot.
+    let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
+    let master = key
+        .unlock_with_passfile(&job.passfile)
+        .context("unlocking the key config (the key of the job's stream records)")?;
+    target.set_auth(crate::crypto::RecordKey::new(&master));
+    drop(master);
     let contents = target.scan(runner).context("reading the target")?;
     if let Some(p) = contents.points.last() {
         bail!(
@@ -626,11 +635,19 @@ fn raw_steps(
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
     zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
         .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-    let recs = zfs_send::records(runner, target, &job.name)
+    let scan = zfs_send::record::scan(runner, target, &job.name)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
         .context("reading the target's stream records")?;
-    let stamp =
-        crate::target::new_stamp(&target.address().to_string(), &zfs_send::contents(&recs))?;
+    // Sealed and complete before anything is sent (issue 14).
+    let link = check_chain(
+        cfg,
+        job,
+        opts,
+        target,
+        |st| scan.verdict(st),
+        scan.unsealed().len(),
+    )?;
+    let stamp = crate::target::new_stamp(&target.address().to_string(), &scan.contents())?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
     *stamp_out = stamp.to_string();
@@ -667,6 +684,7 @@ fn raw_steps(
                 &snap,
                 stamp,
                 job.snapshot.recursive,
+                &link,
             )
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .context("sending the stream")
@@ -685,6 +703,13 @@ fn raw_steps(
             return Err(e);
         }
     };
+    crate::target::chain::save_state(
+        &cfg.state_dir,
+        &job.name,
+        &target.address().to_string(),
+        &sent.head,
+    )
+    .context("recording the run in the agent's chain state")?;
     zfs_send::after_send(
         runner,
         tools,

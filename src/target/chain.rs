@@ -276,7 +276,12 @@ pub fn check_in(
         .map(|l| l.stamp.clone());
     for (file, why) in tampered {
         let acknowledged = base_stamp.as_deref().is_some_and(|b| {
-            crate::target::layout::stamp_of(file.strip_prefix(area).unwrap_or(file).trim_start_matches('/')).is_some_and(|s| s < b)
+            crate::target::layout::stamp_of(
+                file.strip_prefix(area)
+                    .unwrap_or(file)
+                    .trim_start_matches('/'),
+            )
+            .is_some_and(|s| s < b)
         });
         if acknowledged {
             v.warnings
