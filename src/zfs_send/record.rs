@@ -640,4 +640,39 @@ mod tests {
         let (_, notes) = s.report(None);
         assert!(notes[0].contains("unauthenticated"), "{notes:?}");
     }
+
+    #[test]
+    fn pruned_points_sealed_in_the_ledger_are_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = dir.path().join("t/streams");
+        std::fs::create_dir_all(&streams).unwrap();
+        for (name, data) in target_of(&[(S[0], Some(1)), (S[1], Some(2)), (S[2], Some(3))]) {
+            std::fs::write(streams.join(name), data).unwrap();
+        }
+        let target = Target::open(
+            crate::target::Address::Local(dir.path().join("t")),
+            "rsync",
+            Vec::new(),
+            dir.path().join("scratch"),
+            Some("j"),
+        )
+        .with_auth(key());
+        let r = crate::exec::SystemRunner;
+        let before = scan(&r, &target, "j").unwrap();
+        record_pruned(&r, &target, &before, &[S[0], S[1]]).unwrap();
+        for s in [S[0], S[1]] {
+            std::fs::remove_file(streams.join(format!("{s}.json"))).unwrap();
+        }
+        let after = scan(&r, &target, "j").unwrap();
+        assert_eq!(after.ledger.as_ref().unwrap().pruned.len(), 2);
+        assert!(after.verdict(None).problems.is_empty(), "{after:?}");
+        // A forged ledger is tampered, and never rewritten (its entries would be lost).
+        let lg = streams.join(LEDGER);
+        let mut d = std::fs::read(&lg).unwrap();
+        d[5] ^= 1;
+        std::fs::write(&lg, d).unwrap();
+        let forged = scan(&r, &target, "j").unwrap();
+        assert!(!forged.verdict(None).problems.is_empty());
+        assert!(record_pruned(&r, &target, &forged, &[S[2]]).is_err());
+    }
 }
