@@ -1,6 +1,7 @@
 //! Issue 14 for raw ZFS mode: a hostile provider of a raw job's directory target. Three
 //! runs of a plain zfs-fuse dataset (age streams: a full and two increments) go to a local
-//! target; then, each time on a fresh copy of that target and of the agent's chain state,
+//! target (and, for a subset, to an ssh target: the loopback sshd, full key); then, each
+//! time on a fresh copy of that target and of the agent's chain state,
 //! the provider: edits a stream record; swaps a stream file for another run's and fixes
 //! the `.sha1` file, then the record too; deletes a record; deletes the newest restore
 //! point (record, stream, `.sha1`); replaces the whole target with a copy taken two runs
@@ -8,10 +9,10 @@
 //! the file and what is wrong, with no dataset received, and the next `run` must refuse
 //! the target before it takes a snapshot. Records of an older snapveil (no seal) are
 //! listed as unauthenticated and restored only with `--accept-unauthenticated`.
-//! See: issue 14. (The ssh transport reads records with the same code as file mode's,
-//! covered by tests/tamper.rs; it is not repeated here to keep the suite's budget.)
+//! See: issue 14.
 
 use crate::util::setup::{write, Setup};
+use crate::util::sshd::Sshd;
 use crate::util::zfs::ZfsPool;
 use crate::util::{describe, require_tool};
 use std::fs;
@@ -29,6 +30,24 @@ struct Fx {
     after3: PathBuf,
     chain3: PathBuf,
     stamps: Vec<String>,
+    sshd: Option<Sshd>,
+}
+
+impl Drop for Fx {
+    /// Ends the multiplexing ssh master (it would outlive the test by ControlPersist).
+    fn drop(&mut self) {
+        if let Some(d) = &self.sshd {
+            let _ = Command::new("ssh")
+                .args(d.ssh_args(&d.full_key))
+                .args([
+                    "-o",
+                    &format!("ControlPath={}", self.s.path("ssh-%C").display()),
+                ])
+                .args(["-O", "exit"])
+                .arg(format!("{}@127.0.0.1", d.user))
+                .output();
+        }
+    }
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -64,7 +83,7 @@ fn body(p: &Path) -> serde_json::Value {
 }
 
 impl Fx {
-    fn new() -> Option<Fx> {
+    fn new(ssh: bool) -> Option<Fx> {
         if !require_tool("age") {
             return None;
         }
@@ -75,12 +94,33 @@ impl Fx {
         let pass = s.path("age-pass");
         crate::util::passfile(&pass, "correct horse battery staple");
         let target = s.path("target");
+        let sshd = ssh.then(|| s.sshd_with_jail().1);
+        // Over ssh, one multiplexed connection for the whole test (as tests/tamper.rs).
+        let (addr, extra) = match &sshd {
+            Some(d) => {
+                let mut args = d.ssh_args(&d.full_key);
+                args.extend([
+                    "-o".into(),
+                    "ControlMaster=auto".into(),
+                    "-o".into(),
+                    format!("ControlPath={}", s.path("ssh-%C").display()),
+                    "-o".into(),
+                    "ControlPersist=120".into(),
+                ]);
+                let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+                (
+                    d.target(&target),
+                    format!("ssh_args = [{}]\n", quoted.join(", ")),
+                )
+            }
+            None => (target.display().to_string(), String::new()),
+        };
         let job = s.job(
             "db",
             &format!("zfs:{ds}"),
-            &target.display().to_string(),
+            &addr,
             &format!(
-                "mode = \"zfs-raw\"\nage_passphrase_file = {:?}",
+                "{extra}mode = \"zfs-raw\"\nage_passphrase_file = {:?}",
                 pass.display().to_string()
             ),
         );
@@ -95,6 +135,7 @@ impl Fx {
             live,
             target,
             stamps: Vec::new(),
+            sshd,
         };
         for i in 1..=3 {
             write(&fx.live, "a", format!("version {i}\n").as_bytes());
@@ -192,7 +233,7 @@ fn sha1_hex(data: &[u8]) -> String {
 
 #[test]
 fn a_hostile_raw_target_is_detected() {
-    let Some(fx) = Fx::new() else { return };
+    let Some(fx) = Fx::new(false) else { return };
     let [r1, r2, r3] = [&fx.stamps[0], &fx.stamps[1], &fx.stamps[2]];
     let rec2 = format!("streams/{r2}.json");
     let forged = format!("TAMPERED: {rec2}: its MAC does not match its contents");
@@ -326,7 +367,7 @@ fn a_hostile_raw_target_is_detected() {
 /// against their sha1 with a note, restored only when told; the next run seals.
 #[test]
 fn raw_records_of_an_older_snapveil_are_unauthenticated() {
-    let Some(fx) = Fx::new() else { return };
+    let Some(fx) = Fx::new(false) else { return };
     for s in &fx.stamps {
         let mut b = body(&fx.record(s));
         for k in ["counter", "prev", "base_counter"] {
@@ -371,4 +412,42 @@ fn raw_records_of_an_older_snapveil_are_unauthenticated() {
     assert!(ok && t.matches("yes (unauth.)").count() == 3, "{t}");
     let (ok, t) = fx.cmd(&["verify", "db"]);
     assert!(ok, "{t}");
+}
+
+/// Over ssh (records listed and fetched by rsync): an edited record, the newest point
+/// deleted, and an older copy of the whole target.
+#[test]
+fn a_hostile_raw_ssh_target_is_detected() {
+    let Some(fx) = Fx::new(true) else { return };
+    let [_, r2, r3] = [&fx.stamps[0], &fx.stamps[1], &fx.stamps[2]];
+    let (ok, t) = fx.cmd(&["verify", "db"]);
+    assert!(ok, "{t}");
+
+    let text = fs::read_to_string(fx.record(r2)).unwrap();
+    fs::write(
+        fx.record(r2),
+        text.replacen("\"bytes\": ", "\"bytes\": 1", 1),
+    )
+    .unwrap();
+    let forged = format!("TAMPERED: streams/{r2}.json: its MAC does not match its contents");
+    let t = fx.verify();
+    assert!(t.contains(&forged), "{t}");
+    let t = fx.restore(r3, &[]);
+    assert!(t.contains(&forged), "{t}");
+    fx.run_refuses("--accept-truncation");
+
+    fx.reset();
+    fs::remove_file(fx.record(r3)).unwrap();
+    let t = fx.verify();
+    assert!(
+        t.contains("ROLLED BACK") && t.contains(&format!("streams/{r3}.json (run #3)")),
+        "{t}"
+    );
+    fx.run_refuses("--accept-rollback");
+
+    fx.reset();
+    copy_tree(&fx.after1, &fx.target);
+    let t = fx.restore(r3, &[]);
+    assert!(t.contains("ROLLED BACK") && t.contains("(run #1)"), "{t}");
+    fx.run_refuses("--accept-rollback");
 }
