@@ -155,6 +155,10 @@ pub struct RestoreArgs {
     /// Raw ZFS jobs: the age identity file (default: the job's age_identity_file).
     #[arg(long, value_name = "FILE", requires = "into")]
     pub identity: Option<PathBuf>,
+    /// Raw ZFS jobs: also use stream records without a MAC (written by a snapveil before
+    /// sealed records; their stream files cannot be authenticated).
+    #[arg(long, requires = "into")]
+    pub accept_unauthenticated: bool,
     /// A run stamp or a time: restore the newest restore point at or before it.
     #[arg(long, value_name = "TIME")]
     pub as_of: Option<String>,

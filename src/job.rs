@@ -215,7 +215,7 @@ fn run_steps<'a>(
     held: &mut Held<'a>,
 ) -> Result<Success> {
     if job.mode == Mode::ZfsRaw {
-        return raw_steps(runner, cfg, job, target, stamp_out, env, held);
+        return raw_steps(runner, cfg, job, opts, target, stamp_out, env, held);
     }
     // Keys first: a wrong password must fail before anything is frozen.
     let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
@@ -227,7 +227,14 @@ fn run_steps<'a>(
     let contents = target.scan(runner).context("reading the target")?;
     target.check_owner(runner, &key.raw)?;
     // Its records must be ours and complete before anything is sent with --delete.
-    let link = check_chain(cfg, job, opts, target, &contents)?;
+    let link = check_chain(
+        cfg,
+        job,
+        opts,
+        target,
+        |st| contents.chain(st),
+        contents.unsealed().len(),
+    )?;
     let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
@@ -593,10 +600,12 @@ pub(crate) fn check_cancel() -> Result<()> {
 /// snapshot is kept after a successful send (the next increment's base), and no view is
 /// mounted.
 #[allow(clippy::result_large_err)]
+#[allow(clippy::too_many_arguments)]
 fn raw_steps(
     runner: &dyn Runner,
     cfg: &Config,
     job: &Job,
+    opts: RunOptions,
     target: &Target,
     stamp_out: &mut String,
     env: &mut HookEnv,
@@ -607,6 +616,13 @@ fn raw_steps(
         bail!("mode zfs-raw needs a zfs: source, not {}", job.source);
     };
     let tools = &cfg.tools.snapshot;
+    // The record key first, as in file mode: a wrong password fails before any snapshot.
+    let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
+    let master = key
+        .unlock_with_passfile(&job.passfile)
+        .context("unlocking the key config (the key of the job's stream records)")?;
+    target.set_auth(crate::crypto::RecordKey::new(&master));
+    drop(master);
     let contents = target.scan(runner).context("reading the target")?;
     if let Some(p) = contents.points.last() {
         bail!(
@@ -619,11 +635,19 @@ fn raw_steps(
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
     zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
         .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-    let recs = zfs_send::records(runner, target, &job.name)
+    let scan = zfs_send::record::scan(runner, target, &job.name)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
         .context("reading the target's stream records")?;
-    let stamp =
-        crate::target::new_stamp(&target.address().to_string(), &zfs_send::contents(&recs))?;
+    // Sealed and complete before anything is sent (issue 14).
+    let link = check_chain(
+        cfg,
+        job,
+        opts,
+        target,
+        |st| scan.verdict(st),
+        scan.unsealed().len(),
+    )?;
+    let stamp = crate::target::new_stamp(&target.address().to_string(), &scan.contents())?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
     *stamp_out = stamp.to_string();
@@ -660,6 +684,7 @@ fn raw_steps(
                 &snap,
                 stamp,
                 job.snapshot.recursive,
+                &link,
             )
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .context("sending the stream")
@@ -678,6 +703,13 @@ fn raw_steps(
             return Err(e);
         }
     };
+    crate::target::chain::save_state(
+        &cfg.state_dir,
+        &job.name,
+        &target.address().to_string(),
+        &sent.head,
+    )
+    .context("recording the run in the agent's chain state")?;
     zfs_send::after_send(
         runner,
         tools,
@@ -697,17 +729,13 @@ fn raw_steps(
     })
 }
 
-/// Where a new run's record links into the target's chain.
-struct NextLink {
-    counter: u64,
-    prev: Option<String>,
-    base: u64,
-}
-
 /// Checks the target's records ([`crate::target::chain`]) against what this machine last
 /// wrote there, and says where this run's record goes in the chain. Problems stop the
 /// run unless the flag naming each was given; an accepted one restarts the chain check
 /// at this run (its record's `base`).
+///
+/// `verdict` checks the records (file mode's `runs/`, raw mode's `streams/`) against
+/// the state; `unsealed` counts the restore points of an older snapveil.
 ///
 /// # Errors
 /// A tampered, truncated or rolled-back target not accepted, or unreadable state.
@@ -716,20 +744,19 @@ fn check_chain(
     job: &Job,
     opts: RunOptions,
     target: &Target,
-    contents: &crate::target::Contents,
-) -> Result<NextLink> {
+    verdict: impl FnOnce(Option<&crate::target::chain::Head>) -> crate::target::chain::Verdict,
+    unsealed: usize,
+) -> Result<crate::target::chain::Next> {
     let state =
         crate::target::chain::load_state(&cfg.state_dir, &job.name, &target.address().to_string())?;
-    let v = contents.chain(state.as_ref());
+    let v = verdict(state.as_ref());
     for w in &v.warnings {
         tracing::warn!("{}: {w}", target.address());
     }
-    let old = contents.unsealed();
-    if !old.is_empty() {
+    if unsealed > 0 {
         tracing::warn!(
-            "{}: {} restore point(s) unauthenticated (older version of snapveil, no MAC)",
+            "{}: {unsealed} restore point(s) unauthenticated (older version of snapveil, no MAC)",
             target.address(),
-            old.len()
         );
     }
     let refused: Vec<String> = v
@@ -762,7 +789,7 @@ fn check_chain(
         .map(|h| h.counter)
         .max(state.as_ref().map(|s| s.counter))
         .map_or(1, |n| n + 1);
-    Ok(NextLink {
+    Ok(crate::target::chain::Next {
         counter,
         prev: v.head.as_ref().map(|h| h.mac.clone()),
         base: match &v.head {
@@ -781,7 +808,7 @@ fn record_run(
     stamp: &str,
     out: &crate::target::Outcome,
     written: &crate::verify::Written,
-    link: &NextLink,
+    link: &crate::target::chain::Next,
 ) -> Result<crate::target::chain::Head> {
     let rec = crate::target::RunRecord {
         stamp: stamp.to_string(),

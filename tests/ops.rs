@@ -60,7 +60,7 @@ fn example_config_checks_clean() {
     let text = fs::read_to_string(repo().join("examples/snapveil.toml")).unwrap();
     let keys = work.path().join("keys");
     fs::create_dir(&keys).unwrap();
-    for name in ["db", "pg", "www", "etc"] {
+    for name in ["db", "pg", "www", "etc", "vms", "pgraw"] {
         let (conf, pass) = (format!("{name}.conf"), format!("{name}.pass"));
         crate::util::init_key(&keys.join(conf), &keys.join(pass));
     }

@@ -10,6 +10,7 @@ mod restore;
 mod retention;
 mod snapshot;
 mod tamper;
+mod tamper_raw;
 mod util;
 mod verify;
 mod view;

@@ -31,7 +31,13 @@ fn records(target: &Path) -> Vec<serde_json::Value> {
     names.sort();
     names
         .iter()
-        .map(|p| serde_json::from_slice(&fs::read(p).unwrap()).unwrap())
+        .map(|p| {
+            // The record's body, without its seal line (issue 14).
+            let text = fs::read_to_string(p).unwrap();
+            let (body, seal) = text.trim_end().rsplit_once('\n').unwrap();
+            assert!(seal.starts_with("snapveil-mac-v1 "), "{text}");
+            serde_json::from_str(body).unwrap()
+        })
         .collect()
 }
 
@@ -92,11 +98,17 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
     let target = s.path("raw-target");
     let file_target = s.path("file-target");
     let cfg = format!(
-        "state_dir = {:?}\n[[job]]\nname = \"db\"\nmode = \"zfs-raw\"\nsource = \"zfs:{ds}\"\n\
-         target = {:?}\nage_recipients = [{recipient:?}]\nage_identity_file = {:?}\n\n{}",
+        "state_dir = {:?}\n{}\n{}",
         s.state.display().to_string(),
-        target.display().to_string(),
-        key.display().to_string(),
+        s.job(
+            "db",
+            &format!("zfs:{ds}"),
+            &target.display().to_string(),
+            &format!(
+                "mode = \"zfs-raw\"\nage_recipients = [{recipient:?}]\nage_identity_file = {:?}",
+                key.display().to_string()
+            )
+        ),
         s.job(
             "files",
             &format!("zfs:{files_ds}"),

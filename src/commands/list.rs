@@ -9,22 +9,46 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
     if job.mode == crate::config::Mode::ZfsRaw {
-        let target = crate::target::Target::for_job(&cfg, job);
-        let recs = crate::zfs_send::records(runner, &target, &job.name)
+        let target = super::keyed_target(&cfg, job)?;
+        let scan = crate::zfs_send::record::scan(runner, &target, &job.name)
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .with_context(|| format!("job {}: reading {}", job.name, job.target))?;
         println!("target {}", job.target);
-        println!("{:<18} {:<12} {:>14} STREAM", "STAMP", "BASE", "BYTES");
-        for r in recs.iter().rev() {
+        println!(
+            "{:<18} {:<13} {:<12} {:>14} STREAM",
+            "STAMP", "RESTORE POINT", "BASE", "BYTES"
+        );
+        for r in scan.points.iter().rev() {
             println!(
-                "{:<18} {:<12} {:>14} {}",
+                "{:<18} {:<13} {:<12} {:>14} {}",
                 r.stamp,
+                if scan.sealed.contains_key(&r.stamp) {
+                    "yes"
+                } else {
+                    "yes (unauth.)"
+                },
                 r.base_stamp.as_deref().map_or("(full)", |_| "(increment)"),
                 r.bytes,
                 r.file
             );
         }
-        return Ok(Outcome::Success);
+        for (f, _) in &scan.tampered {
+            let stamp = f.trim_start_matches("streams/").trim_end_matches(".json");
+            println!("{stamp:<18} {:<13}", "no (TAMPERED)");
+        }
+        let state = crate::target::chain::load_state(
+            &cfg.state_dir,
+            &job.name,
+            &target.address().to_string(),
+        )?;
+        let (problems, notes) = scan.report(state.as_ref());
+        for n in &notes {
+            println!("note: {n}");
+        }
+        for p in &problems {
+            println!("{p}");
+        }
+        return Ok(Outcome::from_ok(problems.is_empty()));
     }
     let target = super::keyed_target(&cfg, job)?;
     let contents = target

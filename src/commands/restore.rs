@@ -12,6 +12,13 @@ pub fn run(runner: &dyn Runner, a: RestoreArgs) -> Result<Outcome> {
     if job.mode == crate::config::Mode::ZfsRaw {
         return raw(runner, &cfg, job, &a);
     }
+    if a.accept_unauthenticated {
+        return Err(super::usage(format!(
+            "job {}: --accept-unauthenticated is for raw ZFS jobs (a file job's unsealed \
+             restore points are used with a note)",
+            a.job
+        )));
+    }
     let Some(to) = a.to.clone() else {
         return Err(super::usage(format!(
             "job {} is a file job: give PATH... --to DIR",
@@ -63,25 +70,42 @@ fn raw(
             a.job
         )));
     };
-    let target = crate::target::Target::for_job(cfg, job);
+    let target = super::keyed_target(cfg, job)?;
     let identity = a
         .identity
         .clone()
         .or_else(|| crate::zfs_send::default_identity(job));
+    let context = || format!("job {}: restore of {snap} into {into}", a.job);
+    let scan = crate::zfs_send::record::scan(runner, &target, &job.name)
+        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+        .with_context(context)?;
+    // The target's problems are printed first, whether or not this point restores:
+    // what a provider hid or altered is reported either way (exit 1).
+    let state =
+        crate::target::chain::load_state(&cfg.state_dir, &job.name, &target.address().to_string())?;
+    let (problems, notes) = scan.report(state.as_ref());
+    for n in &notes {
+        println!("note: {n}");
+    }
+    for p in &problems {
+        println!("{p}");
+    }
     let done = crate::zfs_send::restore(
         runner,
         &cfg.tools.snapshot,
         job,
         &target,
+        &scan,
         snap,
+        a.accept_unauthenticated,
         into,
         identity.as_deref(),
     )
     .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
-    .with_context(|| format!("job {}: restore of {snap} into {into}", a.job))?;
+    .with_context(context)?;
     for d in &done {
         println!("received {d}");
     }
     println!("restored {snap} into {into} ({} streams)", done.len());
-    Ok(Outcome::from_ok(true))
+    Ok(Outcome::from_ok(problems.is_empty()))
 }

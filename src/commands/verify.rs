@@ -10,15 +10,20 @@ pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
     if job.mode == crate::config::Mode::ZfsRaw {
-        let target = crate::target::Target::for_job(&cfg, job);
-        let (n, bad) = crate::zfs_send::verify(runner, job, &target)
+        let target = super::keyed_target(&cfg, job)?;
+        let state = crate::target::chain::load_state(
+            &cfg.state_dir,
+            &job.name,
+            &target.address().to_string(),
+        )?;
+        let (n, bad) = crate::zfs_send::verify(runner, job, &target, state.as_ref())
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .with_context(|| format!("job {}: verify", a.job))?;
         for b in &bad {
             println!("BAD {b}");
         }
         println!(
-            "{}: {n} restore points, {} problems in their stream files",
+            "{}: {n} restore points, {} problems in their records and stream files",
             a.job,
             bad.len()
         );

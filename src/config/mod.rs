@@ -149,8 +149,9 @@ pub struct Job {
     pub mode: Mode,
     pub source: Source,
     pub target: Address,
-    /// The gocryptfs key config and its passfile. Always set for file jobs (validation
-    /// requires them); empty for raw ZFS jobs, which never read them.
+    /// The gocryptfs key config and its passfile, required for every job: file jobs
+    /// encrypt with it; raw ZFS jobs derive from its master key only the key that seals
+    /// their stream records (issue 14), never a content or name key.
     pub key_config: PathBuf,
     pub passfile: PathBuf,
     /// Raw ZFS mode's settings; `Some` exactly for `mode = "zfs-raw"`.

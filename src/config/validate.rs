@@ -419,7 +419,12 @@ fn validate_job(
                 &format!("{f}.{field}"),
                 "missing (file mode encrypts with the gocryptfs key config)",
             ),
-            None => {}
+            None => cx.err(
+                j.name.span(),
+                &format!("{f}.{field}"),
+                "missing (raw ZFS mode authenticates its stream records with a key \
+                 derived from this key config's master key: make one with snapveil init)",
+            ),
         }
     }
     let raw = (mode == Mode::ZfsRaw).then(|| raw_options(cx, j, f));

@@ -30,6 +30,10 @@
 //! reported again, while tampered records stay reported until someone removes them.
 //! Without the agent's state (a new machine, a lost state dir) a rollback to a complete
 //! older target cannot be told from the truth; gaps and tampering still can.
+//!
+//! Raw ZFS mode's stream records (`streams/STAMP.json`, `streams/pruned.json`,
+//! [`crate::zfs_send::record`]) are sealed and chained the same way, with the same key
+//! and state file: [`check_in`] names the area the records are in.
 
 use crate::crypto::RecordKey;
 use serde::{Deserialize, Serialize};
@@ -107,6 +111,23 @@ pub struct Ledger {
     pub pruned: Vec<Pruned>,
 }
 
+impl Ledger {
+    /// Adds sealed restore points about to be removed (each counter once, kept in
+    /// counter order): what prune seals before it deletes anything.
+    pub fn add<'a>(&mut self, removed: impl IntoIterator<Item = &'a Link>) {
+        for l in removed {
+            if !self.pruned.iter().any(|p| p.counter == l.counter) {
+                self.pruned.push(Pruned {
+                    stamp: l.stamp.clone(),
+                    counter: l.counter,
+                    mac: l.mac.clone(),
+                });
+            }
+        }
+        self.pruned.sort_by_key(|p| p.counter);
+    }
+}
+
 /// A sealed run record, as the chain needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -117,6 +138,15 @@ pub struct Link {
     /// Its predecessor's MAC (hex); `None` for the first.
     pub prev: Option<String>,
     /// The counter the chain is checked from, as of this record.
+    pub base: u64,
+}
+
+/// Where a new record links into a target's chain: its counter, its predecessor's MAC
+/// (hex) and the counter its chain is checked from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Next {
+    pub counter: u64,
+    pub prev: Option<String>,
     pub base: u64,
 }
 
@@ -134,12 +164,17 @@ pub enum Problem {
     /// A record whose seal fails, or which cannot be one of ours.
     Tampered { file: String, why: String },
     /// A counter between the chain's base and its newest record that is neither on the
-    /// target nor in prune's ledger.
-    Gap { counter: u64, after: String },
+    /// target nor in prune's ledger. `area`: where the records are (`runs`, `streams`).
+    Gap {
+        area: &'static str,
+        counter: u64,
+        after: String,
+    },
     /// Records that do not link up (a predecessor's MAC, counters out of order).
     Broken { file: String, why: String },
     /// The target's newest record is older than what this machine last wrote there.
     RolledBack {
+        area: &'static str,
         newest: Option<Head>,
         expected: Head,
     },
@@ -163,22 +198,30 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Tampered { file, why } => write!(f, "TAMPERED: {file}: {why}"),
-            Problem::Gap { counter, after } => write!(
+            Problem::Gap {
+                area,
+                counter,
+                after,
+            } => write!(
                 f,
-                "TRUNCATED: run #{counter} (after {after}) is missing from runs/, and prune \
-                 did not remove it (it is not in runs/{LEDGER}): a restore point was deleted \
+                "TRUNCATED: run #{counter} (after {after}) is missing from {area}/, and prune \
+                 did not remove it (it is not in {area}/{LEDGER}): a restore point was deleted \
                  behind snapveil's back"
             ),
             Problem::Broken { file, why } => write!(f, "TRUNCATED: {file}: {why}"),
-            Problem::RolledBack { newest, expected } => {
+            Problem::RolledBack {
+                area,
+                newest,
+                expected,
+            } => {
                 let have = match newest {
-                    Some(h) => format!("runs/{}.json (run #{})", h.stamp, h.counter),
+                    Some(h) => format!("{area}/{}.json (run #{})", h.stamp, h.counter),
                     None => "no sealed record at all".into(),
                 };
                 write!(
                     f,
                     "ROLLED BACK: the newest restore point on the target is {have}, but this \
-                     machine last wrote runs/{}.json (run #{}) there: the target was rolled \
+                     machine last wrote {area}/{}.json (run #{}) there: the target was rolled \
                      back or its newest restore points deleted",
                     expected.stamp, expected.counter
                 )
@@ -207,6 +250,20 @@ pub fn check(
     ledger: Option<&Ledger>,
     state: Option<&Head>,
 ) -> Verdict {
+    check_in("runs", links, tampered, ledger, state)
+}
+
+/// [`check`] of records kept in `area` (`runs` for file mode, `streams` for raw ZFS
+/// mode's stream records, each with its own `pruned.json`): the same chain, named where
+/// its files are.
+pub fn check_in(
+    area: &'static str,
+    links: &[Link],
+    tampered: &[(String, String)],
+    ledger: Option<&Ledger>,
+    state: Option<&Head>,
+) -> Verdict {
+    let rec = |stamp: &str| format!("{area}/{stamp}.json");
     let mut v = Verdict::default();
     let mut by_stamp: Vec<&Link> = links.iter().collect();
     by_stamp.sort_by(|a, b| a.stamp.cmp(&b.stamp));
@@ -219,7 +276,12 @@ pub fn check(
         .map(|l| l.stamp.clone());
     for (file, why) in tampered {
         let acknowledged = base_stamp.as_deref().is_some_and(|b| {
-            crate::target::layout::stamp_of(file.trim_start_matches("runs/")).is_some_and(|s| s < b)
+            crate::target::layout::stamp_of(
+                file.strip_prefix(area)
+                    .unwrap_or(file)
+                    .trim_start_matches('/'),
+            )
+            .is_some_and(|s| s < b)
         });
         if acknowledged {
             v.warnings
@@ -235,11 +297,13 @@ pub fn check(
     for w in by_stamp.windows(2) {
         if w[1].counter <= w[0].counter {
             v.problems.push(Problem::Broken {
-                file: format!("runs/{}.json", w[1].stamp),
+                file: rec(&w[1].stamp),
                 why: format!(
-                    "its run counter #{} does not follow #{} of the older runs/{}.json: the \
-                     counter went back",
-                    w[1].counter, w[0].counter, w[0].stamp
+                    "its run counter #{} does not follow #{} of the older {}: the counter \
+                     went back",
+                    w[1].counter,
+                    w[0].counter,
+                    rec(&w[0].stamp)
                 ),
             });
         }
@@ -254,7 +318,7 @@ pub fn check(
         for p in &lg.pruned {
             match known.get(&p.counter) {
                 Some((_, mac)) if *mac != p.mac => v.problems.push(Problem::Broken {
-                    file: format!("runs/{LEDGER}"),
+                    file: format!("{area}/{LEDGER}"),
                     why: format!(
                         "lists run #{} ({}) with another MAC than the record on the target",
                         p.counter, p.stamp
@@ -271,7 +335,7 @@ pub fn check(
         if let Some((&top, (stamp, _))) = known.iter().next_back() {
             if top > h.counter {
                 v.problems.push(Problem::Broken {
-                    file: format!("runs/{LEDGER}"),
+                    file: format!("{area}/{LEDGER}"),
                     why: format!(
                         "prune removed run #{top} ({stamp}), newer than the newest record \
                          on the target (#{}, {}): newer restore points were deleted",
@@ -284,10 +348,11 @@ pub fn check(
         for n in base..=h.counter {
             match known.get(&n) {
                 None => v.problems.push(Problem::Gap {
+                    area,
                     counter: n,
                     after: after.clone(),
                 }),
-                Some((stamp, _)) => after = format!("runs/{stamp}.json"),
+                Some((stamp, _)) => after = rec(stamp),
             }
         }
         for l in &by_stamp {
@@ -297,7 +362,7 @@ pub fn check(
             if let Some((pstamp, pmac)) = known.get(&(l.counter - 1)) {
                 if l.prev.as_deref() != Some(*pmac) {
                     v.problems.push(Problem::Broken {
-                        file: format!("runs/{}.json", l.stamp),
+                        file: rec(&l.stamp),
                         why: format!(
                             "does not name run #{} ({pstamp}) as its predecessor: records \
                              were replaced or reordered",
@@ -316,15 +381,17 @@ pub fn check(
         });
         match (head, known.get(&s.counter)) {
             (Some(h), _) if h.counter < s.counter => v.problems.push(Problem::RolledBack {
+                area,
                 newest,
                 expected: s.clone(),
             }),
             (None, _) => v.problems.push(Problem::RolledBack {
+                area,
                 newest,
                 expected: s.clone(),
             }),
             (Some(_), Some((_, mac))) if *mac != s.mac => v.problems.push(Problem::Broken {
-                file: format!("runs/{}.json", s.stamp),
+                file: rec(&s.stamp),
                 why: format!(
                     "run #{} on the target is not the record this machine wrote: the target \
                      was replaced by another chain",

@@ -57,6 +57,15 @@ pub enum ZfsSendError {
     ChainBroken { stamp: String, base: String },
     #[error("{0} already exists: restore into a new dataset (nothing was changed)")]
     IntoExists(String),
+    #[error("TAMPERED: {file}: {why}; not used")]
+    RecordTampered { file: String, why: String },
+    #[error(
+        "{} carry no MAC (written by a snapveil before sealed records, or forged: anyone can \
+         write an age stream to a public recipient): their stream files cannot be \
+         authenticated; restore with --accept-unauthenticated only if you trust this target",
+        files.join(", ")
+    )]
+    Unauthenticated { files: Vec<String> },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ZfsSendError {
@@ -143,54 +152,32 @@ pub fn protection(
     }
 }
 
-/// The stream records on the target, oldest first, checked against their names and job.
+/// The restore points on the target, oldest first: stream records checked against their
+/// names and job, and against their seals with the target's record key (tampered ones
+/// are left out: [`record::scan`] has them).
 ///
 /// # Errors
-/// The target cannot be read, or a record does not parse or belongs elsewhere.
+/// The target cannot be read, or a record belongs to another job.
 pub fn records(
     runner: &dyn Runner,
     target: &Target,
     job: &str,
 ) -> Result<Vec<StreamRecord>, ZfsSendError> {
-    let mut names: Vec<String> = target
-        .list(runner, Area::Streams)?
-        .into_iter()
-        .filter(|e| e.kind == b'-')
-        .filter_map(|e| String::from_utf8(e.name).ok())
-        .filter(|n| {
-            n.strip_suffix(".json")
-                .is_some_and(crate::snapshot::valid_stamp)
-        })
-        .collect();
-    names.sort();
-    let mut v = Vec::new();
-    for n in names {
-        let shown = format!("{}/streams/{n}", target.address());
-        let data =
-            target
-                .fetch(runner, Area::Streams, &n)?
-                .ok_or_else(|| ZfsSendError::Record {
-                    file: shown.clone(),
-                    reason: "vanished while being read".into(),
-                })?;
-        let r = StreamRecord::parse(&data, &n, job).map_err(|reason| ZfsSendError::Record {
-            file: shown,
-            reason,
-        })?;
-        v.push(r);
-    }
-    Ok(v)
+    Ok(record::scan(runner, target, job)?.points)
 }
 
 /// What a raw run did.
 #[derive(Debug)]
 pub struct Sent {
     pub record: StreamRecord,
+    /// The sealed record as the agent's chain state keeps it.
+    pub head: crate::target::chain::Head,
 }
 
 /// One raw run's send, after the snapshot `DATASET@SNAP` was taken: picks the base (the
 /// newest record's snapshot, or its bookmark), streams to the target, then writes the
-/// stream's `.sha1` and, last, the record that makes it a restore point.
+/// stream's `.sha1` and, last, the record that makes it a restore point, sealed with the
+/// target's record key and linked into the chain at `next` ([`record::seal`]).
 ///
 /// # Errors
 /// Any step failed; nothing is recorded then, and a partial stream file is removed.
@@ -204,7 +191,12 @@ pub fn send(
     snap: &str,
     stamp: &str,
     recursive: bool,
+    next: &crate::target::chain::Next,
 ) -> Result<Sent, ZfsSendError> {
+    let key = target.auth().ok_or_else(|| ZfsSendError::Record {
+        file: format!("{}/streams/{stamp}.json", target.address()),
+        reason: "no record key to seal it with (the job's key_config)".into(),
+    })?;
     let opts = job.raw.clone().unwrap_or_default();
     let enc = encryption(runner, tools, dataset)?;
     if let Some((alg, keystatus)) = &enc {
@@ -293,15 +285,14 @@ pub fn send(
         bytes,
         raw: prot.raw,
         age: prot.age,
+        counter: Some(next.counter),
+        prev: next.prev.clone(),
+        base_counter: Some(next.base),
     };
-    target.put(
-        runner,
-        Area::Streams,
-        &format!("{stamp}.json"),
-        &serde_json::to_vec_pretty(&rec).expect("json"),
-    )?;
-    tracing::info!(file = %file, bytes, "stream stored; restore point recorded");
-    Ok(Sent { record: rec })
+    let (sealed, head) = record::seal(key, &rec, next);
+    target.put(runner, Area::Streams, &format!("{stamp}.json"), &sealed)?;
+    tracing::info!(file = %file, bytes, counter = next.counter, "stream stored; restore point recorded");
+    Ok(Sent { record: rec, head })
 }
 
 /// Where an increment starts.
@@ -493,26 +484,31 @@ fn sha1_file(p: &std::path::Path) -> Result<String, ZfsSendError> {
 }
 
 /// Replays the chain up to `wanted` into a new dataset `into` with `zfs receive -u`.
-/// Every stream file is checked against its sha1 before anything is received; if a
-/// receive still fails (a stream that decrypts wrongly), the dataset this restore created
-/// is destroyed again.
+/// Only sealed records are used (and an older snapveil's unsealed ones when
+/// `unauthenticated`: [`record::Scan::restore_chain`]); every stream file is checked
+/// against the sha1 its record holds before anything is received; if a receive still
+/// fails (a stream that decrypts wrongly), the dataset this restore created is destroyed
+/// again.
 ///
 /// # Errors
-/// `into` exists, the chain is broken or altered, decrypting or receiving failed.
+/// `into` exists, the chain is broken, tampered or unauthenticated, a stream file is
+/// altered, decrypting or receiving failed.
+#[allow(clippy::too_many_arguments)]
 pub fn restore(
     runner: &dyn Runner,
     tools: &crate::snapshot::Tools,
     job: &Job,
     target: &Target,
+    scan: &record::Scan,
     wanted: &str,
+    unauthenticated: bool,
     into: &str,
     identity: Option<&std::path::Path>,
 ) -> Result<Vec<String>, ZfsSendError> {
     if dataset_exists(runner, tools, into) {
         return Err(ZfsSendError::IntoExists(into.to_string()));
     }
-    let recs = records(runner, target, &job.name)?;
-    let chain = chain(&recs, wanted)?;
+    let chain = scan.restore_chain(wanted, unauthenticated)?;
     let files = checked_files(runner, target, &chain)?;
     let opts = job.raw.clone().unwrap_or_default();
     let mut done = Vec::new();
@@ -585,7 +581,10 @@ fn receive_one(
     }
 }
 
-/// `verify` of a raw job: every record's stream file against its sha1.
+/// `verify` of a raw job: the records' seals and chain against what this machine last
+/// wrote (`state`), and every record's stream file against the sha1 its record holds
+/// (the `.sha1` file beside it must agree, for stock `sha1sum -c`). Notes (unsealed
+/// points of an older snapveil) are logged.
 ///
 /// # Errors
 /// The target cannot be read; bad files are returned, not errors.
@@ -593,9 +592,14 @@ pub fn verify(
     runner: &dyn Runner,
     job: &Job,
     target: &Target,
+    state: Option<&crate::target::chain::Head>,
 ) -> Result<(usize, Vec<String>), ZfsSendError> {
-    let recs = records(runner, target, &job.name)?;
-    let mut bad = Vec::new();
+    let scan = record::scan(runner, target, &job.name)?;
+    let (mut bad, notes) = scan.report(state);
+    for n in &notes {
+        tracing::warn!("{}: {n}", target.address());
+    }
+    let recs = scan.points;
     for r in &recs {
         let shown = format!("streams/{}", r.file);
         match target.local_copy(runner, Area::Streams, &r.file)? {
@@ -603,9 +607,24 @@ pub fn verify(
             Some(c) => {
                 let got = sha1_file(&c.path)?;
                 if got != r.sha1 {
-                    bad.push(format!("{shown}: sha1 {got}, recorded {}", r.sha1));
+                    bad.push(format!(
+                        "{shown}: sha1 {got}, but streams/{}.json records {}: the stream \
+                         file was altered, cut or swapped",
+                        r.stamp, r.sha1
+                    ));
                 }
             }
+        }
+        let side = format!("{}.sha1", r.file);
+        let want = format!("{}  {}\n", r.sha1, r.file);
+        match target.fetch(runner, Area::Streams, &side)? {
+            Some(d) if d == want.as_bytes() => {}
+            Some(_) => bad.push(format!(
+                "streams/{side}: does not match the sha1 in streams/{}.json (sha1sum -c \
+                 would check against a wrong sum)",
+                r.stamp
+            )),
+            None => bad.push(format!("streams/{side}: missing")),
         }
         if let Some(b) = &r.base_stamp {
             if !recs.iter().any(|x| &x.stamp == b) {
@@ -692,14 +711,30 @@ mod tests {
     use crate::exec::{scripted::ScriptedRunner, Output};
 
     fn job(dir: &std::path::Path) -> (crate::config::Config, Target) {
+        use crate::crypto::{config, MasterKey, NameMode};
+        let master = MasterKey::random();
+        let conf = config::new_config(&master, b"pw", NameMode::DirIv, 10);
+        config::write_new_private(&dir.join("k.conf"), &config::to_json(&conf)).unwrap();
+        config::write_new_private(&dir.join("k.pass"), b"pw").unwrap();
         let text = format!(
             "state_dir = \"{0}/state\"\n[[job]]\nname = \"j\"\nmode = \"zfs-raw\"\n\
-             source = \"zfs:tank/enc\"\ntarget = \"{0}/t\"\n",
+             source = \"zfs:tank/enc\"\ntarget = \"{0}/t\"\n\
+             key_config = \"{0}/k.conf\"\npassfile = \"{0}/k.pass\"\n",
             dir.display()
         );
         let cfg = crate::config::load_str(&dir.join("c.toml"), &text).unwrap();
-        let t = Target::for_job(&cfg, &cfg.jobs[0]);
+        let t =
+            Target::for_job(&cfg, &cfg.jobs[0]).with_auth(crate::crypto::RecordKey::new(&master));
         (cfg, t)
+    }
+
+    /// The first link of a chain, and the one after `head`.
+    fn first() -> crate::target::chain::Next {
+        crate::target::chain::Next {
+            counter: 1,
+            prev: None,
+            base: 1,
+        }
     }
 
     #[test]
@@ -733,6 +768,7 @@ mod tests {
             "snapveil-j-20261130T010000Z",
             "20261130T010000Z",
             false,
+            &first(),
         )
         .unwrap();
         assert!(s1.record.raw && !s1.record.age && s1.record.base.is_none());
@@ -777,9 +813,24 @@ mod tests {
             "snapveil-j-20261130T020000Z",
             "20261130T020000Z",
             false,
+            &crate::target::chain::Next {
+                counter: 2,
+                prev: Some(s1.head.mac.clone()),
+                base: 1,
+            },
         )
         .unwrap();
         assert_eq!(s2.record.base_stamp.as_deref(), Some("20261130T010000Z"));
+        // Both records are sealed and chained: #2 names #1's MAC.
+        let scan = record::scan(&r, &target, "j").unwrap();
+        assert_eq!(scan.sealed.len(), 2, "{scan:?}");
+        assert_eq!(
+            scan.sealed["20261130T020000Z"].prev,
+            Some(s1.head.mac.clone())
+        );
+        assert!(scan.verdict(Some(&s2.head)).problems.is_empty());
+        let on_disk = std::fs::read(dir.path().join("t/streams/20261130T020000Z.json")).unwrap();
+        assert!(on_disk.windows(16).any(|w| w == b"snapveil-mac-v1 "));
         let recs = records(&r, &target, "j").unwrap();
         let c = chain(&recs, "snapveil-j-20261130T020000Z").unwrap();
         assert_eq!(c.len(), 2);
@@ -845,6 +896,7 @@ mod tests {
             "s",
             "20261130T010000Z",
             false,
+            &first(),
         )
         .unwrap_err();
         assert!(
@@ -875,6 +927,7 @@ mod tests {
             bytes: 0,
             raw: false,
             age: true,
+            ..Default::default()
         };
         let recs = vec![rec("20261130T030000Z", Some("20261130T020000Z"))];
         let e = chain(&recs, "20261130T030000Z").unwrap_err();

@@ -3,15 +3,18 @@
 # encrypted dataset sent raw (zfs send -w), full then incremental, to a directory target
 # with no plaintext in it; after the base snapshot is destroyed, the next increment
 # starts at its bookmark; restored by snapveil and by stock `zfs receive`, identical to
-# the source; an altered stream refused with no dataset left; a plain dataset without age
-# keys is never sent.
+# the source; its records sealed, an edited one refused (issue 14); an altered stream
+# refused with no dataset left; a plain dataset without age keys is never sent.
 # disks: rawzfs:1G
 # needs: restore
 . "$(dirname "$0")/lib.sh"
 P=rawpool DS=rawpool/secret ST=$PWD/state T=$PWD/target CFG=$PWD/c.toml KEYF=$PWD/zkey
+RKEY=$PWD/rec.conf RPASS=$PWD/rec.pass
 cleanup() { zpool destroy -f $P 2>/dev/null; true; }
 trap cleanup EXIT
 modprobe zfs
+# The record key (seals streams/STAMP.json; never encrypts a stream).
+snapveil init --scrypt-n 12 --config $RKEY --passfile $RPASS >/dev/null
 
 cat >"$CFG" <<EOF
 state_dir = "$ST"
@@ -21,12 +24,16 @@ name = "raw"
 mode = "zfs-raw"
 source = "zfs:$DS"
 target = "$T"
+key_config = "$RKEY"
+passfile = "$RPASS"
 
 [[job]]
 name = "plain"
 mode = "zfs-raw"
 source = "zfs:$P/plain"
 target = "$PWD/t-plain"
+key_config = "$RKEY"
+passfile = "$RPASS"
 EOF
 
 # stream KIND: the one stream file of that kind (full | from-...)
@@ -66,6 +73,9 @@ check "snapveil restore: the chain into a new dataset, unlocked with the source'
 
 check "stock zfs receive of the same files, full first, equals the source" \
     "for f in \$(ls $T/streams/*.json | sort); do zfs receive -u $P/stock <$T/streams/\$(sed -n 's/^ *\"file\": \"\(.*\)\",\$/\1/p' \$f) || exit 1; done && zfs load-key -L file://$KEYF $P/stock && zfs mount $P/stock && [ \"\$(tree_digest /$P/stock)\" = $WANT ]"
+
+check "every record is sealed; one edited is TAMPERED for verify and restore, nothing received" \
+    "[ \"\$(grep -l '^snapveil-mac-v1 ' $T/streams/*.json | wc -l)\" = 3 ] && cp $T/streams/$S2.json rec.bak && sed -i 's/\"bytes\": /\"bytes\": 1/' $T/streams/$S2.json && ! snapveil verify --config $CFG raw >out && grep -q 'TAMPERED: streams/$S2.json' out && ! snapveil restore --config $CFG raw --snapshot $S3 --into $P/t 2>err && grep -q 'TAMPERED: streams/$S2.json' err && ! zfs list $P/t && cp rec.bak $T/streams/$S2.json && snapveil verify --config $CFG raw"
 
 f2=$(streams | grep "from-snapveil-raw-$S1")
 perl -e 'open(F,"+<",$ARGV[0]); seek(F,(-s $ARGV[0])/2,0); read(F,$c,1); seek(F,(-s $ARGV[0])/2,0); print F chr(ord($c)^1); close F' "$T/streams/$f2"
