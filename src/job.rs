@@ -134,9 +134,17 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
     // fails the job's status; current/ is never touched by it.
     let result = match result {
         Ok(s) if job.retention.prune => {
-            match crate::prune::prune_job(runner, &target, job, false, Some(&stamp)) {
+            let pruned = if job.mode == Mode::ZfsRaw {
+                crate::zfs_send::chains::prune_job(runner, &target, job, false, Some(&stamp))
+                    .map(|r| r.map(|r| r.to_string()))
+                    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            } else {
+                crate::prune::prune_job(runner, &target, job, false, Some(&stamp))
+                    .map(|r| r.map(|r| r.to_string()))
+            };
+            match pruned {
                 Ok(Some(report)) => {
-                    for line in report.to_string().lines() {
+                    for line in report.lines() {
                         tracing::info!("{line}");
                     }
                     Ok(s)
@@ -686,9 +694,6 @@ fn raw_steps(
         &snap,
         job.snapshot.recursive,
     );
-    if job.retention.policy().ok().flatten().is_some() {
-        tracing::warn!("retention of raw ZFS stream files is not available in this version: every stream is kept");
-    }
     Ok(Success {
         bytes_sent: sent.record.bytes,
         files: 1,

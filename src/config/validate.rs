@@ -582,6 +582,15 @@ fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
         send_intermediates: j.send_intermediates.unwrap_or(false),
         ..Default::default()
     };
+    if j.full_every.is_some() {
+        o.full_every = Some(duration(
+            cx,
+            &j.full_every,
+            &format!("{f}.full_every"),
+            Duration::ZERO,
+        ))
+        .filter(|d| !d.is_zero());
+    }
     for r in &j.age_recipients {
         match age::x25519::Recipient::from_str(r.get_ref()) {
             Ok(_) => o.age_recipients.push(r.get_ref().clone()),

@@ -18,6 +18,7 @@
 //! own retention destroyed it; this job's older snapshots are destroyed.
 
 pub mod age_io;
+pub mod chains;
 pub mod record;
 
 use crate::config::{Job, RawOptions};
@@ -57,6 +58,8 @@ pub enum ZfsSendError {
     ChainBroken { stamp: String, base: String },
     #[error("{0} already exists: restore into a new dataset (nothing was changed)")]
     IntoExists(String),
+    #[error("retention: {0}")]
+    Policy(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ZfsSendError {
@@ -217,7 +220,11 @@ pub fn send(
     }
     let prot = protection(enc.as_ref(), &opts, dataset)?;
     let prev = records(runner, target, &job.name)?;
-    let base = pick_base(runner, tools, dataset, prev.last())?;
+    let base = if chains::full_due(&prev, stamp, opts.full_every) {
+        None
+    } else {
+        pick_base(runner, tools, dataset, prev.last())?
+    };
     let file = record::stream_name(
         dataset,
         base.as_ref().map(|b| b.snapshot.as_str()),
