@@ -625,8 +625,13 @@ fn raw_steps(
     // A plain dataset without age keys fails here, before any hook freezes anything.
     let enc = zfs_send::encryption(runner, tools, dataset)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
-    zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
-        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    let opts = job.raw.clone().unwrap_or_default();
+    if job.snapshot.recursive {
+        zfs_send::source::tree_protection(runner, tools, &opts, dataset)
+    } else {
+        zfs_send::protection(enc.as_ref(), &opts, dataset)
+    }
+    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
     let recs = zfs_send::records(runner, target, &job.name)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
         .context("reading the target's stream records")?;
@@ -689,7 +694,7 @@ fn raw_steps(
     zfs_send::after_send(
         runner,
         tools,
-        &job.name,
+        job,
         dataset,
         &snap,
         job.snapshot.recursive,

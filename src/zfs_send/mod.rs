@@ -20,6 +20,7 @@
 pub mod age_io;
 pub mod chains;
 pub mod record;
+pub mod source;
 
 use crate::config::{Job, RawOptions};
 use crate::exec::{Cmd, CommandError, Runner};
@@ -60,6 +61,14 @@ pub enum ZfsSendError {
     IntoExists(String),
     #[error("retention: {0}")]
     Policy(String),
+    #[error(
+        "{dataset}: a tree of natively encrypted and plain datasets ({}), and the job has no \
+         age_recipients or age_passphrase_file: `zfs send -w -R` would send the plain ones \
+         unencrypted; set age keys (the stream is then wrapped in age) or back the plain ones \
+         up in a job of their own",
+        plain.join(", ")
+    )]
+    MixedTree { dataset: String, plain: Vec<String> },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ZfsSendError {
@@ -218,7 +227,11 @@ pub fn send(
             "natively encrypted: sending raw (zfs send -w); the key never leaves this host"
         );
     }
-    let prot = protection(enc.as_ref(), &opts, dataset)?;
+    let prot = if recursive {
+        source::tree_protection(runner, tools, &opts, dataset)?
+    } else {
+        protection(enc.as_ref(), &opts, dataset)?
+    };
     let prev = records(runner, target, &job.name)?;
     let base = if chains::full_due(&prev, stamp, opts.full_every) {
         None
@@ -371,55 +384,7 @@ fn pick_base(
     Ok(None)
 }
 
-/// After a successful send: bookmark the sent snapshot, destroy this job's older ones.
-/// Failures are warnings: the backup itself is complete.
-pub fn after_send(
-    runner: &dyn Runner,
-    tools: &crate::snapshot::Tools,
-    job: &str,
-    dataset: &str,
-    snap: &str,
-    recursive: bool,
-) {
-    let bm = zfs(tools).args([
-        "bookmark",
-        &format!("{dataset}@{snap}"),
-        &format!("{dataset}#{snap}"),
-    ]);
-    match runner.output(&bm) {
-        Ok(o) if o.exit.success() => {}
-        Ok(o) => tracing::warn!(
-            "{bm}: {} (without a bookmark the next increment needs the snapshot itself, which is kept)",
-            o.stderr_str().lines().next().unwrap_or("").trim()
-        ),
-        Err(e) => tracing::warn!("{bm}: {e}"),
-    }
-    let list = zfs(tools).args([
-        "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset,
-    ]);
-    let Ok(out) = runner.output(&list) else {
-        return;
-    };
-    let prefix = format!("{dataset}@");
-    for name in out.stdout_str().lines() {
-        let Some(s) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        let ours = crate::snapshot::parse_name(job, s).is_some();
-        if ours && s != snap {
-            let mut d = zfs(tools).arg("destroy");
-            if recursive {
-                d = d.arg("-r");
-            }
-            let d = d.arg(name);
-            match runner.output(&d) {
-                Ok(o) if o.exit.success() => tracing::info!("destroyed {name}, sent earlier"),
-                Ok(o) => tracing::warn!("{d}: {}", o.stderr_str().trim()),
-                Err(e) => tracing::warn!("{d}: {e}"),
-            }
-        }
-    }
-}
+pub use source::after_send;
 
 /// The chain of records that restores `wanted` (a stamp or a snapshot name), full
 /// stream first.
@@ -804,6 +769,15 @@ mod tests {
         );
         r.expect(
             &[
+                "zfs",
+                "hold",
+                "snapveil-j",
+                "tank/enc@snapveil-j-20261130T020000Z",
+            ],
+            Output::ok(""),
+        );
+        r.expect(
+            &[
                 "zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", "tank/enc",
             ],
             Output::ok(
@@ -812,13 +786,23 @@ mod tests {
             ),
         );
         r.expect(
+            &["zfs", "holds", "-H", "tank/enc@snapveil-j-20261129T010000Z"],
+            Output::ok(""),
+        );
+        r.expect(
             &["zfs", "destroy", "tank/enc@snapveil-j-20261129T010000Z"],
             Output::ok(""),
+        );
+        r.expect(
+            &[
+                "zfs", "list", "-H", "-o", "name", "-t", "bookmark", "-d", "1", "tank/enc",
+            ],
+            Output::ok("tank/enc#snapveil-j-20261130T020000Z\n"),
         );
         after_send(
             &r,
             &tools,
-            "j",
+            job,
             "tank/enc",
             "snapveil-j-20261130T020000Z",
             false,
