@@ -19,6 +19,7 @@
 
 pub mod age_io;
 pub mod chains;
+pub mod deep;
 pub mod record;
 pub mod source;
 
