@@ -113,6 +113,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
                 consistent: false,
                 generations: None,
                 error: Some(e.to_string()),
+                raw: None,
             };
         }
     };
@@ -182,7 +183,11 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
             None,
         ),
     };
+    let raw = (job.mode == Mode::ZfsRaw)
+        .then(|| crate::zfs_send::raw_status(runner, &target, &job.name))
+        .flatten();
     let generations = match target.generations(runner) {
+        _ if job.mode == Mode::ZfsRaw => None,
         Ok(g) => Some(g.len() as u64),
         Err(e) => {
             tracing::warn!("cannot count generations: {e}");
@@ -201,6 +206,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
         consistent: s.map(|s| s.consistent).unwrap_or(false),
         generations,
         error,
+        raw,
     };
     if let Err(e) = status::save(&cfg.state_dir, &st) {
         tracing::error!(state_dir = %cfg.state_dir.display(), "cannot write status: {e}");

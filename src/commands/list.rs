@@ -24,6 +24,14 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
                 r.file
             );
         }
+        if let Some(r) = crate::zfs_send::raw_status(runner, &target, &job.name) {
+            println!(
+                "newest: {} (chain of {} stream(s) back to its full stream; {} bytes on the target in all)",
+                r.last_snapshot,
+                r.chain_length,
+                recs.iter().map(|r| r.bytes).sum::<u64>()
+            );
+        }
         return Ok(Outcome::Success);
     }
     let target = super::keyed_target(&cfg, job)?;

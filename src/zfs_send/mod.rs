@@ -593,6 +593,28 @@ pub fn verify(
     Ok((recs.len(), bad))
 }
 
+/// What `status` and the metrics report of a raw job's target; `None` (with a warning)
+/// when it cannot be read or holds no restore point.
+pub fn raw_status(
+    runner: &dyn Runner,
+    target: &Target,
+    job: &str,
+) -> Option<crate::status::RawStatus> {
+    let recs = match records(runner, target, job) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot read the stream records: {e}");
+            return None;
+        }
+    };
+    let newest = recs.last()?;
+    Some(crate::status::RawStatus {
+        last_snapshot: format!("{}@{}", newest.dataset, newest.snapshot),
+        chain_length: chain(&recs, &newest.stamp).map_or(0, |c| c.len() as u64),
+        restore_points: recs.len() as u64,
+    })
+}
+
 /// The restore points of a raw target, for `new_stamp`.
 pub fn contents(recs: &[StreamRecord]) -> Contents {
     let mut c = Contents::default();
