@@ -697,14 +697,7 @@ fn raw_steps(
             return Err(e);
         }
     };
-    zfs_send::after_send(
-        runner,
-        tools,
-        job,
-        dataset,
-        &snap,
-        job.snapshot.recursive,
-    );
+    zfs_send::after_send(runner, tools, job, dataset, &snap, job.snapshot.recursive);
     Ok(Success {
         bytes_sent: sent.record.bytes,
         files: 1,

@@ -270,7 +270,10 @@ mod tests {
             raw: None,
         };
         let p = prometheus(std::slice::from_ref(&s));
-        assert!(!p.contains("snapveil_raw_"), "no raw job, no raw metrics: {p}");
+        assert!(
+            !p.contains("snapveil_raw_"),
+            "no raw job, no raw metrics: {p}"
+        );
         let raw = RunStatus {
             job: "db".into(),
             generations: None,
@@ -282,7 +285,10 @@ mod tests {
             ..s.clone()
         };
         let p2 = prometheus(&[s.clone(), raw]);
-        assert!(p2.contains("snapveil_raw_chain_length{job=\"db\"} 4\n"), "{p2}");
+        assert!(
+            p2.contains("snapveil_raw_chain_length{job=\"db\"} 4\n"),
+            "{p2}"
+        );
         assert!(p2.contains("snapveil_raw_restore_points{job=\"db\"} 9\n"));
         assert!(p2.contains("snapveil_last_run_bytes_sent{job=\"db\"} 42\n"));
         assert!(!p2.contains("snapveil_raw_chain_length{job=\"home\"}"));

@@ -166,7 +166,9 @@ pub fn plan(
             None => {
                 let newer_full = fulls.iter().rev().find(|f| **f > d.stamp.as_str());
                 match newer_full {
-                    Some(f) => format!("not kept by the policy, no kept point needs it (newer full stream: {f})"),
+                    Some(f) => format!(
+                        "not kept by the policy, no kept point needs it (newer full stream: {f})"
+                    ),
                     None => "not kept by the policy, no kept point needs it".to_string(),
                 }
             }
@@ -427,16 +429,31 @@ mod tests {
         let recs = two_chains();
         let p = plan(&recs, &[], &policy(1), &retention::utc);
         assert_eq!(kept(&p), ["20261104T000000Z", "20261105T000000Z"]);
-        let f4 = p.fates.iter().find(|f| f.stamp == "20261104T000000Z").unwrap();
+        let f4 = p
+            .fates
+            .iter()
+            .find(|f| f.stamp == "20261104T000000Z")
+            .unwrap();
         assert!(f4.why.contains("needed by 20261105T000000Z"), "{}", f4.why);
-        let f1 = p.fates.iter().find(|f| f.stamp == "20261101T000000Z").unwrap();
-        assert!(f1.why.contains("newer full stream: 20261104T000000Z"), "{}", f1.why);
+        let f1 = p
+            .fates
+            .iter()
+            .find(|f| f.stamp == "20261101T000000Z")
+            .unwrap();
+        assert!(
+            f1.why.contains("newer full stream: 20261104T000000Z"),
+            "{}",
+            f1.why
+        );
         // Records first, newest first; then each stream and its .sha1.
         let (records, files) = p.ops();
         assert_eq!(
             records,
-            ["20261103T000000Z", "20261102T000000Z", "20261101T000000Z"]
-                .map(|s| Op::RemoveStream { name: format!("{s}.json") })
+            ["20261103T000000Z", "20261102T000000Z", "20261101T000000Z"].map(|s| {
+                Op::RemoveStream {
+                    name: format!("{s}.json"),
+                }
+            })
         );
         assert_eq!(files.len(), 6);
         assert_eq!(
@@ -457,7 +474,9 @@ mod tests {
             .map(|d| {
                 rec(
                     &format!("2026110{d}T000000Z"),
-                    (d > 1).then(|| format!("2026110{}T000000Z", d - 1)).as_deref(),
+                    (d > 1)
+                        .then(|| format!("2026110{}T000000Z", d - 1))
+                        .as_deref(),
                 )
             })
             .collect();

@@ -176,7 +176,16 @@ pub fn verify_deep(
         if r.age && !can_decrypt {
             continue;
         }
-        match deep_one(runner, tools, r, &copy.path, &opts, identity, zstream_ok, scratch.as_deref()) {
+        match deep_one(
+            runner,
+            tools,
+            r,
+            &copy.path,
+            &opts,
+            identity,
+            zstream_ok,
+            scratch.as_deref(),
+        ) {
             Ok(done) => rep.checked.push(format!("{shown}: {}", done.join("; "))),
             Err(why) => rep.bad.push(format!("{shown}: {why}")),
         }

@@ -90,10 +90,17 @@ pub fn after_send(
             .args(ours.iter().map(|(n, _)| n.as_str()));
         match holds.run_checked(runner) {
             Ok(o) => {
+                // `NAME<TAB>TAG<TAB>TIME`; zfs-fuse separates with spaces even with -H.
                 for line in o.stdout_str().lines() {
-                    let mut f = line.split('\t');
-                    if let (Some(name), Some(t)) = (f.next(), f.next()) {
-                        if t == tag {
+                    let Some((name, rest)) = ours
+                        .iter()
+                        .find_map(|(n, _)| Some((n, line.strip_prefix(n.as_str())?)))
+                    else {
+                        continue;
+                    };
+                    let t = rest.split_whitespace().next();
+                    {
+                        if t == Some(tag.as_str()) {
                             let rel = r(zfs(tools).arg("release")).args([&tag, name]);
                             if run_warn(runner, &rel, "") {
                                 tracing::info!("released {tag} on {name}: superseded by {sent}");
@@ -102,7 +109,17 @@ pub fn after_send(
                     }
                 }
             }
-            Err(e) => tracing::debug!("no holds to release: {e}"),
+            Err(e) => {
+                // zfs-fuse and old releases have `zfs hold` but no `zfs holds -H`: try
+                // the release on each; "no such tag" is the answer for most.
+                tracing::debug!("{e}: releasing {tag} on each older snapshot of this job");
+                for (name, _) in &ours {
+                    let rel = r(zfs(tools).arg("release")).args([&tag, name]);
+                    if runner.output(&rel).is_ok_and(|o| o.exit.success()) {
+                        tracing::info!("released {tag} on {name}: superseded by {sent}");
+                    }
+                }
+            }
         }
     }
     let keep = kept_by_policy(job, &ours, snap);
@@ -413,7 +430,11 @@ mod tests {
         r.expect(&LIST, Output::ok(format!("{}\n{}\n", s(1), s(2))));
         r.expect(
             &["zfs", "holds", "-H", &s(1)],
-            Output::fail(2, "unrecognized command 'holds'\n"),
+            Output::fail(255, "invalid option 'H'\n"),
+        );
+        r.expect(
+            &["zfs", "release", "-r", "snapveil-j", &s(1)],
+            Output::fail(1, "cannot release hold: no such tag on this dataset\n"),
         );
         // No policy: only the sent one stays.
         r.expect(&["zfs", "destroy", "-r", &s(1)], Output::ok(""));
@@ -456,20 +477,35 @@ mod tests {
              tank/enc/kid\tencryption\taes-256-gcm\ntank/enc/kid\tkeystatus\tunavailable\ntank/enc/kid\tencryptionroot\ttank/enc/kid\n",
         );
         let p = tree_protection(&r, &Tools::default(), &RawOptions::default(), "tank/enc").unwrap();
-        assert_eq!(p, super::super::Protection { raw: true, age: false });
+        assert_eq!(
+            p,
+            super::super::Protection {
+                raw: true,
+                age: false
+            }
+        );
         let mixed = "tank/enc\tencryption\toff\ntank/enc\tkeystatus\t-\ntank/enc\tencryptionroot\t-\n\
              tank/enc/kid\tencryption\taes-256-gcm\ntank/enc/kid\tkeystatus\tavailable\ntank/enc/kid\tencryptionroot\ttank/enc/kid\n";
         get_tree(&r, mixed);
         let e = tree_protection(&r, &Tools::default(), &RawOptions::default(), "tank/enc")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("tank/enc") && e.contains("age_recipients"), "{e}");
+        assert!(
+            e.contains("tank/enc") && e.contains("age_recipients"),
+            "{e}"
+        );
         get_tree(&r, mixed);
         let opts = RawOptions {
             age_recipients: vec!["age1x".into()],
             ..Default::default()
         };
         let p = tree_protection(&r, &Tools::default(), &opts, "tank/enc").unwrap();
-        assert_eq!(p, super::super::Protection { raw: true, age: true });
+        assert_eq!(
+            p,
+            super::super::Protection {
+                raw: true,
+                age: true
+            }
+        );
     }
 }
