@@ -242,6 +242,17 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
     assert!(String::from_utf8_lossy(&out.stdout).contains(&f2));
 }
 
+/// The README's `snapveil SUBCOMMAND db ...` line, as arguments after `snapveil`.
+fn readme_snapveil_line(start: &str) -> Vec<String> {
+    let readme =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("README has no line starting {start:?}"));
+    line.split_whitespace().skip(1).map(String::from).collect()
+}
+
 fn run_ok(config: &Path, args: &[&str]) -> String {
     let out = snapveil(config, args);
     assert!(
@@ -348,7 +359,8 @@ fn raw_chains_full_every_prune_and_deep_verify() {
     // last = 1 keeps the newest; its chain keeps the full stream it starts from; the
     // old chain goes whole, since a newer full stream exists.
     config("full_every = \"30d\"\n[job.retention]\nlast = 1\n", true);
-    let dry = run_ok(&s.config, &["prune", "db", "--dry-run"]);
+    let line = readme_snapveil_line("snapveil prune db --dry-run");
+    let dry = run_ok(&s.config, &line.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         dry.contains(&format!("{}  keep    needed by {}", stamp(2), stamp(3))),
         "{dry}"
@@ -392,7 +404,8 @@ fn raw_chains_full_every_prune_and_deep_verify() {
     );
 
     // --deep: every chunk of both age streams authenticated.
-    let deep = run_ok(&s.config, &["verify", "db", "--deep"]);
+    let line = readme_snapveil_line("snapveil verify db --deep");
+    let deep = run_ok(&s.config, &line.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(
         deep.matches("age: every chunk authenticated").count(),
         2,
