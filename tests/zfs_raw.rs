@@ -360,7 +360,10 @@ fn raw_chains_full_every_prune_and_deep_verify() {
     // old chain goes whole, since a newer full stream exists.
     config("full_every = \"30d\"\n[job.retention]\nlast = 1\n", true);
     let line = readme_snapveil_line("snapveil prune db --dry-run");
-    let dry = run_ok(&s.config, &line.iter().map(String::as_str).collect::<Vec<_>>());
+    let dry = run_ok(
+        &s.config,
+        &line.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert!(
         dry.contains(&format!("{}  keep    needed by {}", stamp(2), stamp(3))),
         "{dry}"
@@ -405,7 +408,10 @@ fn raw_chains_full_every_prune_and_deep_verify() {
 
     // --deep: every chunk of both age streams authenticated.
     let line = readme_snapveil_line("snapveil verify db --deep");
-    let deep = run_ok(&s.config, &line.iter().map(String::as_str).collect::<Vec<_>>());
+    let deep = run_ok(
+        &s.config,
+        &line.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert_eq!(
         deep.matches("age: every chunk authenticated").count(),
         2,

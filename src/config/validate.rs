@@ -679,6 +679,32 @@ mod tests {
     }
 
     #[test]
+    fn full_every_is_a_duration_named_on_error() {
+        let job = |v: &str| {
+            format!(
+                "[[job]]\nname = \"r\"\nmode = \"zfs-raw\"\nsource = \"zfs:tank/r\"\ntarget = \"/t\"\n\
+                 age_recipients = [\"age1u7c89nqrvl89cfxgusma2sr3g4c7ht6mm668repr76q2xha4e3fs9acrfa\"]\n{v}"
+            )
+        };
+        let c = load_str(Path::new("/etc/s.toml"), &job("full_every = \"30d\"\n")).unwrap();
+        assert_eq!(
+            c.jobs[0].raw.as_ref().unwrap().full_every,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        let c = load_str(Path::new("/etc/s.toml"), &job("")).unwrap();
+        assert_eq!(c.jobs[0].raw.as_ref().unwrap().full_every, None);
+        for bad in ["soon", "0s"] {
+            let e = load_str(
+                Path::new("/etc/s.toml"),
+                &job(&format!("full_every = \"{bad}\"\n")),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("/etc/s.toml:7: job[0].full_every"), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_file_line_and_field() {
         let text = "state_dir = \"/var/lib/x\"\n\n[[job]]\nname = \"a\"\nsource = \"nfs:/x\"\ntarget = \"/t\"\nkey_config = \"/nonexistent/k\"\npassfile = \"/nonexistent/p\"\n";
         let e = load_str(Path::new("/etc/s.toml"), text)

@@ -502,6 +502,47 @@ mod tests {
     }
 
     #[test]
+    fn removals_apply_locally_and_over_a_shell_quoted_and_idempotent() {
+        let p = plan(&two_chains(), &[], &policy(1), &retention::utc);
+        let (records, files) = p.ops();
+        let dir = tempfile::tempdir().unwrap();
+        let streams = dir.path().join("streams");
+        std::fs::create_dir(&streams).unwrap();
+        for r in two_chains() {
+            for n in [
+                format!("{}.json", r.stamp),
+                r.file.clone(),
+                format!("{}.sha1", r.file),
+            ] {
+                std::fs::write(streams.join(n), b"x").unwrap();
+            }
+        }
+        crate::target::ops::apply_local(dir.path(), &records).unwrap();
+        assert!(!streams.join("20261101T000000Z.json").exists());
+        assert!(
+            streams.join("f-20261101T000000Z.zfs.age").exists(),
+            "records go first"
+        );
+        crate::target::ops::apply_local(dir.path(), &files).unwrap();
+        // A prune killed after some removals runs again without failing.
+        crate::target::ops::apply_local(dir.path(), &files).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&streams)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["20261104T000000Z.json", "20261105T000000Z.json"]);
+        assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 6);
+        let sh = String::from_utf8(crate::target::ops::shell_script("/srv/b k", &files)).unwrap();
+        assert!(sh.contains("[ -d streams ]"), "{sh}");
+        assert!(
+            sh.contains("rm -f -- 'streams/f-20261101T000000Z.zfs.age.sha1'"),
+            "{sh}"
+        );
+    }
+
+    #[test]
     fn full_every_counts_from_the_chains_full_stream() {
         let recs = two_chains();
         let day = Duration::from_secs(86400);

@@ -11,8 +11,12 @@
 # disks: chainzfs:1G
 . "$(dirname "$0")/lib.sh"
 P=chainpool DS=chainpool/db ST=$PWD/state T=$PWD/target CFG=$PWD/c.toml
-KEYF=$PWD/dbkey TK=$PWD/treekey KK=$PWD/kidkey
-cleanup() { zpool destroy -f $P 2>/dev/null; true; }
+KEYF=$PWD/dbkey TK=$PWD/treekey KK=$PWD/kidkey INFO=$PWD/info
+cleanup() {
+    [[ -f $INFO ]] && sed 's/^/    info: /' "$INFO"
+    zpool destroy -f $P 2>/dev/null
+    true
+}
 trap cleanup EXIT
 modprobe zfs
 
@@ -71,7 +75,7 @@ reorder() {
     dd if="$b" of="$1" bs=64k seek=4 count=1 conv=notrunc status=none
     dd if="$a" of="$1" bs=64k seek=12 count=1 conv=notrunc status=none
 }
-# attacked NAME: plain verify is fooled by the forged sha1; --deep names the file, and no
+# attacked WHAT: plain verify is fooled by the forged sha1; --deep names the file, and no
 # dataset is left by `zfs receive -n`. What each tool says goes to the log.
 attacked() {
     local f out
@@ -80,14 +84,17 @@ attacked() {
     snapveil verify --config "$CFG" ch >/dev/null || { echo "plain verify should pass with a forged sha1"; return 1; }
     out=$(snapveil verify --config "$CFG" ch --deep 2>&1) && { echo "$out"; return 1; }
     echo "$out" | grep "^BAD streams/$f: " || { echo "$out"; return 1; }
-    echo "zstream dump alone: $(zstream dump <"$T/streams/$f" 2>&1 | grep -i -m1 -e checksum -e invalid -e 'DRR_END')"
-    zfs receive -n -u $P/probe <"$T/streams/$f" >/dev/null 2>&1 && echo "zfs receive -n alone: accepted it" || echo "zfs receive -n alone: refused it"
+    {
+        echo "$1: snapveil: $(echo "$out" | grep "^BAD")"
+        echo "$1: zstream dump alone: exit $(zstream dump <"$T/streams/$f" >zs.out 2>&1; echo $?), $(grep -i -m1 -e checksum -e invalid zs.out) $(grep 'DRR_END' zs.out | tr -s ' \t' ' ')"
+        echo "$1: zfs receive -n alone: exit $(zfs receive -n -u $P/probe <"$T/streams/$f" >rn.out 2>&1; echo $?) $(tail -1 rn.out)"
+    } >>"$INFO"
     ! zfs list $P/snapveil-verify-ch 2>/dev/null && ! zfs list $P/probe 2>/dev/null
 }
 
 config ""
 check "pool, an encrypted dataset, an encrypted tree with a child that is its own encryption root, a plain tree with an encrypted child" \
-    "zpool create -f -O mountpoint=/$P $P $(disk chainzfs) && printf 'correct horse battery' >$KEYF && printf 'tree key 12345' >$TK && printf 'kid key 678910' >$KK && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://$KEYF $DS && random_tree /$DS 3 && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://$TK $P/tree && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://$KK $P/tree/kid && zfs create $P/tree/inherit && random_tree /$P/tree 1 && random_tree /$P/tree/kid 1 && echo x >/$P/tree/inherit/f && zfs create $P/mix && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://$TK $P/mix/enc"
+    "zpool create -f -O mountpoint=/$P $P $(disk chainzfs) && for k in $KEYF $TK $KK; do head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >\$k; done && zfs create -o encryption=on -o keyformat=hex -o keylocation=file://$KEYF $DS && random_tree /$DS 2 && zfs create -o encryption=on -o keyformat=hex -o keylocation=file://$TK $P/tree && zfs create -o encryption=on -o keyformat=hex -o keylocation=file://$KK $P/tree/kid && zfs create $P/tree/inherit && random_tree /$P/tree 1 && random_tree /$P/tree/kid 1 && echo x >/$P/tree/inherit/f && zfs create $P/mix && zfs create -o encryption=on -o keyformat=hex -o keylocation=file://$TK $P/mix/enc"
 
 check "two runs: a full stream and an increment; the newest held, the older released and kept by last = 2" \
     "snapveil run --config $CFG ch && echo b >/$DS/b && snapveil run --config $CFG ch && [ \"\$(stamps | wc -l)\" = 2 ] && [ \"\$(snaps | wc -l)\" = 2 ] && held \$(snaps | tail -1) && ! held \$(snaps | head -1)"
@@ -117,13 +124,13 @@ check "verify --deep: zstream dump checks every stream's checksums, zfs receive 
 
 save
 check "an altered byte in the full stream, sha1 forged: verify --deep names it" \
-    "f=\$(file_of $F3); perl -e 'open(F,\"+<\",\$ARGV[0]); seek(F,(-s \$ARGV[0])/2,0); read(F,\$c,1); seek(F,(-s \$ARGV[0])/2,0); print F chr(ord(\$c)^1); close F' $T/streams/\$f && attacked"
+    "f=\$(file_of $F3); perl -e 'open(F,\"+<\",\$ARGV[0]); seek(F,(-s \$ARGV[0])/2,0); read(F,\$c,1); seek(F,(-s \$ARGV[0])/2,0); print F chr(ord(\$c)^1); close F' $T/streams/\$f && attacked altered"
 restore_orig
 check "a truncated full stream, sha1 forged: verify --deep names it" \
-    "f=\$(file_of $F3); truncate -s \$((\$(stat -c %s $T/streams/\$f) / 2)) $T/streams/\$f && attacked"
+    "f=\$(file_of $F3); truncate -s \$((\$(stat -c %s $T/streams/\$f) / 2)) $T/streams/\$f && attacked truncated"
 restore_orig
 check "a reordered full stream (two 64 KiB blocks swapped), sha1 forged: verify --deep names it" \
-    "f=\$(file_of $F3); reorder $T/streams/\$f && attacked"
+    "f=\$(file_of $F3); reorder $T/streams/\$f && attacked reordered"
 restore_orig
 
 check "a recursive tree, a child its own encryption root: sent raw (-w -R), full then increment with the child's key unloaded, reported" \
