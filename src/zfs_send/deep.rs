@@ -299,8 +299,7 @@ fn deep_one(
                 return Err(format!(
                     "{cmd} refused it: {}",
                     text.lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .last()
+                        .rfind(|l| !l.trim().is_empty())
                         .unwrap_or("")
                         .trim()
                 ))
