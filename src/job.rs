@@ -697,7 +697,16 @@ fn raw_steps(
             return Err(e);
         }
     };
-    zfs_send::after_send(runner, tools, job, dataset, &snap, job.snapshot.recursive);
+    let sent_before: Vec<String> = recs.iter().map(|r| r.stamp.clone()).collect();
+    zfs_send::after_send(
+        runner,
+        tools,
+        job,
+        dataset,
+        &snap,
+        job.snapshot.recursive,
+        &sent_before,
+    );
     Ok(Success {
         bytes_sent: sent.record.bytes,
         files: 1,

@@ -13,9 +13,10 @@
 //! record names the stream's base, so a restore replays a chain of records back to a full
 //! stream and checks every file's sha1 before `zfs receive` sees a byte.
 //!
-//! On the source, the newest sent snapshot is kept (the next increment's base) and
-//! bookmarked where ZFS has bookmarks, so an increment still works after the source's
-//! own retention destroyed it; this job's older snapshots are destroyed.
+//! On the source, the newest sent snapshot is kept (the next increment's base), held and
+//! bookmarked where ZFS has them, so an increment still works after the source's own
+//! retention destroyed it; this job's older snapshots are kept by the job's policy
+//! ([`source`]). On the target, chains of streams are pruned whole ([`chains`]).
 
 pub mod age_io;
 pub mod chains;
@@ -829,6 +830,7 @@ mod tests {
             "tank/enc",
             "snapveil-j-20261130T020000Z",
             false,
+            &["20261129T010000Z".to_string()],
         );
     }
 

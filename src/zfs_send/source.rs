@@ -39,8 +39,10 @@ fn run_warn(runner: &dyn Runner, cmd: &Cmd, why: &str) -> bool {
 
 /// After a successful send of `DATASET@SNAP`: bookmark and hold it, release our hold on
 /// older snapshots, destroy this job's older snapshots the policy does not keep (without
-/// a policy: all of them) and this job's older bookmarks. Never touches snapshots that are
-/// not this job's.
+/// a policy: all of them) and this job's older bookmarks. Snapshots of this job whose
+/// stamp is not among `on_target` (the target's restore points before this run: what a killed
+/// run left unsent) are nobody's restore point and go whatever the policy. Never touches
+/// snapshots that are not this job's.
 pub fn after_send(
     runner: &dyn Runner,
     tools: &Tools,
@@ -48,6 +50,7 @@ pub fn after_send(
     dataset: &str,
     snap: &str,
     recursive: bool,
+    on_target: &[String],
 ) {
     let sent = format!("{dataset}@{snap}");
     let tag = hold_tag(&job.name);
@@ -122,7 +125,18 @@ pub fn after_send(
             }
         }
     }
-    let keep = kept_by_policy(job, &ours, snap);
+    let (ours_sent, unsent): (Vec<_>, Vec<_>) = ours
+        .iter()
+        .cloned()
+        .partition(|(_, st)| on_target.contains(st));
+    let keep = kept_by_policy(job, &ours_sent, snap);
+    for (name, _) in &unsent {
+        let d = r(zfs(tools).arg("destroy")).arg(name);
+        if run_warn(runner, &d, "") {
+            tracing::info!("destroyed {name}: never sent (left by an interrupted run)");
+        }
+    }
+    let ours = ours_sent;
     for (name, stamp) in &ours {
         if let Some(why) = keep.get(stamp) {
             tracing::info!("kept {name} on the source ({why})");
@@ -341,6 +355,12 @@ mod tests {
             .remove(0)
     }
 
+    fn sent(days: &[u32]) -> Vec<String> {
+        days.iter()
+            .map(|d| format!("202611{d:02}T000000Z"))
+            .collect()
+    }
+
     const LIST: [&str; 10] = [
         "zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", "tank/enc",
     ];
@@ -406,6 +426,7 @@ mod tests {
             "tank/enc",
             "snapveil-j-20261104T000000Z",
             false,
+            &sent(&[1, 2, 3]),
         );
     }
 
@@ -446,6 +467,38 @@ mod tests {
             "tank/enc",
             "snapveil-j-20261102T000000Z",
             true,
+            &sent(&[1]),
+        );
+    }
+
+    #[test]
+    fn a_snapshot_a_killed_run_left_unsent_goes_whatever_the_policy() {
+        let job = job("[job.retention]\nlast = 5\n");
+        let r = ScriptedRunner::new();
+        let s = |d: u32| format!("tank/enc@snapveil-j-202611{d:02}T000000Z");
+        r.expect(
+            &[
+                "zfs",
+                "bookmark",
+                &s(3),
+                "tank/enc#snapveil-j-20261103T000000Z",
+            ],
+            Output::ok(""),
+        );
+        r.expect(&["zfs", "hold", "snapveil-j", &s(3)], Output::ok(""));
+        r.expect(&LIST, Output::ok(format!("{}\n{}\n{}\n", s(1), s(2), s(3))));
+        r.expect(&["zfs", "holds", "-H", &s(1), &s(2)], Output::ok(""));
+        // Day 2 was never sent (not on the target): destroyed; day 1 kept by last = 5.
+        r.expect(&["zfs", "destroy", &s(2)], Output::ok(""));
+        r.expect(&BMS, Output::ok(""));
+        after_send(
+            &r,
+            &Tools::default(),
+            &job,
+            "tank/enc",
+            "snapveil-j-20261103T000000Z",
+            false,
+            &sent(&[1]),
         );
     }
 
