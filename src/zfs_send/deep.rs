@@ -20,6 +20,13 @@
 //!   passes no checksum) and without creating anything. An increment cannot be checked
 //!   this way (its destination must exist and hold its base), so increments get age and
 //!   zstream only. It is run because it is what a restore's first step will do.
+//!
+//! Measured on OpenZFS 2.1.11 (tests/vm/82-zfs-chain.sh, a raw full stream whose sha1 was
+//! forged along with it): one flipped byte passes `zfs receive -n` (exit 0) and `zstream
+//! dump` exits 0 but prints "Incorrect checksum in record header"; a stream cut in half
+//! fails `zfs receive -n` ("failed to read from stream") and shows 0 END records in
+//! `zstream dump`; two 64 KiB blocks swapped fail both ("invalid record type", the header
+//! checksum).
 
 use super::record::StreamRecord;
 use super::{age_io, zfs, ZfsSendError};
