@@ -113,6 +113,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
                 consistent: false,
                 generations: None,
                 error: Some(e.to_string()),
+                raw: None,
             };
         }
     };
@@ -134,9 +135,17 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
     // fails the job's status; current/ is never touched by it.
     let result = match result {
         Ok(s) if job.retention.prune => {
-            match crate::prune::prune_job(runner, &target, job, false, Some(&stamp)) {
+            let pruned = if job.mode == Mode::ZfsRaw {
+                crate::zfs_send::chains::prune_job(runner, &target, job, false, Some(&stamp))
+                    .map(|r| r.map(|r| r.to_string()))
+                    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            } else {
+                crate::prune::prune_job(runner, &target, job, false, Some(&stamp))
+                    .map(|r| r.map(|r| r.to_string()))
+            };
+            match pruned {
                 Ok(Some(report)) => {
-                    for line in report.to_string().lines() {
+                    for line in report.lines() {
                         tracing::info!("{line}");
                     }
                     Ok(s)
@@ -174,7 +183,11 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
             None,
         ),
     };
+    let raw = (job.mode == Mode::ZfsRaw)
+        .then(|| crate::zfs_send::raw_status(runner, &target, &job.name))
+        .flatten();
     let generations = match target.generations(runner) {
+        _ if job.mode == Mode::ZfsRaw => None,
         Ok(g) => Some(g.len() as u64),
         Err(e) => {
             tracing::warn!("cannot count generations: {e}");
@@ -193,6 +206,7 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
         consistent: s.map(|s| s.consistent).unwrap_or(false),
         generations,
         error,
+        raw,
     };
     if let Err(e) = status::save(&cfg.state_dir, &st) {
         tracing::error!(state_dir = %cfg.state_dir.display(), "cannot write status: {e}");
@@ -633,8 +647,13 @@ fn raw_steps(
     // A plain dataset without age keys fails here, before any hook freezes anything.
     let enc = zfs_send::encryption(runner, tools, dataset)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
-    zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
-        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    let raw_opts = job.raw.clone().unwrap_or_default();
+    if job.snapshot.recursive {
+        zfs_send::source::tree_protection(runner, tools, &raw_opts, dataset)
+    } else {
+        zfs_send::protection(enc.as_ref(), &raw_opts, dataset)
+    }
+    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
     let scan = zfs_send::record::scan(runner, target, &job.name)
         .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
         .context("reading the target's stream records")?;
@@ -710,17 +729,16 @@ fn raw_steps(
         &sent.head,
     )
     .context("recording the run in the agent's chain state")?;
+    let sent_before: Vec<String> = scan.points.iter().map(|r| r.stamp.clone()).collect();
     zfs_send::after_send(
         runner,
         tools,
-        &job.name,
+        job,
         dataset,
         &snap,
         job.snapshot.recursive,
+        &sent_before,
     );
-    if job.retention.policy().ok().flatten().is_some() {
-        tracing::warn!("retention of raw ZFS stream files is not available in this version: every stream is kept");
-    }
     Ok(Success {
         bytes_sent: sent.record.bytes,
         files: 1,

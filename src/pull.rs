@@ -445,6 +445,7 @@ pub fn serve(
         consistent,
         generations: None,
         error,
+        raw: None,
     };
     let lock = match JobLock::acquire(&cfg.state_dir, &job.name) {
         Ok(l) => l,

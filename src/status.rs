@@ -57,6 +57,19 @@ pub struct RunStatus {
     pub consistent: bool,
     pub generations: Option<u64>,
     pub error: Option<String>,
+    /// Raw ZFS jobs: what the target holds after the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawStatus>,
+}
+
+/// A raw ZFS job's target ([`crate::zfs_send`]), as `status` and the metrics report it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RawStatus {
+    /// `DATASET@SNAPSHOT` of the newest restore point on the target.
+    pub last_snapshot: String,
+    /// Stream files a restore of the newest point replays (its full stream and increments).
+    pub chain_length: u64,
+    pub restore_points: u64,
 }
 
 /// Writes `data` to `path` atomically (temp file `.NAME.tmp-PID` in the same directory,
@@ -138,7 +151,7 @@ pub fn prometheus(statuses: &[RunStatus]) -> String {
         &'static str,
         fn(&RunStatus) -> f64,
     );
-    let metrics: [Metric; 6] = [
+    let metrics: [Metric; 8] = [
         (
             "snapveil_last_run_success",
             "gauge",
@@ -164,7 +177,7 @@ pub fn prometheus(statuses: &[RunStatus]) -> String {
         (
             "snapveil_last_run_bytes_sent",
             "gauge",
-            "bytes rsync sent in the last run",
+            "bytes sent in the last run (by rsync; a raw ZFS job: its stream file)",
             |s| s.bytes_sent as f64,
         ),
         (
@@ -179,10 +192,26 @@ pub fn prometheus(statuses: &[RunStatus]) -> String {
             "generation directories on the target",
             |s| s.generations.unwrap_or(0) as f64,
         ),
+        (
+            "snapveil_raw_chain_length",
+            "gauge",
+            "raw ZFS jobs: stream files the newest restore point's chain holds (full + increments)",
+            |s| s.raw.as_ref().map_or(0.0, |r| r.chain_length as f64),
+        ),
+        (
+            "snapveil_raw_restore_points",
+            "gauge",
+            "raw ZFS jobs: restore points (stream records) on the target",
+            |s| s.raw.as_ref().map_or(0.0, |r| r.restore_points as f64),
+        ),
     ];
     for (name, kind, help, f) in metrics {
+        let raw_only = name.starts_with("snapveil_raw_");
+        if raw_only && statuses.iter().all(|s| s.raw.is_none()) {
+            continue;
+        }
         out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
-        for s in statuses {
+        for s in statuses.iter().filter(|s| !raw_only || s.raw.is_some()) {
             out += &format!("{name}{{job=\"{}\"}} {}\n", s.job, f(s));
         }
     }
@@ -238,8 +267,31 @@ mod tests {
             consistent: true,
             generations: Some(3),
             error: None,
+            raw: None,
         };
-        let p = prometheus(&[s]);
+        let p = prometheus(std::slice::from_ref(&s));
+        assert!(
+            !p.contains("snapveil_raw_"),
+            "no raw job, no raw metrics: {p}"
+        );
+        let raw = RunStatus {
+            job: "db".into(),
+            generations: None,
+            raw: Some(RawStatus {
+                last_snapshot: "tank/db@snapveil-db-20261124T010000Z".into(),
+                chain_length: 4,
+                restore_points: 9,
+            }),
+            ..s.clone()
+        };
+        let p2 = prometheus(&[s.clone(), raw]);
+        assert!(
+            p2.contains("snapveil_raw_chain_length{job=\"db\"} 4\n"),
+            "{p2}"
+        );
+        assert!(p2.contains("snapveil_raw_restore_points{job=\"db\"} 9\n"));
+        assert!(p2.contains("snapveil_last_run_bytes_sent{job=\"db\"} 42\n"));
+        assert!(!p2.contains("snapveil_raw_chain_length{job=\"home\"}"));
         assert!(p.contains("snapveil_last_run_success{job=\"home\"} 1\n"));
         assert!(
             p.contains("snapveil_last_run_timestamp_seconds{job=\"home\"} 1795482010\n"),

@@ -36,6 +36,14 @@ pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
             let stamp = f.trim_start_matches("streams/").trim_end_matches(".json");
             println!("{stamp:<18} {:<13}", "no (TAMPERED)");
         }
+        if let Some(r) = crate::zfs_send::status_of(&scan.points) {
+            println!(
+                "newest: {} (chain of {} stream(s) back to its full stream; {} bytes on the target in all)",
+                r.last_snapshot,
+                r.chain_length,
+                scan.points.iter().map(|r| r.bytes).sum::<u64>()
+            );
+        }
         let state = crate::target::chain::load_state(
             &cfg.state_dir,
             &job.name,

@@ -69,10 +69,17 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
     let done = super::each_job_locked(&cfg, &jobs, |job| {
         if job.mode == crate::config::Mode::ZfsRaw {
-            println!(
-                "job {}: raw ZFS mode: stream files are not pruned in this version (every stream is kept)",
-                job.name
-            );
+            let target = super::keyed_target(&cfg, job)?;
+            match crate::zfs_send::chains::prune_job(runner, &target, job, a.dry_run, None)
+                .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+                .with_context(|| format!("job {}: prune {}", job.name, target.address()))?
+            {
+                Some(r) => print!("job {}: {r}", job.name),
+                None => println!(
+                    "job {}: no retention rules: every restore point is kept",
+                    job.name
+                ),
+            }
             return Ok(());
         }
         let target = super::keyed_target(&cfg, job)?;

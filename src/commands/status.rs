@@ -29,9 +29,15 @@ pub fn run(_runner: &dyn Runner, a: ConfigArg) -> Result<Outcome> {
                 } else {
                     "NOT a snapshot (live tree) "
                 },
-                s.error.unwrap_or_default()
+                s.error.clone().unwrap_or_default()
             ),
             None => println!("{:<16} {:<21}", j.name, "never"),
+        }
+        if let Some(r) = crate::status::load(&cfg.state_dir, &j.name).and_then(|s| s.raw) {
+            println!(
+                "{:<16} raw ZFS: last snapshot on the target {}, chain of {} stream(s), {} restore point(s)",
+                "", r.last_snapshot, r.chain_length, r.restore_points
+            );
         }
     }
     Ok(Outcome::Success)

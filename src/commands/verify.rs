@@ -9,6 +9,41 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    if job.mode == crate::config::Mode::ZfsRaw && a.deep {
+        let target = super::keyed_target(&cfg, job)?;
+        let state = crate::target::chain::load_state(
+            &cfg.state_dir,
+            &job.name,
+            &target.address().to_string(),
+        )?;
+        let id = crate::zfs_send::default_identity(job);
+        let r = crate::zfs_send::deep::verify_deep(
+            runner,
+            &cfg.tools.snapshot,
+            job,
+            &target,
+            state.as_ref(),
+            id.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+        .with_context(|| format!("job {}: verify --deep", a.job))?;
+        for c in &r.checked {
+            println!("OK  {c}");
+        }
+        for b in &r.bad {
+            println!("BAD {b}");
+        }
+        for n in &r.notes {
+            println!("NOTE {n}");
+        }
+        println!(
+            "{}: {} restore points, {} problems in their stream files (deep)",
+            a.job,
+            r.points,
+            r.bad.len()
+        );
+        return Ok(Outcome::from_ok(r.bad.is_empty()));
+    }
     if job.mode == crate::config::Mode::ZfsRaw {
         let target = super::keyed_target(&cfg, job)?;
         let state = crate::target::chain::load_state(

@@ -176,6 +176,10 @@ pub struct RawOptions {
     pub age_identity_file: Option<PathBuf>,
     pub wrap_raw: bool,
     pub send_intermediates: bool,
+    /// A run sends a full stream when the newest full of the chain is at least this old,
+    /// so that old chains can be deleted whole; `None`: one chain for ever (only the first
+    /// run, or a lost base, starts a new one).
+    pub full_every: Option<Duration>,
 }
 
 impl RawOptions {

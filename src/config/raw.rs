@@ -72,6 +72,8 @@ pub struct RawJob {
     pub wrap_raw: Option<bool>,
     /// Raw ZFS mode: send intermediate snapshots too (`zfs send -I`).
     pub send_intermediates: Option<bool>,
+    /// Raw ZFS mode: a new full stream when the chain's full is this old (`30d`).
+    pub full_every: Option<Spanned<String>>,
     #[serde(default)]
     pub excludes: Vec<String>,
     #[serde(default)]

@@ -587,6 +587,15 @@ fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
         send_intermediates: j.send_intermediates.unwrap_or(false),
         ..Default::default()
     };
+    if j.full_every.is_some() {
+        o.full_every = Some(duration(
+            cx,
+            &j.full_every,
+            &format!("{f}.full_every"),
+            Duration::ZERO,
+        ))
+        .filter(|d| !d.is_zero());
+    }
     for r in &j.age_recipients {
         match age::x25519::Recipient::from_str(r.get_ref()) {
             Ok(_) => o.age_recipients.push(r.get_ref().clone()),
@@ -672,6 +681,32 @@ mod tests {
         );
         assert!(Address::parse("relative/path").is_err());
         assert!(Address::parse("/a/../b").is_err());
+    }
+
+    #[test]
+    fn full_every_is_a_duration_named_on_error() {
+        let job = |v: &str| {
+            format!(
+                "[[job]]\nname = \"r\"\nmode = \"zfs-raw\"\nsource = \"zfs:tank/r\"\ntarget = \"/t\"\n\
+                 age_recipients = [\"age1u7c89nqrvl89cfxgusma2sr3g4c7ht6mm668repr76q2xha4e3fs9acrfa\"]\n{v}"
+            )
+        };
+        let c = load_str(Path::new("/etc/s.toml"), &job("full_every = \"30d\"\n")).unwrap();
+        assert_eq!(
+            c.jobs[0].raw.as_ref().unwrap().full_every,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        let c = load_str(Path::new("/etc/s.toml"), &job("")).unwrap();
+        assert_eq!(c.jobs[0].raw.as_ref().unwrap().full_every, None);
+        for bad in ["soon", "0s"] {
+            let e = load_str(
+                Path::new("/etc/s.toml"),
+                &job(&format!("full_every = \"{bad}\"\n")),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("/etc/s.toml:7: job[0].full_every"), "{e}");
+        }
     }
 
     #[test]

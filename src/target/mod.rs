@@ -1166,6 +1166,7 @@ impl Target {
         // One record per call, in plan order: the oldest record goes last.
         let mut manifests = Vec::new();
         let mut gens = Vec::new();
+        let mut streams = Vec::new();
         for op in ops {
             match op {
                 Op::RemoveRecord { stamp } => delete(Area::Runs, vec![format!("/{stamp}.json")])?,
@@ -1174,6 +1175,7 @@ impl Target {
                     manifests.push(format!("/{stamp}.meta"));
                 }
                 Op::DeleteGen { stamp } => gens.push(format!("/{stamp}/***")),
+                Op::RemoveStream { name } => streams.push(format!("/{}", rsync_literal(name))),
                 other => {
                     return Err(TargetError::Io {
                         path: PathBuf::from("generations"),
@@ -1183,8 +1185,21 @@ impl Target {
             }
         }
         delete(Area::Manifests, manifests)?;
-        delete(Area::Generations, gens)
+        delete(Area::Generations, gens)?;
+        delete(Area::Streams, streams)
     }
+}
+
+/// `name` as an rsync filter pattern matching only itself (wildcards escaped).
+fn rsync_literal(name: &str) -> String {
+    let mut s = String::with_capacity(name.len());
+    for c in name.chars() {
+        if matches!(c, '*' | '?' | '[' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
 }
 
 /// A `--files-from` list in scratch space.

@@ -39,6 +39,9 @@ pub enum Op {
     RenameGen { from: String, to: String },
     /// A generation no kept restore point needs, deleted whole.
     DeleteGen { stamp: String },
+    /// Raw ZFS mode: `streams/<name>` (a record, a stream file or its `.sha1`; absent is
+    /// fine, so that a prune interrupted after some removals can run again).
+    RemoveStream { name: String },
 }
 
 /// Applies ops to a local target with renames and single-entry removals.
@@ -99,6 +102,13 @@ pub fn apply_local(target: &Path, ops: &[Op]) -> Result<(), TargetError> {
                 let p = gen(stamp, b"");
                 fs::remove_dir_all(&p).map_err(io(&p))?;
             }
+            Op::RemoveStream { name } => {
+                let p = target.join("streams").join(name);
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != stdio::ErrorKind::NotFound => return Err(io(&p)(e)),
+                    _ => {}
+                }
+            }
         }
     }
     Ok(())
@@ -124,8 +134,8 @@ pub fn shell_script(path: &str, ops: &[Op]) -> Vec<u8> {
         path.as_bytes()
     }));
     s.extend_from_slice(
-        b"\n[ -d generations ] || [ -d runs ] || { echo \"snapveil: $(pwd) is not a snapveil target\" >&2; exit 3; }; \
-for a in current generations runs manifests; do if [ -L \"$a\" ]; then echo \"snapveil: $(pwd)/$a is a symlink: refusing to prune through it\" >&2; exit 3; fi; done\n\
+        b"\n[ -d generations ] || [ -d runs ] || [ -d streams ] || { echo \"snapveil: $(pwd) is not a snapveil target\" >&2; exit 3; }; \
+for a in current generations runs manifests streams; do if [ -L \"$a\" ]; then echo \"snapveil: $(pwd)/$a is a symlink: refusing to prune through it\" >&2; exit 3; fi; done\n\
 mvnew() { if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"snapveil: refusing to overwrite $2\" >&2; exit 3; fi; mv -- \"$1\" \"$2\"; }\n",
     );
     for op in ops {
@@ -151,6 +161,11 @@ mvnew() { if [ -e \"$2\" ] || [ -L \"$2\" ]; then echo \"snapveil: refusing to o
                 [b"mvnew ".as_slice(), &g(from, b""), b" ", &g(to, b"")].concat()
             }
             Op::DeleteGen { stamp } => [b"rm -rf -- ".as_slice(), &g(stamp, b"")].concat(),
+            Op::RemoveStream { name } => [
+                b"rm -f -- ".as_slice(),
+                &super::rsync::sh_quote(format!("streams/{name}").as_bytes()),
+            ]
+            .concat(),
         };
         s.extend(line);
         s.push(b'\n');

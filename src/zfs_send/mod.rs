@@ -13,12 +13,16 @@
 //! record names the stream's base, so a restore replays a chain of records back to a full
 //! stream and checks every file's sha1 before `zfs receive` sees a byte.
 //!
-//! On the source, the newest sent snapshot is kept (the next increment's base) and
-//! bookmarked where ZFS has bookmarks, so an increment still works after the source's
-//! own retention destroyed it; this job's older snapshots are destroyed.
+//! On the source, the newest sent snapshot is kept (the next increment's base), held and
+//! bookmarked where ZFS has them, so an increment still works after the source's own
+//! retention destroyed it; this job's older snapshots are kept by the job's policy
+//! ([`source`]). On the target, chains of streams are pruned whole ([`chains`]).
 
 pub mod age_io;
+pub mod chains;
+pub mod deep;
 pub mod record;
+pub mod source;
 
 use crate::config::{Job, RawOptions};
 use crate::exec::{Cmd, CommandError, Runner};
@@ -66,6 +70,16 @@ pub enum ZfsSendError {
         files.join(", ")
     )]
     Unauthenticated { files: Vec<String> },
+    #[error("retention: {0}")]
+    Policy(String),
+    #[error(
+        "{dataset}: a tree of natively encrypted and plain datasets ({}), and the job has no \
+         age_recipients or age_passphrase_file: `zfs send -w -R` would send the plain ones \
+         unencrypted; set age keys (the stream is then wrapped in age) or back the plain ones \
+         up in a job of their own",
+        plain.join(", ")
+    )]
+    MixedTree { dataset: String, plain: Vec<String> },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ZfsSendError {
@@ -207,9 +221,17 @@ pub fn send(
             "natively encrypted: sending raw (zfs send -w); the key never leaves this host"
         );
     }
-    let prot = protection(enc.as_ref(), &opts, dataset)?;
+    let prot = if recursive {
+        source::tree_protection(runner, tools, &opts, dataset)?
+    } else {
+        protection(enc.as_ref(), &opts, dataset)?
+    };
     let prev = records(runner, target, &job.name)?;
-    let base = pick_base(runner, tools, dataset, prev.last())?;
+    let base = if chains::full_due(&prev, stamp, opts.full_every) {
+        None
+    } else {
+        pick_base(runner, tools, dataset, prev.last())?
+    };
     let file = record::stream_name(
         dataset,
         base.as_ref().map(|b| b.snapshot.as_str()),
@@ -355,55 +377,7 @@ fn pick_base(
     Ok(None)
 }
 
-/// After a successful send: bookmark the sent snapshot, destroy this job's older ones.
-/// Failures are warnings: the backup itself is complete.
-pub fn after_send(
-    runner: &dyn Runner,
-    tools: &crate::snapshot::Tools,
-    job: &str,
-    dataset: &str,
-    snap: &str,
-    recursive: bool,
-) {
-    let bm = zfs(tools).args([
-        "bookmark",
-        &format!("{dataset}@{snap}"),
-        &format!("{dataset}#{snap}"),
-    ]);
-    match runner.output(&bm) {
-        Ok(o) if o.exit.success() => {}
-        Ok(o) => tracing::warn!(
-            "{bm}: {} (without a bookmark the next increment needs the snapshot itself, which is kept)",
-            o.stderr_str().lines().next().unwrap_or("").trim()
-        ),
-        Err(e) => tracing::warn!("{bm}: {e}"),
-    }
-    let list = zfs(tools).args([
-        "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset,
-    ]);
-    let Ok(out) = runner.output(&list) else {
-        return;
-    };
-    let prefix = format!("{dataset}@");
-    for name in out.stdout_str().lines() {
-        let Some(s) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        let ours = crate::snapshot::parse_name(job, s).is_some();
-        if ours && s != snap {
-            let mut d = zfs(tools).arg("destroy");
-            if recursive {
-                d = d.arg("-r");
-            }
-            let d = d.arg(name);
-            match runner.output(&d) {
-                Ok(o) if o.exit.success() => tracing::info!("destroyed {name}, sent earlier"),
-                Ok(o) => tracing::warn!("{d}: {}", o.stderr_str().trim()),
-                Err(e) => tracing::warn!("{d}: {e}"),
-            }
-        }
-    }
-}
+pub use source::after_send;
 
 /// The chain of records that restores `wanted` (a stamp or a snapshot name), full
 /// stream first.
@@ -639,6 +613,33 @@ pub fn verify(
     Ok((recs.len(), bad))
 }
 
+/// What `status` and the metrics report of a raw job's target; `None` (with a warning)
+/// when it cannot be read or holds no restore point.
+pub fn raw_status(
+    runner: &dyn Runner,
+    target: &Target,
+    job: &str,
+) -> Option<crate::status::RawStatus> {
+    let recs = match records(runner, target, job) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot read the stream records: {e}");
+            return None;
+        }
+    };
+    status_of(&recs)
+}
+
+/// [`raw_status`] of records already read.
+pub fn status_of(recs: &[StreamRecord]) -> Option<crate::status::RawStatus> {
+    let newest = recs.last()?;
+    Some(crate::status::RawStatus {
+        last_snapshot: format!("{}@{}", newest.dataset, newest.snapshot),
+        chain_length: chain(recs, &newest.stamp).map_or(0, |c| c.len() as u64),
+        restore_points: recs.len() as u64,
+    })
+}
+
 /// The restore points of a raw target, for `new_stamp`.
 pub fn contents(recs: &[StreamRecord]) -> Contents {
     let mut c = Contents::default();
@@ -848,6 +849,15 @@ mod tests {
         );
         r.expect(
             &[
+                "zfs",
+                "hold",
+                "snapveil-j",
+                "tank/enc@snapveil-j-20261130T020000Z",
+            ],
+            Output::ok(""),
+        );
+        r.expect(
+            &[
                 "zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", "tank/enc",
             ],
             Output::ok(
@@ -856,16 +866,27 @@ mod tests {
             ),
         );
         r.expect(
+            &["zfs", "holds", "-H", "tank/enc@snapveil-j-20261129T010000Z"],
+            Output::ok(""),
+        );
+        r.expect(
             &["zfs", "destroy", "tank/enc@snapveil-j-20261129T010000Z"],
             Output::ok(""),
+        );
+        r.expect(
+            &[
+                "zfs", "list", "-H", "-o", "name", "-t", "bookmark", "-d", "1", "tank/enc",
+            ],
+            Output::ok("tank/enc#snapveil-j-20261130T020000Z\n"),
         );
         after_send(
             &r,
             &tools,
-            "j",
+            job,
             "tank/enc",
             "snapveil-j-20261130T020000Z",
             false,
+            &["20261129T010000Z".to_string()],
         );
     }
 
