@@ -57,7 +57,8 @@ check "second run: an increment from the first; the sent snapshot is bookmarked,
     "snapveil run --config $CFG raw && streams | grep -q '\.from-snapveil-raw-$S1\.raw\.zfs$' && [ \"\$(snaps | wc -l)\" = 1 ] && S2=\$(snaps | sed -n 's/.*@//p') && zfs list -H -t bookmark $DS#\$S2"
 S2=$(snaps | sed -n 's/.*@snapveil-raw-//p')
 
-# The source's own retention destroys our kept snapshot: the bookmark still carries on.
+# Someone releases our hold and destroys the kept snapshot: the bookmark still carries on.
+zfs release snapveil-raw "$DS@snapveil-raw-$S2"
 zfs destroy "$DS@snapveil-raw-$S2"
 echo third >/$DS/marker; head -c 1M /dev/urandom >/$DS/var/lib/app/more.bin; sync
 WANT=$(tree_digest /$DS)

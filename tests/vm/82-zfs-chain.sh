@@ -92,9 +92,9 @@ attacked() {
     forge "$F3"
     (cd "$T/streams" && sha1sum -c --quiet "$f.sha1") || { echo "sha1sum -c should pass with a forged .sha1"; return 1; }
     out=$(snapveil verify --config "$CFG" ch 2>&1) && { echo "$out"; return 1; }
-    echo "$out" | grep "^BAD streams/$f: sha1 " || { echo "$out"; return 1; }
+    echo "$out" | grep -F "BAD streams/$f: sha1 " || { echo "$out"; return 1; }
     out=$(snapveil verify --config "$CFG" ch --deep 2>&1) && { echo "$out"; return 1; }
-    echo "$out" | grep -E "^BAD streams/$f: (zstream dump|zfs receive -n)" || { echo "$out"; return 1; }
+    echo "$out" | grep -F -e "BAD streams/$f: zstream dump" -e "BAD streams/$f: zfs receive -n" || { echo "$out"; return 1; }
     {
         echo "$1: snapveil: $(echo "$out" | grep "^BAD")"
         echo "$1: zstream dump alone: exit $(zstream dump <"$T/streams/$f" >zs.out 2>&1; echo $?), $(grep -i -m1 -e checksum -e invalid zs.out) $(grep 'DRR_END' zs.out | tr -s ' \t' ' ')"
