@@ -175,6 +175,13 @@ pub struct RawOptions {
     pub age_identity_file: Option<PathBuf>,
     pub wrap_raw: bool,
     pub send_intermediates: bool,
+    /// `zfs://` targets: `zfs receive -F`, which rolls the target back to the base and
+    /// destroys what it holds past it. Off: a target changed since the last receive
+    /// fails the run instead.
+    pub force: bool,
+    /// `zfs://` targets: a dataset without native encryption may be sent there, as
+    /// plaintext (the receiving host is trusted). Off: such a job fails before any hook.
+    pub allow_plain_receive: bool,
 }
 
 impl RawOptions {

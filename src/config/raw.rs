@@ -72,6 +72,11 @@ pub struct RawJob {
     pub wrap_raw: Option<bool>,
     /// Raw ZFS mode: send intermediate snapshots too (`zfs send -I`).
     pub send_intermediates: Option<bool>,
+    /// Raw ZFS mode, `zfs://` target: `zfs receive -F` (roll the target back).
+    pub force: Option<Spanned<bool>>,
+    /// Raw ZFS mode, `zfs://` target: a plain dataset may be received there (it then
+    /// holds plaintext).
+    pub allow_plain_receive: Option<Spanned<bool>>,
     #[serde(default)]
     pub excludes: Vec<String>,
     #[serde(default)]

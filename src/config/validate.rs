@@ -361,15 +361,6 @@ fn validate_job(
         }
     };
     let target = match (&j.target, default_target) {
-        (Some(t), _) if t.get_ref().starts_with("zfs://") => {
-            cx.err(
-                t.span(),
-                &format!("{f}.target"),
-                "zfs:// targets (zfs receive over ssh) are not available in this version; \
-                 use a directory target (local, ssh or rsync daemon) for stream files",
-            );
-            None
-        }
         (Some(t), _) => match Address::parse(t.get_ref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -399,6 +390,7 @@ fn validate_job(
                     format!("{path}/{name}")
                 },
             },
+            Address::Zfs(z) => Address::Zfs(z.child(&name)),
         }),
         (None, Some((_, Err(_)))) => None,
         (None, None) => {
@@ -423,6 +415,39 @@ fn validate_job(
         }
     }
     let raw = (mode == Mode::ZfsRaw).then(|| raw_options(cx, j, f));
+    let target_span = j.target.as_ref().map_or(j.name.span(), |t| t.span());
+    match (&target, &raw) {
+        (Some(Address::Zfs(_)), None) => cx.err(
+            target_span,
+            &format!("{f}.target"),
+            format!(
+                "job {name:?}: a zfs:// target receives zfs streams: only mode = \"zfs-raw\" jobs can use it"
+            ),
+        ),
+        (Some(Address::Zfs(_)), Some(o)) => {
+            let age = [
+                ("wrap_raw", o.wrap_raw),
+                ("age_recipients", !o.age_recipients.is_empty()),
+                ("age_passphrase_file", o.age_passphrase_file.is_some()),
+            ];
+            for (field, set) in age {
+                if set {
+                    cx.err(
+                        target_span.clone(),
+                        &format!("{f}.{field}"),
+                        "a zfs:// target gets zfs streams for zfs receive, never age files: use a directory target for age",
+                    );
+                }
+            }
+        }
+        (_, _) => {
+            for (field, v) in [("force", &j.force), ("allow_plain_receive", &j.allow_plain_receive)] {
+                if let Some(v) = v {
+                    cx.err(v.span(), &format!("{f}.{field}"), "only for a raw ZFS job with a zfs:// target");
+                }
+            }
+        }
+    }
     let key_config = keys
         .iter()
         .find(|k| k.0 == "key_config")
@@ -580,6 +605,8 @@ fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
     let mut o = crate::config::RawOptions {
         wrap_raw: j.wrap_raw.unwrap_or(false),
         send_intermediates: j.send_intermediates.unwrap_or(false),
+        force: j.force.as_ref().is_some_and(|v| *v.get_ref()),
+        allow_plain_receive: j.allow_plain_receive.as_ref().is_some_and(|v| *v.get_ref()),
         ..Default::default()
     };
     for r in &j.age_recipients {

@@ -18,6 +18,7 @@
 //! own retention destroyed it; this job's older snapshots are destroyed.
 
 pub mod age_io;
+pub mod receive;
 pub mod record;
 
 use crate::config::{Job, RawOptions};
