@@ -133,7 +133,8 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
     // Prune only after a complete transfer, still under the job's lock. A failed prune
     // fails the job's status; current/ is never touched by it.
     let result = match result {
-        Ok(s) if job.retention.prune => {
+        // A zfs:// target's snapshots were pruned by the run itself (raw_steps).
+        Ok(s) if job.retention.prune && target.address().zfs().is_none() => {
             match crate::prune::prune_job(runner, &target, job, false, Some(&stamp)) {
                 Ok(Some(report)) => {
                     for line in report.to_string().lines() {
@@ -174,12 +175,24 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
             None,
         ),
     };
-    let generations = match target.generations(runner) {
-        Ok(g) => Some(g.len() as u64),
-        Err(e) => {
-            tracing::warn!("cannot count generations: {e}");
-            None
-        }
+    let generations = match target.address().zfs() {
+        // This job's snapshots on a zfs:// target.
+        Some(z) => match crate::zfs_send::receive::Receiver::for_job(runner, cfg, job, z)
+            .job_snapshots(&job.name)
+        {
+            Ok(v) => Some(v.len() as u64),
+            Err(e) => {
+                tracing::warn!("cannot count the snapshots on {z}: {e}");
+                None
+            }
+        },
+        None => match target.generations(runner) {
+            Ok(g) => Some(g.len() as u64),
+            Err(e) => {
+                tracing::warn!("cannot count generations: {e}");
+                None
+            }
+        },
     };
     let st = RunStatus {
         job: job.name.clone(),
@@ -607,23 +620,40 @@ fn raw_steps(
         bail!("mode zfs-raw needs a zfs: source, not {}", job.source);
     };
     let tools = &cfg.tools.snapshot;
-    let contents = target.scan(runner).context("reading the target")?;
-    if let Some(p) = contents.points.last() {
-        bail!(
-            "{} holds file-mode restore points (runs/{p}.json): give the raw job a target of its own",
-            target.address()
-        );
-    }
-    // A plain dataset without age keys fails here, before any hook freezes anything.
-    let enc = zfs_send::encryption(runner, tools, dataset)
-        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
-    zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
-        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-    let recs = zfs_send::records(runner, target, &job.name)
-        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
-        .context("reading the target's stream records")?;
-    let stamp =
-        crate::target::new_stamp(&target.address().to_string(), &zfs_send::contents(&recs))?;
+    // A zfs:// target (zfs_send::receive) is a dataset, not a directory of stream files.
+    let rx = target
+        .address()
+        .zfs()
+        .map(|z| zfs_send::receive::Receiver::for_job(runner, cfg, job, z));
+    let chain =
+        |e: &(dyn std::error::Error + 'static)| anyhow::anyhow!(crate::error::Chain(e).to_string());
+    // A plain dataset without age keys (or, to a zfs:// target, without
+    // allow_plain_receive) fails here, before any hook freezes anything.
+    let enc = zfs_send::encryption(runner, tools, dataset).map_err(|e| chain(&e))?;
+    let (contents, prepared) = match &rx {
+        Some(rx) => {
+            let p = zfs_send::receive::prepare(rx, job, dataset, enc.as_ref())
+                .map_err(|e| chain(&e))
+                .with_context(|| format!("preparing the receive into {}", rx.addr))?;
+            (p.contents.clone(), Some(p))
+        }
+        None => {
+            let contents = target.scan(runner).context("reading the target")?;
+            if let Some(p) = contents.points.last() {
+                bail!(
+                    "{} holds file-mode restore points (runs/{p}.json): give the raw job a target of its own",
+                    target.address()
+                );
+            }
+            zfs_send::protection(enc.as_ref(), &job.raw.clone().unwrap_or_default(), dataset)
+                .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            let recs = zfs_send::records(runner, target, &job.name)
+                .map_err(|e| chain(&e))
+                .context("reading the target's stream records")?;
+            (zfs_send::contents(&recs), None)
+        }
+    };
+    let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
     *stamp_out = stamp.to_string();
@@ -650,8 +680,19 @@ fn raw_steps(
     let sent = hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)
         .map_err(anyhow::Error::from)
         .and_then(|()| check_cancel())
-        .and_then(|()| {
-            zfs_send::send(
+        .and_then(|()| match (&rx, &prepared) {
+            (Some(rx), Some(p)) => zfs_send::receive::send(
+                rx,
+                &job.raw.clone().unwrap_or_default(),
+                dataset,
+                &snap,
+                p.raw,
+                job.snapshot.recursive,
+            )
+            .map(|r| r.bytes + p.resumed)
+            .map_err(|e| chain(&e))
+            .with_context(|| format!("sending {full} to {}", rx.addr)),
+            _ => zfs_send::send(
                 runner,
                 tools,
                 job,
@@ -661,11 +702,24 @@ fn raw_steps(
                 stamp,
                 job.snapshot.recursive,
             )
-            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
-            .context("sending the stream")
+            .map(|s| s.record.bytes)
+            .map_err(|e| chain(&e))
+            .context("sending the stream"),
         });
-    let sent = match sent {
+    let bytes_sent = match sent {
         Ok(s) => s,
+        Err(e)
+            if rx
+                .as_ref()
+                .is_some_and(|rx| matches!(rx.resume_token(), Ok(Some(_)))) =>
+        {
+            // The target saved the partial receive: the next run resumes it, which needs
+            // this snapshot.
+            tracing::warn!(
+                "{full} is kept: the target saved the interrupted receive, and the next run resumes it"
+            );
+            return Err(e);
+        }
         Err(e) => {
             // Not sent: this snapshot is nobody's base.
             let mut d = crate::exec::Cmd::new(&tools.zfs).arg("destroy");
@@ -686,11 +740,24 @@ fn raw_steps(
         &snap,
         job.snapshot.recursive,
     );
-    if job.retention.policy().ok().flatten().is_some() {
-        tracing::warn!("retention of raw ZFS stream files is not available in this version: every stream is kept");
+    match &rx {
+        Some(rx) if job.retention.prune => {
+            if let Some(d) = zfs_send::receive::prune(rx, job, dataset, false)
+                .context("the backup is complete, but pruning the target's snapshots failed")?
+            {
+                for line in zfs_send::receive::report(rx.addr, &d, false).lines() {
+                    tracing::info!("{line}");
+                }
+            }
+        }
+        Some(_) => {}
+        None if job.retention.policy().ok().flatten().is_some() => {
+            tracing::warn!("retention of raw ZFS stream files is not available in this version: every stream is kept");
+        }
+        None => {}
     }
     Ok(Success {
-        bytes_sent: sent.record.bytes,
+        bytes_sent,
         files: 1,
         vanished: false,
         consistent: true,

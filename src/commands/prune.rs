@@ -68,6 +68,24 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
     let done = super::each_job_locked(&cfg, &jobs, |job| {
+        if let (Some(z), crate::snapshot::Source::Zfs { dataset }) = (job.target.zfs(), &job.source)
+        {
+            let rx = crate::zfs_send::receive::Receiver::for_job(runner, &cfg, job, z);
+            match crate::zfs_send::receive::prune(&rx, job, dataset, a.dry_run)
+                .with_context(|| format!("job {}: prune {z}", job.name))?
+            {
+                Some(d) => print!(
+                    "job {}: {z}\n{}",
+                    job.name,
+                    crate::zfs_send::receive::report(z, &d, a.dry_run)
+                ),
+                None => println!(
+                    "job {}: no retention rules: every snapshot on {z} is kept",
+                    job.name
+                ),
+            }
+            return Ok(());
+        }
         if job.mode == crate::config::Mode::ZfsRaw {
             println!(
                 "job {}: raw ZFS mode: stream files are not pruned in this version (every stream is kept)",

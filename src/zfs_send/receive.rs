@@ -190,6 +190,19 @@ impl<'a> Receiver<'a> {
         Ok(Some(v))
     }
 
+    /// This job's snapshots (`snapveil-JOB-STAMP`) on the target, oldest first.
+    ///
+    /// # Errors
+    /// As [`Receiver::snapshots`].
+    pub fn job_snapshots(&self, job: &str) -> Result<Vec<TargetSnap>, ReceiveError> {
+        Ok(self
+            .snapshots()?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| crate::snapshot::parse_name(job, &t.name).is_some())
+            .collect())
+    }
+
     /// DEST's `receive_resume_token`, if an interrupted receive left one.
     ///
     /// # Errors
@@ -482,6 +495,45 @@ pub fn resume(rx: &Receiver<'_>, opts: &RawOptions) -> Result<Option<u64>, Recei
     }
 }
 
+/// What a run learned before its hooks: how the dataset goes (raw or, trusted, plain),
+/// what a resumed receive sent, and the target's snapshots of this job (a new stamp must
+/// be newer than each).
+#[derive(Debug)]
+pub struct Prepared {
+    pub raw: bool,
+    pub resumed: u64,
+    pub contents: crate::target::Contents,
+}
+
+/// The steps of a run to a `zfs://` target before any hook freezes anything: refuse a
+/// plain dataset the job does not trust the target with, complete an interrupted
+/// receive ([`resume`]), read the target's snapshots.
+///
+/// # Errors
+/// As those steps.
+pub fn prepare(
+    rx: &Receiver<'_>,
+    job: &Job,
+    dataset: &str,
+    enc: Option<&(String, String)>,
+) -> Result<Prepared, ReceiveError> {
+    let opts = job.raw.clone().unwrap_or_default();
+    let raw = raw_or_refuse(enc, &opts, dataset)?;
+    let resumed = resume(rx, &opts)?.unwrap_or(0);
+    let mut contents = crate::target::Contents::default();
+    for t in rx.snapshots()?.unwrap_or_default() {
+        if let Some(stamp) = crate::snapshot::parse_name(&job.name, &t.name) {
+            contents.note(stamp, format!("{}@{}", rx.dest(), t.name));
+            contents.taken.insert(stamp.to_string());
+        }
+    }
+    Ok(Prepared {
+        raw,
+        resumed,
+        contents,
+    })
+}
+
 /// What one send to a `zfs://` target did.
 #[derive(Debug)]
 pub struct Received {
@@ -628,6 +680,110 @@ pub fn report(dest: &ZfsAddress, decisions: &[TargetDecision], dry_run: bool) ->
         decisions.len() - n
     ));
     s
+}
+
+/// `snapveil list` of a `zfs://` job: every snapshot on DEST, newest first, with what it
+/// is to this job; then a pending resume, if any.
+///
+/// # Errors
+/// Listing either side.
+pub fn listing(rx: &Receiver<'_>, job: &Job, dataset: &str) -> Result<String, ReceiveError> {
+    let on_target = rx.snapshots()?;
+    let source = source_entries(rx.runner, &rx.zfs, dataset)?;
+    let mut s = format!("target {}\n", rx.addr);
+    let Some(on_target) = on_target else {
+        s.push_str(&format!(
+            "{} does not exist yet: the next run sends a full stream\n",
+            rx.dest()
+        ));
+        return Ok(s);
+    };
+    let common = on_target
+        .iter()
+        .rev()
+        .find(|t| source.iter().any(|e| e.guid == t.guid))
+        .map(|t| t.name.as_str());
+    s.push_str(&format!("{:<40} {:>20}  NOTE\n", "SNAPSHOT", "GUID"));
+    for t in on_target.iter().rev() {
+        let mut note = Vec::new();
+        if crate::snapshot::parse_name(&job.name, &t.name).is_none() {
+            note.push("not this job's (never pruned)");
+        }
+        if Some(t.name.as_str()) == common {
+            note.push("the next increment's base");
+        }
+        s.push_str(&format!(
+            "{:<40} {:>20}  {}\n",
+            t.name,
+            t.guid,
+            note.join("; ")
+        ));
+    }
+    if rx.resume_token()?.is_some() {
+        s.push_str(
+            "note: an interrupted receive is pending (resume token): the next run resumes it\n",
+        );
+    }
+    Ok(s)
+}
+
+/// `snapveil verify` of a `zfs://` job: the target holds this job's snapshots, each one
+/// the source still names is the same snapshot (guid), one is in common with the source
+/// (the next increment's base), and no receive is left half done. Returns the number of
+/// this job's snapshots there and the problems.
+///
+/// # Errors
+/// Listing either side.
+pub fn verify(
+    rx: &Receiver<'_>,
+    job: &Job,
+    dataset: &str,
+) -> Result<(usize, Vec<String>), ReceiveError> {
+    let on_target = rx.snapshots()?.unwrap_or_default();
+    let source = source_entries(rx.runner, &rx.zfs, dataset)?;
+    let mut bad = Vec::new();
+    let ours: Vec<&TargetSnap> = on_target
+        .iter()
+        .filter(|t| crate::snapshot::parse_name(&job.name, &t.name).is_some())
+        .collect();
+    if ours.is_empty() {
+        bad.push(format!("{}: no snapshot of job {}", rx.addr, job.name));
+    }
+    for t in &ours {
+        for sep in ['@', '#'] {
+            let name = format!("{dataset}{sep}{}", t.name);
+            if let Some(e) = source.iter().find(|e| e.name == name) {
+                if e.guid != t.guid {
+                    bad.push(format!(
+                        "{}@{}: guid {} but the source's {name} has {}: not the same snapshot",
+                        rx.addr, t.name, t.guid, e.guid
+                    ));
+                }
+            }
+        }
+    }
+    if !on_target.is_empty()
+        && pick_base(
+            &rx.addr.to_string(),
+            dataset,
+            &on_target,
+            &source,
+            job.snapshot.recursive,
+        )
+        .is_err()
+    {
+        bad.push(format!(
+            "{}: no snapshot in common with {dataset}: the next run cannot send an increment",
+            rx.addr
+        ));
+    }
+    if rx.resume_token()?.is_some() {
+        bad.push(format!(
+            "{}: an interrupted receive is pending (the next run resumes it)",
+            rx.addr
+        ));
+    }
+    Ok((ours.len(), bad))
 }
 
 /// Restores DEST@SNAP (a snapshot name or this job's stamp) into a new dataset `into`
