@@ -476,15 +476,17 @@ pub fn resume(rx: &Receiver<'_>, opts: &RawOptions) -> Result<Option<u64>, Recei
             Ok(Some(n))
         }
         Err(e) if base_gone(&e) => {
+            let why = e.to_string();
+            let why = why
+                .lines()
+                .find(|l| l.contains("no longer"))
+                .unwrap_or("")
+                .trim();
             tracing::warn!(
-                "cannot resume the interrupted receive into {}: {} is gone from the source. \
-                 Aborting it on the target (zfs receive -A {}) and sending anew",
+                "cannot resume the interrupted receive into {}: the source no longer has what \
+                 it started from ({why}). Aborting it on the target (zfs receive -A {}) and \
+                 sending anew",
                 rx.addr,
-                e.to_string()
-                    .lines()
-                    .find(|l| l.contains("no longer"))
-                    .unwrap_or("what it started from")
-                    .trim(),
                 rx.dest()
             );
             rx.zfs(&["receive", "-A", rx.dest()])
