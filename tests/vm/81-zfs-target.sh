@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Raw ZFS mode to a zfs:// target (src/zfs_send/receive.rs) on real OpenZFS: a natively
 # encrypted dataset sent raw over ssh into a second pool, received by an unprivileged
-# `backup` user given the README's `zfs allow` line and authorized_keys options; full,
+# `zfsbackup` user given the README's `zfs allow` line and authorized_keys options; full,
 # then incremental; a transfer cut mid-stream resumed from its token; a resume whose
 # snapshot was destroyed aborted with `zfs receive -A`; an increment from a bookmark;
 # target retention (prune --dry-run, then for real) keeping the next base; restore with
@@ -17,7 +17,7 @@ cleanup() {
     rm -f "$SSHCONF"
     zpool destroy -f tank 2>/dev/null
     zpool destroy -f pool2 2>/dev/null
-    userdel -r backup 2>/dev/null
+    userdel -r zfsbackup 2>/dev/null
     true
 }
 trap cleanup EXIT
@@ -37,7 +37,7 @@ config() {
         echo 'name = "db"'
         echo 'mode = "zfs-raw"'
         echo 'source = "zfs:tank/db"'
-        echo 'target = "zfs://backup@backuphost/pool2/backup/db"'
+        echo 'target = "zfs://zfsbackup@backuphost/pool2/backup/db"'
         for l in "$@"; do echo "$l"; done
     } >"${OUT:-$CFG}"
 }
@@ -56,17 +56,18 @@ check "pools, a natively encrypted tank/db, sshd on 127.0.0.1:2222 for backuphos
      && printf '%s\n' 'Host backuphost' '  HostName 127.0.0.1' '  Port 2222' '  IdentityFile $PWD/id' '  IdentitiesOnly yes' \
         '  StrictHostKeyChecking no' '  UserKnownHostsFile /dev/null' '  BatchMode yes' '  LogLevel ERROR' >$SSHCONF"
 
-check "the README's receiving-host lines: an unprivileged backup user with zfs allow and a restricted key" \
-    "eval \"\$(readme_line 'useradd ')\" && usermod -p '*' backup \
+! id zfsbackup 2>/dev/null || { echo "zfsbackup exists before the test: refusing to use it" >&2; exit 1; }
+check "the README's receiving-host lines: an unprivileged zfsbackup user with zfs allow and a restricted key" \
+    "eval \"\$(readme_line 'useradd ')\" && usermod -p '*' zfsbackup \
      && eval \"\$(readme_line 'zfs create -o mountpoint=none pool2/backup')\" \
-     && eval \"\$(readme_line 'zfs allow -u backup ')\" \
+     && eval \"\$(readme_line 'zfs allow -u zfsbackup ')\" \
      && opts=\$(readme_line 'restrict ssh-ed25519' | cut -d' ' -f1) && [ \"\$opts\" = restrict ] \
-     && install -d -o backup -m 700 ~backup/.ssh && echo \"\$opts \$(cat $PWD/id.pub)\" >~backup/.ssh/authorized_keys \
-     && chown backup ~backup/.ssh/authorized_keys && ssh backup@backuphost zfs list pool2/backup \
-     && ! ssh backup@backuphost zfs snapshot tank/db@not-yours && ! zfs list tank/db@not-yours"
+     && install -d -o zfsbackup -m 700 ~zfsbackup/.ssh && echo \"\$opts \$(cat $PWD/id.pub)\" >~zfsbackup/.ssh/authorized_keys \
+     && chown zfsbackup ~zfsbackup/.ssh/authorized_keys && ssh zfsbackup@backuphost zfs list pool2/backup \
+     && ! ssh zfsbackup@backuphost zfs snapshot tank/db@not-yours && ! zfs list tank/db@not-yours"
 
 config
-check "first run: a full raw stream received as backup; the target holds ciphertext only (keystatus unavailable)" \
+check "first run: a full raw stream received as zfsbackup; the target holds ciphertext only (keystatus unavailable)" \
     "snapveil run db 2>run1.log && grep -q 'sending a full stream' run1.log && [ \"\$(on_target | wc -l)\" = 1 ] \
      && [ \"\$(zfs get -H -o value encryption,keystatus pool2/backup/db | tr '\n' ' ')\" = 'aes-256-gcm unavailable ' ] \
      && [ \"\$(token)\" = - ]"
@@ -115,14 +116,14 @@ check "snapveil restore (the README's line): the raw replica back into a new dat
      && [ \"\$(zfs get -H -o value guid tank/db-restored@$SNAP)\" = \"\$(zfs get -H -o value guid tank/db@$SNAP)\" ]"
 
 check "the README's stock line (ssh ... zfs send -w | zfs receive -u) restores the same" \
-    "zfs destroy -r tank/db-restored && line=\$(readme_line 'ssh backup@backuphost zfs send -w ') \
+    "zfs destroy -r tank/db-restored && line=\$(readme_line 'ssh zfsbackup@backuphost zfs send -w ') \
      && eval \"\${line//snapveil-db-20261130T020000Z/$SNAP}\" && zfs load-key -L file://$KEYF tank/db-restored \
      && zfs set mountpoint=/tank/db-restored tank/db-restored && zfs mount tank/db-restored \
      && [ \"\$(tree_digest /tank/db-restored)\" = $WANT ] && zfs destroy -r tank/db-restored"
 
 config '[job.retention]' 'last = 2'
 check "prune --dry-run shows the target's snapshots past the policy, and destroys nothing" \
-    "snapveil prune db --dry-run | tee dry.out && [ \"\$(grep -c '^would destroy zfs://backup@backuphost/pool2/backup/db@' dry.out)\" = 4 ] \
+    "snapveil prune db --dry-run | tee dry.out && [ \"\$(grep -c '^would destroy zfs://zfsbackup@backuphost/pool2/backup/db@' dry.out)\" = 4 ] \
      && grep -q \"^keep .*@$SNAP\" dry.out && [ \"\$(on_target | wc -l)\" = 6 ]"
 check "a run prunes the target by the policy and keeps the base; the next run still sends an increment" \
     "snapveil run db 2>p1.log && [ \"\$(on_target | wc -l)\" = 2 ] && on_target | grep -q $SNAP \
