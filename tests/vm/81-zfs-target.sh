@@ -6,13 +6,15 @@
 # snapshot was destroyed aborted with `zfs receive -A`; an increment from a bookmark;
 # target retention (prune --dry-run, then for real) keeping the next base; restore with
 # snapveil and with the README's stock line, equal to the source; a plain dataset
-# refused unless the job trusts the receiver.
+# refused unless the job trusts the receiver. (ssh is multiplexed: a handshake costs
+# seconds under TCG.)
 # disks: zttank:1G ztpool2:1G
 . "$(dirname "$0")/lib.sh"
 KEYF=$PWD/zkey CFG=$PWD/c.toml README=$SHARE/README.md
 SSHCONF=/etc/ssh/ssh_config.d/zz-snapveil-vmtest.conf
 export SNAPVEIL_CONFIG=$CFG
 cleanup() {
+    ssh -O exit zfsbackup@backuphost 2>/dev/null
     [[ -f $PWD/sshd.pid ]] && kill "$(cat "$PWD/sshd.pid")" 2>/dev/null
     rm -f "$SSHCONF"
     zpool destroy -f tank 2>/dev/null
@@ -54,7 +56,8 @@ check "pools, a natively encrypted tank/db, sshd on 127.0.0.1:2222 for backuphos
         'StrictModes no' 'UsePAM no' 'PasswordAuthentication no' 'KbdInteractiveAuthentication no' 'LogLevel VERBOSE' >$PWD/sshd_config \
      && /usr/sbin/sshd -f $PWD/sshd_config -E $PWD/sshd.log \
      && printf '%s\n' 'Host backuphost' '  HostName 127.0.0.1' '  Port 2222' '  IdentityFile $PWD/id' '  IdentitiesOnly yes' \
-        '  StrictHostKeyChecking no' '  UserKnownHostsFile /dev/null' '  BatchMode yes' '  LogLevel ERROR' >$SSHCONF"
+        '  StrictHostKeyChecking no' '  UserKnownHostsFile /dev/null' '  BatchMode yes' '  LogLevel ERROR' \
+        '  ControlMaster auto' '  ControlPath $PWD/ssh-%C' '  ControlPersist 120' >$SSHCONF"
 
 ! id zfsbackup 2>/dev/null || { echo "zfsbackup exists before the test: refusing to use it" >&2; exit 1; }
 check "the README's receiving-host lines: an unprivileged zfsbackup user with zfs allow and a restricted key" \
