@@ -108,6 +108,12 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
 
 /// `prune --target …`: prints the report on stdout.
 fn prune_target(runner: &dyn Runner, target: &str, a: &PruneArgs) -> Result<Outcome> {
+    if target.starts_with("zfs://") {
+        return Err(usage(format!(
+            "{target}: prune --target takes a directory target; a zfs:// target's snapshots \
+             are pruned by its job's policy: snapveil prune JOB [--dry-run]"
+        )));
+    }
     let policy = keep_policy(&a.keep)?;
     let ssh = a.ssh.split_whitespace().map(String::from).collect();
     let target = Target::open(
