@@ -16,6 +16,9 @@
 //! On the source, the newest sent snapshot is kept (the next increment's base) and
 //! bookmarked where ZFS has bookmarks, so an increment still works after the source's
 //! own retention destroyed it; this job's older snapshots are destroyed.
+//!
+//! A `zfs://` target is no directory: [`receive`] pipes the same `zfs send` into `zfs
+//! receive` there instead of writing stream files.
 
 pub mod age_io;
 pub mod receive;
