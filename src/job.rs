@@ -134,7 +134,8 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
     // Prune only after a complete transfer, still under the job's lock. A failed prune
     // fails the job's status; current/ is never touched by it.
     let result = match result {
-        Ok(s) if job.retention.prune => {
+        // A zfs:// target's snapshots were pruned by the run itself (raw_steps).
+        Ok(s) if job.retention.prune && target.address().zfs().is_none() => {
             let pruned = if job.mode == Mode::ZfsRaw {
                 crate::zfs_send::chains::prune_job(runner, &target, job, false, Some(&stamp))
                     .map(|r| r.map(|r| r.to_string()))
@@ -183,16 +184,28 @@ pub fn run_job(runner: &dyn Runner, cfg: &Config, job: &Job, opts: RunOptions) -
             None,
         ),
     };
-    let raw = (job.mode == Mode::ZfsRaw)
+    let raw = (job.mode == Mode::ZfsRaw && target.address().zfs().is_none())
         .then(|| crate::zfs_send::raw_status(runner, &target, &job.name))
         .flatten();
-    let generations = match target.generations(runner) {
-        _ if job.mode == Mode::ZfsRaw => None,
-        Ok(g) => Some(g.len() as u64),
-        Err(e) => {
-            tracing::warn!("cannot count generations: {e}");
-            None
-        }
+    let generations = match target.address().zfs() {
+        // This job's snapshots on a zfs:// target.
+        Some(z) => match crate::zfs_send::receive::Receiver::for_job(runner, cfg, job, z)
+            .job_snapshots(&job.name)
+        {
+            Ok(v) => Some(v.len() as u64),
+            Err(e) => {
+                tracing::warn!("cannot count the snapshots on {z}: {e}");
+                None
+            }
+        },
+        None if job.mode == Mode::ZfsRaw => None,
+        None => match target.generations(runner) {
+            Ok(g) => Some(g.len() as u64),
+            Err(e) => {
+                tracing::warn!("cannot count generations: {e}");
+                None
+            }
+        },
     };
     let st = RunStatus {
         job: job.name.clone(),
@@ -630,43 +643,68 @@ fn raw_steps(
         bail!("mode zfs-raw needs a zfs: source, not {}", job.source);
     };
     let tools = &cfg.tools.snapshot;
-    // The record key first, as in file mode: a wrong password fails before any snapshot.
-    let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
-    let master = key
-        .unlock_with_passfile(&job.passfile)
-        .context("unlocking the key config (the key of the job's stream records)")?;
-    target.set_auth(crate::crypto::RecordKey::new(&master));
-    drop(master);
-    let contents = target.scan(runner).context("reading the target")?;
-    if let Some(p) = contents.points.last() {
-        bail!(
-            "{} holds file-mode restore points (runs/{p}.json): give the raw job a target of its own",
-            target.address()
-        );
-    }
-    // A plain dataset without age keys fails here, before any hook freezes anything.
-    let enc = zfs_send::encryption(runner, tools, dataset)
-        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
+    // A zfs:// target (zfs_send::receive) is a dataset, not a directory of stream files:
+    // no records, no record key.
+    let rx = target
+        .address()
+        .zfs()
+        .map(|z| zfs_send::receive::Receiver::for_job(runner, cfg, job, z));
+    let chain =
+        |e: &(dyn std::error::Error + 'static)| anyhow::anyhow!(crate::error::Chain(e).to_string());
     let raw_opts = job.raw.clone().unwrap_or_default();
-    if job.snapshot.recursive {
-        zfs_send::source::tree_protection(runner, tools, &raw_opts, dataset)
-    } else {
-        zfs_send::protection(enc.as_ref(), &raw_opts, dataset)
-    }
-    .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))?;
-    let scan = zfs_send::record::scan(runner, target, &job.name)
-        .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
-        .context("reading the target's stream records")?;
-    // Sealed and complete before anything is sent (issue 14).
-    let link = check_chain(
-        cfg,
-        job,
-        opts,
-        target,
-        |st| scan.verdict(st),
-        scan.unsealed().len(),
-    )?;
-    let stamp = crate::target::new_stamp(&target.address().to_string(), &scan.contents())?;
+    // A plain dataset without age keys (or, to a zfs:// target, without
+    // allow_plain_receive) fails here, before any hook freezes anything.
+    let enc = zfs_send::encryption(runner, tools, dataset).map_err(|e| chain(&e))?;
+    let tree = |opts: &crate::config::RawOptions| {
+        zfs_send::source::tree_protection(runner, tools, opts, dataset).map_err(|e| chain(&e))
+    };
+    let (contents, prepared, dir) = match &rx {
+        Some(rx) => {
+            if job.snapshot.recursive && !raw_opts.allow_plain_receive {
+                tree(&raw_opts)?;
+            }
+            let p = zfs_send::receive::prepare(rx, job, dataset, enc.as_ref())
+                .map_err(|e| chain(&e))
+                .with_context(|| format!("preparing the receive into {}", rx.addr))?;
+            (p.contents.clone(), Some(p), None)
+        }
+        None => {
+            // The record key first, as in file mode: a wrong password fails before any
+            // snapshot.
+            let key = KeyConfig::load(&job.key_config).context("loading the key config")?;
+            let master = key
+                .unlock_with_passfile(&job.passfile)
+                .context("unlocking the key config (the key of the job's stream records)")?;
+            target.set_auth(crate::crypto::RecordKey::new(&master));
+            drop(master);
+            let contents = target.scan(runner).context("reading the target")?;
+            if let Some(p) = contents.points.last() {
+                bail!(
+                    "{} holds file-mode restore points (runs/{p}.json): give the raw job a target of its own",
+                    target.address()
+                );
+            }
+            if job.snapshot.recursive {
+                tree(&raw_opts)?;
+            } else {
+                zfs_send::protection(enc.as_ref(), &raw_opts, dataset).map_err(|e| chain(&e))?;
+            }
+            let scan = zfs_send::record::scan(runner, target, &job.name)
+                .map_err(|e| chain(&e))
+                .context("reading the target's stream records")?;
+            // Sealed and complete before anything is sent (issue 14).
+            let link = check_chain(
+                cfg,
+                job,
+                opts,
+                target,
+                |st| scan.verdict(st),
+                scan.unsealed().len(),
+            )?;
+            (scan.contents(), None, Some((scan, link)))
+        }
+    };
+    let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
     let stamp = stamp.as_str();
     tracing::Span::current().record("stamp", stamp);
     *stamp_out = stamp.to_string();
@@ -690,11 +728,23 @@ fn raw_steps(
         h.finish()
             .context("the held pre-snapshot hook did not hold until the snapshot was taken")?;
     }
+    // What was sent: bytes, and for a directory target the chain head its record made.
     let sent = hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)
         .map_err(anyhow::Error::from)
         .and_then(|()| check_cancel())
-        .and_then(|()| {
-            zfs_send::send(
+        .and_then(|()| match (&rx, &prepared, &dir) {
+            (Some(rx), Some(p), _) => zfs_send::receive::send(
+                rx,
+                &raw_opts,
+                dataset,
+                &snap,
+                p.raw,
+                job.snapshot.recursive,
+            )
+            .map(|r| (r.bytes + p.resumed, None))
+            .map_err(|e| chain(&e))
+            .with_context(|| format!("sending {full} to {}", rx.addr)),
+            (_, _, Some((_, link))) => zfs_send::send(
                 runner,
                 tools,
                 job,
@@ -703,13 +753,27 @@ fn raw_steps(
                 &snap,
                 stamp,
                 job.snapshot.recursive,
-                &link,
+                link,
             )
-            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
-            .context("sending the stream")
+            .map(|s| (s.record.bytes, Some(s.head)))
+            .map_err(|e| chain(&e))
+            .context("sending the stream"),
+            _ => unreachable!("a raw run has a zfs:// receiver or a directory target's scan"),
         });
-    let sent = match sent {
+    let (bytes_sent, head) = match sent {
         Ok(s) => s,
+        Err(e)
+            if rx
+                .as_ref()
+                .is_some_and(|rx| matches!(rx.resume_token(), Ok(Some(_)))) =>
+        {
+            // The target saved the partial receive: the next run resumes it, which needs
+            // this snapshot.
+            tracing::warn!(
+                "{full} is kept: the target saved the interrupted receive, and the next run resumes it"
+            );
+            return Err(e);
+        }
         Err(e) => {
             // Not sent: this snapshot is nobody's base.
             let mut d = crate::exec::Cmd::new(&tools.zfs).arg("destroy");
@@ -722,14 +786,18 @@ fn raw_steps(
             return Err(e);
         }
     };
-    crate::target::chain::save_state(
-        &cfg.state_dir,
-        &job.name,
-        &target.address().to_string(),
-        &sent.head,
-    )
-    .context("recording the run in the agent's chain state")?;
-    let sent_before: Vec<String> = scan.points.iter().map(|r| r.stamp.clone()).collect();
+    if let Some(head) = &head {
+        crate::target::chain::save_state(
+            &cfg.state_dir,
+            &job.name,
+            &target.address().to_string(),
+            head,
+        )
+        .context("recording the run in the agent's chain state")?;
+    }
+    // The target's restore points before this run: a snapshot of this job not among them
+    // was left unsent by a killed run.
+    let sent_before: Vec<String> = contents.points.clone();
     zfs_send::after_send(
         runner,
         tools,
@@ -739,8 +807,18 @@ fn raw_steps(
         job.snapshot.recursive,
         &sent_before,
     );
+    // A directory target's streams are pruned after the run (run_job), as file mode's.
+    if let Some(rx) = rx.as_ref().filter(|_| job.retention.prune) {
+        if let Some(d) = zfs_send::receive::prune(rx, job, dataset, false)
+            .context("the backup is complete, but pruning the target's snapshots failed")?
+        {
+            for line in zfs_send::receive::report(rx.addr, &d, false).lines() {
+                tracing::info!("{line}");
+            }
+        }
+    }
     Ok(Success {
-        bytes_sent: sent.record.bytes,
+        bytes_sent,
         files: 1,
         vanished: false,
         consistent: true,

@@ -213,6 +213,15 @@ fn bad_keep_options_exit_2_before_the_target_is_touched() {
     );
     // --keep-* with jobs instead of --target: clap's own usage error, also 2.
     s.usage_error(&["prune", "data", "--keep-last", "1"]);
+    // A zfs:// target is pruned through its job, never taken for an ssh host "zfs".
+    let err = exit_2(Command::new(bin()).args([
+        "prune",
+        "--keep-last",
+        "1",
+        "--target",
+        "zfs://h/pool2/bk",
+    ]));
+    assert!(err.contains("snapveil prune JOB"), "{err}");
 }
 
 /// The EXIT STATUS section of the man page the binary generates (`snapveil gen-docs`,

@@ -85,7 +85,7 @@ fn example_config_checks_clean() {
         .args(["check-config", "--config"])
         .arg(&cfg));
     assert!(
-        out.contains("OK, 6 job(s): db, pg, www, etc, vms, pgraw"),
+        out.contains("OK, 7 job(s): db, pg, www, etc, vms, pgraw, db-replica"),
         "{out}"
     );
 }

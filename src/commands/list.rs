@@ -8,6 +8,14 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: ListArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    if let (Some(z), crate::snapshot::Source::Zfs { dataset }) = (job.target.zfs(), &job.source) {
+        let rx = crate::zfs_send::receive::Receiver::for_job(runner, &cfg, job, z);
+        let text = crate::zfs_send::receive::listing(&rx, job, dataset)
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .with_context(|| format!("job {}: reading {z}", job.name))?;
+        print!("{text}");
+        return Ok(Outcome::Success);
+    }
     if job.mode == crate::config::Mode::ZfsRaw {
         let target = super::keyed_target(&cfg, job)?;
         let scan = crate::zfs_send::record::scan(runner, &target, &job.name)

@@ -68,6 +68,24 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let jobs = super::select_jobs(&cfg, &a.config.config, &a.jobs)?;
     let done = super::each_job_locked(&cfg, &jobs, |job| {
+        if let (Some(z), crate::snapshot::Source::Zfs { dataset }) = (job.target.zfs(), &job.source)
+        {
+            let rx = crate::zfs_send::receive::Receiver::for_job(runner, &cfg, job, z);
+            match crate::zfs_send::receive::prune(&rx, job, dataset, a.dry_run)
+                .with_context(|| format!("job {}: prune {z}", job.name))?
+            {
+                Some(d) => print!(
+                    "job {}: {z}\n{}",
+                    job.name,
+                    crate::zfs_send::receive::report(z, &d, a.dry_run)
+                ),
+                None => println!(
+                    "job {}: no retention rules: every snapshot on {z} is kept",
+                    job.name
+                ),
+            }
+            return Ok(());
+        }
         if job.mode == crate::config::Mode::ZfsRaw {
             let target = super::keyed_target(&cfg, job)?;
             match crate::zfs_send::chains::prune_job(runner, &target, job, a.dry_run, None)
@@ -97,6 +115,12 @@ fn prune_jobs(runner: &dyn Runner, a: &PruneArgs) -> Result<Outcome> {
 
 /// `prune --target …`: prints the report on stdout.
 fn prune_target(runner: &dyn Runner, target: &str, a: &PruneArgs) -> Result<Outcome> {
+    if target.starts_with("zfs://") {
+        return Err(usage(format!(
+            "{target}: prune --target takes a directory target; a zfs:// target's snapshots \
+             are pruned by its job's policy: snapveil prune JOB [--dry-run]"
+        )));
+    }
     let policy = keep_policy(&a.keep)?;
     let ssh = a.ssh.split_whitespace().map(String::from).collect();
     let target = Target::open(

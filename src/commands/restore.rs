@@ -70,6 +70,17 @@ fn raw(
             a.job
         )));
     };
+    if let Some(z) = job.target.zfs() {
+        let rx = crate::zfs_send::receive::Receiver::for_job(runner, cfg, job, z);
+        let done = crate::zfs_send::receive::restore(&rx, job, snap, into)
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .with_context(|| format!("job {}: restore of {snap} from {z} into {into}", a.job))?;
+        println!("received {done}");
+        println!(
+            "restored {snap} into {into} (raw: unlock it with the source's key, zfs load-key)"
+        );
+        return Ok(Outcome::from_ok(true));
+    }
     let target = super::keyed_target(cfg, job)?;
     let identity = a
         .identity

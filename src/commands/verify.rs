@@ -9,6 +9,17 @@ use anyhow::{Context, Result};
 pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
     let cfg = super::load_config(&a.config.config)?;
     let job = super::find_job(&cfg, &a.config.config, &a.job)?;
+    if let (Some(z), crate::snapshot::Source::Zfs { dataset }) = (job.target.zfs(), &job.source) {
+        let rx = crate::zfs_send::receive::Receiver::for_job(runner, &cfg, job, z);
+        let (n, bad) = crate::zfs_send::receive::verify(&rx, job, dataset)
+            .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
+            .with_context(|| format!("job {}: verify", a.job))?;
+        for b in &bad {
+            println!("BAD {b}");
+        }
+        println!("{}: {n} snapshots on {z}, {} problems", a.job, bad.len());
+        return Ok(Outcome::from_ok(bad.is_empty()));
+    }
     if job.mode == crate::config::Mode::ZfsRaw && a.deep {
         let target = super::keyed_target(&cfg, job)?;
         let state = crate::target::chain::load_state(

@@ -180,6 +180,13 @@ pub struct RawOptions {
     /// so that old chains can be deleted whole; `None`: one chain for ever (only the first
     /// run, or a lost base, starts a new one).
     pub full_every: Option<Duration>,
+    /// `zfs://` targets: `zfs receive -F`, which rolls the target back to the base and
+    /// destroys what it holds past it. Off: a target changed since the last receive
+    /// fails the run instead.
+    pub force: bool,
+    /// `zfs://` targets: a dataset without native encryption may be sent there, as
+    /// plaintext (the receiving host is trusted). Off: such a job fails before any hook.
+    pub allow_plain_receive: bool,
 }
 
 impl RawOptions {

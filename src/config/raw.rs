@@ -74,6 +74,11 @@ pub struct RawJob {
     pub send_intermediates: Option<bool>,
     /// Raw ZFS mode: a new full stream when the chain's full is this old (`30d`).
     pub full_every: Option<Spanned<String>>,
+    /// Raw ZFS mode, `zfs://` target: `zfs receive -F` (roll the target back).
+    pub force: Option<Spanned<bool>>,
+    /// Raw ZFS mode, `zfs://` target: a plain dataset may be received there (it then
+    /// holds plaintext).
+    pub allow_plain_receive: Option<Spanned<bool>>,
     #[serde(default)]
     pub excludes: Vec<String>,
     #[serde(default)]

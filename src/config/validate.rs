@@ -361,15 +361,6 @@ fn validate_job(
         }
     };
     let target = match (&j.target, default_target) {
-        (Some(t), _) if t.get_ref().starts_with("zfs://") => {
-            cx.err(
-                t.span(),
-                &format!("{f}.target"),
-                "zfs:// targets (zfs receive over ssh) are not available in this version; \
-                 use a directory target (local, ssh or rsync daemon) for stream files",
-            );
-            None
-        }
         (Some(t), _) => match Address::parse(t.get_ref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -399,6 +390,7 @@ fn validate_job(
                     format!("{path}/{name}")
                 },
             },
+            Address::Zfs(z) => Address::Zfs(z.child(&name)),
         }),
         (None, Some((_, Err(_)))) => None,
         (None, None) => {
@@ -419,6 +411,8 @@ fn validate_job(
                 &format!("{f}.{field}"),
                 "missing (file mode encrypts with the gocryptfs key config)",
             ),
+            // A zfs:// target holds no records: the receiving pool is the replica.
+            None if matches!(target, Some(Address::Zfs(_))) => {}
             None => cx.err(
                 j.name.span(),
                 &format!("{f}.{field}"),
@@ -428,6 +422,39 @@ fn validate_job(
         }
     }
     let raw = (mode == Mode::ZfsRaw).then(|| raw_options(cx, j, f));
+    let target_span = j.target.as_ref().map_or(j.name.span(), |t| t.span());
+    match (&target, &raw) {
+        (Some(Address::Zfs(_)), None) => cx.err(
+            target_span,
+            &format!("{f}.target"),
+            format!(
+                "job {name:?}: a zfs:// target receives zfs streams: only mode = \"zfs-raw\" jobs can use it"
+            ),
+        ),
+        (Some(Address::Zfs(_)), Some(o)) => {
+            let age = [
+                ("wrap_raw", o.wrap_raw),
+                ("age_recipients", !o.age_recipients.is_empty()),
+                ("age_passphrase_file", o.age_passphrase_file.is_some()),
+            ];
+            for (field, set) in age {
+                if set {
+                    cx.err(
+                        target_span.clone(),
+                        &format!("{f}.{field}"),
+                        "a zfs:// target gets zfs streams for zfs receive, never age files: use a directory target for age",
+                    );
+                }
+            }
+        }
+        (_, _) => {
+            for (field, v) in [("force", &j.force), ("allow_plain_receive", &j.allow_plain_receive)] {
+                if let Some(v) = v {
+                    cx.err(v.span(), &format!("{f}.{field}"), "only for a raw ZFS job with a zfs:// target");
+                }
+            }
+        }
+    }
     let key_config = keys
         .iter()
         .find(|k| k.0 == "key_config")
@@ -585,6 +612,8 @@ fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
     let mut o = crate::config::RawOptions {
         wrap_raw: j.wrap_raw.unwrap_or(false),
         send_intermediates: j.send_intermediates.unwrap_or(false),
+        force: j.force.as_ref().is_some_and(|v| *v.get_ref()),
+        allow_plain_receive: j.allow_plain_receive.as_ref().is_some_and(|v| *v.get_ref()),
         ..Default::default()
     };
     if j.full_every.is_some() {
@@ -685,10 +714,20 @@ mod tests {
 
     #[test]
     fn full_every_is_a_duration_named_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            use crate::crypto::{config, MasterKey, NameMode};
+            let conf = config::new_config(&MasterKey::random(), b"pw", NameMode::DirIv, 10);
+            config::write_new_private(&dir.path().join("k.conf"), &config::to_json(&conf))
+                .unwrap();
+            config::write_new_private(&dir.path().join("k.pass"), b"pw").unwrap();
+        }
         let job = |v: &str| {
             format!(
                 "[[job]]\nname = \"r\"\nmode = \"zfs-raw\"\nsource = \"zfs:tank/r\"\ntarget = \"/t\"\n\
-                 age_recipients = [\"age1u7c89nqrvl89cfxgusma2sr3g4c7ht6mm668repr76q2xha4e3fs9acrfa\"]\n{v}"
+                 key_config = \"{0}/k.conf\"\npassfile = \"{0}/k.pass\"\n\
+                 age_recipients = [\"age1u7c89nqrvl89cfxgusma2sr3g4c7ht6mm668repr76q2xha4e3fs9acrfa\"]\n{v}",
+                dir.path().display()
             )
         };
         let c = load_str(Path::new("/etc/s.toml"), &job("full_every = \"30d\"\n")).unwrap();
@@ -705,7 +744,7 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-            assert!(e.contains("/etc/s.toml:7: job[0].full_every"), "{e}");
+            assert!(e.contains("/etc/s.toml:9: job[0].full_every"), "{e}");
         }
     }
 

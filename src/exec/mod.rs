@@ -172,6 +172,15 @@ impl Cmd {
     }
 }
 
+/// `argv` as one POSIX shell line, each argument quoted where it needs it: the command
+/// an ssh server hands to the remote user's shell.
+pub fn shell_line<S: AsRef<OsStr>>(argv: &[S]) -> String {
+    argv.iter()
+        .map(|a| escape(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Quotes an argument for a POSIX shell only when it needs it, so logged command lines
 /// stay readable (`zfs destroy tank/a@x`) and still paste correctly.
 fn escape(arg: &OsStr) -> String {

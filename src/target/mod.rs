@@ -22,7 +22,7 @@ pub mod layout;
 pub mod ops;
 pub mod rsync;
 
-pub use address::Address;
+pub use address::{check_dataset, Address, ZfsAddress};
 pub use layout::{new_stamp, Area, Contents, RecordFile, RunRecord};
 pub use ops::{Mode, Op};
 pub use rsync::{Ended, Outcome, Pass, RsyncError, Stats};
@@ -1015,7 +1015,7 @@ impl Target {
     pub fn mode(&self, runner: &dyn Runner) -> Mode {
         let shell = match &self.address {
             Address::Local(_) => return Mode::Merge,
-            Address::RsyncDaemon { .. } => return Mode::DeleteOnly,
+            Address::RsyncDaemon { .. } | Address::Zfs(_) => return Mode::DeleteOnly,
             Address::Ssh { .. } => *self.shell.get_or_init(|| self.probe_shell(runner)),
         };
         if shell {

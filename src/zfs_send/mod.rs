@@ -17,10 +17,14 @@
 //! bookmarked where ZFS has them, so an increment still works after the source's own
 //! retention destroyed it; this job's older snapshots are kept by the job's policy
 //! ([`source`]). On the target, chains of streams are pruned whole ([`chains`]).
+//!
+//! A `zfs://` target is no directory: [`receive`] pipes the same `zfs send` into `zfs
+//! receive` there instead of writing stream files.
 
 pub mod age_io;
 pub mod chains;
 pub mod deep;
+pub mod receive;
 pub mod record;
 pub mod source;
 
