@@ -6,6 +6,10 @@
 #
 # Usage: scripts/vm/test-vm.sh [PATTERN...]
 #   PATTERN   run only the guest test files whose name contains one of them
+# Without a pattern the files are split over SNAPVEIL_VM_SHARDS guests (default 2) that
+# run at once, each a run of this script with its share of the files as patterns: a TCG
+# guest runs mostly one vCPU at a time, so two keep both host cores busy. The last line
+# then sums their tallies.
 # Env: SNAPVEIL_BIN   binary under test (default target/debug/snapveil; `make test-vm`
 #                     builds it). Host and guest are both bookworm (glibc 2.36).
 #      SNAPVEIL_VM_LOG  copy of the whole guest output (default target/vm-test.log)
@@ -15,6 +19,42 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=vmlib.sh
 . "$HERE/vmlib.sh"
+
+SHARDS=${SNAPVEIL_VM_SHARDS:-2}
+if (($# == 0)) && ((SHARDS > 1)) && [[ -z ${SNAPVEIL_VM_SHARD:-} ]]; then
+    T0=$(date +%s.%N)
+    mapfile -t files < <(cd "$REPO/tests/vm" && printf '%s\n' [0-9][0-9]-*.sh | sed 's/\.sh$//')
+    outs=() pids=()
+    trap 'kill "${pids[@]}" 2>/dev/null; wait' TERM INT
+    for ((k = 0; k < SHARDS; k++)); do
+        sel=()
+        for i in "${!files[@]}"; do ((i % SHARDS == k)) && sel+=("${files[$i]}"); done
+        ((${#sel[@]})) || continue
+        out=$(mktemp "/tmp/snapveil-vm-shard$k.XXXXXX")
+        outs+=("$out")
+        echo "== guest $k: ${sel[*]}"
+        # Each shard's lines as they come, tagged; its whole output kept for the tally.
+        SNAPVEIL_VM_SHARD=$k SNAPVEIL_VM_LOG=${SNAPVEIL_VM_LOG:-$REPO/target/vm-test.log}.$k \
+            "$0" "${sel[@]}" > >(tee "$out" | sed -u "s/^/[guest $k] /") 2>&1 &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    sleep 1 # the tee/sed of the last lines
+    passed=0 failed=0
+    for o in "${outs[@]}"; do
+        if [[ $(tail -n 1 "$o") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+            passed=$((passed + BASH_REMATCH[1])) failed=$((failed + BASH_REMATCH[2]))
+        else
+            echo "FAIL: a guest run ended without a tally ($o)"
+            failed=$((failed + 1))
+        fi
+        rm -f "$o"
+    done
+    echo "== tier: ${#outs[@]} guests at once, total $(vm_elapsed "$T0")s"
+    echo "$passed passed, $failed failed"
+    ((failed == 0))
+    exit
+fi
 
 T0=$(date +%s.%N)
 BIN=${SNAPVEIL_BIN:-$REPO/target/debug/snapveil}
@@ -32,10 +72,15 @@ summary() {
 }
 
 # The tier's own scripts first (shellcheck, mirror parser): seconds, no guest.
-self_out=$("$HERE/selftest.sh" 2>&1) || true
-echo "$self_out"
-[[ $(tail -n 1 <<<"$self_out") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]] || vm_die "selftest.sh printed no tally"
-SELF_PASSED=${BASH_REMATCH[1]} SELF_FAILED=${BASH_REMATCH[2]}
+# (Once for all shards: by the first.)
+if ((${SNAPVEIL_VM_SHARD:-0} == 0)); then
+    self_out=$("$HERE/selftest.sh" 2>&1) || true
+    echo "$self_out"
+    [[ $(tail -n 1 <<<"$self_out") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]] || vm_die "selftest.sh printed no tally"
+    SELF_PASSED=${BASH_REMATCH[1]} SELF_FAILED=${BASH_REMATCH[2]}
+else
+    SELF_PASSED=0 SELF_FAILED=0
+fi
 
 t=$(date +%s.%N)
 GUEST=$("$HERE/build-guest.sh") || { echo "FAIL: building the guest"; summary "$SELF_PASSED" $((SELF_FAILED + 1)); exit 1; }
