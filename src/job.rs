@@ -652,20 +652,21 @@ fn raw_steps(
     let chain =
         |e: &(dyn std::error::Error + 'static)| anyhow::anyhow!(crate::error::Chain(e).to_string());
     let raw_opts = job.raw.clone().unwrap_or_default();
-    // A plain dataset without age keys (or, to a zfs:// target, without
-    // allow_plain_receive) fails here, before any hook freezes anything.
+    // A plain dataset without age keys (or, to a zfs:// target, any plain dataset) fails
+    // here, before any hook freezes anything.
     let enc = zfs_send::encryption(runner, tools, dataset).map_err(|e| chain(&e))?;
     let tree = |opts: &crate::config::RawOptions| {
         zfs_send::source::tree_protection(runner, tools, opts, dataset).map_err(|e| chain(&e))
     };
     let (contents, prepared, dir) = match &rx {
         Some(rx) => {
-            if job.snapshot.recursive && !raw_opts.allow_plain_receive {
-                tree(&raw_opts)?;
-            }
             let p = zfs_send::receive::prepare(rx, job, dataset, enc.as_ref())
                 .map_err(|e| chain(&e))
                 .with_context(|| format!("preparing the receive into {}", rx.addr))?;
+            // The children too: `zfs send -w -R` would send a plain child as plaintext.
+            if job.snapshot.recursive {
+                tree(&raw_opts)?;
+            }
             (p.contents.clone(), Some(p), None)
         }
         None => {
@@ -797,7 +798,11 @@ fn raw_steps(
     }
     // The target's restore points before this run: a snapshot of this job not among them
     // was left unsent by a killed run.
-    let sent_before: Vec<String> = contents.points.clone();
+    let sent_before: Vec<String> = match &dir {
+        Some((scan, _)) => scan.points.iter().map(|r| r.stamp.clone()).collect(),
+        // This job's snapshots on the zfs:// target.
+        None => contents.taken.iter().cloned().collect(),
+    };
     zfs_send::after_send(
         runner,
         tools,

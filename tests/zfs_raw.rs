@@ -188,18 +188,20 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
         "{listed}"
     );
 
-    // snapveil restore of the second point: the tree as it was then.
+    // snapveil restore of the second point, the README's line as written (its stamp and
+    // pool swapped for this run's): the tree as it was then.
     let back = format!("{}/back", pool.name);
+    let line: Vec<String> = readme_snapveil_line("snapveil restore db --snapshot ")
+        .into_iter()
+        .map(|w| {
+            w.replace("20261130T020000Z", &s2)
+                .replace("tank/db-restored", &back)
+        })
+        .collect();
+    assert_eq!(line[..3], ["restore", "db", "--snapshot"]);
     let out = snapveil(
         &s.config,
-        &[
-            "restore",
-            "db",
-            "--snapshot",
-            &format!("snapveil-db-{s2}"),
-            "--into",
-            &back,
-        ],
+        &line.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert!(
         out.status.success(),

@@ -184,9 +184,6 @@ pub struct RawOptions {
     /// destroys what it holds past it. Off: a target changed since the last receive
     /// fails the run instead.
     pub force: bool,
-    /// `zfs://` targets: a dataset without native encryption may be sent there, as
-    /// plaintext (the receiving host is trusted). Off: such a job fails before any hook.
-    pub allow_plain_receive: bool,
 }
 
 impl RawOptions {

@@ -76,9 +76,6 @@ pub struct RawJob {
     pub full_every: Option<Spanned<String>>,
     /// Raw ZFS mode, `zfs://` target: `zfs receive -F` (roll the target back).
     pub force: Option<Spanned<bool>>,
-    /// Raw ZFS mode, `zfs://` target: a plain dataset may be received there (it then
-    /// holds plaintext).
-    pub allow_plain_receive: Option<Spanned<bool>>,
     #[serde(default)]
     pub excludes: Vec<String>,
     #[serde(default)]

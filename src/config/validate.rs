@@ -448,10 +448,8 @@ fn validate_job(
             }
         }
         (_, _) => {
-            for (field, v) in [("force", &j.force), ("allow_plain_receive", &j.allow_plain_receive)] {
-                if let Some(v) = v {
-                    cx.err(v.span(), &format!("{f}.{field}"), "only for a raw ZFS job with a zfs:// target");
-                }
+            if let Some(v) = &j.force {
+                cx.err(v.span(), &format!("{f}.force"), "only for a raw ZFS job with a zfs:// target");
             }
         }
     }
@@ -613,7 +611,6 @@ fn raw_options(cx: &mut Ctx, j: &RawJob, f: &str) -> crate::config::RawOptions {
         wrap_raw: j.wrap_raw.unwrap_or(false),
         send_intermediates: j.send_intermediates.unwrap_or(false),
         force: j.force.as_ref().is_some_and(|v| *v.get_ref()),
-        allow_plain_receive: j.allow_plain_receive.as_ref().is_some_and(|v| *v.get_ref()),
         ..Default::default()
     };
     if j.full_every.is_some() {
@@ -718,8 +715,7 @@ mod tests {
         {
             use crate::crypto::{config, MasterKey, NameMode};
             let conf = config::new_config(&MasterKey::random(), b"pw", NameMode::DirIv, 10);
-            config::write_new_private(&dir.path().join("k.conf"), &config::to_json(&conf))
-                .unwrap();
+            config::write_new_private(&dir.path().join("k.conf"), &config::to_json(&conf)).unwrap();
             config::write_new_private(&dir.path().join("k.pass"), b"pw").unwrap();
         }
         let job = |v: &str| {

@@ -23,9 +23,9 @@ pub enum ReceiveError {
     #[error("{0}")]
     Command(#[from] CommandError),
     #[error(
-        "{dataset} is not natively encrypted: a zfs:// target would receive it as plaintext. \
-         snapveil never sends an unencrypted stream unless the job says the receiving host \
-         is trusted (allow_plain_receive = true)"
+        "{dataset} is not natively encrypted: a zfs:// target would receive it as plaintext, \
+         and snapveil never sends an unencrypted stream; back it up to a directory target \
+         (stream files in age), or give it native encryption (zfs create -o encryption=on)"
     )]
     Plain { dataset: String },
     #[error(
@@ -359,24 +359,15 @@ pub fn pick_base(
     })
 }
 
-/// Whether a dataset may go to a `zfs://` target, and how: raw when natively encrypted,
-/// plain only with `allow_plain_receive`.
+/// Whether a dataset may go to a `zfs://` target: only natively encrypted ones, sent raw
+/// (the receiving host never has the key). `zfs receive` takes no age file, so a plain
+/// dataset would arrive as plaintext: refused, as everywhere in raw mode.
 ///
 /// # Errors
 /// [`ReceiveError::Plain`].
-pub fn raw_or_refuse(
-    enc: Option<&(String, String)>,
-    opts: &RawOptions,
-    dataset: &str,
-) -> Result<bool, ReceiveError> {
+pub fn raw_or_refuse(enc: Option<&(String, String)>, dataset: &str) -> Result<bool, ReceiveError> {
     match enc {
         Some(_) => Ok(true),
-        None if opts.allow_plain_receive => {
-            tracing::warn!(
-                "{dataset} is not natively encrypted: sending it as PLAINTEXT to a target the job trusts (allow_plain_receive)"
-            );
-            Ok(false)
-        }
         None => Err(ReceiveError::Plain {
             dataset: dataset.to_string(),
         }),
@@ -508,7 +499,7 @@ pub struct Prepared {
 }
 
 /// The steps of a run to a `zfs://` target before any hook freezes anything: refuse a
-/// plain dataset the job does not trust the target with, complete an interrupted
+/// plain dataset, complete an interrupted
 /// receive ([`resume`]), read the target's snapshots.
 ///
 /// # Errors
@@ -520,7 +511,7 @@ pub fn prepare(
     enc: Option<&(String, String)>,
 ) -> Result<Prepared, ReceiveError> {
     let opts = job.raw.clone().unwrap_or_default();
-    let raw = raw_or_refuse(enc, &opts, dataset)?;
+    let raw = raw_or_refuse(enc, dataset)?;
     let resumed = resume(rx, &opts)?.unwrap_or(0);
     let mut contents = crate::target::Contents::default();
     for t in rx.snapshots()?.unwrap_or_default() {

@@ -350,20 +350,14 @@ fn target_retention_never_destroys_the_newest_common_snapshot_nor_foreign_ones()
 }
 
 #[test]
-fn plain_datasets_go_to_a_zfs_target_only_when_the_job_trusts_it() {
-    let cfg = config("");
-    let opts = cfg.jobs[0].raw.clone().unwrap();
-    let e = raw_or_refuse(None, &opts, "tank/plain")
-        .unwrap_err()
-        .to_string();
+fn plain_datasets_never_go_to_a_zfs_target() {
+    let e = raw_or_refuse(None, "tank/plain").unwrap_err().to_string();
     assert!(
-        e.contains("allow_plain_receive = true") && e.contains("tank/plain"),
+        e.contains("never sends an unencrypted stream") && e.contains("tank/plain"),
         "{e}"
     );
     let enc = ("aes-256-gcm".to_string(), "available".to_string());
-    assert!(raw_or_refuse(Some(&enc), &opts, "tank/enc").unwrap());
-    let cfg = config("allow_plain_receive = true\n");
-    assert!(!raw_or_refuse(None, cfg.jobs[0].raw.as_ref().unwrap(), "tank/plain").unwrap());
+    assert!(raw_or_refuse(Some(&enc), "tank/enc").unwrap());
 }
 
 #[test]
