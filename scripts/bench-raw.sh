@@ -105,8 +105,8 @@ best age "zfs send $S | age -r $RECIPIENT >$DIR/out/s.age"
 best gpg "zfs send $S | gpg -q --batch --pinentry-mode loopback --passphrase-file $DIR/keys/gpg.pass --symmetric --cipher-algo AES256 --compress-algo none -o - >$DIR/out/s.gpg"
 rm -f "$DIR/out/"*
 # Each round a full stream to an empty target (and no snapshot of the job left behind).
-BENCH_BEFORE="rm -rf $DIR/target/* $DIR/state; zfs list -H -o name -t snapshot -r $POOL/src | { grep @snapveil- || true; } | xargs -r -n1 zfs destroy" \
-    best snapveil "\"$BIN\" run --config $DIR/snapveil.toml raw 2>$DIR/run.log || { cat $DIR/run.log >&2; exit 1; }"
+BENCH_BEFORE="rm -rf $DIR/target/* $DIR/state; zfs list -H -o name -t snapshot -r $POOL/src | { grep @snapveil- || true; } | while read -r s; do zfs release snapveil-raw \$s 2>/dev/null; zfs destroy \$s; done" \
+    best snapveil "\"$BIN\" run --config $DIR/snapveil.toml raw >/dev/null 2>$DIR/run.log || { cat $DIR/run.log >&2; exit 1; }"
 SENT=$(find "$DIR/target/streams" -name '*.zfs.age' -printf '%s\n' | head -1)
 
 mbs() { awk -v b="$STREAM_BYTES" -v s="$1" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
