@@ -20,13 +20,18 @@ pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
         println!("{}: {n} snapshots on {z}, {} problems", a.job, bad.len());
         return Ok(Outcome::from_ok(bad.is_empty()));
     }
-    if job.mode == crate::config::Mode::ZfsRaw && a.deep {
+    // A raw job's directory target, keyed, and what this machine last wrote there.
+    let raw_target = || -> Result<_> {
         let target = super::keyed_target(&cfg, job)?;
         let state = crate::target::chain::load_state(
             &cfg.state_dir,
             &job.name,
             &target.address().to_string(),
         )?;
+        Ok((target, state))
+    };
+    if job.mode == crate::config::Mode::ZfsRaw && a.deep {
+        let (target, state) = raw_target()?;
         let id = crate::zfs_send::default_identity(job);
         let r = crate::zfs_send::deep::verify_deep(
             runner,
@@ -56,12 +61,7 @@ pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
         return Ok(Outcome::from_ok(r.bad.is_empty()));
     }
     if job.mode == crate::config::Mode::ZfsRaw {
-        let target = super::keyed_target(&cfg, job)?;
-        let state = crate::target::chain::load_state(
-            &cfg.state_dir,
-            &job.name,
-            &target.address().to_string(),
-        )?;
+        let (target, state) = raw_target()?;
         let (n, bad) = crate::zfs_send::verify(runner, job, &target, state.as_ref())
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .with_context(|| format!("job {}: verify", a.job))?;

@@ -687,7 +687,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// Copies with a 1 MiB buffer (streams are large; `io::copy`'s 8 KiB costs syscalls).
-fn copy(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
+pub(crate) fn copy(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {

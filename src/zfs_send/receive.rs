@@ -16,7 +16,7 @@
 use crate::config::{Job, RawOptions};
 use crate::exec::{shell_line, Cmd, CommandError, Runner};
 use crate::target::ZfsAddress;
-use std::io::{self, Read, Write};
+use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -139,6 +139,22 @@ impl<'a> Receiver<'a> {
         Cmd::new(&self.zfs)
     }
 
+    /// Runs `cmd` on the target: its output, or `None` when it failed because DEST does
+    /// not exist (yet: the first run creates it).
+    fn unless_missing(&self, cmd: &Cmd) -> Result<Option<crate::exec::Output>, ReceiveError> {
+        let out = self
+            .runner
+            .output(cmd)
+            .map_err(|e| CommandError::spawn(cmd, e))?;
+        if out.exit.success() {
+            return Ok(Some(out));
+        }
+        if out.stderr_str().contains("dataset does not exist") {
+            return Ok(None);
+        }
+        Err(CommandError::failed(cmd, &out).into())
+    }
+
     /// DEST's snapshots, oldest first; `None` when DEST does not exist.
     ///
     /// # Errors
@@ -156,16 +172,9 @@ impl<'a> Receiver<'a> {
             "1",
             self.dest(),
         ]);
-        let out = self
-            .runner
-            .output(&cmd)
-            .map_err(|e| CommandError::spawn(&cmd, e))?;
-        if !out.exit.success() {
-            if out.stderr_str().contains("dataset does not exist") {
-                return Ok(None);
-            }
-            return Err(CommandError::failed(&cmd, &out).into());
-        }
+        let Some(out) = self.unless_missing(&cmd)? else {
+            return Ok(None);
+        };
         let prefix = format!("{}@", self.dest());
         let mut v = Vec::new();
         for line in out.stdout_str().lines().filter(|l| !l.is_empty()) {
@@ -217,16 +226,9 @@ impl<'a> Receiver<'a> {
             "receive_resume_token",
             self.dest(),
         ]);
-        let out = self
-            .runner
-            .output(&cmd)
-            .map_err(|e| CommandError::spawn(&cmd, e))?;
-        if !out.exit.success() {
-            if out.stderr_str().contains("dataset does not exist") {
-                return Ok(None);
-            }
-            return Err(CommandError::failed(&cmd, &out).into());
-        }
+        let Some(out) = self.unless_missing(&cmd)? else {
+            return Ok(None);
+        };
         let t = out.stdout_str().trim().to_string();
         Ok((!t.is_empty() && t != "-").then_some(t))
     }
@@ -405,7 +407,7 @@ fn pipe(runner: &dyn Runner, send: &Cmd, recv: &Cmd) -> Result<u64, ReceiveError
         .map_err(|e| CommandError::spawn(recv, e))?;
     let copied = match (tx.take_stdout(), rx.take_stdin()) {
         (Some(mut from), Some(mut to)) => {
-            let r = copy(&mut from, &mut to);
+            let r = super::copy(&mut from, &mut to);
             drop(to);
             drop(from);
             r
@@ -421,22 +423,6 @@ fn pipe(runner: &dyn Runner, send: &Cmd, recv: &Cmd) -> Result<u64, ReceiveError
         what: format!("{send} | {recv}"),
         err,
     })
-}
-
-/// Copies with a 1 MiB buffer.
-fn copy(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = match r.read(&mut buf) {
-            Ok(0) => return w.flush().map(|()| n),
-            Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..k])?;
-        n += k as u64;
-    }
 }
 
 /// Whether `zfs send -t` failed because what the token names is gone from the source
