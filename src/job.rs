@@ -623,6 +623,19 @@ pub(crate) fn check_cancel() -> Result<()> {
     Ok(())
 }
 
+/// Where a raw run sends: a `zfs://` receiver (no records), or a directory target whose
+/// sealed records were read and checked before anything was sent.
+enum RawDest<'a> {
+    Zfs {
+        rx: crate::zfs_send::receive::Receiver<'a>,
+        prepared: crate::zfs_send::receive::Prepared,
+    },
+    Dir {
+        scan: crate::zfs_send::record::Scan,
+        link: crate::target::chain::Next,
+    },
+}
+
 /// A raw ZFS run ([`crate::zfs_send`]): hooks and the snapshot as in file mode, but the
 /// snapshot is kept after a successful send (the next increment's base), and no view is
 /// mounted.
@@ -645,10 +658,6 @@ fn raw_steps(
     let tools = &cfg.tools.snapshot;
     // A zfs:// target (zfs_send::receive) is a dataset, not a directory of stream files:
     // no records, no record key.
-    let rx = target
-        .address()
-        .zfs()
-        .map(|z| zfs_send::receive::Receiver::for_job(runner, cfg, job, z));
     let chain =
         |e: &(dyn std::error::Error + 'static)| anyhow::anyhow!(crate::error::Chain(e).to_string());
     let raw_opts = job.raw.clone().unwrap_or_default();
@@ -658,16 +667,18 @@ fn raw_steps(
     let tree = |opts: &crate::config::RawOptions| {
         zfs_send::source::tree_protection(runner, tools, opts, dataset).map_err(|e| chain(&e))
     };
-    let (contents, prepared, dir) = match &rx {
-        Some(rx) => {
-            let p = zfs_send::receive::prepare(rx, job, dataset, enc.as_ref())
+    let (dest, contents) = match target.address().zfs() {
+        Some(z) => {
+            let rx = zfs_send::receive::Receiver::for_job(runner, cfg, job, z);
+            let p = zfs_send::receive::prepare(&rx, job, dataset, enc.as_ref())
                 .map_err(|e| chain(&e))
                 .with_context(|| format!("preparing the receive into {}", rx.addr))?;
             // The children too: `zfs send -w -R` would send a plain child as plaintext.
             if job.snapshot.recursive {
                 tree(&raw_opts)?;
             }
-            (p.contents.clone(), Some(p), None)
+            let contents = p.contents.clone();
+            (RawDest::Zfs { rx, prepared: p }, contents)
         }
         None => {
             // The record key first, as in file mode: a wrong password fails before any
@@ -702,7 +713,8 @@ fn raw_steps(
                 |st| scan.verdict(st),
                 scan.unsealed().len(),
             )?;
-            (scan.contents(), None, Some((scan, link)))
+            let contents = scan.contents();
+            (RawDest::Dir { scan, link }, contents)
         }
     };
     let stamp = crate::target::new_stamp(&target.address().to_string(), &contents)?;
@@ -733,8 +745,8 @@ fn raw_steps(
     let sent = hooks::run_phase(runner, &job.hooks, Phase::PostSnapshot, env)
         .map_err(anyhow::Error::from)
         .and_then(|()| check_cancel())
-        .and_then(|()| match (&rx, &prepared, &dir) {
-            (Some(rx), Some(p), _) => zfs_send::receive::send(
+        .and_then(|()| match &dest {
+            RawDest::Zfs { rx, prepared: p } => zfs_send::receive::send(
                 rx,
                 &raw_opts,
                 dataset,
@@ -745,7 +757,7 @@ fn raw_steps(
             .map(|r| (r.bytes + p.resumed, None))
             .map_err(|e| chain(&e))
             .with_context(|| format!("sending {full} to {}", rx.addr)),
-            (_, _, Some((_, link))) => zfs_send::send(
+            RawDest::Dir { link, .. } => zfs_send::send(
                 runner,
                 tools,
                 job,
@@ -759,14 +771,10 @@ fn raw_steps(
             .map(|s| (s.record.bytes, Some(s.head)))
             .map_err(|e| chain(&e))
             .context("sending the stream"),
-            _ => unreachable!("a raw run has a zfs:// receiver or a directory target's scan"),
         });
     let (bytes_sent, head) = match sent {
         Ok(s) => s,
-        Err(e)
-            if rx
-                .as_ref()
-                .is_some_and(|rx| matches!(rx.resume_token(), Ok(Some(_)))) =>
+        Err(e) if matches!(&dest, RawDest::Zfs { rx, .. } if matches!(rx.resume_token(), Ok(Some(_)))) =>
         {
             // The target saved the partial receive: the next run resumes it, which needs
             // this snapshot.
@@ -798,10 +806,10 @@ fn raw_steps(
     }
     // The target's restore points before this run: a snapshot of this job not among them
     // was left unsent by a killed run.
-    let sent_before: Vec<String> = match &dir {
-        Some((scan, _)) => scan.points.iter().map(|r| r.stamp.clone()).collect(),
+    let sent_before: Vec<String> = match &dest {
+        RawDest::Dir { scan, .. } => scan.points.iter().map(|r| r.stamp.clone()).collect(),
         // This job's snapshots on the zfs:// target.
-        None => contents.taken.iter().cloned().collect(),
+        RawDest::Zfs { .. } => contents.taken.iter().cloned().collect(),
     };
     zfs_send::after_send(
         runner,
@@ -813,7 +821,7 @@ fn raw_steps(
         &sent_before,
     );
     // A directory target's streams are pruned after the run (run_job), as file mode's.
-    if let Some(rx) = rx.as_ref().filter(|_| job.retention.prune) {
+    if let (RawDest::Zfs { rx, .. }, true) = (&dest, job.retention.prune) {
         if let Some(d) = zfs_send::receive::prune(rx, job, dataset, false)
             .context("the backup is complete, but pruning the target's snapshots failed")?
         {
