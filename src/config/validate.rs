@@ -712,12 +712,7 @@ mod tests {
     #[test]
     fn full_every_is_a_duration_named_on_error() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            use crate::crypto::{config, MasterKey, NameMode};
-            let conf = config::new_config(&MasterKey::random(), b"pw", NameMode::DirIv, 10);
-            config::write_new_private(&dir.path().join("k.conf"), &config::to_json(&conf)).unwrap();
-            config::write_new_private(&dir.path().join("k.pass"), b"pw").unwrap();
-        }
+        crate::crypto::config::write_test_key(dir.path());
         let job = |v: &str| {
             format!(
                 "[[job]]\nname = \"r\"\nmode = \"zfs-raw\"\nsource = \"zfs:tank/r\"\ntarget = \"/t\"\n\

@@ -451,6 +451,17 @@ pub fn write_new_private(path: &Path, data: &[u8]) -> Result<(), ConfigError> {
         })
 }
 
+/// Tests: `DIR/k.conf` and `DIR/k.pass` (password `pw`, fast scrypt), as `snapveil init`
+/// makes them, for configs that name a key; returns the master key.
+#[cfg(test)]
+pub fn write_test_key(dir: &Path) -> MasterKey {
+    let master = MasterKey::random();
+    let conf = new_config(&master, b"pw", NameMode::DirIv, 10);
+    write_new_private(&dir.join("k.conf"), &to_json(&conf)).unwrap();
+    write_new_private(&dir.join("k.pass"), b"pw").unwrap();
+    master
+}
+
 /// The paper form gocryptfs prints: 64 hex digits in eight dash-separated groups.
 pub fn dashed_hex(master: &MasterKey) -> Zeroizing<String> {
     let h = Zeroizing::new(hex::encode(master.bytes()));

@@ -344,12 +344,7 @@ mod tests {
 
     fn job(policy: &str) -> Job {
         let dir = tempfile::tempdir().unwrap();
-        {
-            use crate::crypto::{config, MasterKey, NameMode};
-            let conf = config::new_config(&MasterKey::random(), b"pw", NameMode::DirIv, 10);
-            config::write_new_private(&dir.path().join("k.conf"), &config::to_json(&conf)).unwrap();
-            config::write_new_private(&dir.path().join("k.pass"), b"pw").unwrap();
-        }
+        crate::crypto::config::write_test_key(dir.path());
         let text = format!(
             "state_dir = \"{0}/state\"\n[[job]]\nname = \"j\"\nmode = \"zfs-raw\"\n\
              source = \"zfs:tank/enc\"\ntarget = \"{0}/t\"\n\
