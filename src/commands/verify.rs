@@ -62,15 +62,16 @@ pub fn run(runner: &dyn Runner, a: VerifyArgs) -> Result<Outcome> {
     }
     if job.mode == crate::config::Mode::ZfsRaw {
         let (target, state) = raw_target()?;
-        let (n, bad) = crate::zfs_send::verify(runner, job, &target, state.as_ref())
+        let (points, bad) = crate::zfs_send::verify(runner, job, &target, state.as_ref())
             .map_err(|e| anyhow::anyhow!(crate::error::Chain(&e).to_string()))
             .with_context(|| format!("job {}: verify", a.job))?;
         for b in &bad {
             println!("BAD {b}");
         }
         println!(
-            "{}: {n} restore points, {} problems in their records and stream files",
+            "{}: {} restore points, {} problems in their records and stream files",
             a.job,
+            points.len(),
             bad.len()
         );
         return Ok(Outcome::from_ok(bad.is_empty()));

@@ -150,13 +150,12 @@ pub fn verify_deep(
     state: Option<&crate::target::chain::Head>,
     identity: Option<&Path>,
 ) -> Result<DeepReport, ZfsSendError> {
-    let (points, bad) = super::verify(runner, job, target, state)?;
+    let (recs, bad) = super::verify(runner, job, target, state)?;
     let mut rep = DeepReport {
-        points,
+        points: recs.len(),
         bad,
         ..Default::default()
     };
-    let recs = super::records(runner, target, &job.name)?;
     let opts = job.raw.clone().unwrap_or_default();
     let can_decrypt = opts.age_passphrase_file.is_some() || identity.is_some();
     if recs.iter().any(|r| r.age) && !can_decrypt {

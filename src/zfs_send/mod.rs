@@ -562,7 +562,8 @@ fn receive_one(
 /// `verify` of a raw job: the records' seals and chain against what this machine last
 /// wrote (`state`), and every record's stream file against the sha1 its record holds
 /// (the `.sha1` file beside it must agree, for stock `sha1sum -c`). Notes (unsealed
-/// points of an older snapveil) are logged.
+/// points of an older snapveil) are logged. Returns the restore points it checked (for
+/// `--deep`, which reads their streams next) and what is wrong.
 ///
 /// # Errors
 /// The target cannot be read; bad files are returned, not errors.
@@ -571,7 +572,7 @@ pub fn verify(
     job: &Job,
     target: &Target,
     state: Option<&crate::target::chain::Head>,
-) -> Result<(usize, Vec<String>), ZfsSendError> {
+) -> Result<(Vec<StreamRecord>, Vec<String>), ZfsSendError> {
     let scan = record::scan(runner, target, &job.name)?;
     let (mut bad, notes) = scan.report(state);
     for n in &notes {
@@ -614,7 +615,7 @@ pub fn verify(
             }
         }
     }
-    Ok((recs.len(), bad))
+    Ok((recs, bad))
 }
 
 /// What `status` and the metrics report of a raw job's target; `None` (with a warning)
@@ -716,11 +717,7 @@ mod tests {
     use crate::exec::{scripted::ScriptedRunner, Output};
 
     fn job(dir: &std::path::Path) -> (crate::config::Config, Target) {
-        use crate::crypto::{config, MasterKey, NameMode};
-        let master = MasterKey::random();
-        let conf = config::new_config(&master, b"pw", NameMode::DirIv, 10);
-        config::write_new_private(&dir.join("k.conf"), &config::to_json(&conf)).unwrap();
-        config::write_new_private(&dir.join("k.pass"), b"pw").unwrap();
+        let master = crate::crypto::config::write_test_key(dir);
         let text = format!(
             "state_dir = \"{0}/state\"\n[[job]]\nname = \"j\"\nmode = \"zfs-raw\"\n\
              source = \"zfs:tank/enc\"\ntarget = \"{0}/t\"\n\
