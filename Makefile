@@ -5,7 +5,7 @@
 #               qemu guest, see docs/vm-tier.md.
 CARGO ?= cargo
 
-.PHONY: deps build demo test test-unit test-integration test-vm bench bench-raw deb clean
+.PHONY: deps build demo test test-unit test-integration test-vm bench bench-raw bench-zfs-target deb clean
 
 deps:
 	./scripts/install-deps.sh
@@ -37,6 +37,11 @@ bench-raw: build
 	./scripts/install-deps.sh gnupg
 	$(CARGO) bench --bench age --no-run
 	./scripts/bench-raw.sh
+
+# Raw ZFS mode to a zfs:// target against `zfs send -w | ssh … zfs receive` (issue 15), on
+# OpenZFS in the guest of the real-kernel tier (ratios only: the guest is emulated).
+bench-zfs-target: deps build
+	./scripts/vm/bench-zfs-target.sh
 
 # A Debian package (dpkg-deb) in target/debian/.
 deb: build

@@ -343,6 +343,11 @@ fn run_steps<'a>(
         "walked the view"
     );
     let changed = changed_since(&walk, since, &out.sent);
+    if prev.is_none() {
+        // The manifest hashes every file: the names rsync sent (one per file on a first
+        // run) would only add to the run's peak memory while it does.
+        out.sent = Vec::new();
+    }
     let mut resent = Vec::new();
     if !changed.is_empty() {
         tracing::info!(
