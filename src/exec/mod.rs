@@ -322,97 +322,13 @@ pub trait RunningChild: Send {
     fn take_lines(&mut self) -> mpsc::Receiver<Line>;
     /// Takes stdout as a byte stream (`zfs send`), not lines. Afterwards `read_line`
     /// returns `None` and `wait` returns no stdout; a second call returns `None`.
-    fn take_stdout(&mut self) -> Option<Box<dyn ByteSource>>;
+    fn take_stdout(&mut self) -> Option<Box<dyn io::Read + Send>>;
     /// Takes stdin as a byte stream (`zfs receive`); dropping it closes the child's stdin.
-    fn take_stdin(&mut self) -> Option<Box<dyn ByteSink>>;
+    fn take_stdin(&mut self) -> Option<Box<dyn io::Write + Send>>;
     /// Sends a signal (e.g. SIGTERM) without waiting.
     fn signal(&mut self, sig: i32) -> io::Result<()>;
     /// Waits for the end; stdout not yet read and all stderr are returned.
     fn wait(self: Box<Self>) -> io::Result<Output>;
-}
-
-/// A child's stdout taken as bytes; from a real child also its pipe, so that [`pump`]
-/// can move it into another child's stdin inside the kernel.
-pub trait ByteSource: io::Read + Send {
-    /// The pipe to read from, when nothing has been read past it into a buffer.
-    fn pipe_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-}
-
-/// A child's stdin taken as bytes; see [`ByteSource`].
-pub trait ByteSink: io::Write + Send {
-    fn pipe_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
-    }
-}
-
-impl ByteSource for io::Cursor<Vec<u8>> {}
-impl ByteSink for io::Sink {}
-
-/// Copies with a 1 MiB buffer (streams are large; `io::copy`'s 8 KiB costs syscalls).
-///
-/// # Errors
-/// Reading or writing failed.
-pub fn copy(r: &mut dyn io::Read, w: &mut dyn io::Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = match r.read(&mut buf) {
-            Ok(0) => return w.flush().map(|()| n),
-            Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..k])?;
-        n += k as u64;
-    }
-}
-
-/// Moves one child's stdout into another's stdin until the end (`zfs send | ssh … zfs
-/// receive`), counting the bytes. Between two pipes this is splice(2): the stream does
-/// not pass through this process's memory, which would cost as much CPU as the ssh
-/// cipher beside it on a small machine; the pipes are also enlarged to 1 MiB, so that
-/// fewer, larger moves wake fewer processes. Anything else is copied.
-///
-/// # Errors
-/// Reading or writing failed (a side went away).
-pub fn pump(from: &mut dyn ByteSource, to: &mut dyn ByteSink) -> io::Result<u64> {
-    let (Some(rfd), Some(wfd)) = (from.pipe_fd(), to.pipe_fd()) else {
-        return copy(from, to);
-    };
-    for fd in [rfd, wfd] {
-        // SAFETY: fcntl on a pipe fd we hold; failure (an unprivileged pipe-max-size)
-        // only leaves the default size.
-        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20) };
-    }
-    let mut n = 0u64;
-    loop {
-        // SAFETY: splice between two pipe fds we hold, no offsets.
-        let k = unsafe {
-            libc::splice(
-                rfd,
-                std::ptr::null_mut(),
-                wfd,
-                std::ptr::null_mut(),
-                1 << 20,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-            )
-        };
-        match k {
-            0 => return Ok(n),
-            k if k > 0 => n += k as u64,
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // A kernel or file that cannot splice: copy instead.
-                    Some(libc::EINVAL | libc::ENOSYS) if n == 0 => return copy(from, to),
-                    _ => return Err(e),
-                }
-            }
-        }
-    }
 }
 
 /// Runs commands. `Send + Sync` so that one runner serves the FUSE threads and the job.

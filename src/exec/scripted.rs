@@ -223,13 +223,13 @@ impl RunningChild for ScriptedChild {
         }
         rx
     }
-    fn take_stdout(&mut self) -> Option<Box<dyn super::ByteSource>> {
+    fn take_stdout(&mut self) -> Option<Box<dyn io::Read + Send>> {
         let out = self.out.as_mut()?;
         let bytes = std::mem::take(&mut out.stdout);
         Some(Box::new(io::Cursor::new(bytes)))
     }
     /// What a scripted command is fed is not checked: the command line is.
-    fn take_stdin(&mut self) -> Option<Box<dyn super::ByteSink>> {
+    fn take_stdin(&mut self) -> Option<Box<dyn io::Write + Send>> {
         Some(Box::new(io::sink()))
     }
     fn signal(&mut self, _sig: i32) -> io::Result<()> {

@@ -3,7 +3,7 @@
 //! the whole process group, stops cancellable commands when snapveil gets a terminating
 //! signal ([`Cmd::cancellable`]), and kills and reaps a child that is dropped unfinished.
 
-use super::{ByteSink, ByteSource, Cmd, Exit, Line, Output, Runner, RunningChild};
+use super::{Cmd, Exit, Line, Output, Runner, RunningChild};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -11,20 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-impl ByteSource for BufReader<ChildStdout> {
-    fn pipe_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        self.buffer().is_empty().then(|| self.get_ref().as_raw_fd())
-    }
-}
-
-impl ByteSink for ChildStdin {
-    fn pipe_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        Some(self.as_raw_fd())
-    }
-}
 
 /// How long a cancelled command gets between SIGTERM and SIGKILL: enough for a held
 /// hook to unlock its tables or thaw a filesystem, short enough for `systemctl stop`.
@@ -382,14 +368,16 @@ impl RunningChild for SystemChild {
         }
     }
 
-    fn take_stdout(&mut self) -> Option<Box<dyn ByteSource>> {
+    fn take_stdout(&mut self) -> Option<Box<dyn io::Read + Send>> {
         self.stdout
             .take()
-            .map(|r| Box::new(r) as Box<dyn ByteSource>)
+            .map(|r| Box::new(r) as Box<dyn io::Read + Send>)
     }
 
-    fn take_stdin(&mut self) -> Option<Box<dyn ByteSink>> {
-        self.stdin.take().map(|w| Box::new(w) as Box<dyn ByteSink>)
+    fn take_stdin(&mut self) -> Option<Box<dyn io::Write + Send>> {
+        self.stdin
+            .take()
+            .map(|w| Box::new(w) as Box<dyn io::Write + Send>)
     }
 
     fn signal(&mut self, sig: i32) -> io::Result<()> {
@@ -449,22 +437,6 @@ impl Drop for SystemChild {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pump_splices_one_childs_stdout_into_anothers_stdin() {
-        let mut tx = SystemRunner
-            .spawn(&Cmd::new("sh").args(["-c", "head -c 5000000 /dev/zero | tr '\\0' x"]))
-            .unwrap();
-        let mut rx = SystemRunner.spawn(&Cmd::new("wc").arg("-c")).unwrap();
-        let (mut from, mut to) = (tx.take_stdout().unwrap(), rx.take_stdin().unwrap());
-        assert!(from.pipe_fd().is_some() && to.pipe_fd().is_some());
-        let n = super::super::pump(&mut *from, &mut *to).unwrap();
-        drop((from, to));
-        assert_eq!(n, 5_000_000);
-        assert!(tx.wait().unwrap().exit.success());
-        let out = rx.wait().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5000000");
-    }
 
     #[test]
     fn captures_output_and_exit() {

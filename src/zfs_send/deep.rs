@@ -92,7 +92,7 @@ struct Child {
     name: &'static str,
     cmd: Cmd,
     child: Box<dyn RunningChild>,
-    stdin: Option<Box<dyn crate::exec::ByteSink>>,
+    stdin: Option<Box<dyn io::Write + Send>>,
     lines: std::sync::mpsc::Receiver<Line>,
 }
 

@@ -33,7 +33,7 @@ use crate::exec::{Cmd, CommandError, Runner};
 use crate::target::{Area, Contents, Target, TargetError};
 use record::StreamRecord;
 use sha1::{Digest, Sha1};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -776,7 +776,21 @@ impl Write for Handoff {
     }
 }
 
-pub(crate) use crate::exec::copy;
+/// Copies with a 1 MiB buffer (streams are large; `io::copy`'s 8 KiB costs syscalls).
+pub(crate) fn copy(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => return w.flush().map(|()| n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+}
 
 /// Where `restore --into` looks for the identity when none is given.
 pub fn default_identity(job: &Job) -> Option<PathBuf> {

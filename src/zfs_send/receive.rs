@@ -407,7 +407,7 @@ fn pipe(runner: &dyn Runner, send: &Cmd, recv: &Cmd) -> Result<u64, ReceiveError
         .map_err(|e| CommandError::spawn(recv, e))?;
     let copied = match (tx.take_stdout(), rx.take_stdin()) {
         (Some(mut from), Some(mut to)) => {
-            let r = crate::exec::pump(&mut *from, &mut *to);
+            let r = super::copy(&mut from, &mut to);
             drop(to);
             drop(from);
             r
