@@ -246,7 +246,16 @@ pub fn transfer_cmd(
 ) -> Cmd {
     let c = ep.cmd().args(["--archive", "--numeric-ids"]);
     let c = match pass {
-        Pass::Full => c.args(["--delete", "--delete-excluded", "--mkpath"]),
+        // --delete-delay: deletions (which move the deleted files into --backup-dir) run
+        // after the transfer. Done during it, the generator and the receiver both create
+        // the same backup directories at once, and rsync 3.5 fails one with `make_backup
+        // ... File exists`.
+        Pass::Full => c.args([
+            "--delete",
+            "--delete-delay",
+            "--delete-excluded",
+            "--mkpath",
+        ]),
         Pass::Checksum { list } => c
             .args(["--checksum", "--from0"])
             .arg(format!("--files-from={}", list.display())),
