@@ -279,16 +279,16 @@ pub fn send(
         let copied = hashed_behind(upload.file(), |out| match &age {
             Some(enc) => {
                 let mut w = enc.wrap_output(out)?;
-                let n = copy(&mut input, &mut w)?;
-                w.finish().map(|_| n)
+                copy(&mut input, &mut w)?;
+                w.finish().map(drop)
             }
-            None => copy(&mut input, out),
+            None => copy(&mut input, out).map(drop),
         });
         drop(input);
         let out = child.wait().map_err(|e| CommandError::spawn(&cmd, e))?;
         // A full disk is the cause when writing failed (zfs then only sees a closed
         // pipe); otherwise zfs's own failure is.
-        let (_, hashed) = copied.map_err(io_err(format!("writing the stream {file}")))?;
+        let hashed = copied.map_err(io_err(format!("writing the stream {file}")))?;
         if !out.exit.success() {
             return Err(CommandError::failed(&cmd, &out).into());
         }
@@ -693,13 +693,12 @@ impl<W: Write> Write for Hashing<W> {
 /// Runs `produce` with a writer whose bytes are hashed (sha1), counted and written to
 /// `out` on a second thread, so that hashing the stored stream overlaps encrypting it
 /// instead of following each chunk: on two cores that is most of the difference to
-/// `zfs send | zfs receive`. Returns what `produce` returned and the stream's sha1 and
-/// length; when writing failed (a full disk), that error is the one returned, since
+/// `zfs send | zfs receive`. Returns the stream's sha1 and length; when writing failed (a full disk), that error is the one returned, since
 /// `produce` then only sees the hand-off closed.
 fn hashed_behind<W: Write + Send>(
     out: W,
-    produce: impl FnOnce(&mut dyn Write) -> io::Result<u64>,
-) -> io::Result<(u64, (String, u64))> {
+    produce: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<(String, u64)> {
     use std::sync::mpsc;
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
@@ -714,17 +713,17 @@ fn hashed_behind<W: Write + Send>(
             Ok(h.finish())
         });
         let mut hand = Handoff {
-            tx: Some(tx),
+            tx,
             back: back_rx,
             buf: Vec::with_capacity(HANDOFF),
         };
-        let produced = produce(&mut hand).and_then(|n| hand.flush().map(|()| n));
+        let produced = produce(&mut hand).and_then(|()| hand.flush());
         drop(hand);
         let written = writer.join().expect("the stream writer thread panicked");
         match (produced, written) {
             (_, Err(e)) => Err(e),
             (Err(e), _) => Err(e),
-            (Ok(n), Ok(h)) => Ok((n, h)),
+            (Ok(()), Ok(h)) => Ok(h),
         }
     })
 }
@@ -735,7 +734,7 @@ const HANDOFF: usize = 1 << 20;
 /// The producer's side of [`hashed_behind`]: fills 1 MiB buffers and passes them on,
 /// reusing the ones that come back.
 struct Handoff {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     back: std::sync::mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
 }
@@ -753,12 +752,9 @@ impl Handoff {
             Err(_) => Vec::with_capacity(HANDOFF),
         };
         let full = std::mem::replace(&mut self.buf, next);
-        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the stream writer stopped");
         self.tx
-            .as_ref()
-            .ok_or_else(closed)?
             .send(full)
-            .map_err(|_| closed())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream writer stopped"))
     }
 }
 
@@ -809,14 +805,14 @@ mod tests {
     fn hashing_behind_gives_the_sha1_of_what_was_written_and_the_writers_error() {
         let data: Vec<u8> = (0..(7u32 << 19)).map(|i| (i % 251) as u8).collect();
         let mut out = Vec::new();
-        let (n, (sha1, len)) = hashed_behind(&mut out, |w| {
+        let (sha1, len) = hashed_behind(&mut out, |w| {
             for piece in data.chunks(100_000) {
                 w.write_all(piece)?;
             }
-            Ok(data.len() as u64)
+            Ok(())
         })
         .unwrap();
-        assert_eq!((n, len), (data.len() as u64, data.len() as u64));
+        assert_eq!(len, data.len() as u64);
         assert_eq!(out, data);
         assert_eq!(sha1, hex::encode(Sha1::digest(&data)));
 
@@ -838,7 +834,7 @@ mod tests {
             for _ in 0..64 {
                 w.write_all(&data[..1 << 20])?;
             }
-            Ok(0)
+            Ok(())
         })
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
