@@ -754,6 +754,7 @@ fn raw_steps(
             RawDest::Zfs { rx, prepared: p } => zfs_send::receive::send(
                 rx,
                 &raw_opts,
+                &p.on_target,
                 dataset,
                 &snap,
                 p.raw,

@@ -90,7 +90,7 @@ clear_c() {
 }
 best local "zfs destroy -r dst/a 2>/dev/null || true" "zfs send -w src/data@bench | zfs receive -u dst/a"
 best ssh "zfs destroy -r dst/b 2>/dev/null || true" "zfs send -w src/data@bench | ssh backuphost zfs receive -s -u dst/b"
-best snapveil clear_c "$SV run --config c.toml bench >/dev/null 2>run.log || { cat run.log >&2; exit 1; }"
+best snapveil clear_c "SNAPVEIL_LOG=snapveil=debug $SV run --config c.toml bench >/dev/null 2>run.log || { cat run.log >&2; exit 1; }"
 grep -q 'sending a full stream' run.log
 [[ $(zfs get -H -o value keystatus dst/c) == unavailable ]]
 
@@ -102,6 +102,21 @@ printf '%-52s %8s %10s\n' "" "s" "/ssh pipe"
 printf '%-52s %8s %10s\n' "zfs send -w | zfs receive (local)" "${BEST[local]}" "$(rat "${BEST[local]}" "${BEST[ssh]}")"
 printf '%-52s %8s %10s\n' "zfs send -w | ssh backuphost zfs receive -s -u" "${BEST[ssh]}" "1.00x"
 printf '%-52s %8s %10s\n' "snapveil run (zfs-raw to zfs://backuphost/dst/c)" "${BEST[snapveil]}" "$(rat "${BEST[snapveil]}" "${BEST[ssh]}")"
+echo
+echo "where the last snapveil run spent its time (each command, from its debug log):"
+sed 's/\x1b\[[0-9;]*m//g' run.log | awk -v pipe="${BEST[ssh]}" '
+    /command finished|child finished/ {
+        ms = $0; sub(/.*elapsed_ms=/, "", ms); sub(/[^0-9].*/, "", ms)
+        c = $0; if (c ~ /cmd=/) { sub(/.*cmd=/, "", c) } else { sub(/.*cmd\{cmd=/, "", c) }
+        sub(/ (exit|elapsed_ms)=.*/, "", c); sub(/}.*/, "", c)
+        printf "  %7.2f s  %s\n", ms / 1000, substr(c, 1, 90)
+        # The two sides of the stream run at once: the transfer is the longer one.
+        if (c ~ /zfs send |zfs receive -s/) { if (ms > xfer) xfer = ms } else other += ms
+    }
+    END {
+        printf "  the transfer (zfs send -w | ssh ... zfs receive -s -u): %.2f s, %.2fx the ssh pipe\n", xfer / 1000, xfer / 1000 / pipe
+        printf "  every other command, one after the other: %.2f s\n", other / 1000
+    }'
 GUEST
 vm_start "$GUEST" zbsrc:$((MIB * 3 + 512))M zbdst:$((MIB * 8 + 1024))M
 vm_wait || vm_die "the guest did not boot"

@@ -475,12 +475,14 @@ pub fn resume(rx: &Receiver<'_>, opts: &RawOptions) -> Result<Option<u64>, Recei
 }
 
 /// What a run learned before its hooks: how the dataset goes (raw or, trusted, plain),
-/// what a resumed receive sent, and the target's snapshots of this job (a new stamp must
-/// be newer than each).
+/// what a resumed receive sent, the target's snapshots (the send picks its base among
+/// them: one listing per run, each costing an ssh round trip) and which of them are this
+/// job's (a new stamp must be newer than each).
 #[derive(Debug)]
 pub struct Prepared {
     pub raw: bool,
     pub resumed: u64,
+    pub on_target: Vec<TargetSnap>,
     pub contents: crate::target::Contents,
 }
 
@@ -500,7 +502,8 @@ pub fn prepare(
     let raw = raw_or_refuse(enc, dataset)?;
     let resumed = resume(rx, &opts)?.unwrap_or(0);
     let mut contents = crate::target::Contents::default();
-    for t in rx.snapshots()?.unwrap_or_default() {
+    let on_target = rx.snapshots()?.unwrap_or_default();
+    for t in &on_target {
         if let Some(stamp) = crate::snapshot::parse_name(&job.name, &t.name) {
             contents.note(stamp, format!("{}@{}", rx.dest(), t.name));
             contents.taken.insert(stamp.to_string());
@@ -509,6 +512,7 @@ pub fn prepare(
     Ok(Prepared {
         raw,
         resumed,
+        on_target,
         contents,
     })
 }
@@ -520,25 +524,27 @@ pub struct Received {
     pub bytes: u64,
 }
 
-/// Sends `DATASET@SNAP` to the target: the increment from the guid-matched base, or a
-/// full stream when the target holds nothing of it yet.
+/// Sends `DATASET@SNAP` to the target: the increment from the guid-matched base among
+/// `on_target` (the target's snapshots as [`prepare`] listed them), or a full stream when
+/// the target holds nothing of it yet. Should the target have changed since, `zfs
+/// receive` refuses the stream and nothing is lost.
 ///
 /// # Errors
-/// Listing either side, no common base, or the transfer failing.
+/// Listing the source, no common base, or the transfer failing.
 pub fn send(
     rx: &Receiver<'_>,
     opts: &RawOptions,
+    on_target: &[TargetSnap],
     dataset: &str,
     snap: &str,
     raw: bool,
     recursive: bool,
 ) -> Result<Received, ReceiveError> {
-    let on_target = rx.snapshots()?.unwrap_or_default();
     let source = source_entries(rx.runner, &rx.zfs, dataset)?;
     let base = pick_base(
         &rx.addr.to_string(),
         dataset,
-        &on_target,
+        on_target,
         &source,
         recursive,
     )?;

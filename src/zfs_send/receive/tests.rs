@@ -62,6 +62,11 @@ fn source_list(r: &ScriptedRunner, out: &str) {
     );
 }
 
+/// The target's snapshots, as `prepare` lists them before a run's send.
+fn listed(rx: &Receiver<'_>) -> Vec<TargetSnap> {
+    rx.snapshots().unwrap().unwrap_or_default()
+}
+
 const S2: &str = "snapveil-j-20261130T020000Z";
 
 #[test]
@@ -91,6 +96,7 @@ fn first_run_sends_a_full_raw_stream_into_zfs_receive_s_u() {
     let got = send(
         &rx,
         cfg.jobs[0].raw.as_ref().unwrap(),
+        &listed(&rx),
         "tank/enc",
         S2,
         true,
@@ -137,6 +143,7 @@ fn an_increment_starts_at_the_newest_common_snapshot_by_guid_not_by_name() {
     let got = send(
         &rx,
         cfg.jobs[0].raw.as_ref().unwrap(),
+        &listed(&rx),
         "tank/enc",
         S2,
         true,
@@ -184,6 +191,7 @@ fn a_bookmark_is_a_base_when_the_snapshot_is_gone_and_force_adds_dash_f() {
     send(
         &rx,
         cfg.jobs[0].raw.as_ref().unwrap(),
+        &listed(&rx),
         "tank/enc",
         S2,
         true,
@@ -203,6 +211,7 @@ fn a_target_with_nothing_in_common_is_refused_not_overwritten() {
     let e = send(
         &rx,
         cfg.jobs[0].raw.as_ref().unwrap(),
+        &listed(&rx),
         "tank/enc",
         S2,
         true,
@@ -282,7 +291,7 @@ fn a_resume_whose_base_is_gone_is_aborted_with_receive_dash_a_then_sent_anew() {
         &remote(&format!("zfs receive -s -u {DEST}")),
         Output::ok(""),
     );
-    send(&rx, opts, "tank/enc", S2, true, false).unwrap();
+    send(&rx, opts, &listed(&rx), "tank/enc", S2, true, false).unwrap();
 }
 
 #[test]
