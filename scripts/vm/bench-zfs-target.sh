@@ -12,7 +12,9 @@
 #   snapveil run, zfs-raw job to zfs://backuphost/…    the product: snapshot, hold,
 #                                                      guid-matched base, the same pipe
 # on one natively encrypted dataset of BENCH_MIB MiB of random files (full streams, best
-# of BENCH_ROUNDS). ssh is multiplexed (ControlMaster), as a nightly job's would be.
+# of BENCH_ROUNDS rounds that interleave the three lines). ssh is multiplexed
+# (ControlMaster), as a nightly job's would be. Each command of the last snapveil run is
+# listed with its time (its debug log), and the transfer alone is set against the pipe.
 #
 # Env: SNAPVEIL_BIN (default target/release/snapveil), BENCH_MIB (default 256),
 #      BENCH_ROUNDS (default 3), and vmlib.sh's SNAPVEIL_VM_* settings.
@@ -69,18 +71,20 @@ target = "zfs://backuphost/dst/c"
 EOF
 
 now() { date +%s.%N; }
-# best LABEL BEFORE LINE: the best of ROUNDS wall times of LINE, BEFORE run untimed first.
+# timed LABEL BEFORE LINE: one wall time of LINE (BEFORE run untimed first), kept in
+# BEST[LABEL] if it is the best so far. The rounds interleave the three lines, so that a
+# slow spell of the emulated machine hits each of them alike.
 declare -A BEST
-best() {
-    local b='' t0 s
-    for ((r = 0; r < ROUNDS; r++)); do
-        eval "$2"
-        t0=$(now)
-        eval "$3"
-        s=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-        if [[ -z $b ]] || awk -v a="$s" -v b="$b" 'BEGIN { exit !(a < b) }'; then b=$s; fi
-    done
-    BEST[$1]=$b
+timed() {
+    local t0 s
+    eval "$2"
+    t0=$(now)
+    eval "$3"
+    s=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+    printf '  round %d: %-9s %8s s\n' "$((r + 1))" "$1" "$s" >&2
+    if [[ -z ${BEST[$1]:-} ]] || awk -v a="$s" -v b="${BEST[$1]}" 'BEGIN { exit !(a < b) }'; then
+        BEST[$1]=$s
+    fi
 }
 clear_c() {
     zfs destroy -r dst/c 2>/dev/null || true
@@ -88,9 +92,12 @@ clear_c() {
     zfs list -H -o name -t snapshot src/data | { grep @snapveil-bench- || true; } |
         while read -r s; do zfs release snapveil-bench "$s" 2>/dev/null || true; zfs destroy "$s"; done
 }
-best local "zfs destroy -r dst/a 2>/dev/null || true" "zfs send -w src/data@bench | zfs receive -u dst/a"
-best ssh "zfs destroy -r dst/b 2>/dev/null || true" "zfs send -w src/data@bench | ssh backuphost zfs receive -s -u dst/b"
-best snapveil clear_c "SNAPVEIL_LOG=snapveil=debug $SV run --config c.toml bench >/dev/null 2>run.log || { cat run.log >&2; exit 1; }"
+for ((r = 0; r < ROUNDS; r++)); do
+    timed local "zfs destroy -r dst/a 2>/dev/null || true" "zfs send -w src/data@bench | zfs receive -u dst/a"
+    timed ssh "zfs destroy -r dst/b 2>/dev/null || true" "zfs send -w src/data@bench | ssh backuphost zfs receive -s -u dst/b"
+    timed hop "zfs destroy -r dst/d 2>/dev/null || true" "zfs send -w src/data@bench | cat | ssh backuphost zfs receive -s -u dst/d"
+    timed snapveil clear_c "SNAPVEIL_LOG=snapveil=debug $SV run --config c.toml bench >/dev/null 2>run.log || { cat run.log >&2; exit 1; }"
+done
 grep -q 'sending a full stream' run.log
 [[ $(zfs get -H -o value keystatus dst/c) == unavailable ]]
 
@@ -101,6 +108,7 @@ echo "dataset: $MIB MiB of random files, natively encrypted; raw full stream $((
 printf '%-52s %8s %10s\n' "" "s" "/ssh pipe"
 printf '%-52s %8s %10s\n' "zfs send -w | zfs receive (local)" "${BEST[local]}" "$(rat "${BEST[local]}" "${BEST[ssh]}")"
 printf '%-52s %8s %10s\n' "zfs send -w | ssh backuphost zfs receive -s -u" "${BEST[ssh]}" "1.00x"
+printf '%-52s %8s %10s\n' "zfs send -w | cat | ssh backuphost zfs receive -s -u" "${BEST[hop]}" "$(rat "${BEST[hop]}" "${BEST[ssh]}")"
 printf '%-52s %8s %10s\n' "snapveil run (zfs-raw to zfs://backuphost/dst/c)" "${BEST[snapveil]}" "$(rat "${BEST[snapveil]}" "${BEST[ssh]}")"
 echo
 echo "where the last snapveil run spent its time (each command, from its debug log):"
