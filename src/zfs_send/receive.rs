@@ -541,13 +541,7 @@ pub fn send(
     recursive: bool,
 ) -> Result<Received, ReceiveError> {
     let source = source_entries(rx.runner, &rx.zfs, dataset)?;
-    let base = pick_base(
-        &rx.addr.to_string(),
-        dataset,
-        on_target,
-        &source,
-        recursive,
-    )?;
+    let base = pick_base(&rx.addr.to_string(), dataset, on_target, &source, recursive)?;
     let mut send = rx.local().arg("send");
     if raw {
         send = send.arg("-w");
