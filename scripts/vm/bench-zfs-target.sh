@@ -9,10 +9,11 @@
 # adds:
 #   zfs send -w | zfs receive                          the local replica
 #   zfs send -w | ssh backuphost zfs receive -s -u     the pipe syncoid-style tools run
+#   zfs send -w | cat | ssh backuphost zfs receive     one more process in the pipe
 #   snapveil run, zfs-raw job to zfs://backuphost/…    the product: snapshot, hold,
 #                                                      guid-matched base, the same pipe
 # on one natively encrypted dataset of BENCH_MIB MiB of random files (full streams, best
-# of BENCH_ROUNDS rounds that interleave the three lines). ssh is multiplexed
+# of BENCH_ROUNDS rounds that interleave the lines). ssh is multiplexed
 # (ControlMaster), as a nightly job's would be. Each command of the last snapveil run is
 # listed with its time (its debug log), and the transfer alone is set against the pipe.
 #
@@ -72,7 +73,7 @@ EOF
 
 now() { date +%s.%N; }
 # timed LABEL BEFORE LINE: one wall time of LINE (BEFORE run untimed first), kept in
-# BEST[LABEL] if it is the best so far. The rounds interleave the three lines, so that a
+# BEST[LABEL] if it is the best so far. The rounds interleave the lines, so that a
 # slow spell of the emulated machine hits each of them alike.
 declare -A BEST
 timed() {

@@ -693,8 +693,9 @@ impl<W: Write> Write for Hashing<W> {
 /// Runs `produce` with a writer whose bytes are hashed (sha1), counted and written to
 /// `out` on a second thread, so that hashing the stored stream overlaps encrypting it
 /// instead of following each chunk: on two cores that is most of the difference to
-/// `zfs send | zfs receive`. Returns the stream's sha1 and length; when writing failed (a full disk), that error is the one returned, since
-/// `produce` then only sees the hand-off closed.
+/// `zfs send | zfs receive`. Returns the stream's sha1 and length; when writing failed
+/// (a full disk), that error is the one returned, since `produce` then only sees the
+/// hand-off closed.
 fn hashed_behind<W: Write + Send>(
     out: W,
     produce: impl FnOnce(&mut dyn Write) -> io::Result<()>,
