@@ -780,16 +780,25 @@ fn raw_steps(
         });
     let (bytes_sent, head) = match sent {
         Ok(s) => s,
-        Err(e) if matches!(&dest, RawDest::Zfs { rx, .. } if matches!(rx.resume_token(), Ok(Some(_)))) =>
-        {
-            // The target saved the partial receive: the next run resumes it, which needs
-            // this snapshot.
-            tracing::warn!(
-                "{full} is kept: the target saved the interrupted receive, and the next run resumes it"
-            );
-            return Err(e);
-        }
         Err(e) => {
+            // What the failed send left on a zfs:// target, which the next run completes
+            // from this snapshot: then it stays.
+            let kept = match &dest {
+                RawDest::Zfs { rx, .. } => {
+                    zfs_send::receive::left_on_target(rx, job.snapshot.recursive, &snap)
+                        .unwrap_or_else(|le| {
+                            tracing::warn!("could not ask the target what it kept: {le}");
+                            Some("the target could not be asked what it kept")
+                        })
+                }
+                RawDest::Dir { .. } => None,
+            };
+            if let Some(why) = kept {
+                tracing::warn!(
+                    "{full} is kept: {why}, and the next run completes the transfer from it"
+                );
+                return Err(e);
+            }
             // Not sent: this snapshot is nobody's base.
             let mut d = crate::exec::Cmd::new(&tools.zfs).arg("destroy");
             if job.snapshot.recursive {

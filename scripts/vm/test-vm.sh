@@ -7,9 +7,10 @@
 # Usage: scripts/vm/test-vm.sh [PATTERN...]
 #   PATTERN   run only the guest test files whose name contains one of them
 # Without a pattern the files are split over SNAPVEIL_VM_SHARDS guests (default 2) that
-# run at once, each a run of this script with its share of the files as patterns: a TCG
-# guest runs mostly one vCPU at a time, so two keep both host cores busy. The last line
-# then sums their tallies.
+# run at once, each a run of this script with its share of the files as patterns (by
+# each file's `# seconds: N` line, so that the guests end about together): a TCG guest
+# runs mostly one vCPU at a time, so two keep both host cores busy. The last line then
+# sums their tallies.
 # Env: SNAPVEIL_BIN   binary under test (default target/debug/snapveil; `make test-vm`
 #                     builds it). Host and guest are both bookworm (glibc 2.36).
 #      SNAPVEIL_VM_LOG  copy of the whole guest output (default target/vm-test.log)
@@ -26,9 +27,21 @@ if (($# == 0)) && ((SHARDS > 1)) && [[ -z ${SNAPVEIL_VM_SHARD:-} ]]; then
     mapfile -t files < <(cd "$REPO/tests/vm" && printf '%s\n' [0-9][0-9]-*.sh | sed 's/\.sh$//')
     outs=() pids=()
     trap 'kill "${pids[@]}" 2>/dev/null; wait' TERM INT
+    # Longest first, each to the guest with the least so far, by the `# seconds: N` line
+    # of each file (its time under TCG; 60 without one): the tier lasts as long as its
+    # slowest guest.
+    secs() { s=$(sed -n 's/^# seconds: \([0-9][0-9]*\)$/\1/p' "$REPO/tests/vm/$1.sh" | head -n 1) && echo "${s:-60}"; }
+    mapfile -t files < <(for f in "${files[@]}"; do echo "$(secs "$f") $f"; done | sort -k1,1nr -k2 | cut -d' ' -f2)
+    declare -A part load
+    for ((k = 0; k < SHARDS; k++)); do load[$k]=0 part[$k]=; done
+    for f in "${files[@]}"; do
+        best=0
+        for ((k = 1; k < SHARDS; k++)); do ((load[$k] < load[$best])) && best=$k; done
+        load[$best]=$((load[$best] + $(secs "$f")))
+        part[$best]+=" $f"
+    done
     for ((k = 0; k < SHARDS; k++)); do
-        sel=()
-        for i in "${!files[@]}"; do ((i % SHARDS == k)) && sel+=("${files[$i]}"); done
+        read -r -a sel <<<"${part[$k]}"
         ((${#sel[@]})) || continue
         out=$(mktemp "/tmp/snapveil-vm-shard$k.XXXXXX")
         outs+=("$out")

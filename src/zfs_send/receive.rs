@@ -16,6 +16,7 @@
 use crate::config::{Job, RawOptions};
 use crate::exec::{shell_line, Cmd, CommandError, Runner};
 use crate::target::ZfsAddress;
+use std::collections::BTreeMap;
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,19 @@ pub enum ReceiveError {
         dest: String,
         have: String,
     },
+    #[error(
+        "the first transfer into {dest} stopped before {missing} received anything: an \
+         increment cannot create them, and zfs receive takes the tree again only into an \
+         empty place (nothing there was changed). Destroy it on the target (zfs destroy -r) \
+         and run again, or set force = true in the job to have snapveil do that (only while \
+         the target holds nothing the source lacks)"
+    )]
+    FirstTreeCut { dest: String, missing: String },
+    #[error(
+        "{dest} holds {snap}, which the source does not have (by guid): force = true \
+         destroys a half-received tree only when nothing there would be lost"
+    )]
+    WouldLose { dest: String, snap: String },
     #[error("{0} already exists: restore into a new dataset (nothing was changed)")]
     IntoExists(String),
 }
@@ -58,6 +72,22 @@ pub struct TargetSnap {
     pub name: String,
     pub guid: u64,
     pub createtxg: u64,
+}
+
+/// The target's snapshots as a run found them: DEST's own, and for a recursive job those
+/// of the datasets under DEST, by path relative to DEST (`logs`, `logs/old`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnTarget {
+    pub own: Vec<TargetSnap>,
+    pub children: BTreeMap<String, Vec<TargetSnap>>,
+}
+
+/// `ds` relative to `root`: `""` for `root` itself, `a/b` for `root/a/b`, `None` outside.
+fn relative<'a>(root: &str, ds: &'a str) -> Option<&'a str> {
+    if ds == root {
+        return Some("");
+    }
+    ds.strip_prefix(root)?.strip_prefix('/')
 }
 
 /// A snapshot or bookmark of the source: `DS@NAME` or `DS#NAME`.
@@ -160,7 +190,31 @@ impl<'a> Receiver<'a> {
     /// # Errors
     /// The listing failed for another reason, or did not parse.
     pub fn snapshots(&self) -> Result<Option<Vec<TargetSnap>>, ReceiveError> {
-        let cmd = self.zfs(&[
+        Ok(self
+            .list_snapshots(&["-d", "1"])?
+            .map(|mut t| t.remove("").unwrap_or_default()))
+    }
+
+    /// The snapshots of DEST and of every dataset under it, by path relative to DEST
+    /// (`""` for DEST itself), oldest first; `None` when DEST does not exist. What a
+    /// recursive job checks a replication stream against: one cut in a child leaves DEST
+    /// with the new snapshot and the children after it without.
+    ///
+    /// # Errors
+    /// As [`Receiver::snapshots`].
+    pub fn tree(&self) -> Result<Option<OnTarget>, ReceiveError> {
+        Ok(self.list_snapshots(&["-r"])?.map(|mut t| OnTarget {
+            own: t.remove("").unwrap_or_default(),
+            children: t,
+        }))
+    }
+
+    /// `zfs list -t snapshot DEPTH DEST` on the target, by dataset relative to DEST.
+    fn list_snapshots(
+        &self,
+        depth: &[&str],
+    ) -> Result<Option<BTreeMap<String, Vec<TargetSnap>>>, ReceiveError> {
+        let mut args = vec![
             "list",
             "-H",
             "-p",
@@ -168,15 +222,14 @@ impl<'a> Receiver<'a> {
             "name,guid,createtxg",
             "-t",
             "snapshot",
-            "-d",
-            "1",
-            self.dest(),
-        ]);
+        ];
+        args.extend_from_slice(depth);
+        args.push(self.dest());
+        let cmd = self.zfs(&args);
         let Some(out) = self.unless_missing(&cmd)? else {
             return Ok(None);
         };
-        let prefix = format!("{}@", self.dest());
-        let mut v = Vec::new();
+        let mut by_ds: BTreeMap<String, Vec<TargetSnap>> = BTreeMap::new();
         for line in out.stdout_str().lines().filter(|l| !l.is_empty()) {
             let bad = || ReceiveError::Parse {
                 cmd: cmd.to_string(),
@@ -186,17 +239,22 @@ impl<'a> Receiver<'a> {
             let (Some(name), Some(guid), Some(txg)) = (f.next(), f.next(), f.next()) else {
                 return Err(bad());
             };
-            let Some(short) = name.strip_prefix(&prefix) else {
+            let Some((ds, short)) = name.split_once('@') else {
+                return Err(bad());
+            };
+            let Some(rel) = relative(self.dest(), ds) else {
                 continue;
             };
-            v.push(TargetSnap {
+            by_ds.entry(rel.to_string()).or_default().push(TargetSnap {
                 name: short.to_string(),
                 guid: guid.parse().map_err(|_| bad())?,
                 createtxg: txg.parse().map_err(|_| bad())?,
             });
         }
-        v.sort_by_key(|s| s.createtxg);
-        Ok(Some(v))
+        for v in by_ds.values_mut() {
+            v.sort_by_key(|s| s.createtxg);
+        }
+        Ok(Some(by_ds))
     }
 
     /// This job's snapshots (`snapveil-JOB-STAMP`) on the target, oldest first.
@@ -233,13 +291,64 @@ impl<'a> Receiver<'a> {
         Ok((!t.is_empty() && t != "-").then_some(t))
     }
 
+    /// The resume tokens an interrupted receive left: DEST's alone, or for a recursive
+    /// job those of every dataset under DEST too (a replication stream cut in a child
+    /// leaves the token on that child), parents first, as `(dataset, token)`.
+    ///
+    /// # Errors
+    /// As [`Receiver::resume_token`].
+    pub fn resume_tokens(&self, recursive: bool) -> Result<Vec<(String, String)>, ReceiveError> {
+        if !recursive {
+            return Ok(self
+                .resume_token()?
+                .map(|t| (self.dest().to_string(), t))
+                .into_iter()
+                .collect());
+        }
+        let cmd = self.zfs(&[
+            "get",
+            "-H",
+            "-p",
+            "-r",
+            "-t",
+            "filesystem,volume",
+            "-o",
+            "name,value",
+            "receive_resume_token",
+            self.dest(),
+        ]);
+        let Some(out) = self.unless_missing(&cmd)? else {
+            return Ok(Vec::new());
+        };
+        let mut v = Vec::new();
+        for line in out.stdout_str().lines().filter(|l| !l.is_empty()) {
+            let Some((ds, token)) = line.split_once('\t') else {
+                return Err(ReceiveError::Parse {
+                    cmd: cmd.to_string(),
+                    line: line.to_string(),
+                });
+            };
+            let token = token.trim();
+            if relative(self.dest(), ds).is_some() && !token.is_empty() && token != "-" {
+                v.push((ds.to_string(), token.to_string()));
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
     /// `zfs receive -s -u [-F] DEST` on the target.
     fn receive_cmd(&self, force: bool) -> Cmd {
+        self.receive_into(self.dest(), force)
+    }
+
+    /// `zfs receive -s -u [-F] DATASET` on the target (DEST, or a child that resumes).
+    fn receive_into(&self, dataset: &str, force: bool) -> Cmd {
         let mut args = vec!["receive", "-s", "-u"];
         if force {
             args.push("-F");
         }
-        args.push(self.dest());
+        args.push(dataset);
         self.zfs(&args).cancellable(0)
     }
 
@@ -434,44 +543,74 @@ fn base_gone(e: &ReceiveError) -> bool {
         || c.stderr().contains("no longer the same snapshot"))
 }
 
-/// Before a run's send: completes an interrupted receive from DEST's resume token. When
-/// the source no longer has what the token names, the partial state is aborted on the
-/// target (`zfs receive -A DEST`, a warning) and the run sends normally. Returns the
-/// bytes a resume sent.
+/// Before a run's send: completes each interrupted receive from its resume token (DEST's,
+/// and for a recursive job its children's). When the source no longer has what a token
+/// names, that partial state is aborted on the target (`zfs receive -A`, a warning) and
+/// the run sends normally. Returns the bytes the resumes sent.
 ///
 /// # Errors
-/// The resume (or the abort) failed for any other reason.
-pub fn resume(rx: &Receiver<'_>, opts: &RawOptions) -> Result<Option<u64>, ReceiveError> {
-    let Some(token) = rx.resume_token()? else {
-        return Ok(None);
-    };
-    tracing::info!(dest = %rx.addr, "an interrupted receive left a resume token: resuming it first");
-    let send = rx.local().args(["send", "-t", &token]).cancellable(0);
-    match pipe(rx.runner, &send, &rx.receive_cmd(opts.force)) {
-        Ok(n) => {
-            tracing::info!(bytes = n, "the interrupted receive is complete");
-            Ok(Some(n))
+/// A resume (or an abort) failed for any other reason.
+pub fn resume(
+    rx: &Receiver<'_>,
+    opts: &RawOptions,
+    recursive: bool,
+) -> Result<Option<u64>, ReceiveError> {
+    let mut sent = None;
+    for (dataset, token) in rx.resume_tokens(recursive)? {
+        tracing::info!(%dataset, "an interrupted receive left a resume token: resuming it first");
+        let send = rx.local().args(["send", "-t", &token]).cancellable(0);
+        match pipe(rx.runner, &send, &rx.receive_into(&dataset, opts.force)) {
+            Ok(n) => {
+                tracing::info!(bytes = n, %dataset, "the interrupted receive is complete");
+                *sent.get_or_insert(0) += n;
+            }
+            Err(e) if base_gone(&e) => {
+                let why = e.to_string();
+                let why = why
+                    .lines()
+                    .find(|l| l.contains("no longer"))
+                    .unwrap_or("")
+                    .trim();
+                tracing::warn!(
+                    "cannot resume the interrupted receive into {dataset}: the source no \
+                     longer has what it started from ({why}). Aborting it on the target (zfs \
+                     receive -A {dataset}) and sending anew"
+                );
+                rx.zfs(&["receive", "-A", &dataset])
+                    .run_checked(rx.runner)?;
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) if base_gone(&e) => {
-            let why = e.to_string();
-            let why = why
-                .lines()
-                .find(|l| l.contains("no longer"))
-                .unwrap_or("")
-                .trim();
-            tracing::warn!(
-                "cannot resume the interrupted receive into {}: the source no longer has what \
-                 it started from ({why}). Aborting it on the target (zfs receive -A {}) and \
-                 sending anew",
-                rx.addr,
-                rx.dest()
-            );
-            rx.zfs(&["receive", "-A", rx.dest()])
-                .run_checked(rx.runner)?;
-            Ok(None)
-        }
-        Err(e) => Err(e),
     }
+    Ok(sent)
+}
+
+/// Why the source's `snap` must outlive a send to this target that failed: a receive
+/// left a resume token (the next run resumes it, which needs the snapshot), or the target
+/// holds the snapshot already (a replication stream cut between two datasets, or a
+/// receive that failed after it was complete), so the next run's increment must start
+/// from it. `None`: nothing of it arrived, and the snapshot is nobody's base.
+///
+/// # Errors
+/// Asking the target failed.
+pub fn left_on_target(
+    rx: &Receiver<'_>,
+    recursive: bool,
+    snap: &str,
+) -> Result<Option<&'static str>, ReceiveError> {
+    if !rx.resume_tokens(recursive)?.is_empty() {
+        return Ok(Some("the target saved the interrupted receive"));
+    }
+    let has = rx
+        .snapshots()?
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.name == snap);
+    Ok(has.then_some(if recursive {
+        "the target holds it in part of the tree"
+    } else {
+        "the target holds it already"
+    }))
 }
 
 /// What a run learned before its hooks: how the dataset goes (raw or, trusted, plain),
@@ -482,7 +621,7 @@ pub fn resume(rx: &Receiver<'_>, opts: &RawOptions) -> Result<Option<u64>, Recei
 pub struct Prepared {
     pub raw: bool,
     pub resumed: u64,
-    pub on_target: Vec<TargetSnap>,
+    pub on_target: OnTarget,
     pub contents: crate::target::Contents,
 }
 
@@ -500,10 +639,18 @@ pub fn prepare(
 ) -> Result<Prepared, ReceiveError> {
     let opts = job.raw.clone().unwrap_or_default();
     let raw = raw_or_refuse(enc, dataset)?;
-    let resumed = resume(rx, &opts)?.unwrap_or(0);
+    let recursive = job.snapshot.recursive;
+    let resumed = resume(rx, &opts, recursive)?.unwrap_or(0);
     let mut contents = crate::target::Contents::default();
-    let on_target = rx.snapshots()?.unwrap_or_default();
-    for t in &on_target {
+    let on_target = if recursive {
+        rx.tree()?.unwrap_or_default()
+    } else {
+        OnTarget {
+            own: rx.snapshots()?.unwrap_or_default(),
+            children: BTreeMap::new(),
+        }
+    };
+    for t in &on_target.own {
         if let Some(stamp) = crate::snapshot::parse_name(&job.name, &t.name) {
             contents.note(stamp, format!("{}@{}", rx.dest(), t.name));
             contents.taken.insert(stamp.to_string());
@@ -527,21 +674,34 @@ pub struct Received {
 /// Sends `DATASET@SNAP` to the target: the increment from the guid-matched base among
 /// `on_target` (the target's snapshots as [`prepare`] listed them), or a full stream when
 /// the target holds nothing of it yet. Should the target have changed since, `zfs
-/// receive` refuses the stream and nothing is lost.
+/// receive` refuses the stream and nothing is lost. A recursive job first completes a
+/// replication stream an earlier run left half received ([`complete_tree`]).
 ///
 /// # Errors
 /// Listing the source, no common base, or the transfer failing.
 pub fn send(
     rx: &Receiver<'_>,
     opts: &RawOptions,
-    on_target: &[TargetSnap],
+    on_target: &OnTarget,
     dataset: &str,
     snap: &str,
     raw: bool,
     recursive: bool,
 ) -> Result<Received, ReceiveError> {
     let source = source_entries(rx.runner, &rx.zfs, dataset)?;
-    let base = pick_base(&rx.addr.to_string(), dataset, on_target, &source, recursive)?;
+    let base = pick_base(
+        &rx.addr.to_string(),
+        dataset,
+        &on_target.own,
+        &source,
+        recursive,
+    )?;
+    let mut bytes = 0;
+    if recursive {
+        if let Some(b) = &base {
+            bytes += complete_tree(rx, opts, on_target, &source, dataset, b, raw)?;
+        }
+    }
     let mut send = rx.local().arg("send");
     if raw {
         send = send.arg("-w");
@@ -561,9 +721,199 @@ pub fn send(
         tracing::info!("sending a full stream (the target holds nothing of {dataset} yet)");
     }
     let send = send.arg(format!("{dataset}@{snap}")).cancellable(0);
-    let bytes = pipe(rx.runner, &send, &rx.receive_cmd(opts.force))?;
+    bytes += pipe(rx.runner, &send, &rx.receive_cmd(opts.force))?;
     tracing::info!(bytes, dest = %rx.addr, "received on the target");
     Ok(Received { base, bytes })
+}
+
+/// The source's snapshots under `dataset` (`zfs list -t snapshot -r`), by dataset
+/// relative to it.
+///
+/// # Errors
+/// The listing failed or did not parse.
+fn source_tree(
+    runner: &dyn Runner,
+    zfs: &std::path::Path,
+    dataset: &str,
+) -> Result<BTreeMap<String, Vec<SourceEntry>>, ReceiveError> {
+    let cmd = Cmd::new(zfs).args([
+        "list",
+        "-H",
+        "-p",
+        "-o",
+        "name,guid",
+        "-t",
+        "snapshot",
+        "-r",
+        dataset,
+    ]);
+    let out = cmd.run_checked(runner)?;
+    let mut by_ds: BTreeMap<String, Vec<SourceEntry>> = BTreeMap::new();
+    for line in out.stdout_str().lines().filter(|l| !l.is_empty()) {
+        let bad = || ReceiveError::Parse {
+            cmd: cmd.to_string(),
+            line: line.to_string(),
+        };
+        let (name, guid) = line.split_once('\t').ok_or_else(bad)?;
+        let ds = name.split_once('@').ok_or_else(bad)?.0;
+        let Some(rel) = relative(dataset, ds) else {
+            continue;
+        };
+        by_ds.entry(rel.to_string()).or_default().push(SourceEntry {
+            name: name.to_string(),
+            guid: guid.trim().parse().map_err(|_| bad())?,
+        });
+    }
+    Ok(by_ds)
+}
+
+/// The source's datasets under DATASET that have snapshot `snap` while their replica on
+/// the target does not (or holds another snapshot of that name), by relative path.
+fn missing_children(
+    snap: &str,
+    source: &BTreeMap<String, Vec<SourceEntry>>,
+    on_target: &OnTarget,
+) -> Vec<String> {
+    source
+        .iter()
+        .filter(|(rel, _)| !rel.is_empty())
+        .filter_map(|(rel, entries)| {
+            let want = entries
+                .iter()
+                .find(|e| e.name.split_once('@').map(|(_, s)| s) == Some(snap))?;
+            let has = on_target
+                .children
+                .get(rel)
+                .is_some_and(|v| v.iter().any(|t| t.name == snap && t.guid == want.guid));
+            (!has).then(|| rel.clone())
+        })
+        .collect()
+}
+
+/// The datasets under DEST (relative paths) that lack `snap` although the source's
+/// counterparts have it: what [`complete_tree`] would send again.
+///
+/// # Errors
+/// Listing either side.
+fn unfinished(rx: &Receiver<'_>, dataset: &str, snap: &str) -> Result<Vec<String>, ReceiveError> {
+    let tree = source_tree(rx.runner, &rx.zfs, dataset)?;
+    let on_target = rx.tree()?.unwrap_or_default();
+    Ok(missing_children(snap, &tree, &on_target))
+}
+
+/// A replication stream (`zfs send -R`) is received dataset by dataset, parent first: cut
+/// half way, it leaves DEST with the new snapshot and the children after the cut without
+/// it, so the next increment from there would fail in those children for ever. When
+/// `base` is such a snapshot, this sends the stream that made it once more, from the
+/// newest earlier snapshot every dataset has (or in full): `zfs receive` keeps the
+/// snapshots the target already has and adds the missing ones. Returns the bytes sent.
+///
+/// # Errors
+/// Listing the source, or the transfer failing.
+fn complete_tree(
+    rx: &Receiver<'_>,
+    opts: &RawOptions,
+    on_target: &OnTarget,
+    source: &[SourceEntry],
+    dataset: &str,
+    base: &Base,
+    raw: bool,
+) -> Result<u64, ReceiveError> {
+    let tree = source_tree(rx.runner, &rx.zfs, dataset)?;
+    let missing = missing_children(&base.on_target, &tree, on_target);
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let older = on_target
+        .own
+        .iter()
+        .take_while(|t| t.name != base.on_target)
+        .filter(|t| {
+            let name = format!("{dataset}@{}", t.name);
+            source.iter().any(|s| s.guid == t.guid && s.name == name)
+        })
+        .filter(|t| missing_children(&t.name, &tree, on_target).is_empty())
+        .last();
+    let missing = missing
+        .iter()
+        .map(|m| format!("{}/{m}", rx.dest()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(older) = older else {
+        return first_tree_again(rx, opts, on_target, &tree, base, raw, &missing);
+    };
+    tracing::warn!(
+        "the last transfer into {} stopped before {missing} received {}: sending it once \
+         more first, from {} (the target keeps what it has)",
+        rx.addr,
+        base.on_target,
+        older.name,
+    );
+    let mut send = rx.local().arg("send");
+    if raw {
+        send = send.arg("-w");
+    }
+    let from = format!("{dataset}@{}", older.name);
+    let send = send.args(["-R", "-i", &from, &base.from]).cancellable(0);
+    pipe(rx.runner, &send, &rx.receive_cmd(opts.force))
+}
+
+/// The first stream of a tree, cut before the children in `missing` were created: an
+/// increment cannot create them, and `zfs receive` (even with `-F`: "destination has
+/// snapshots") takes the whole tree again only into an empty place. Refused, unless the
+/// job sets `force` and every snapshot there is one the source has (by guid), so that
+/// nothing is lost: then DEST is destroyed on the target and the tree sent in full.
+///
+/// # Errors
+/// [`ReceiveError::FirstTreeCut`], [`ReceiveError::WouldLose`], or the commands failing.
+fn first_tree_again(
+    rx: &Receiver<'_>,
+    opts: &RawOptions,
+    on_target: &OnTarget,
+    source: &BTreeMap<String, Vec<SourceEntry>>,
+    base: &Base,
+    raw: bool,
+    missing: &str,
+) -> Result<u64, ReceiveError> {
+    if !opts.force {
+        return Err(ReceiveError::FirstTreeCut {
+            dest: rx.addr.to_string(),
+            missing: missing.to_string(),
+        });
+    }
+    let own = std::iter::once(("", &on_target.own));
+    let all = own.chain(on_target.children.iter().map(|(r, v)| (r.as_str(), v)));
+    for (rel, snaps) in all {
+        let has = source.get(rel);
+        let unique = snaps
+            .iter()
+            .find(|t| !has.is_some_and(|h| h.iter().any(|e| e.guid == t.guid)));
+        if let Some(t) = unique {
+            let ds = if rel.is_empty() {
+                rx.dest().to_string()
+            } else {
+                format!("{}/{rel}", rx.dest())
+            };
+            return Err(ReceiveError::WouldLose {
+                dest: rx.addr.to_string(),
+                snap: format!("{ds}@{}", t.name),
+            });
+        }
+    }
+    tracing::warn!(
+        "the first transfer into {} stopped before {missing} received anything: destroying \
+         what it left there (force = true; the source has all of it) and sending the tree \
+         again",
+        rx.addr
+    );
+    rx.zfs(&["destroy", "-r", rx.dest()])
+        .run_checked(rx.runner)?;
+    let mut send = rx.local().arg("send");
+    if raw {
+        send = send.arg("-w");
+    }
+    let send = send.args(["-R", &base.from]).cancellable(0);
+    pipe(rx.runner, &send, &rx.receive_cmd(opts.force))
 }
 
 /// One of this job's snapshots on the target, and whether retention keeps it.
@@ -698,10 +1048,20 @@ pub fn listing(rx: &Receiver<'_>, job: &Job, dataset: &str) -> Result<String, Re
             note.join("; ")
         ));
     }
-    if rx.resume_token()?.is_some() {
-        s.push_str(
-            "note: an interrupted receive is pending (resume token): the next run resumes it\n",
-        );
+    for (ds, _) in rx.resume_tokens(job.snapshot.recursive)? {
+        s.push_str(&format!(
+            "note: an interrupted receive into {ds} is pending (resume token): the next run resumes it\n"
+        ));
+    }
+    if job.snapshot.recursive {
+        if let Some(c) = common {
+            for m in unfinished(rx, dataset, c)? {
+                s.push_str(&format!(
+                    "note: {}/{m} lacks {c} (a transfer stopped half way): the next run sends it again\n",
+                    rx.dest()
+                ));
+            }
+        }
     }
     Ok(s)
 }
@@ -756,11 +1116,26 @@ pub fn verify(
             rx.addr
         ));
     }
-    if rx.resume_token()?.is_some() {
+    for (ds, _) in rx.resume_tokens(job.snapshot.recursive)? {
         bad.push(format!(
-            "{}: an interrupted receive is pending (the next run resumes it)",
-            rx.addr
+            "{ds}: an interrupted receive is pending (the next run resumes it)"
         ));
+    }
+    if job.snapshot.recursive {
+        let common = on_target
+            .iter()
+            .rev()
+            .find(|t| source.iter().any(|e| e.guid == t.guid));
+        if let Some(c) = common {
+            for m in unfinished(rx, dataset, &c.name)? {
+                bad.push(format!(
+                    "{}/{m}: lacks {} that {dataset}/{m} has (a transfer stopped half way; \
+                     the next run sends it again)",
+                    rx.dest(),
+                    c.name
+                ));
+            }
+        }
     }
     Ok((ours.len(), bad))
 }

@@ -5,7 +5,9 @@
 # A test file is a sequence of `check DESCRIPTION SNIPPET` lines; every check appends one
 # PASS/FAIL line to $RESULTS, which run.sh counts. A file declares the scratch disks it
 # owns with a `# disks: name:size ...` comment (test-vm.sh creates them); it alone uses
-# them, so a failure in one file cannot leave a pool or VG in another's way.
+# them, so a failure in one file cannot leave a pool or VG in another's way. Its
+# `# seconds: N` line (about its time under TCG) is what test-vm.sh shares the files
+# between its guests by.
 
 : "${RESULTS:?run by tests/vm/run.sh}"
 SHARE=/mnt/host

@@ -3,6 +3,7 @@
 //! OpenZFS.
 use super::*;
 use crate::exec::{scripted::ScriptedRunner, Exit, Output};
+use std::collections::BTreeMap;
 
 const DEST: &str = "pool2/bk/enc";
 
@@ -63,8 +64,11 @@ fn source_list(r: &ScriptedRunner, out: &str) {
 }
 
 /// The target's snapshots, as `prepare` lists them before a run's send.
-fn listed(rx: &Receiver<'_>) -> Vec<TargetSnap> {
-    rx.snapshots().unwrap().unwrap_or_default()
+fn listed(rx: &Receiver<'_>) -> OnTarget {
+    OnTarget {
+        own: rx.snapshots().unwrap().unwrap_or_default(),
+        children: BTreeMap::new(),
+    }
 }
 
 const S2: &str = "snapveil-j-20261130T020000Z";
@@ -77,7 +81,7 @@ fn first_run_sends_a_full_raw_stream_into_zfs_receive_s_u() {
     let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
     token_none(&r);
     assert_eq!(
-        resume(&rx, cfg.jobs[0].raw.as_ref().unwrap()).unwrap(),
+        resume(&rx, cfg.jobs[0].raw.as_ref().unwrap(), false).unwrap(),
         None
     );
     target_list(
@@ -246,7 +250,7 @@ fn an_interrupted_receive_is_resumed_from_its_token() {
         Output::ok(""),
     );
     assert_eq!(
-        resume(&rx, cfg.jobs[0].raw.as_ref().unwrap()).unwrap(),
+        resume(&rx, cfg.jobs[0].raw.as_ref().unwrap(), false).unwrap(),
         Some(4)
     );
 }
@@ -276,7 +280,7 @@ fn a_resume_whose_base_is_gone_is_aborted_with_receive_dash_a_then_sent_anew() {
         Output::fail(1, "cannot receive: failed to read from stream\n"),
     );
     r.expect(&remote(&format!("zfs receive -A {DEST}")), Output::ok(""));
-    assert_eq!(resume(&rx, opts).unwrap(), None);
+    assert_eq!(resume(&rx, opts, false).unwrap(), None);
     // Then the run's normal send: here a full one (the aborted one was the first).
     target_list(
         &r,
@@ -315,7 +319,7 @@ fn a_resume_that_fails_otherwise_keeps_the_receive_state() {
             stderr: b"ssh: connect to host nas port 2222: Connection refused\n".to_vec(),
         },
     );
-    let e = resume(&rx, cfg.jobs[0].raw.as_ref().unwrap())
+    let e = resume(&rx, cfg.jobs[0].raw.as_ref().unwrap(), false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("Connection refused"), "{e}");
@@ -448,4 +452,301 @@ fn zfs_targets_are_for_raw_jobs_without_age_only() {
                 mode = \"zfs-raw\"\nsource = \"zfs:t/d\"\n";
     let cfg = crate::config::load_str(std::path::Path::new("/c.toml"), dflt).unwrap();
     assert_eq!(cfg.jobs[0].target.to_string(), "zfs:///tank2/bk/r");
+}
+
+/// A recursive job's `zfs get -r` of the resume tokens under DEST.
+fn tokens_r(r: &ScriptedRunner, out: &str) {
+    r.expect(
+        &remote(&format!(
+            "zfs get -H -p -r -t filesystem,volume -o name,value receive_resume_token {DEST}"
+        )),
+        Output::ok(out),
+    );
+}
+
+/// A recursive job's `zfs list -r` of the snapshots under DEST.
+fn target_tree(r: &ScriptedRunner, out: &str) {
+    r.expect(
+        &remote(&format!(
+            "zfs list -H -p -o name,guid,createtxg -t snapshot -r {DEST}"
+        )),
+        Output::ok(out),
+    );
+}
+
+fn source_tree_list(r: &ScriptedRunner, out: &str) {
+    r.expect(
+        &[
+            "zfs",
+            "list",
+            "-H",
+            "-p",
+            "-o",
+            "name,guid",
+            "-t",
+            "snapshot",
+            "-r",
+            "tank/enc",
+        ],
+        Output::ok(out),
+    );
+}
+
+const S1: &str = "snapveil-j-20261129T020000Z";
+const S0: &str = "snapveil-j-20261128T020000Z";
+
+#[test]
+fn a_recursive_job_resumes_every_child_that_holds_a_token() {
+    let cfg = config("[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let r = ScriptedRunner::new();
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    tokens_r(
+        &r,
+        &format!("{DEST}\t-\n{DEST}/vault\t1-vault-tok\n{DEST}/logs\t1-logs-tok\n{DEST}/zz\t-\n"),
+    );
+    // Parents first, by name: logs before vault.
+    r.expect(&["zfs", "send", "-t", "1-logs-tok"], Output::ok("LOGS"));
+    r.expect(
+        &remote(&format!("zfs receive -s -u {DEST}/logs")),
+        Output::ok(""),
+    );
+    r.expect(&["zfs", "send", "-t", "1-vault-tok"], Output::ok("VAULT!"));
+    r.expect(
+        &remote(&format!("zfs receive -s -u {DEST}/vault")),
+        Output::ok(""),
+    );
+    assert_eq!(
+        resume(&rx, cfg.jobs[0].raw.as_ref().unwrap(), true).unwrap(),
+        Some(10)
+    );
+}
+
+#[test]
+fn a_replication_stream_cut_in_a_child_is_sent_again_before_the_next_increment() {
+    let cfg = config("[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let r = ScriptedRunner::new();
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    // S0 reached everything; the run of S1 was cut after DEST and `logs`: `zz` lacks S1.
+    // `new`, created on the source after S0, is in S1's stream too.
+    target_tree(
+        &r,
+        &format!(
+            "{DEST}@{S0}\t10\t100\n{DEST}@{S1}\t11\t200\n{DEST}/logs@{S0}\t20\t100\n\
+             {DEST}/logs@{S1}\t21\t200\n{DEST}/zz@{S0}\t30\t100\n"
+        ),
+    );
+    let on_target = rx.tree().unwrap().unwrap();
+    assert_eq!(on_target.own.len(), 2);
+    assert_eq!(on_target.children["zz"].len(), 1);
+    source_list(
+        &r,
+        &format!("tank/enc@{S0}\t10\ntank/enc@{S1}\t11\ntank/enc@{S2}\t12\n"),
+    );
+    source_tree_list(
+        &r,
+        &format!(
+            "tank/enc@{S0}\t10\ntank/enc@{S1}\t11\ntank/enc@{S2}\t12\n\
+             tank/enc/logs@{S0}\t20\ntank/enc/logs@{S1}\t21\ntank/enc/logs@{S2}\t22\n\
+             tank/enc/zz@{S0}\t30\ntank/enc/zz@{S1}\t31\ntank/enc/zz@{S2}\t32\n\
+             tank/enc/new@{S1}\t41\ntank/enc/new@{S2}\t42\n"
+        ),
+    );
+    r.expect(
+        &[
+            "zfs",
+            "send",
+            "-w",
+            "-R",
+            "-i",
+            &format!("tank/enc@{S0}"),
+            &format!("tank/enc@{S1}"),
+        ],
+        Output::ok("AGAIN"),
+    );
+    r.expect(
+        &remote(&format!("zfs receive -s -u {DEST}")),
+        Output::ok(""),
+    );
+    r.expect(
+        &[
+            "zfs",
+            "send",
+            "-w",
+            "-R",
+            "-i",
+            &format!("tank/enc@{S1}"),
+            &format!("tank/enc@{S2}"),
+        ],
+        Output::ok("NEXT"),
+    );
+    r.expect(
+        &remote(&format!("zfs receive -s -u {DEST}")),
+        Output::ok(""),
+    );
+    let got = send(
+        &rx,
+        cfg.jobs[0].raw.as_ref().unwrap(),
+        &on_target,
+        "tank/enc",
+        S2,
+        true,
+        true,
+    )
+    .unwrap();
+    assert_eq!(got.bytes, 9, "both streams count");
+    assert_eq!(got.base.unwrap().on_target, S1);
+}
+
+#[test]
+fn a_complete_tree_is_not_sent_again() {
+    let cfg = config("[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let r = ScriptedRunner::new();
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    target_tree(
+        &r,
+        &format!("{DEST}@{S1}\t11\t200\n{DEST}/logs@{S1}\t21\t200\n"),
+    );
+    let on_target = rx.tree().unwrap().unwrap();
+    source_list(&r, &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\n"));
+    // A child destroyed on the target but not on the source would be missing; one the
+    // source no longer has (`gone`) is not looked at.
+    source_tree_list(
+        &r,
+        &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\ntank/enc/logs@{S1}\t21\ntank/enc/logs@{S2}\t22\n"),
+    );
+    r.expect(
+        &[
+            "zfs",
+            "send",
+            "-w",
+            "-R",
+            "-i",
+            &format!("tank/enc@{S1}"),
+            &format!("tank/enc@{S2}"),
+        ],
+        Output::ok("NEXT"),
+    );
+    r.expect(
+        &remote(&format!("zfs receive -s -u {DEST}")),
+        Output::ok(""),
+    );
+    let opts = cfg.jobs[0].raw.as_ref().unwrap();
+    assert_eq!(
+        send(&rx, opts, &on_target, "tank/enc", S2, true, true)
+            .unwrap()
+            .bytes,
+        4
+    );
+}
+
+#[test]
+fn a_first_replication_stream_cut_in_a_child_is_refused_without_force() {
+    let cfg = config("[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let r = ScriptedRunner::new();
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    target_tree(&r, &format!("{DEST}@{S1}\t11\t200\n"));
+    let on_target = rx.tree().unwrap().unwrap();
+    source_list(&r, &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\n"));
+    source_tree_list(
+        &r,
+        &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\ntank/enc/logs@{S1}\t21\n"),
+    );
+    let opts = cfg.jobs[0].raw.as_ref().unwrap();
+    let e = send(&rx, opts, &on_target, "tank/enc", S2, true, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("{DEST}/logs")) && e.contains("force = true"),
+        "{e}"
+    );
+    // Nothing was sent: the ScriptedRunner would have panicked on a `zfs send`.
+
+    // With force, but DEST holds a snapshot the source lacks: refused, nothing destroyed.
+    let cfg = config("force = true\n[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    let mut odd = on_target.clone();
+    odd.own.insert(
+        0,
+        TargetSnap {
+            name: "theirs".into(),
+            guid: 99,
+            createtxg: 1,
+        },
+    );
+    source_list(&r, &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\n"));
+    source_tree_list(
+        &r,
+        &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\ntank/enc/logs@{S1}\t21\n"),
+    );
+    let opts = cfg.jobs[0].raw.as_ref().unwrap();
+    let e = send(&rx, opts, &odd, "tank/enc", S2, true, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("{DEST}@theirs")), "{e}");
+
+    // With force, and the source has all of it: DEST destroyed there, the tree sent in
+    // full, then the increment.
+    source_list(&r, &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\n"));
+    source_tree_list(
+        &r,
+        &format!("tank/enc@{S1}\t11\ntank/enc@{S2}\t12\ntank/enc/logs@{S1}\t21\n"),
+    );
+    r.expect(&remote(&format!("zfs destroy -r {DEST}")), Output::ok(""));
+    r.expect(
+        &["zfs", "send", "-w", "-R", &format!("tank/enc@{S1}")],
+        Output::ok("FULL"),
+    );
+    r.expect(
+        &remote(&format!("zfs receive -s -u -F {DEST}")),
+        Output::ok(""),
+    );
+    r.expect(
+        &[
+            "zfs",
+            "send",
+            "-w",
+            "-R",
+            "-i",
+            &format!("tank/enc@{S1}"),
+            &format!("tank/enc@{S2}"),
+        ],
+        Output::ok("NEXT"),
+    );
+    r.expect(
+        &remote(&format!("zfs receive -s -u -F {DEST}")),
+        Output::ok(""),
+    );
+    send(&rx, opts, &on_target, "tank/enc", S2, true, true).unwrap();
+}
+
+#[test]
+fn a_failed_send_keeps_the_snapshot_when_the_target_holds_a_token_or_the_snapshot() {
+    let cfg = config("[job.snapshot]\nrecursive = true\n");
+    let a = addr(&cfg);
+    let r = ScriptedRunner::new();
+    let rx = Receiver::for_job(&r, &cfg, &cfg.jobs[0], &a);
+    tokens_r(&r, &format!("{DEST}\t-\n{DEST}/logs\t1-tok\n"));
+    assert_eq!(
+        left_on_target(&rx, true, S2).unwrap(),
+        Some("the target saved the interrupted receive")
+    );
+    // Cut between two datasets: no token, but DEST has the snapshot.
+    tokens_r(&r, &format!("{DEST}\t-\n"));
+    target_list(
+        &r,
+        Output::ok(format!("{DEST}@{S1}\t11\t1\n{DEST}@{S2}\t12\t2\n")),
+    );
+    assert_eq!(
+        left_on_target(&rx, true, S2).unwrap(),
+        Some("the target holds it in part of the tree")
+    );
+    // Nothing arrived.
+    tokens_r(&r, &format!("{DEST}\t-\n"));
+    target_list(&r, Output::ok(format!("{DEST}@{S1}\t11\t1\n")));
+    assert_eq!(left_on_target(&rx, true, S2).unwrap(), None);
 }
