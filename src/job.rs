@@ -346,9 +346,9 @@ fn run_steps<'a>(
     if prev.is_none() {
         // The manifest hashes every file: the names rsync sent (one per file on a first
         // run) would only add to the run's peak memory while it does.
-        out.sent = Vec::new();
+        out.sent = crate::manifest::PathSet::new();
     }
-    let mut resent = Vec::new();
+    let mut resent = crate::manifest::PathSet::new();
     if !changed.is_empty() {
         tracing::info!(
             files = changed.len(),
@@ -376,9 +376,12 @@ fn run_steps<'a>(
     // What the manifest must hash again: everything rsync sent and everything changed
     // since the last restore point; the rest of current/ is that point's ciphertext.
     let reuse = prev.map(|prev| {
-        let mut rehash: std::collections::HashSet<Vec<u8>> = changed.into_iter().collect();
-        rehash.extend(std::mem::take(&mut out.sent));
-        rehash.extend(resent);
+        let mut rehash = std::mem::take(&mut out.sent);
+        for p in &changed {
+            rehash.insert(p);
+        }
+        rehash.merge(resent);
+        rehash.seal();
         crate::verify::Reuse { prev, rehash }
     });
     let written = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
@@ -488,9 +491,8 @@ pub(crate) fn freeze<'a>(
 fn changed_since(
     walk: &crate::verify::ViewWalk,
     since: Option<i64>,
-    sent: &[Vec<u8>],
+    sent: &crate::manifest::PathSet,
 ) -> Vec<Vec<u8>> {
-    let sent: std::collections::HashSet<&[u8]> = sent.iter().map(Vec::as_slice).collect();
     let mut out: Vec<Vec<u8>> = walk
         .files()
         .filter(|(rel, ctime)| !sent.contains(*rel) && since.is_none_or(|s| *ctime >= s))

@@ -171,20 +171,16 @@ pub struct Reuse {
     /// The last restore point's manifest ([`PrevManifest`]).
     pub prev: PrevManifest,
     /// Paths (relative to the view) to hash again: sent, or changed since that point.
-    pub rehash: std::collections::HashSet<Vec<u8>>,
+    pub rehash: manifest::PathSet,
 }
 
-/// A manifest held for lookups only: (first 16 bytes of the SHA-256 of the path, sha1),
-/// sorted. 36 bytes a file instead of the path itself, so a big tree's last manifest
-/// costs a few MB (issue 13); two of 10 million paths share a key with a chance of
-/// about 1e-25.
+/// A manifest held for lookups only: ([`manifest::path_key`], sha1), sorted. 36 bytes a
+/// file instead of the path itself, so a big tree's last manifest costs a few MB.
 pub struct PrevManifest(Vec<([u8; 16], [u8; 20])>);
 
 impl PrevManifest {
     fn key(path: &[u8]) -> [u8; 16] {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(path);
-        d[..16].try_into().expect("16 bytes")
+        manifest::path_key(path)
     }
 
     /// # Errors

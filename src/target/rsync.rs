@@ -60,8 +60,10 @@ pub struct Outcome {
     pub stats: Stats,
     /// rsync exit 24: some files vanished while it ran (only possible on a `dir:` source).
     pub vanished: bool,
-    /// What rsync sent, as paths relative to the view (directories end in `/`).
-    pub sent: Vec<Vec<u8>>,
+    /// What rsync sent, as paths relative to the view (directories end in `/`), by key:
+    /// a first run sends every file, and their names would weigh more than the rest of
+    /// the run's memory together.
+    pub sent: crate::manifest::PathSet,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -279,7 +281,7 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome,
     let mut child = runner.spawn(&cmd).map_err(RsyncError::Spawn)?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut stats_text = String::new();
-    let mut sent = Vec::new();
+    let mut sent = crate::manifest::PathSet::new();
     while let Ok(Some(line)) = child.read_line() {
         if let Some(name) = line.strip_prefix(b">") {
             let name = name.strip_suffix(b"\n").unwrap_or(name);
@@ -287,11 +289,12 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome,
                 let n: String = String::from_utf8_lossy(name).chars().take(60).collect();
                 eprint!("\r\x1b[2K  {} files sent, {n}", sent.len() + 1);
             }
-            sent.push(unescape(name));
+            sent.insert(&unescape(name));
         } else {
             stats_text.push_str(&String::from_utf8_lossy(&line));
         }
     }
+    sent.seal();
     let files = sent.len();
     if tty && files > 0 {
         eprintln!();
