@@ -495,7 +495,7 @@ fn changed_since(
 ) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = walk
         .files()
-        .filter(|(rel, ctime)| !sent.contains(*rel) && since.is_none_or(|s| *ctime >= s))
+        .filter(|(rel, ctime)| !sent.contains(rel) && since.is_none_or(|s| *ctime >= s))
         .map(|(rel, _)| rel.to_vec())
         .collect();
     out.sort();
