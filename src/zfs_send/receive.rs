@@ -5,10 +5,12 @@
 //! The base is matched by `guid`, not by name: the newest snapshot DEST holds whose guid
 //! the source still has as a snapshot or a bookmark. A DEST with snapshots but none in
 //! common is refused (nothing there is overwritten). An interrupted receive leaves
-//! `receive_resume_token` on DEST; the next run resumes it first (`zfs send -t`), and
-//! when the source no longer has what the token names, aborts it (`zfs receive -A`) with
-//! a warning and sends normally. After a good send, this job's snapshots on DEST are
-//! pruned by the job's retention policy, always keeping the newest common one.
+//! `receive_resume_token` on DEST (in a recursive job, on the child it was in); the next
+//! run resumes it first (`zfs send -t`), and when the source no longer has what the token
+//! names, aborts it (`zfs receive -A`) with a warning and sends normally. A replication
+//! stream cut half way is sent again before the next increment ([`complete_tree`]).
+//! After a good send, this job's snapshots on DEST are pruned by the job's retention
+//! policy, always keeping the newest common one.
 //!
 //! Does not own: the source snapshot and its bookmark ([`super::after_send`]), stream
 //! files on directory targets (the rest of [`super`]).
