@@ -405,6 +405,11 @@ pub fn source_entries(
     if !out.exit.success() {
         return Err(CommandError::failed(&cmd, &out).into());
     }
+    parse_entries(&cmd, &out)
+}
+
+/// The `name<TAB>guid` lines of a `zfs list` of snapshots (and bookmarks).
+fn parse_entries(cmd: &Cmd, out: &crate::exec::Output) -> Result<Vec<SourceEntry>, ReceiveError> {
     out.stdout_str()
         .lines()
         .filter(|l| !l.is_empty())
@@ -751,20 +756,11 @@ fn source_tree(
     ]);
     let out = cmd.run_checked(runner)?;
     let mut by_ds: BTreeMap<String, Vec<SourceEntry>> = BTreeMap::new();
-    for line in out.stdout_str().lines().filter(|l| !l.is_empty()) {
-        let bad = || ReceiveError::Parse {
-            cmd: cmd.to_string(),
-            line: line.to_string(),
-        };
-        let (name, guid) = line.split_once('\t').ok_or_else(bad)?;
-        let ds = name.split_once('@').ok_or_else(bad)?.0;
-        let Some(rel) = relative(dataset, ds) else {
-            continue;
-        };
-        by_ds.entry(rel.to_string()).or_default().push(SourceEntry {
-            name: name.to_string(),
-            guid: guid.trim().parse().map_err(|_| bad())?,
-        });
+    for e in parse_entries(&cmd, &out)? {
+        let ds = e.name.split_once('@').map_or(e.name.as_str(), |(ds, _)| ds);
+        if let Some(rel) = relative(dataset, ds) {
+            by_ds.entry(rel.to_string()).or_default().push(e);
+        }
     }
     Ok(by_ds)
 }
