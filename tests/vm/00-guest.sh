@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The guest itself: the build under test is shared read-only and runs here, and the tools
 # the later files rely on are present (a missing one fails here, loudly, not later).
-# seconds: 16
+# seconds: 9
 . "$(dirname "$0")/lib.sh"
 
 check "9p share of the build mounted read-only at /mnt/host" \

@@ -2,7 +2,7 @@
 # The real OpenZFS the providers rely on: what zfs-fuse cannot show (raw send of an
 # encrypted dataset, resume tokens, bookmarks, holds, .zfs/snapshot) works here.
 # disks: envzfs1:1G envzfs2:1G
-# seconds: 117
+# seconds: 80
 . "$(dirname "$0")/lib.sh"
 PW='correct horse battery staple'
 cleanup() { zpool destroy -f envsrc 2>/dev/null; zpool destroy -f envdst 2>/dev/null; true; }

@@ -3,7 +3,7 @@
 # (ro,nouuid) snapshots of mounted origins stay frozen while the origin changes, and a
 # too-small snapshot overflows into a state LVM reports as invalid.
 # disks: envlvm:1G
-# seconds: 74
+# seconds: 54
 . "$(dirname "$0")/lib.sh"
 VG=envvg
 cleanup() {

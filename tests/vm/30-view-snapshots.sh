@@ -5,7 +5,7 @@
 # changing, and restored with `snapveil decrypt` and with stock gocryptfs (the oracle):
 # both restores must equal the snapshot, not the changed origin.
 # disks: viewzfs:1G viewlvm:1G
-# seconds: 356
+# seconds: 213
 . "$(dirname "$0")/lib.sh"
 VG=viewvg
 KEY=$PWD/key.conf PASS=$PWD/key.pass

@@ -5,7 +5,7 @@
 # datasets, released on every path out, and stale ones removed by `snapveil cleanup` after
 # a kill -9 while user snapshots and look-alikes stay.
 # disks: snapzfs:1G
-# seconds: 174
+# seconds: 111
 # needs: snapshot cleanup
 . "$(dirname "$0")/lib.sh"
 ST=$PWD/state P=snappool DS=snappool/data

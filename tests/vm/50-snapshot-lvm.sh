@@ -5,7 +5,7 @@
 # the snapshot LV is unmounted and removed on every path out (release, SIGTERM, error,
 # and `snapveil cleanup` after a kill -9).
 # disks: snaplvm:1G
-# seconds: 344
+# seconds: 226
 # needs: snapshot cleanup
 . "$(dirname "$0")/lib.sh"
 ST=$PWD/state VG=snapvg

@@ -5,7 +5,7 @@
 # and completes; an LVM snapshot that overflows during the run fails the run, reported,
 # with nothing left behind.
 # disks: runzfs:1G runlvm:1G
-# seconds: 636
+# seconds: 456
 . "$(dirname "$0")/lib.sh"
 P=runpool VG=runvg
 KEY=$PWD/key.conf PASS=$PWD/key.pass ST=$PWD/state CFG=$PWD/c.toml

@@ -8,7 +8,7 @@
 # upgrade to a rebuilt package and `dpkg -r` keep the config and the keys; purge says what
 # it leaves. The packages are built on the host by test-vm.sh from the binary under test.
 # disks: sdzfs:1G sdlvm:1G
-# seconds: 283
+# seconds: 278
 . "$(dirname "$0")/lib.sh"
 unset -f snapveil # README's lines run the installed /usr/bin/snapveil
 P=sdpool VG=sdvg ST=/var/lib/snapveil CONF=/etc/snapveil/snapveil.toml KEYS=/etc/snapveil/keys

@@ -6,7 +6,7 @@
 # the source; its records sealed, an edited one refused (issue 14); an altered stream
 # refused with no dataset left; a plain dataset without age keys is never sent.
 # disks: rawzfs:1G
-# seconds: 175
+# seconds: 188
 # needs: restore
 . "$(dirname "$0")/lib.sh"
 P=rawpool DS=rawpool/secret ST=$PWD/state T=$PWD/target CFG=$PWD/c.toml KEYF=$PWD/zkey

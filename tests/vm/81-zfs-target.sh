@@ -9,7 +9,7 @@
 # refused with nothing sent. (ssh is multiplexed: a handshake costs
 # seconds under TCG.)
 # disks: zttank:1G ztpool2:1G
-# seconds: 366
+# seconds: 301
 . "$(dirname "$0")/lib.sh"
 KEYF=$PWD/zkey CFG=$PWD/c.toml README=$SHARE/README.md
 SSHCONF=/etc/ssh/ssh_config.d/zz-snapveil-vmtest.conf

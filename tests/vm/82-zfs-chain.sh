@@ -9,7 +9,7 @@
 # left (the record's sha1 is sealed, so plain verify names them too); a recursive tree with a child that is its own encryption root, its key unloaded,
 # sent raw and restored bit for bit; a mixed plain/encrypted tree without age keys refused.
 # disks: chainzfs:1G
-# seconds: 275
+# seconds: 298
 . "$(dirname "$0")/lib.sh"
 P=chainpool DS=chainpool/db ST=$PWD/state T=$PWD/target CFG=$PWD/c.toml
 KEYF=$PWD/dbkey TK=$PWD/treekey KK=$PWD/kidkey INFO=$PWD/info

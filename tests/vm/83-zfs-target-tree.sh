@@ -7,7 +7,7 @@
 # the source (guids, contents); a first stream cut in a child refused without `force`
 # (nothing changed) and received over with it.
 # disks: treezfs:1G treezfs2:1G
-# seconds: 200
+# seconds: 299
 . "$(dirname "$0")/lib.sh"
 K1=$PWD/k1 K2=$PWD/k2 CFG=$PWD/c.toml
 SSHCONF=/etc/ssh/ssh_config.d/zz-snapveil-vmtree.conf
