@@ -60,9 +60,9 @@ pub struct Outcome {
     pub stats: Stats,
     /// rsync exit 24: some files vanished while it ran (only possible on a `dir:` source).
     pub vanished: bool,
-    /// What rsync sent, as paths relative to the view (directories end in `/`), by key:
-    /// a first run sends every file, and their names would weigh more than the rest of
-    /// the run's memory together.
+    /// What rsync sent, as paths relative to the view (directories end in `/`), by key
+    /// ([`crate::manifest::path_key`]): a first run sends every file, and 16 bytes a file
+    /// instead of its name keeps that list small (issue 13).
     pub sent: crate::manifest::PathSet,
 }
 
