@@ -211,6 +211,21 @@ impl<'a> Receiver<'a> {
         }))
     }
 
+    /// What a job looks at on the target, in one listing: DEST's snapshots, and for a
+    /// recursive job those of the datasets under it ([`Receiver::tree`]).
+    ///
+    /// # Errors
+    /// As [`Receiver::snapshots`].
+    pub fn on_target(&self, recursive: bool) -> Result<Option<OnTarget>, ReceiveError> {
+        if recursive {
+            return self.tree();
+        }
+        Ok(self.snapshots()?.map(|own| OnTarget {
+            own,
+            children: BTreeMap::new(),
+        }))
+    }
+
     /// `zfs list -t snapshot DEPTH DEST` on the target, by dataset relative to DEST.
     fn list_snapshots(
         &self,
@@ -649,14 +664,7 @@ pub fn prepare(
     let recursive = job.snapshot.recursive;
     let resumed = resume(rx, &opts, recursive)?.unwrap_or(0);
     let mut contents = crate::target::Contents::default();
-    let on_target = if recursive {
-        rx.tree()?.unwrap_or_default()
-    } else {
-        OnTarget {
-            own: rx.snapshots()?.unwrap_or_default(),
-            children: BTreeMap::new(),
-        }
-    };
+    let on_target = rx.on_target(recursive)?.unwrap_or_default();
     for t in &on_target.own {
         if let Some(stamp) = crate::snapshot::parse_name(&job.name, &t.name) {
             contents.note(stamp, format!("{}@{}", rx.dest(), t.name));
@@ -793,10 +801,14 @@ fn missing_children(
 ///
 /// # Errors
 /// Listing either side.
-fn unfinished(rx: &Receiver<'_>, dataset: &str, snap: &str) -> Result<Vec<String>, ReceiveError> {
+fn unfinished(
+    rx: &Receiver<'_>,
+    on_target: &OnTarget,
+    dataset: &str,
+    snap: &str,
+) -> Result<Vec<String>, ReceiveError> {
     let tree = source_tree(rx.runner, &rx.zfs, dataset)?;
-    let on_target = rx.tree()?.unwrap_or_default();
-    Ok(missing_children(snap, &tree, &on_target))
+    Ok(missing_children(snap, &tree, on_target))
 }
 
 /// A replication stream (`zfs send -R`) is received dataset by dataset, parent first: cut
@@ -1015,16 +1027,17 @@ pub fn report(dest: &ZfsAddress, decisions: &[TargetDecision], dry_run: bool) ->
 /// # Errors
 /// Listing either side.
 pub fn listing(rx: &Receiver<'_>, job: &Job, dataset: &str) -> Result<String, ReceiveError> {
-    let on_target = rx.snapshots()?;
+    let listed = rx.on_target(job.snapshot.recursive)?;
     let source = source_entries(rx.runner, &rx.zfs, dataset)?;
     let mut s = format!("target {}\n", rx.addr);
-    let Some(on_target) = on_target else {
+    let Some(listed) = listed else {
         s.push_str(&format!(
             "{} does not exist yet: the next run sends a full stream\n",
             rx.dest()
         ));
         return Ok(s);
     };
+    let on_target = &listed.own;
     let common = on_target
         .iter()
         .rev()
@@ -1053,7 +1066,7 @@ pub fn listing(rx: &Receiver<'_>, job: &Job, dataset: &str) -> Result<String, Re
     }
     if job.snapshot.recursive {
         if let Some(c) = common {
-            for m in unfinished(rx, dataset, c)? {
+            for m in unfinished(rx, &listed, dataset, c)? {
                 s.push_str(&format!(
                     "note: {}/{m} lacks {c} (a transfer stopped half way): the next run sends it again\n",
                     rx.dest()
@@ -1076,7 +1089,8 @@ pub fn verify(
     job: &Job,
     dataset: &str,
 ) -> Result<(usize, Vec<String>), ReceiveError> {
-    let on_target = rx.snapshots()?.unwrap_or_default();
+    let listed = rx.on_target(job.snapshot.recursive)?.unwrap_or_default();
+    let on_target = &listed.own;
     let source = source_entries(rx.runner, &rx.zfs, dataset)?;
     let mut bad = Vec::new();
     let ours: Vec<&TargetSnap> = on_target
@@ -1125,7 +1139,7 @@ pub fn verify(
             .rev()
             .find(|t| source.iter().any(|e| e.guid == t.guid));
         if let Some(c) = common {
-            for m in unfinished(rx, dataset, &c.name)? {
+            for m in unfinished(rx, &listed, dataset, &c.name)? {
                 bad.push(format!(
                     "{}/{m}: lacks {} that {dataset}/{m} has (a transfer stopped half way; \
                      the next run sends it again)",
