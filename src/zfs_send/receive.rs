@@ -392,20 +392,7 @@ pub fn source_entries(
     zfs: &std::path::Path,
     dataset: &str,
 ) -> Result<Vec<SourceEntry>, ReceiveError> {
-    let list = |types: &str| {
-        Cmd::new(zfs).args([
-            "list",
-            "-H",
-            "-p",
-            "-o",
-            "name,guid",
-            "-t",
-            types,
-            "-d",
-            "1",
-            dataset,
-        ])
-    };
+    let list = |types: &str| source_list(zfs, types, &["-d", "1"], dataset);
     let mut cmd = list("snapshot,bookmark");
     let mut out = runner
         .output(&cmd)
@@ -421,6 +408,14 @@ pub fn source_entries(
         return Err(CommandError::failed(&cmd, &out).into());
     }
     parse_entries(&cmd, &out)
+}
+
+/// `zfs list -H -p -o name,guid -t TYPES DEPTH DATASET` on the source.
+fn source_list(zfs: &std::path::Path, types: &str, depth: &[&str], dataset: &str) -> Cmd {
+    Cmd::new(zfs)
+        .args(["list", "-H", "-p", "-o", "name,guid", "-t", types])
+        .args(depth)
+        .arg(dataset)
 }
 
 /// The `name<TAB>guid` lines of a `zfs list` of snapshots (and bookmarks).
@@ -751,17 +746,7 @@ fn source_tree(
     zfs: &std::path::Path,
     dataset: &str,
 ) -> Result<BTreeMap<String, Vec<SourceEntry>>, ReceiveError> {
-    let cmd = Cmd::new(zfs).args([
-        "list",
-        "-H",
-        "-p",
-        "-o",
-        "name,guid",
-        "-t",
-        "snapshot",
-        "-r",
-        dataset,
-    ]);
+    let cmd = source_list(zfs, "snapshot", &["-r"], dataset);
     let out = cmd.run_checked(runner)?;
     let mut by_ds: BTreeMap<String, Vec<SourceEntry>> = BTreeMap::new();
     for e in parse_entries(&cmd, &out)? {
@@ -1117,7 +1102,7 @@ pub fn verify(
         && pick_base(
             &rx.addr.to_string(),
             dataset,
-            &on_target,
+            on_target,
             &source,
             job.snapshot.recursive,
         )
