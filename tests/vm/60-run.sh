@@ -46,7 +46,13 @@ ${3:-}
 EOF
 }
 ours() { zfs list -H -o name -t all -r $P | grep snapveil- || true; lvs --noheadings -o lv_name $VG | grep snapveil- || true; }
-left() { [ -z "$(ours)" ] && ! grep -q " $ST" /proc/self/mountinfo; }
+# left: nothing of ours is left (no snapshot, no mount under the state directory); else it
+# names what is, for the failure's output
+left() {
+    local o m
+    o=$(ours) m=$(grep " $ST" /proc/self/mountinfo)
+    [ -z "$o$m" ] || { echo "left behind: ${o:+snapshots: $o }${m:+mounts: $m}"; return 1; }
+}
 restore_equals() { # TARGET_TREE DIGEST
     rm -rf "$PWD/r" && snapveil decrypt --passfile "$PASS" "$1" "$PWD/r" >/dev/null && [ "$(tree_digest "$PWD/r")" = "$2" ]
 }

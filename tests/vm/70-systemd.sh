@@ -53,7 +53,13 @@ ${2:-}
 EOF
 }
 ours() { zfs list -H -o name -t all -r $P | grep snapveil- || true; lvs --noheadings -o lv_name $VG | grep snapveil- || true; }
-left() { [ -z "$(ours)" ] && ! grep -q " $ST/" /proc/self/mountinfo; }
+# left: nothing of ours is left (no snapshot, no mount under the state directory); else it
+# names what is, for the failure's output
+left() {
+    local o m
+    o=$(ours) m=$(grep " $ST/" /proc/self/mountinfo)
+    [ -z "$o$m" ] || { echo "left behind: ${o:+snapshots: $o }${m:+mounts: $m}"; return 1; }
+}
 cursor() { journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'; }
 # the log of UNIT since CURSOR, message text only
 log_since() { journalctl -u "$1" --after-cursor "$2" -o cat --no-pager; }
@@ -142,8 +148,9 @@ check "systemctl stop during a transfer: done within TimeoutStopSec, not by time
     t0=\$(date +%s) && systemctl stop snapveil@db.service && took=\$(( \$(date +%s) - t0 )) &&
     echo \"stopped in \${took}s (TimeoutStopSec \${limit}s)\" && [ \$took -lt \$limit ] &&
     [ \"\$(systemctl show -p Result --value snapveil@db.service)\" != timeout ] &&
-    ! systemctl is-active -q snapveil@db.service && left &&
-    log_since snapveil@db.service '$c2' | tee j.stop | grep -q 'snapshot released' && grep -q 'encrypted view unmounted' j.stop"
+    ! systemctl is-active -q snapveil@db.service && log_since snapveil@db.service '$c2' >j.stop &&
+    { left || { tail -n 25 j.stop; false; }; } &&
+    grep -q 'snapshot released' j.stop && grep -q 'encrypted view unmounted' j.stop"
 rm -f /mnt/sd-db/big.bin
 systemctl reset-failed 'snapveil*' >/dev/null 2>&1
 
