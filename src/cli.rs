@@ -437,6 +437,10 @@ pub struct RunArgs {
     /// that do not link up, or records whose MAC fails (tampered).
     #[arg(long)]
     pub accept_truncation: bool,
+    /// rsync the whole view, not only what changed since the last run (file jobs; a
+    /// full pass also runs by itself every `full_every`, default 7 days).
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Debug, Args)]

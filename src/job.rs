@@ -14,6 +14,7 @@
 //! crash leaves (a snapshot, a mount) is removed at the start of the next run of the job;
 //! the lock and a FUSE mount go with the process anyway.
 
+use crate::changes;
 use crate::config::{Config, Job, Mode, Phase};
 use crate::crypto::KeyConfig;
 use crate::exec::Runner;
@@ -81,6 +82,8 @@ pub struct RunOptions {
     pub accept_rollback: bool,
     /// `--accept-truncation`: records missing (not by prune), replaced, or tampered.
     pub accept_truncation: bool,
+    /// `--full`: rsync the whole view ([`crate::changes`]).
+    pub full: bool,
 }
 
 /// Runs one job and returns its status (also saved under the state dir).
@@ -318,8 +321,55 @@ fn run_steps<'a>(
                 }
             })
     };
+    // The whole view, learnt in process (not through the mount): it decides what the
+    // transfer covers, then serves the checksum pass and the manifest. The view shows a
+    // frozen snapshot, so nothing changes in between.
     let phase = Instant::now();
-    let mut out = transfer(Pass::Full)?;
+    let core = held.view.as_ref().expect("mounted above").core();
+    let walk = crate::verify::walk_core(core, &mp).context("walking the view")?;
+    tracing::info!(
+        entries = walk.meta.len(),
+        secs = phase.elapsed().as_secs_f32(),
+        "walked the view"
+    );
+    let address = target.address().to_string();
+    let view_config = changes::view_config(&job.source.to_string(), &job.excludes, &job.rsync_args);
+    let index_path = changes::index_path(&cfg.state_dir, &job.name);
+    let now = Utc::now().timestamp();
+    let plan = changes::plan(
+        changes::Index::load(&index_path),
+        &walk,
+        &changes::Expect {
+            target: &address,
+            newest: contents.points.last().map(String::as_str),
+            config: &view_config,
+            frozen: consistent,
+            forced_full: opts.full,
+            full_every: job.full_every.as_secs() as i64,
+            now,
+        },
+    );
+    check_cancel()?;
+    let phase = Instant::now();
+    let (mut out, full_at) = match &plan {
+        changes::Plan::Full(why) => {
+            tracing::info!("full pass over the view: {why}");
+            (transfer(Pass::Full)?, now)
+        }
+        changes::Plan::Changes { list, full_at } if list.is_empty() => {
+            tracing::info!("nothing changed since the last run: no transfer");
+            (crate::target::rsync::Outcome::default(), *full_at)
+        }
+        changes::Plan::Changes { list, full_at } => {
+            tracing::info!(
+                entries = list.len(),
+                "sending what changed since the last run"
+            );
+            let l = target.files_from(list)?;
+            (transfer(Pass::Changes { list: l.path() })?, *full_at)
+        }
+    };
+    drop(plan);
     tracing::info!(
         files = out.sent.len(),
         secs = phase.elapsed().as_secs_f32(),
@@ -335,13 +385,6 @@ fn run_steps<'a>(
         .last()
         .and_then(|p| crate::stamp::Stamp::parse(p))
         .map(|p| p.time().timestamp());
-    let phase = Instant::now();
-    let walk = crate::verify::walk_view(&mp).context("walking the view")?;
-    tracing::info!(
-        entries = walk.meta.len(),
-        secs = phase.elapsed().as_secs_f32(),
-        "walked the view"
-    );
     let changed = changed_since(&walk, since, &out.sent);
     if prev.is_none() {
         // The manifest hashes every file: the names rsync sent (one per file on a first
@@ -394,6 +437,13 @@ fn run_steps<'a>(
         &head,
     )
     .context("recording the run in the agent's chain state")?;
+    // Only now, with the restore point recorded, may the next run trust the index.
+    let index = changes::Index::of(&walk, &address, stamp, &view_config, full_at);
+    match index.save(&index_path) {
+        Ok(()) => tracing::debug!(entries = index.len(), "saved the index of this run"),
+        Err(e) => tracing::warn!("{e}: the next run will do a full pass"),
+    }
+    drop(index);
     let manifest = written.sums;
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;

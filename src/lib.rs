@@ -16,6 +16,7 @@
 //! success, 1 the work failed, 2 usage or config error; see `error` and `snapveil(8)`).
 //! Everything below `commands` takes plain parameters.
 
+pub mod changes;
 pub mod cli;
 mod commands;
 pub mod config;

@@ -55,6 +55,8 @@ pub enum VerifyError {
     Target(#[from] crate::target::TargetError),
     #[error(transparent)]
     Chain(#[from] crate::target::chain::StateError),
+    #[error(transparent)]
+    View(#[from] crate::view::ViewError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
@@ -224,9 +226,19 @@ pub struct ViewWalk {
     /// Regular files: index into `meta` (which holds the path, once), ctime (unix
     /// seconds). On a big tree, paths are most of a run's memory (issue 13).
     files: Vec<(u32, i64)>,
+    /// [`crate::changes::fingerprint`] of each entry of `meta`.
+    fps: Vec<u64>,
 }
 
 impl ViewWalk {
+    /// Every entry, by path: (path relative to the view, fingerprint).
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = (&[u8], u64)> + '_ {
+        self.meta
+            .iter()
+            .zip(&self.fps)
+            .map(|(m, fp)| (m.path.as_slice(), *fp))
+    }
+
     /// Regular files, by path: (path relative to the view, ctime).
     pub fn files(&self) -> impl ExactSizeIterator<Item = (&[u8], i64)> + '_ {
         self.files
@@ -241,7 +253,7 @@ impl ViewWalk {
 /// An unreadable entry, by path.
 pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
     /// Entries with the ctime of regular files (`None` for the others).
-    type Found = Vec<(MetaEntry, Option<i64>)>;
+    type Found = Vec<(MetaEntry, Option<i64>, u64)>;
     fn walk(view: &Path, dir: &Path, w: &mut Found) -> Result<(), VerifyError> {
         use std::os::unix::fs::MetadataExt;
         for e in fs::read_dir(dir).map_err(io(dir))? {
@@ -267,7 +279,9 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
                 .as_bytes()
                 .to_vec();
             let ctime = ft.is_file().then(|| m.ctime());
-            w.push((MetaEntry::from_metadata(rel, &m, link), ctime));
+            let entry = MetaEntry::from_metadata(rel, &m, link);
+            let fp = fingerprint_of(&entry, m.size(), ns(m.ctime(), m.ctime_nsec()));
+            w.push((entry, ctime, fp));
             if ft.is_dir() {
                 walk(view, &p, w)?;
             }
@@ -275,19 +289,100 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
         Ok(())
     }
     let root = fs::symlink_metadata(view).map_err(io(view))?;
-    let mut found: Found = vec![(MetaEntry::from_metadata(Vec::new(), &root, None), None)];
+    let root_entry = MetaEntry::from_metadata(Vec::new(), &root, None);
+    let fp = {
+        use std::os::unix::fs::MetadataExt;
+        fingerprint_of(
+            &root_entry,
+            root.size(),
+            ns(root.ctime(), root.ctime_nsec()),
+        )
+    };
+    let mut found: Found = vec![(root_entry, None, fp)];
     walk(view, view, &mut found)?;
-    found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
-    let files = found
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (_, ct))| ct.map(|ct| (i as u32, ct)))
-        .collect();
-    Ok(ViewWalk {
-        root: view.to_path_buf(),
-        meta: found.into_iter().map(|(m, _)| m).collect(),
-        files,
-    })
+    Ok(ViewWalk::from_found(view, found))
+}
+
+/// What [`walk_view`] finds in the view mounted at `root`, learnt from the view's core in
+/// this process ([`crate::view::ViewCore::walk`]) instead of through the mount: the same
+/// entries with the same attributes, without a FUSE round trip per directory page.
+///
+/// # Errors
+/// An unreadable entry of the source, by path.
+pub fn walk_core(core: &crate::view::ViewCore, root: &Path) -> Result<ViewWalk, VerifyError> {
+    use crate::manifest::meta::Kind as M;
+    use crate::view::Kind as V;
+    use std::time::UNIX_EPOCH;
+    fn at(t: std::time::SystemTime) -> i128 {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        }
+    }
+    let found = core.walk::<_, VerifyError>(&|path, a, link| {
+        let kind = match a.kind {
+            V::Dir => M::Dir,
+            V::File => M::File,
+            V::Symlink => M::Symlink(link.unwrap_or_default()),
+            V::Fifo => M::Fifo,
+            V::Socket => M::Socket,
+            V::CharDev => M::Char(u64::from(a.rdev)),
+            V::BlockDev => M::Block(u64::from(a.rdev)),
+        };
+        let ctime = (a.kind == V::File).then(|| at(a.ctime).div_euclid(1_000_000_000) as i64);
+        let entry = MetaEntry {
+            path: path.to_vec(),
+            kind,
+            mode: u32::from(a.perm),
+            uid: a.uid,
+            gid: a.gid,
+            mtime_ns: at(a.mtime),
+        };
+        let fp = fingerprint_of(&entry, a.size, at(a.ctime));
+        Ok((entry, ctime, fp))
+    })?;
+    Ok(ViewWalk::from_found(root, found))
+}
+
+fn ns(secs: i64, nsecs: i64) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nsecs)
+}
+
+fn fingerprint_of(m: &MetaEntry, size: u64, ctime_ns: i128) -> u64 {
+    crate::changes::fingerprint(
+        m.kind.letter(),
+        m.mode,
+        m.uid,
+        m.gid,
+        m.rdev(),
+        size,
+        m.mtime_ns,
+        ctime_ns,
+        m.link(),
+    )
+}
+
+impl ViewWalk {
+    /// The walk of `found` (entry, ctime of a regular file, fingerprint): sorted by path,
+    /// files indexed.
+    pub(crate) fn from_found(
+        root: &Path,
+        mut found: Vec<(MetaEntry, Option<i64>, u64)>,
+    ) -> ViewWalk {
+        found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        let files = found
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, ct, _))| ct.map(|ct| (i as u32, ct)))
+            .collect();
+        let fps = found.iter().map(|(_, _, fp)| *fp).collect();
+        ViewWalk {
+            root: root.to_path_buf(),
+            meta: found.into_iter().map(|(m, _, _)| m).collect(),
+            files,
+            fps,
+        }
+    }
 }
 
 /// Hashes the files of `walk` for the manifest. The FUSE handlers of a view served by
@@ -679,4 +774,76 @@ pub fn chain_report(
         ));
     }
     Ok((v.problems.iter().map(ToString::to_string).collect(), notes))
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+    use crate::view::mount::{MountedView, ViewOptions};
+    use std::os::unix::fs::symlink;
+
+    /// The walk a run takes in process is the walk through the mount, entry for entry:
+    /// names (long ones, the IVs, the key config), kinds, modes, owners, mtimes, link
+    /// targets, file ctimes, with excluded entries left out.
+    #[test]
+    fn walk_core_matches_the_walk_through_the_mount() {
+        if !Path::new("/dev/fuse").exists() {
+            panic!("this test needs /dev/fuse (make test installs fuse3)");
+        }
+        let t = tempfile::TempDir::new().unwrap();
+        let (src, mp) = (t.path().join("src"), t.path().join("mnt"));
+        fs::create_dir_all(src.join("a/b/c")).unwrap();
+        fs::create_dir_all(src.join("skip/deep")).unwrap();
+        fs::create_dir(&mp).unwrap();
+        fs::write(src.join("a/f"), b"one").unwrap();
+        fs::write(src.join("a/b/c/g"), vec![7u8; 70_000]).unwrap();
+        fs::write(src.join("n".repeat(200)), b"long name").unwrap();
+        fs::write(src.join("skip/deep/x"), b"excluded").unwrap();
+        fs::write(src.join("a/excluded.tmp"), b"excluded").unwrap();
+        symlink("a/f", src.join("link")).unwrap();
+        nix::unistd::mkfifo(
+            &src.join("a/fifo"),
+            nix::sys::stat::Mode::from_bits(0o640).unwrap(),
+        )
+        .unwrap();
+        fs::set_permissions(
+            src.join("a/f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let master = crate::crypto::config::write_test_key(t.path());
+        let key = KeyConfig::load(&t.path().join("k.conf")).unwrap();
+        let v = MountedView::mount(
+            &src,
+            &mp,
+            ViewOptions {
+                key,
+                master,
+                excludes: vec!["/skip".into(), "*.tmp".into()],
+                access: Default::default(),
+                caching: crate::view::fuse::Caching::Frozen,
+            },
+        )
+        .unwrap();
+        let through = walk_view(&mp);
+        let inside = walk_core(v.core(), &mp);
+        v.unmount().unwrap();
+        let (through, inside) = (through.unwrap(), inside.unwrap());
+        // root, gocryptfs.conf, its diriv; a/ with diriv, f, fifo, b/ (diriv, c/ with diriv
+        // and g); the link; the long name and its .name file. Nothing excluded.
+        assert_eq!(through.meta.len(), 15, "{:?}", through.meta);
+        assert_eq!(inside.meta, through.meta);
+        assert_eq!(
+            inside.files().collect::<Vec<_>>(),
+            through.files().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            inside.entries().collect::<Vec<_>>(),
+            through.entries().collect::<Vec<_>>()
+        );
+        assert!(inside
+            .meta
+            .iter()
+            .any(|m| matches!(m.kind, manifest::meta::Kind::Symlink(ref l) if !l.is_empty())));
+    }
 }

@@ -19,6 +19,7 @@ pub fn run(runner: &dyn Runner, a: RunArgs) -> Result<Outcome> {
         let opts = crate::job::RunOptions {
             accept_rollback: a.accept_rollback,
             accept_truncation: a.accept_truncation,
+            full: a.full,
         };
         let st = crate::job::run_job(runner, &cfg, job, opts);
         if !st.result.succeeded() {

@@ -163,6 +163,9 @@ pub struct Job {
     pub retention: RetentionPolicy,
     pub hooks: Vec<Hook>,
     pub verify_every: u32,
+    /// File mode: a run rsyncs the whole view when its last full pass is this old;
+    /// between, only what changed ([`crate::changes`]). Default 7 days.
+    pub full_every: Duration,
 }
 
 /// How a raw ZFS job encrypts what ZFS does not.

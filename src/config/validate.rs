@@ -312,6 +312,10 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
     }
 }
 
+/// A file job's `full_every` by default: a target changed behind snapveil's back is
+/// mended by a full pass within a week.
+pub const FILE_FULL_EVERY: Duration = Duration::from_secs(7 * 86400);
+
 fn validate_job(
     cx: &mut Ctx,
     j: &RawJob,
@@ -600,6 +604,16 @@ fn validate_job(
         retention,
         hooks,
         verify_every: j.verify_every.unwrap_or(verify_every),
+        full_every: if mode == Mode::File {
+            duration(
+                cx,
+                &j.full_every,
+                &format!("{f}.full_every"),
+                FILE_FULL_EVERY,
+            )
+        } else {
+            FILE_FULL_EVERY
+        },
     })
 }
 

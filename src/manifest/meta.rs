@@ -65,7 +65,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn letter(&self) -> char {
+    pub(crate) fn letter(&self) -> char {
         match self {
             Kind::Dir => 'd',
             Kind::File => 'f',
@@ -117,6 +117,26 @@ impl MetaEntry {
             uid: m.uid(),
             gid: m.gid(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+
+    /// A symlink's target, empty for the rest.
+    pub fn link(&self) -> &[u8] {
+        match &self.kind {
+            Kind::Symlink(l) => l,
+            _ => &[],
+        }
+    }
+
+    /// `st_rdev` of a device, 0 for the rest.
+    pub fn rdev(&self) -> u64 {
+        match self.kind {
+            Kind::Char(r) | Kind::Block(r) => r,
+            _ => 0,
         }
     }
 

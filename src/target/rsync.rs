@@ -235,6 +235,10 @@ pub enum Pass<'a> {
     /// Only the files named (NUL-separated, relative to the view) in `list`, compared by
     /// checksum on both ends: changes the quick check cannot see.
     Checksum { list: &'a Path },
+    /// What changed since the last run ([`crate::changes`]): the entries named in `list`,
+    /// and each `DIR/.` named there as one level (no recursion), with `--delete` for what
+    /// is gone from it.
+    Changes { list: &'a Path },
 }
 
 /// The transfer command line: the mounted view `view` to `current/`, with what it
@@ -258,6 +262,11 @@ pub fn transfer_cmd(
             "--delete-excluded",
             "--mkpath",
         ]),
+        // --files-from makes -a not recurse: a `DIR/.` line is that directory's entries,
+        // and --delete applies to exactly those directories.
+        Pass::Changes { list } => c
+            .args(["--delete", "--delete-delay", "--delete-excluded", "--from0"])
+            .arg(format!("--files-from={}", list.display())),
         Pass::Checksum { list } => c
             .args(["--checksum", "--from0"])
             .arg(format!("--files-from={}", list.display())),

@@ -303,6 +303,8 @@ fn raise_readahead(mountpoint: &Path) {
 pub struct MountedView {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    /// What the session serves, for walks in this process ([`ViewCore::walk`]).
+    core: Arc<ViewCore>,
 }
 
 impl MountedView {
@@ -315,7 +317,7 @@ impl MountedView {
         let caching = opts.caching;
         let (core, access) = build_core(source, opts)?;
         let (tx, rx) = mpsc::channel();
-        let fs = VeilFs::new(core, caching)
+        let fs = VeilFs::new(Arc::clone(&core), caching)
             .force_owner(access.force_owner)
             .on_init(move || {
                 let _ = tx.send(());
@@ -333,6 +335,7 @@ impl MountedView {
         let view = MountedView {
             session: Some(bg),
             mountpoint: mountpoint.into(),
+            core,
         };
         wait_answer(mountpoint, rx)?;
         raise_readahead(mountpoint);
@@ -342,6 +345,11 @@ impl MountedView {
 
     pub fn path(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The view's core: what the mount shows, for this process to walk without the kernel.
+    pub fn core(&self) -> &ViewCore {
+        &self.core
     }
 
     /// Unmounts and waits for the serving thread to end.

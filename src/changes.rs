@@ -1,0 +1,346 @@
+//! What changed since the last run, so that a nightly run costs O(changes), not O(tree)
+//! (issue 13).
+//!
+//! rsync over the whole view costs a FUSE round trip for every directory page of a
+//! freshly mounted view, every night, to learn that almost nothing changed. Instead, a
+//! run that ends well leaves an index in the state directory: for every entry of the
+//! view it backed up, a key of its path and a fingerprint of what rsync compares and
+//! more (type, mode, owner, size, mtime, ctime, link target). The next run walks the view
+//! in process ([`crate::view::ViewCore::walk`], about the cost of a native walk), and
+//! hands rsync only what differs:
+//!
+//! - `DIR/.` for each directory that is new or whose fingerprint changed. A directory
+//!   gains or loses an entry only by changing its mtime and ctime, so every creation,
+//!   deletion and rename shows here; rsync `--delete` with `--files-from` then lists that
+//!   one directory (not its subdirectories) and deletes what is gone, into the run's
+//!   `--backup-dir` like a full pass would.
+//! - each other entry that is new or changed, unless its directory is listed already.
+//!
+//! ctime is part of the fingerprint, so a file rewritten with its old size and mtime
+//! is listed too (and then compared by checksum, as in a full pass).
+//!
+//! A run does the full pass instead whenever the index cannot be trusted to describe
+//! the target: none, unreadable or corrupt; written for another target, another view
+//! configuration (excludes, rsync arguments, source) or another restore point than the
+//! target's newest (a failed run, a run from elsewhere, a rollback); a live `dir:`
+//! source; `snapveil run --full`; and when the last full pass is `full_every` old
+//! (default 7 days), so that a target changed behind snapveil's back is mended within
+//! a week.
+
+use crate::verify::ViewWalk;
+use sha2::Digest as _;
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const HEADER: &str = "# snapveil-changes v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangesError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a snapveil index: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// Where a job's index lives.
+pub fn index_path(state_dir: &Path, job: &str) -> PathBuf {
+    state_dir.join("changes").join(format!("{job}.idx"))
+}
+
+/// The fingerprint of one entry of the view: any change that rsync or the manifest must
+/// see changes it. Both walks ([`crate::verify::walk_core`], [`crate::verify::walk_view`])
+/// compute it from the same attributes.
+#[allow(clippy::too_many_arguments)]
+pub fn fingerprint(
+    kind: char,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    link: &[u8],
+) -> u64 {
+    let mut h = sha2::Sha256::new();
+    h.update([kind as u8]);
+    for v in [u64::from(perm), u64::from(uid), u64::from(gid), rdev, size] {
+        h.update(v.to_le_bytes());
+    }
+    h.update(mtime_ns.to_le_bytes());
+    h.update(ctime_ns.to_le_bytes());
+    h.update(link);
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+/// What the view is made of besides the source's contents: an index written under
+/// another one says nothing about this view.
+pub fn view_config(source: &str, excludes: &[String], rsync_args: &[String]) -> String {
+    let mut h = sha2::Sha256::new();
+    for part in [&[source.to_string()][..], excludes, rsync_args] {
+        h.update((part.len() as u64).to_le_bytes());
+        for s in part {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The index of the last run that ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// The target it was written to ([`crate::target::Address`] as text).
+    pub target: String,
+    /// The restore point that run recorded: the target's newest, if nothing came after.
+    pub stamp: String,
+    /// [`view_config`] of that run.
+    pub config: String,
+    /// When the last full pass ran (unix seconds): this run's, or carried over.
+    pub full_at: i64,
+    /// (path key, fingerprint), sorted by key.
+    entries: Vec<([u8; 16], u64)>,
+}
+
+impl Index {
+    /// The index of `walk`.
+    pub fn of(walk: &ViewWalk, target: &str, stamp: &str, config: &str, full_at: i64) -> Index {
+        let mut entries: Vec<([u8; 16], u64)> = walk
+            .entries()
+            .map(|(path, fp)| (crate::manifest::path_key(path), fp))
+            .collect();
+        entries.sort_unstable();
+        Index {
+            target: target.into(),
+            stamp: stamp.into(),
+            config: config.into(),
+            full_at,
+            entries,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn get(&self, path: &[u8]) -> Option<u64> {
+        let k = crate::manifest::path_key(path);
+        self.entries
+            .binary_search_by(|e| e.0.cmp(&k))
+            .ok()
+            .map(|i| self.entries[i].1)
+    }
+
+    /// Writes the index (0600, atomically): a header of `key=value` lines, a blank line,
+    /// the entries (16-byte key, 8-byte little-endian fingerprint), and the SHA-256 of
+    /// all that, so that a torn or damaged file is refused, never half used.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save(&self, path: &Path) -> Result<(), ChangesError> {
+        let mut data = format!(
+            "{HEADER}\ntarget={}\nstamp={}\nconfig={}\nfull_at={}\nentries={}\n\n",
+            self.target,
+            self.stamp,
+            self.config,
+            self.full_at,
+            self.entries.len()
+        )
+        .into_bytes();
+        data.reserve(self.entries.len() * 24 + 32);
+        for (k, fp) in &self.entries {
+            data.extend_from_slice(k);
+            data.extend_from_slice(&fp.to_le_bytes());
+        }
+        let sum = sha2::Sha256::digest(&data);
+        let io = |source| ChangesError::Io {
+            path: path.into(),
+            source,
+        };
+        crate::status::write_atomic_with(path, |w| {
+            w.write_all(&data)?;
+            w.write_all(&sum)
+        })
+        .map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)
+    }
+
+    /// Reads the index at `path`; `None` when there is none.
+    ///
+    /// # Errors
+    /// Unreadable, or not a whole index of this version.
+    pub fn load(path: &Path) -> Result<Option<Index>, ChangesError> {
+        let data = match fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ChangesError::Io {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        let bad = |why: &str| ChangesError::Corrupt {
+            path: path.into(),
+            why: why.into(),
+        };
+        if data.len() < 32 {
+            return Err(bad("too short"));
+        }
+        let (body, sum) = data.split_at(data.len() - 32);
+        if sha2::Sha256::digest(body)[..] != *sum {
+            return Err(bad("checksum does not match (torn or damaged)"));
+        }
+        let end = body
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .ok_or_else(|| bad("no end of header"))?;
+        let head = std::str::from_utf8(&body[..end]).map_err(|_| bad("header not UTF-8"))?;
+        let mut lines = head.lines();
+        if lines.next() != Some(HEADER) {
+            return Err(bad("unknown version"));
+        }
+        let mut field = std::collections::HashMap::new();
+        for l in lines {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| bad("header line without '='"))?;
+            field.insert(k, v);
+        }
+        let get = |k: &str| field.get(k).copied().ok_or_else(|| bad(&format!("no {k}")));
+        let n: usize = get("entries")?.parse().map_err(|_| bad("entries"))?;
+        let raw = &body[end + 2..];
+        if raw.len() != n * 24 {
+            return Err(bad("entry count does not match"));
+        }
+        let entries: Vec<([u8; 16], u64)> = raw
+            .chunks_exact(24)
+            .map(|c| {
+                (
+                    c[..16].try_into().expect("16"),
+                    u64::from_le_bytes(c[16..].try_into().expect("8")),
+                )
+            })
+            .collect();
+        if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(bad("entries not sorted"));
+        }
+        Ok(Some(Index {
+            target: get("target")?.into(),
+            stamp: get("stamp")?.into(),
+            config: get("config")?.into(),
+            full_at: get("full_at")?.parse().map_err(|_| bad("full_at"))?,
+            entries,
+        }))
+    }
+}
+
+/// What the transfer of a run covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// rsync over the whole view; why (for the log).
+    Full(String),
+    /// rsync over `list` only (`--files-from` lines, [`plan`]); `full_at` carried over.
+    Changes { list: Vec<Vec<u8>>, full_at: i64 },
+}
+
+/// What this run must know to trust an index.
+pub struct Expect<'a> {
+    pub target: &'a str,
+    /// The target's newest restore point.
+    pub newest: Option<&'a str>,
+    pub config: &'a str,
+    /// The source is a frozen snapshot (a `dir:` source can change under the walk).
+    pub frozen: bool,
+    /// `snapveil run --full`.
+    pub forced_full: bool,
+    /// Seconds after the last full pass when the next is due (`full_every`).
+    pub full_every: i64,
+    pub now: i64,
+}
+
+/// Decides the transfer: the changes since `index`, or a full pass and why.
+pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Expect<'_>) -> Plan {
+    let index = match index {
+        _ if e.forced_full => return Plan::Full("--full".into()),
+        _ if !e.frozen => return Plan::Full("the source is live (dir:), not a snapshot".into()),
+        Ok(None) => return Plan::Full("no index of an earlier run".into()),
+        Err(err) => return Plan::Full(format!("the index cannot be used ({err})")),
+        Ok(Some(i)) => i,
+    };
+    if index.target != e.target {
+        return Plan::Full(format!("the index is of another target ({})", index.target));
+    }
+    if e.newest != Some(index.stamp.as_str()) {
+        return Plan::Full(format!(
+            "the index is of restore point {}, the target's newest is {}",
+            index.stamp,
+            e.newest.unwrap_or("none")
+        ));
+    }
+    if index.config != e.config {
+        return Plan::Full("excludes, rsync_args or source changed since the index".into());
+    }
+    if e.now - index.full_at >= e.full_every {
+        return Plan::Full(format!(
+            "the last full pass is {} days old (full_every)",
+            (e.now - index.full_at) / 86400
+        ));
+    }
+    Plan::Changes {
+        list: changed_list(&index, walk),
+        full_at: index.full_at,
+    }
+}
+
+/// The `--files-from` lines for what differs from `index` (see the module doc).
+fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
+    let mut dirs: HashSet<&[u8]> = HashSet::new();
+    let mut others: Vec<&[u8]> = Vec::new();
+    for ((path, fp), is_dir) in walk.entries().zip(walk.meta.iter().map(|m| m.is_dir())) {
+        if index.get(path) == Some(fp) {
+            continue;
+        }
+        if is_dir {
+            dirs.insert(path);
+        } else {
+            others.push(path);
+        }
+    }
+    let parent = |p: &[u8]| -> Vec<u8> {
+        match p.iter().rposition(|b| *b == b'/') {
+            Some(i) => p[..i].to_vec(),
+            None => Vec::new(),
+        }
+    };
+    let mut list: Vec<Vec<u8>> = dirs
+        .iter()
+        .map(|d| {
+            if d.is_empty() {
+                b".".to_vec()
+            } else {
+                [*d, b"/."].concat()
+            }
+        })
+        .collect();
+    list.extend(
+        others
+            .into_iter()
+            .filter(|p| !dirs.contains(&parent(p)[..]))
+            .map(<[u8]>::to_vec),
+    );
+    list.sort();
+    list
+}
+
+#[cfg(test)]
+mod tests;
