@@ -1220,3 +1220,115 @@ fn incremental_manifests_stay_exact() {
     sha1sum_agrees(&target, records(&target).last().unwrap());
     s.assert_clean("home", &b);
 }
+
+/// A run after a good one sends only what changed ([`snapveil::changes`]), and what it
+/// leaves on the target is exactly what a full pass leaves: after each round of changes,
+/// a `run --full` finds nothing to send and nothing to delete, `current/` decrypts to the
+/// source, and `sha1sum -c` agrees with the manifest. The changes: content in place, a
+/// same-size rewrite with its old mtime, deletes of a file and of a tree, a new nested
+/// tree, mode-only changes of a file and a directory, a symlink pointed elsewhere,
+/// renames of a file and of a directory, a file replaced by a directory and the other
+/// way round, long names (their `.name` files), an empty file and a FIFO.
+#[test]
+fn runs_send_only_what_changed_and_match_a_full_pass() {
+    let Some((b, src, s)) = sampled() else { return };
+    let target = s.home_job(&src, "");
+    for i in 0..30 {
+        write(&src, &format!("bulk/d{}/f{i}", i % 3), format!("bulk {i}\n").as_bytes());
+    }
+    write(&src, "tree/a/b/c.txt", b"a tree to delete\n");
+    write(&src, "was-file", b"becomes a directory\n");
+    write(&src, "was-dir/inner", b"its directory becomes a file\n");
+    write(&src, &"L".repeat(200), b"long name, version one\n");
+    let run = |what: &str, args: &[&str]| -> String {
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut c = s.cmd(&["run"]);
+        c.args(args);
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{what}:\n{err}");
+        err
+    };
+    let log = run("first", &[]);
+    assert!(log.contains("full pass over the view: no index of an earlier run"), "{log}");
+    // What a full pass right after finds: nothing to send, nothing moved aside.
+    let same_as_full = |round: &str| {
+        let gens_before = dirs(&target.join("generations"));
+        let log = run(&format!("{round}: --full"), &["--full"]);
+        assert!(log.contains("full pass over the view: --full"), "{round}:\n{log}");
+        assert!(
+            log.contains("transfer done files=0 "),
+            "{round}: a full pass after it still sent files:\n{log}"
+        );
+        assert_eq!(
+            dirs(&target.join("generations")),
+            gens_before,
+            "{round}: a full pass after it replaced or deleted files on the target"
+        );
+        let out = s.path(&format!("restore-{round}"));
+        s.decrypt(&target.join("current"), &out);
+        let d = diff(&manifest(&src), &manifest(&out));
+        assert!(d.is_empty(), "{round}: current/ differs from the source:\n{d}");
+        sha1sum_agrees(&target, records(&target).last().unwrap());
+    };
+
+    // Round 1: every kind of change at once.
+    fs::write(src.join("change.txt"), b"version two, longer\n").unwrap();
+    let f = src.join("bulk/d1/f4");
+    let m = fs::metadata(&f).unwrap().modified().unwrap();
+    fs::write(&f, b"BULK 4\n").unwrap();
+    fs::File::options().write(true).open(&f).unwrap().set_modified(m).unwrap();
+    fs::remove_file(src.join("delete.txt")).unwrap();
+    fs::remove_dir_all(src.join("tree")).unwrap();
+    write(&src, "new/x/y/z.txt", b"a new nested tree\n");
+    fs::set_permissions(src.join("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(src.join("bulk/d2"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::remove_file(src.join("link")).unwrap();
+    std::os::unix::fs::symlink("keep.txt", src.join("link")).unwrap();
+    fs::rename(src.join("bulk/d0/f0"), src.join("bulk/d0/renamed")).unwrap();
+    fs::rename(src.join("sub"), src.join("moved")).unwrap();
+    fs::remove_file(src.join("was-file")).unwrap();
+    write(&src, "was-file/now-inside", b"now a directory\n");
+    fs::remove_dir_all(src.join("was-dir")).unwrap();
+    write(&src, "was-dir", b"now a file\n");
+    write(&src, &"L".repeat(200), b"long name, version two\n");
+    write(&src, &format!("new/{}", "M".repeat(220)), b"a new long name\n");
+    write(&src, "new/empty", b"");
+    nix::unistd::mkfifo(&src.join("new/fifo"), nix::sys::stat::Mode::from_bits(0o644).unwrap())
+        .unwrap();
+    let log = run("round 1", &[]);
+    assert!(log.contains("sending what changed since the last run"), "{log}");
+    same_as_full("round-1");
+
+    // Round 2: nothing changed: no rsync at all.
+    let log = run("round 2", &[]);
+    assert!(log.contains("nothing changed since the last run: no transfer"), "{log}");
+    same_as_full("round-2");
+
+    // Round 3: one file of thirty in place: one sent.
+    fs::write(src.join("bulk/d2/f5"), b"bulk 5, changed\n").unwrap();
+    let log = run("round 3", &[]);
+    assert!(log.contains("sending what changed since the last run entries=1"), "{log}");
+    assert!(log.contains("transfer done files=1 "), "{log}");
+    same_as_full("round-3");
+
+    // A damaged index, or new excludes: a full pass, and the log says why.
+    let idx = s.state.join("changes/home.idx");
+    let mut data = fs::read(&idx).unwrap();
+    let n = data.len();
+    data[n - 40] ^= 1;
+    fs::write(&idx, data).unwrap();
+    write(&src, "after-damage", b"x\n");
+    let log = run("damaged index", &[]);
+    assert!(log.contains("full pass over the view: the index cannot be used"), "{log}");
+    assert!(log.contains("checksum does not match"), "{log}");
+    s.home_job(&src, "excludes = [\"/bulk/d0\"]");
+    let log = run("new excludes", &[]);
+    assert!(log.contains("full pass over the view: excludes, rsync_args or source changed"), "{log}");
+    let out = s.path("restore-excluded");
+    s.decrypt(&target.join("current"), &out);
+    assert!(!out.join("bulk/d0").exists() && out.join("bulk/d1/f1").exists());
+    let log = run("after the excludes", &[]);
+    assert!(log.contains("nothing changed since the last run"), "{log}");
+    s.assert_clean("home", &b);
+}
