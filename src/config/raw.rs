@@ -72,7 +72,8 @@ pub struct RawJob {
     pub wrap_raw: Option<bool>,
     /// Raw ZFS mode: send intermediate snapshots too (`zfs send -I`).
     pub send_intermediates: Option<bool>,
-    /// Raw ZFS mode: a new full stream when the chain's full is this old (`30d`).
+    /// Raw ZFS mode: a new full stream when the chain's full is this old (`30d`). File mode:
+    /// rsync over the whole view when the last full pass is this old (default `7d`).
     pub full_every: Option<Spanned<String>>,
     /// Raw ZFS mode, `zfs://` target: `zfs receive -F` (roll the target back).
     pub force: Option<Spanned<bool>>,
