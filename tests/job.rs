@@ -1234,7 +1234,11 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     let Some((b, src, s)) = sampled() else { return };
     let target = s.home_job(&src, "");
     for i in 0..30 {
-        write(&src, &format!("bulk/d{}/f{i}", i % 3), format!("bulk {i}\n").as_bytes());
+        write(
+            &src,
+            &format!("bulk/d{}/f{i}", i % 3),
+            format!("bulk {i}\n").as_bytes(),
+        );
     }
     write(&src, "tree/a/b/c.txt", b"a tree to delete\n");
     write(&src, "was-file", b"becomes a directory\n");
@@ -1250,12 +1254,18 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
         err
     };
     let log = run("first", &[]);
-    assert!(log.contains("full pass over the view: no index of an earlier run"), "{log}");
+    assert!(
+        log.contains("full pass over the view: no index of an earlier run"),
+        "{log}"
+    );
     // What a full pass right after finds: nothing to send, nothing moved aside.
     let same_as_full = |round: &str| {
         let gens_before = dirs(&target.join("generations"));
         let log = run(&format!("{round}: --full"), &["--full"]);
-        assert!(log.contains("full pass over the view: --full"), "{round}:\n{log}");
+        assert!(
+            log.contains("full pass over the view: --full"),
+            "{round}:\n{log}"
+        );
         assert!(
             log.contains("transfer done files=0 "),
             "{round}: a full pass after it still sent files:\n{log}"
@@ -1268,7 +1278,10 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
         let out = s.path(&format!("restore-{round}"));
         s.decrypt(&target.join("current"), &out);
         let d = diff(&manifest(&src), &manifest(&out));
-        assert!(d.is_empty(), "{round}: current/ differs from the source:\n{d}");
+        assert!(
+            d.is_empty(),
+            "{round}: current/ differs from the source:\n{d}"
+        );
         sha1sum_agrees(&target, records(&target).last().unwrap());
     };
 
@@ -1277,7 +1290,12 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     let f = src.join("bulk/d1/f4");
     let m = fs::metadata(&f).unwrap().modified().unwrap();
     fs::write(&f, b"BULK 4\n").unwrap();
-    fs::File::options().write(true).open(&f).unwrap().set_modified(m).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(m)
+        .unwrap();
     fs::remove_file(src.join("delete.txt")).unwrap();
     fs::remove_dir_all(src.join("tree")).unwrap();
     write(&src, "new/x/y/z.txt", b"a new nested tree\n");
@@ -1292,23 +1310,39 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     fs::remove_dir_all(src.join("was-dir")).unwrap();
     write(&src, "was-dir", b"now a file\n");
     write(&src, &"L".repeat(200), b"long name, version two\n");
-    write(&src, &format!("new/{}", "M".repeat(220)), b"a new long name\n");
+    write(
+        &src,
+        &format!("new/{}", "M".repeat(220)),
+        b"a new long name\n",
+    );
     write(&src, "new/empty", b"");
-    nix::unistd::mkfifo(&src.join("new/fifo"), nix::sys::stat::Mode::from_bits(0o644).unwrap())
-        .unwrap();
+    nix::unistd::mkfifo(
+        &src.join("new/fifo"),
+        nix::sys::stat::Mode::from_bits(0o644).unwrap(),
+    )
+    .unwrap();
     let log = run("round 1", &[]);
-    assert!(log.contains("sending what changed since the last run"), "{log}");
+    assert!(
+        log.contains("sending what changed since the last run"),
+        "{log}"
+    );
     same_as_full("round-1");
 
     // Round 2: nothing changed: no rsync at all.
     let log = run("round 2", &[]);
-    assert!(log.contains("nothing changed since the last run: no transfer"), "{log}");
+    assert!(
+        log.contains("nothing changed since the last run: no transfer"),
+        "{log}"
+    );
     same_as_full("round-2");
 
     // Round 3: one file of thirty in place: one sent.
     fs::write(src.join("bulk/d2/f5"), b"bulk 5, changed\n").unwrap();
     let log = run("round 3", &[]);
-    assert!(log.contains("sending what changed since the last run entries=1"), "{log}");
+    assert!(
+        log.contains("sending what changed since the last run entries=1"),
+        "{log}"
+    );
     assert!(log.contains("transfer done files=1 "), "{log}");
     same_as_full("round-3");
 
@@ -1320,11 +1354,17 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     fs::write(&idx, data).unwrap();
     write(&src, "after-damage", b"x\n");
     let log = run("damaged index", &[]);
-    assert!(log.contains("full pass over the view: the index cannot be used"), "{log}");
+    assert!(
+        log.contains("full pass over the view: the index cannot be used"),
+        "{log}"
+    );
     assert!(log.contains("checksum does not match"), "{log}");
     s.home_job(&src, "excludes = [\"/bulk/d0\"]");
     let log = run("new excludes", &[]);
-    assert!(log.contains("full pass over the view: excludes, rsync_args or source changed"), "{log}");
+    assert!(
+        log.contains("full pass over the view: excludes, rsync_args or source changed"),
+        "{log}"
+    );
     let out = s.path("restore-excluded");
     s.decrypt(&target.join("current"), &out);
     assert!(!out.join("bulk/d0").exists() && out.join("bulk/d1/f1").exists());
