@@ -319,7 +319,8 @@ pub fn walk_core(core: &crate::view::ViewCore, root: &Path) -> Result<ViewWalk, 
             Err(e) => -(e.duration().as_nanos() as i128),
         }
     }
-    let found = core.walk::<_, VerifyError>(&|path, a, link| {
+    let mut found = Vec::new();
+    core.walk::<VerifyError>(&mut |path, a, link| {
         let kind = match a.kind {
             V::Dir => M::Dir,
             V::File => M::File,
@@ -339,7 +340,8 @@ pub fn walk_core(core: &crate::view::ViewCore, root: &Path) -> Result<ViewWalk, 
             mtime_ns: at(a.mtime),
         };
         let fp = fingerprint_of(&entry, a.size, at(a.ctime));
-        Ok((entry, ctime, fp))
+        found.push((entry, ctime, fp));
+        Ok(())
     })?;
     Ok(ViewWalk::from_found(root, found))
 }

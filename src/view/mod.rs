@@ -394,8 +394,8 @@ pub struct ExportedConf {
     pub stat_path: PathBuf,
 }
 
-/// What [`ViewCore::walk`] makes of each entry: (view path, attributes, link target).
-pub type WalkMap<'m, T, E> = dyn Fn(&[u8], &Attr, Option<Vec<u8>>) -> Result<T, E> + Sync + 'm;
+/// What [`ViewCore::walk`] calls for each entry: (view path, attributes, link target).
+pub type WalkVisit<'v, E> = dyn FnMut(&[u8], &Attr, Option<Vec<u8>>) -> Result<(), E> + 'v;
 
 pub struct ViewCore {
     root: PathBuf,
@@ -471,56 +471,59 @@ impl ViewCore {
     }
 
     /// Every entry of the view as the mount shows it (names encrypted, the directory IVs,
-    /// long-name files and the key config included, excluded entries left out), each
-    /// mapped by `map` from its view path (empty for the root), its attributes (`ino` 0)
-    /// and, for a symlink, its target as the view shows it; in no particular order.
+    /// long-name files and the key config included, excluded entries left out), given to
+    /// `visit` with its view path (empty for the root), its attributes (`ino` 0) and, for
+    /// a symlink, its target as the view shows it; parents before their entries.
     ///
     /// It goes by the source, not through the kernel: a run learns the whole view in
     /// about the time of a native walk, where a walk of the fresh mount costs a FUSE
     /// round trip per directory page and keeps a node per entry (issue 13). It interns
-    /// nothing, so it adds nothing to what the mount keeps. Directories are walked on
-    /// rayon's global pool, several at once: on a fresh snapshot most of the time is the
-    /// filesystem instantiating each inode, which parallelises. (The mount's own reads
-    /// run on the view's pool, never this one.)
+    /// nothing, so it adds nothing to what the mount keeps. The entries of a directory
+    /// are looked at on rayon's global pool, several at once (on a fresh snapshot most of
+    /// the time is the filesystem instantiating each inode, which parallelises; the
+    /// mount's own reads run on the view's pool, never this one), and `visit` runs on the
+    /// calling thread: what it keeps is allocated there, not spread over the pool
+    /// threads' malloc arenas (20 MiB more peak RSS on 100,000 files when it was).
     ///
     /// # Errors
-    /// The first entry of the source that cannot be read, or what `map` returns.
-    pub fn walk<T: Send, E: From<ViewError> + Send>(
-        &self,
-        map: &WalkMap<'_, T, E>,
-    ) -> Result<Vec<T>, E> {
+    /// The first entry of the source that cannot be read, or what `visit` returns.
+    pub fn walk<E: From<ViewError>>(&self, visit: &mut WalkVisit<'_, E>) -> Result<(), E> {
         use rayon::prelude::*;
-        fn dir<T: Send, E: From<ViewError> + Send>(
+        fn dir<E: From<ViewError>>(
             core: &ViewCore,
             node: &Resolved,
             is_root: bool,
-            map: &WalkMap<'_, T, E>,
-        ) -> Result<Vec<T>, E> {
+            visit: &mut WalkVisit<'_, E>,
+        ) -> Result<(), E> {
             let l = core.build_listing(is_root, node)?;
-            l.entries
+            /// An entry's attributes and symlink target, found on the pool.
+            type Found = Result<(Attr, Option<Vec<u8>>), ViewError>;
+            let attrs: Vec<Found> = l
+                .entries
                 .par_iter()
-                .try_fold(Vec::new, |mut out, e| {
+                .map(|e| {
                     let child = node.child(e);
                     let a = core.attr_of(0, &child)?;
                     let link = match (&child.virt, a.kind) {
                         (Virt::Real, Kind::Symlink) => Some(core.readlink_node(&child)?),
                         _ => None,
                     };
-                    out.push(map(&child.cpath, &a, link)?);
-                    if matches!(child.virt, Virt::Real) && a.kind == Kind::Dir {
-                        out.extend(dir(core, &child, false, map)?);
-                    }
-                    Ok(out)
+                    Ok((a, link))
                 })
-                .try_reduce(Vec::new, |mut a, b| {
-                    a.extend(b);
-                    Ok(a)
-                })
+                .collect();
+            for (e, r) in l.entries.iter().zip(attrs) {
+                let (a, link) = r?;
+                let child = node.child(e);
+                visit(&child.cpath, &a, link)?;
+                if matches!(child.virt, Virt::Real) && a.kind == Kind::Dir {
+                    dir(core, &child, false, visit)?;
+                }
+            }
+            Ok(())
         }
         let root = Resolved::root();
-        let mut out = vec![map(&[], &self.attr_of(ROOT_INO, &root)?, None)?];
-        out.extend(dir(self, &root, true, map)?);
-        Ok(out)
+        visit(&[], &self.attr_of(ROOT_INO, &root)?, None)?;
+        dir(self, &root, true, visit)
     }
 
     /// Nodes the view currently keeps (the root included): what `forget` gives back.
