@@ -11,6 +11,8 @@
 #      plain rsync   rsync -a --delete --backup --backup-dir=GEN  (no encryption: the limit)
 #      restic        restic backup (repository on the same disk)
 #      snapveil run  snapshot, encrypted view, rsync with generations, manifests, prune
+#                    (after the first, only what changed: crate::changes)
+#    then `snapveil run --full` with nothing changed (the weekly full pass), snapveil only.
 #    Seconds and the ratio to plain rsync; peak RSS of `snapveil run` (/usr/bin/time -v);
 #    where the time of the no-op run goes (the gaps between its log lines).
 # 2. The encrypted view, each mounted fresh on the same key config:
@@ -154,6 +156,13 @@ run_phase full
 CHANGED=$(python3 "$DIR/change.py" "$SRC")
 run_phase changed
 run_phase noop
+# The full pass a run makes every full_every (7 days) or with --full, nothing changed:
+# rsync over the whole freshly mounted view, as every run did before issue 13's index.
+warm
+t0=$(now)
+"$BIN" run --full --config "$DIR/snapveil.toml" >/dev/null 2>"$DIR/run-fullpass.log" \
+    || { echo "bench: snapveil run --full failed:" >&2; tail -20 "$DIR/run-fullpass.log" >&2; exit 1; }
+t1=$(now); T[fullpass,snapveil]=$(secs "$t0" "$t1")
 
 # 2. The view. mount_view KIND SRC MNT: a foreground mount; MOUNT_PID once it answers.
 mount_view() {
@@ -240,7 +249,9 @@ for phase in full changed noop; do
     printf '%-22s %9s %9s %9s %11s %11s\n' "$label" "${T[$phase,rsync]}" "${T[$phase,restic]}" "${T[$phase,snapveil]}" \
         "$(ratio "${T[$phase,restic]}" "${T[$phase,rsync]}")" "$(ratio "${T[$phase,snapveil]}" "${T[$phase,rsync]}")"
 done
-echo "(1% changed = $CHANGED files rewritten, same size)"
+printf '%-22s %9s %9s %9s %11s %11s\n' "nothing, --full (s)" "${T[noop,rsync]}" "-" "${T[fullpass,snapveil]}" \
+    "" "$(ratio "${T[fullpass,snapveil]}" "${T[noop,rsync]}")"
+echo "(1% changed = $CHANGED files rewritten, same size; --full = the weekly full pass, see full_every)"
 printf '%-36s %s MiB (full), %s MiB (1%%), %s MiB (no-op)\n' "peak RSS of snapveil run, ${NFILES} files" "${RSS_RUN[0]}" "${RSS_RUN[1]}" "${RSS_RUN[2]}"
 if [[ -n $RSS_1M ]]; then printf '%-36s %s MiB (full)\n' "peak RSS of snapveil run, 1M files" "$RSS_1M"; fi
 echo
