@@ -6,8 +6,9 @@
 # at the default), in directories of 100, on a btrfs subvolume on a loop device, so that
 # `snapveil run` backs up a real snapshot (source btrfs:) as a nightly job would.
 #
-# 1. Pipeline, local target (a fresh ext4 on a loop device), warm page cache, three phases: full (empty target), 1% of
-#    the files changed (rewritten, same size), nothing changed. Per phase:
+# 1. Pipeline, local targets (a fresh ext4 on a loop device), warm page cache, three
+#    phases: full (empty target), 1% of the files changed (rewritten, same size), nothing
+#    changed. Per phase:
 #      plain rsync   rsync -a --delete --backup --backup-dir=GEN  (no encryption: the limit)
 #      restic        restic backup (repository on the same disk)
 #      snapveil run  snapshot, encrypted view, rsync with generations, manifests, prune
