@@ -1100,6 +1100,18 @@ fn a_junk_record_is_not_a_restore_point() {
     s.assert_clean("home", &b);
 }
 
+/// Rewrites `f` with `data` and sets its mtime back: only its ctime tells.
+fn rewrite_keeping_mtime(f: &Path, data: &[u8]) {
+    let m = fs::metadata(f).unwrap().modified().unwrap();
+    fs::write(f, data).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .set_modified(m)
+        .unwrap();
+}
+
 /// `sha1sum -c` on the target finds exactly what the manifest of `stamp` claims, and the
 /// manifest lists exactly the regular files of `current/`.
 fn sha1sum_agrees(target: &Path, stamp: &str) {
@@ -1175,15 +1187,7 @@ fn incremental_manifests_stay_exact() {
     change_tree(&src);
     fs::rename(src.join("keep.txt"), src.join("kept.txt")).unwrap();
     fs::rename(src.join("sub"), src.join("moved")).unwrap();
-    let f = src.join("many/f3");
-    let m = fs::metadata(&f).unwrap().modified().unwrap();
-    fs::write(&f, b"FILE 3\n").unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_modified(m)
-        .unwrap();
+    rewrite_keeping_mtime(&src.join("many/f3"), b"FILE 3\n");
     let o = run("second");
     let (files, h) = hashed(&o);
     assert!(
@@ -1287,15 +1291,7 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
 
     // Round 1: every kind of change at once.
     fs::write(src.join("change.txt"), b"version two, longer\n").unwrap();
-    let f = src.join("bulk/d1/f4");
-    let m = fs::metadata(&f).unwrap().modified().unwrap();
-    fs::write(&f, b"BULK 4\n").unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_modified(m)
-        .unwrap();
+    rewrite_keeping_mtime(&src.join("bulk/d1/f4"), b"BULK 4\n");
     fs::remove_file(src.join("delete.txt")).unwrap();
     fs::remove_dir_all(src.join("tree")).unwrap();
     write(&src, "new/x/y/z.txt", b"a new nested tree\n");

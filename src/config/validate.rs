@@ -754,6 +754,27 @@ mod tests {
     }
 
     #[test]
+    fn a_file_job_full_every_defaults_to_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::crypto::config::write_test_key(dir.path());
+        let job = |v: &str| {
+            format!(
+                "[[job]]\nname = \"f\"\nsource = \"dir:{0}\"\ntarget = \"/t\"\n\
+                 key_config = \"{0}/k.conf\"\npassfile = \"{0}/k.pass\"\n{v}",
+                dir.path().display()
+            )
+        };
+        let c = load_str(Path::new("/etc/s.toml"), &job("")).unwrap();
+        assert_eq!(c.jobs[0].full_every, FILE_FULL_EVERY);
+        let c = load_str(Path::new("/etc/s.toml"), &job("full_every = \"3d\"\n")).unwrap();
+        assert_eq!(c.jobs[0].full_every, Duration::from_secs(3 * 86400));
+        let e = load_str(Path::new("/etc/s.toml"), &job("full_every = \"0s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/s.toml:7: job[0].full_every"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_line_and_field() {
         let text = "state_dir = \"/var/lib/x\"\n\n[[job]]\nname = \"a\"\nsource = \"nfs:/x\"\ntarget = \"/t\"\nkey_config = \"/nonexistent/k\"\npassfile = \"/nonexistent/p\"\n";
         let e = load_str(Path::new("/etc/s.toml"), text)
