@@ -24,9 +24,10 @@
 //! configuration (excludes, rsync arguments, source) or another restore point than the
 //! target's newest (a failed run, a run from elsewhere, a rollback); a live `dir:`
 //! source; `snapveil run --full`; and when the last full pass is `full_every` old
-//! (default 7 days), so that a target changed behind snapveil's back is mended within
+//! or the clock is behind it (default 7 days), so that a target changed behind snapveil's back is mended within
 //! a week.
 
+use crate::manifest::meta::MetaEntry;
 use crate::verify::ViewWalk;
 use sha2::Digest as _;
 use std::collections::HashSet;
@@ -52,28 +53,22 @@ pub fn index_path(state_dir: &Path, job: &str) -> PathBuf {
 }
 
 /// The fingerprint of one entry of the view: any change that rsync or the manifest must
-/// see changes it. Both walks ([`crate::verify::walk_core`], [`crate::verify::walk_view`])
-/// compute it from the same attributes.
-#[allow(clippy::too_many_arguments)]
-pub fn fingerprint(
-    kind: char,
-    perm: u32,
-    uid: u32,
-    gid: u32,
-    rdev: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-    link: &[u8],
-) -> u64 {
+/// see changes it. `size` and `ctime_ns` are the view's (the entry does not keep them).
+pub fn fingerprint(m: &MetaEntry, size: u64, ctime_ns: i128) -> u64 {
     let mut h = sha2::Sha256::new();
-    h.update([kind as u8]);
-    for v in [u64::from(perm), u64::from(uid), u64::from(gid), rdev, size] {
+    h.update([m.kind.letter() as u8]);
+    for v in [
+        u64::from(m.mode),
+        u64::from(m.uid),
+        u64::from(m.gid),
+        m.rdev(),
+        size,
+    ] {
         h.update(v.to_le_bytes());
     }
-    h.update(mtime_ns.to_le_bytes());
+    h.update(m.mtime_ns.to_le_bytes());
     h.update(ctime_ns.to_le_bytes());
-    h.update(link);
+    h.update(m.link());
     u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
 }
 
@@ -290,6 +285,9 @@ pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Exp
     if index.config != e.config {
         return Plan::Full("excludes, rsync_args or source changed since the index".into());
     }
+    if e.now < index.full_at {
+        return Plan::Full("the clock is behind the last full pass".into());
+    }
     if e.now - index.full_at >= e.full_every {
         return Plan::Full(format!(
             "the last full pass is {} days old (full_every)",
@@ -316,12 +314,9 @@ fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
             others.push(path);
         }
     }
-    let parent = |p: &[u8]| -> Vec<u8> {
-        match p.iter().rposition(|b| *b == b'/') {
-            Some(i) => p[..i].to_vec(),
-            None => Vec::new(),
-        }
-    };
+    fn parent(p: &[u8]) -> &[u8] {
+        p.iter().rposition(|b| *b == b'/').map_or(&[], |i| &p[..i])
+    }
     let mut list: Vec<Vec<u8>> = dirs
         .iter()
         .map(|d| {
@@ -335,7 +330,7 @@ fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
     list.extend(
         others
             .into_iter()
-            .filter(|p| !dirs.contains(&parent(p)[..]))
+            .filter(|p| !dirs.contains(parent(p)))
             .map(<[u8]>::to_vec),
     );
     list.sort();

@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
+#[cfg(test)]
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -247,10 +249,12 @@ impl ViewWalk {
     }
 }
 
-/// Walks the view at `view` ([`ViewWalk`]).
+/// Walks the view at `view` ([`ViewWalk`]) through the mount: what a run walked before
+/// [`walk_core`], kept as the oracle `walk_core` is tested against.
 ///
 /// # Errors
 /// An unreadable entry, by path.
+#[cfg(test)]
 pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
     /// Entries with the ctime of regular files (`None` for the others).
     type Found = Vec<(MetaEntry, Option<i64>, u64)>;
@@ -280,7 +284,7 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
                 .to_vec();
             let ctime = ft.is_file().then(|| m.ctime());
             let entry = MetaEntry::from_metadata(rel, &m, link);
-            let fp = fingerprint_of(&entry, m.size(), ns(m.ctime(), m.ctime_nsec()));
+            let fp = crate::changes::fingerprint(&entry, m.size(), ns(m.ctime(), m.ctime_nsec()));
             w.push((entry, ctime, fp));
             if ft.is_dir() {
                 walk(view, &p, w)?;
@@ -292,7 +296,7 @@ pub fn walk_view(view: &Path) -> Result<ViewWalk, VerifyError> {
     let root_entry = MetaEntry::from_metadata(Vec::new(), &root, None);
     let fp = {
         use std::os::unix::fs::MetadataExt;
-        fingerprint_of(
+        crate::changes::fingerprint(
             &root_entry,
             root.size(),
             ns(root.ctime(), root.ctime_nsec()),
@@ -339,29 +343,16 @@ pub fn walk_core(core: &crate::view::ViewCore, root: &Path) -> Result<ViewWalk, 
             gid: a.gid,
             mtime_ns: at(a.mtime),
         };
-        let fp = fingerprint_of(&entry, a.size, at(a.ctime));
+        let fp = crate::changes::fingerprint(&entry, a.size, at(a.ctime));
         found.push((entry, ctime, fp));
         Ok(())
     })?;
     Ok(ViewWalk::from_found(root, found))
 }
 
+#[cfg(test)]
 fn ns(secs: i64, nsecs: i64) -> i128 {
     i128::from(secs) * 1_000_000_000 + i128::from(nsecs)
-}
-
-fn fingerprint_of(m: &MetaEntry, size: u64, ctime_ns: i128) -> u64 {
-    crate::changes::fingerprint(
-        m.kind.letter(),
-        m.mode,
-        m.uid,
-        m.gid,
-        m.rdev(),
-        size,
-        m.mtime_ns,
-        ctime_ns,
-        m.link(),
-    )
 }
 
 impl ViewWalk {

@@ -139,6 +139,11 @@ fn a_full_pass_whenever_the_index_does_not_describe_the_target() {
         ..expect(Some("S1"))
     };
     assert!(why(plan(idx(), &w, &late)).contains("7 days old"));
+    let behind = Expect {
+        now: 998_999,
+        ..expect(Some("S1"))
+    };
+    assert!(why(plan(idx(), &w, &behind)).contains("clock is behind"));
     let bad = Err(ChangesError::Corrupt {
         path: "/s/i".into(),
         why: "x".into(),
@@ -174,11 +179,22 @@ fn the_index_round_trips_and_a_damaged_one_is_refused() {
 
 #[test]
 fn fingerprint_sees_ctime_size_mode_owner_and_link() {
-    let base = fingerprint('f', 0o644, 1, 2, 0, 10, 5, 6, b"");
-    assert_ne!(base, fingerprint('f', 0o644, 1, 2, 0, 10, 5, 7, b""));
-    assert_ne!(base, fingerprint('f', 0o644, 1, 2, 0, 11, 5, 6, b""));
-    assert_ne!(base, fingerprint('f', 0o600, 1, 2, 0, 10, 5, 6, b""));
-    assert_ne!(base, fingerprint('f', 0o644, 3, 2, 0, 10, 5, 6, b""));
-    assert_ne!(base, fingerprint('l', 0o644, 1, 2, 0, 10, 5, 6, b"x"));
-    assert_eq!(base, fingerprint('f', 0o644, 1, 2, 0, 10, 5, 6, b""));
+    let m = |kind: Kind, mode: u32, uid: u32| MetaEntry {
+        path: b"p".to_vec(),
+        kind,
+        mode,
+        uid,
+        gid: 2,
+        mtime_ns: 5,
+    };
+    let base = fingerprint(&m(Kind::File, 0o644, 1), 10, 6);
+    assert_ne!(base, fingerprint(&m(Kind::File, 0o644, 1), 10, 7));
+    assert_ne!(base, fingerprint(&m(Kind::File, 0o644, 1), 11, 6));
+    assert_ne!(base, fingerprint(&m(Kind::File, 0o600, 1), 10, 6));
+    assert_ne!(base, fingerprint(&m(Kind::File, 0o644, 3), 10, 6));
+    assert_ne!(
+        base,
+        fingerprint(&m(Kind::Symlink(b"x".to_vec()), 0o644, 1), 10, 6)
+    );
+    assert_eq!(base, fingerprint(&m(Kind::File, 0o644, 1), 10, 6));
 }
