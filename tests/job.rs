@@ -1368,3 +1368,54 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     assert!(log.contains("nothing changed since the last run"), "{log}");
     s.assert_clean("home", &b);
 }
+
+/// A changes-only run that lists `DIR/.` where the target holds a symlink instead of that
+/// directory (a target changed behind snapveil's back, or by someone who wants our writes
+/// elsewhere): rsync replaces the link with the directory, and nothing is written where
+/// the link pointed.
+#[test]
+fn a_changes_only_run_replaces_a_symlinked_directory_on_the_target_and_writes_nothing_through_it() {
+    let Some(b) = BtrfsLoop::new() else { return };
+    let src = b.subvolume("data");
+    let s = Setup::new();
+    write(&src, "only/one", b"first file\n");
+    let target = s.home_job(&src, "");
+    s.run_ok(&[]);
+    let current = target.join("current");
+    let enc_dirs: Vec<PathBuf> = fs::read_dir(&current)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.symlink_metadata().unwrap().is_dir())
+        .collect();
+    assert_eq!(enc_dirs.len(), 1, "one encrypted directory: {enc_dirs:?}");
+    let enc = &enc_dirs[0];
+    // Elsewhere: a copy of the directory, then the link to it in its place.
+    let elsewhere = s.path("elsewhere");
+    ok(Command::new("cp").arg("-a").arg(enc).arg(&elsewhere));
+    let before = manifest(&elsewhere);
+    fs::remove_dir_all(enc).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, enc).unwrap();
+
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(src.join("only/one"), b"first file, changed\n").unwrap();
+    write(&src, "only/two", b"a new file beside it\n");
+    let o = s.run(&[]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("sending what changed since the last run"),
+        "not a changes-only run:\n{log}"
+    );
+    assert!(
+        !enc.symlink_metadata().unwrap().file_type().is_symlink() && enc.is_dir(),
+        "{} is still a symlink",
+        enc.display()
+    );
+    let d = diff(&before, &manifest(&elsewhere));
+    assert!(d.is_empty(), "written through the symlink:\n{d}");
+    let out = s.path("restore");
+    s.decrypt(&current, &out);
+    let d = diff(&manifest(&src), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+    s.assert_clean("home", &b);
+}
