@@ -860,10 +860,32 @@ fn lvm_failed_umount_keeps_the_lv_and_reports() {
     l.expect_status(&r, "swi-aos---", "0.00");
     let g = take_plain(&r, "web", &lvm_root(), work.path()).unwrap();
     l.expect_status(&r, "swi-aos---", "0.00");
-    r.expect_umount(&l.mnt, Output::fail(32, "umount: target is busy.\n"));
+    // Busy on every try: the first and five more, then the error (the LV is kept).
+    for _ in 0..6 {
+        r.expect_umount(&l.mnt, Output::fail(32, "umount: target is busy.\n"));
+    }
     let e = g.release().unwrap_err();
     assert!(matches!(e, SnapshotError::Umount { .. }), "{e:?}");
     assert!(error_chain(&e).contains("target is busy"));
+}
+
+/// Something holds the snapshot for a moment after the transfer (the view's last reads,
+/// udev probing the LV): umount and lvremove are tried again, and the release succeeds.
+#[test]
+fn lvm_busy_umount_and_lvremove_are_retried() {
+    let (work, l, r) = lvm_case();
+    l.expect_take_until_mount(&r, "1073741824b", "ext4", "ro,noload");
+    l.expect_status(&r, "swi-aos---", "0.00");
+    let g = take_plain(&r, "web", &lvm_root(), work.path()).unwrap();
+    l.expect_status(&r, "swi-aos---", "0.00");
+    r.expect_umount(&l.mnt, Output::fail(32, "umount: target is busy.\n"))
+        .expect_umount(&l.mnt, Output::ok(""))
+        .expect_lvremove(&l.lv(), Output::fail(5, "  Logical volume vg0/x in use.\n"))
+        .expect_lvremove(&l.lv(), Output::ok(""));
+    g.release().unwrap();
+    let seen = r.seen();
+    assert_eq!(seen.iter().filter(|c| c[0] == "umount").count(), 2);
+    assert_eq!(seen.iter().filter(|c| c[0] == "lvremove").count(), 2);
 }
 
 #[test]

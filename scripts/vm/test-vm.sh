@@ -53,6 +53,13 @@ if (($# == 0)) && ((SHARDS > 1)) && [[ -z ${SNAPVEIL_VM_SHARD:-} ]]; then
     done
     for p in "${pids[@]}"; do wait "$p" || true; done
     sleep 1 # the tee/sed of the last lines
+    # The failures again, with their output, just above the tally: a CI log that keeps
+    # only its tail then still says which checks failed and why.
+    fails=$(for k in "${!outs[@]}"; do
+        awk -v g="$k" '/^FAIL/ { n = 8; print "[guest " g "] " $0; next }
+            n > 0 && /^    / { n--; print "[guest " g "] " $0; next } { n = 0 }' "${outs[$k]}"
+    done)
+    [[ -z $fails ]] || printf '== failed checks, again:\n%s\n' "$fails"
     passed=0 failed=0
     for o in "${outs[@]}"; do
         if [[ $(tail -n 1 "$o") =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then

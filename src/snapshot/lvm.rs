@@ -323,7 +323,8 @@ pub(crate) fn verify(runner: &dyn Runner, tools: &Tools, h: &Held) -> Result<(),
 }
 
 fn umount(runner: &dyn Runner, tools: &Tools, mountpoint: &Path) -> Result<(), SnapshotError> {
-    match Cmd::new(&tools.umount).arg(mountpoint).run_checked(runner) {
+    let cmd = Cmd::new(&tools.umount).arg(mountpoint);
+    match super::run_retrying_busy(runner, &cmd, &["target is busy"]) {
         Ok(_) => {}
         Err(e) if e.stderr().contains("not mounted") => {
             tracing::warn!(mountpoint = %mountpoint.display(), "already unmounted");
@@ -340,10 +341,9 @@ fn umount(runner: &dyn Runner, tools: &Tools, mountpoint: &Path) -> Result<(), S
 }
 
 fn lvremove(runner: &dyn Runner, tools: &Tools, vg: &str, name: &str) -> Result<(), SnapshotError> {
-    match Cmd::new(&tools.lvremove)
-        .args(["-f", &format!("{vg}/{name}")])
-        .run_checked(runner)
-    {
+    // "in use": udev may still be probing the just-unmounted LV.
+    let cmd = Cmd::new(&tools.lvremove).args(["-f", &format!("{vg}/{name}")]);
+    match super::run_retrying_busy(runner, &cmd, &["in use", "busy"]) {
         Ok(_) => Ok(()),
         Err(e) if not_found(&e) => {
             tracing::warn!(lv = %format!("{vg}/{name}"), "snapshot LV already gone");

@@ -278,6 +278,36 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotErro
     }
 }
 
+/// How often a release step refused because something still holds the snapshot is
+/// retried, the first wait, doubled each time (0.2 + 0.4 + … + 3.2 s: 6.2 s in all).
+/// zfs-fuse and the kernel after an unmount, udev probing a just-unmounted LV, or the last
+/// reads of a view being torn down can hold it for a moment, and a snapshot left behind
+/// costs more than a few seconds.
+const BUSY_RETRIES: u32 = 5;
+const BUSY_FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Runs `cmd`, again while it fails with one of the `busy` texts in its stderr (at most
+/// [`BUSY_RETRIES`] more times); the last result is returned.
+pub(crate) fn run_retrying_busy(
+    runner: &dyn Runner,
+    cmd: &crate::exec::Cmd,
+    busy: &[&str],
+) -> Result<crate::exec::Output, CommandError> {
+    let mut wait = BUSY_FIRST_WAIT;
+    let mut attempt = 0;
+    loop {
+        match cmd.run_checked(runner) {
+            Err(e) if attempt < BUSY_RETRIES && busy.iter().any(|b| e.stderr().contains(b)) => {
+                attempt += 1;
+                tracing::warn!(cmd = %cmd, attempt, "busy, retrying in {wait:?}");
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Job names go into snapshot names and command lines, so they are checked here too,
 /// not only in the config.
 ///

@@ -15,7 +15,6 @@ use super::{
 };
 use crate::exec::{Cmd, CommandError, Runner};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// What a ZFS guard has to undo.
 #[derive(Debug)]
@@ -255,11 +254,6 @@ fn clone_one(
         })
 }
 
-/// How often a destroy refused with "dataset is busy" is retried: zfs-fuse (and the kernel
-/// after an unmount) can hold a just-unmounted clone for a moment.
-const BUSY_RETRIES: u32 = 5;
-const BUSY_WAIT: Duration = Duration::from_millis(400);
-
 /// `zfs destroy [-r] TARGET`, idempotent: a target that no longer exists counts as done.
 fn destroy(
     runner: &dyn Runner,
@@ -272,30 +266,20 @@ fn destroy(
         cmd = cmd.arg("-r");
     }
     let cmd = cmd.arg(target);
-    let mut attempt = 0;
-    loop {
-        match cmd.run_checked(runner) {
-            Ok(_) => return Ok(()),
-            Err(e)
-                if e.stderr().contains("dataset does not exist")
-                    || e.stderr().contains("could not find any snapshots") =>
-            {
-                tracing::warn!(target, "already gone");
-                return Ok(());
-            }
-            Err(e) if e.stderr().contains("dataset is busy") && attempt < BUSY_RETRIES => {
-                attempt += 1;
-                tracing::warn!(target, attempt, "dataset is busy, retrying destroy");
-                std::thread::sleep(BUSY_WAIT);
-            }
-            Err(e) => {
-                return Err(SnapshotError::Zfs {
-                    dataset: target.to_owned(),
-                    action: "destroy",
-                    source: e,
-                })
-            }
+    match super::run_retrying_busy(runner, &cmd, &["dataset is busy"]) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.stderr().contains("dataset does not exist")
+                || e.stderr().contains("could not find any snapshots") =>
+        {
+            tracing::warn!(target, "already gone");
+            Ok(())
         }
+        Err(e) => Err(SnapshotError::Zfs {
+            dataset: target.to_owned(),
+            action: "destroy",
+            source: e,
+        }),
     }
 }
 
