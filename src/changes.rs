@@ -106,7 +106,7 @@ impl Index {
     pub fn of(walk: &ViewWalk, target: &str, stamp: &str, config: &str, full_at: i64) -> Index {
         let mut entries: Vec<([u8; 16], u64)> = walk
             .entries()
-            .map(|(path, fp)| (crate::manifest::path_key(path), fp))
+            .map(|e| (crate::manifest::path_key(e.path), e.fp))
             .collect();
         entries.sort_unstable();
         Index {
@@ -304,14 +304,14 @@ pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Exp
 fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
     let mut dirs: HashSet<&[u8]> = HashSet::new();
     let mut others: Vec<&[u8]> = Vec::new();
-    for ((path, fp), is_dir) in walk.entries().zip(walk.meta.iter().map(|m| m.is_dir())) {
-        if index.get(path) == Some(fp) {
+    for e in walk.entries() {
+        if index.get(e.path) == Some(e.fp) {
             continue;
         }
-        if is_dir {
-            dirs.insert(path);
+        if e.is_dir {
+            dirs.insert(e.path);
         } else {
-            others.push(path);
+            others.push(e.path);
         }
     }
     fn parent(p: &[u8]) -> &[u8] {

@@ -328,7 +328,7 @@ fn run_steps<'a>(
     let core = held.view.as_ref().expect("mounted above").core();
     let walk = crate::verify::walk_core(core, &mp).context("walking the view")?;
     tracing::info!(
-        entries = walk.meta.len(),
+        entries = walk.len(),
         secs = phase.elapsed().as_secs_f32(),
         "walked the view"
     );

@@ -197,7 +197,7 @@ fn unescape(b: &[u8]) -> Result<Vec<u8>, String> {
 /// The file's text: header, then one line per entry in the given order.
 pub fn format(entries: &[MetaEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 * entries.len() + 20);
-    format_to(&mut out, entries).expect("writing to memory");
+    format_to(&mut out, entries.iter().cloned()).expect("writing to memory");
     out
 }
 
@@ -205,13 +205,21 @@ pub fn format(entries: &[MetaEntry]) -> Vec<u8> {
 ///
 /// # Errors
 /// Writing to `w`.
-pub fn format_to(w: &mut dyn std::io::Write, entries: &[MetaEntry]) -> std::io::Result<()> {
+pub fn format_to(
+    w: &mut dyn std::io::Write,
+    entries: impl IntoIterator<Item = MetaEntry>,
+) -> std::io::Result<()> {
     w.write_all(HEADER.as_bytes())?;
     w.write_all(b"\n")?;
-    for chunk in entries.chunks(512) {
-        w.write_all(&format_lines(chunk))?;
+    let mut chunk = Vec::with_capacity(512);
+    for e in entries {
+        chunk.push(e);
+        if chunk.len() == 512 {
+            w.write_all(&format_lines(&chunk))?;
+            chunk.clear();
+        }
     }
-    Ok(())
+    w.write_all(&format_lines(&chunk))
 }
 
 fn format_lines(entries: &[MetaEntry]) -> Vec<u8> {
