@@ -141,28 +141,31 @@ impl Index {
     /// # Errors
     /// The file cannot be written.
     pub fn save(&self, path: &Path) -> Result<(), ChangesError> {
-        let mut data = format!(
+        let head = format!(
             "{HEADER}\ntarget={}\nstamp={}\nconfig={}\nfull_at={}\nentries={}\n\n",
             self.target,
             self.stamp,
             self.config,
             self.full_at,
             self.entries.len()
-        )
-        .into_bytes();
-        data.reserve(self.entries.len() * 24 + 32);
-        for (k, fp) in &self.entries {
-            data.extend_from_slice(k);
-            data.extend_from_slice(&fp.to_le_bytes());
-        }
-        let sum = sha2::Sha256::digest(&data);
+        );
         let io = |source| ChangesError::Io {
             path: path.into(),
             source,
         };
+        // Streamed and summed as it goes: the index is not held twice at the run's peak.
         crate::status::write_atomic_with(path, |w| {
-            w.write_all(&data)?;
-            w.write_all(&sum)
+            let mut sum = sha2::Sha256::new();
+            sum.update(head.as_bytes());
+            w.write_all(head.as_bytes())?;
+            for (k, fp) in &self.entries {
+                let fp = fp.to_le_bytes();
+                sum.update(k);
+                sum.update(fp);
+                w.write_all(k)?;
+                w.write_all(&fp)?;
+            }
+            w.write_all(&sum.finalize())
         })
         .map_err(io)?;
         use std::os::unix::fs::PermissionsExt;

@@ -429,6 +429,8 @@ fn run_steps<'a>(
     });
     let written = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
         .context("writing the manifest of the view")?;
+    // The last manifest's sums are in the new one now: gone before the index is made.
+    drop(reuse);
     let head = record_run(runner, target, job, stamp, &out, &written, &link)?;
     crate::target::chain::save_state(
         &cfg.state_dir,

@@ -530,39 +530,39 @@ impl ViewWalk {
 /// workers would block in reads only the pool can answer: a deadlock): two plain
 /// threads instead.
 fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
-    let paths: Vec<&[u8]> = walk.files().map(|(p, _)| p).collect();
-    let half = paths.len().div_ceil(2).max(1);
+    let n = walk.files().len();
+    let half = n.div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
-    let hash = |chunk: &[&[u8]]| -> Result<Vec<[u8; 20]>, VerifyError> {
-        chunk
-            .iter()
-            .map(|rel| {
-                let rel = *rel;
-                let known = reuse
-                    .filter(|r| !r.rehash.contains(rel))
-                    .and_then(|r| r.prev.get(rel));
-                Ok(match known {
-                    Some(h) => *h,
-                    None => {
-                        hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let p = walk.root.join(OsStr::from_bytes(rel));
-                        manifest::sha1_file(&p).map_err(io(&p))?
-                    }
-                })
-            })
-            .collect()
+    // Each thread fills its half of the result in place: no list of paths, no second
+    // copy of the sums to join (both per file, at the run's peak).
+    let hash = |first: usize, out: &mut [[u8; 20]]| -> Result<(), VerifyError> {
+        for ((rel, _), sum) in walk.files().skip(first).zip(out.iter_mut()) {
+            let known = reuse
+                .filter(|r| !r.rehash.contains(rel))
+                .and_then(|r| r.prev.get(rel));
+            *sum = match known {
+                Some(h) => *h,
+                None => {
+                    hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let p = walk.root.join(OsStr::from_bytes(rel));
+                    manifest::sha1_file(&p).map_err(io(&p))?
+                }
+            };
+        }
+        Ok(())
     };
-    // In walk order (sorted by path): the halves are joined in order.
-    let out = std::thread::scope(|s| {
-        let hs: Vec<_> = paths
-            .chunks(half)
-            .map(|c| s.spawn(move || hash(c)))
+    // In walk order (sorted by path).
+    let mut out = vec![[0u8; 20]; n];
+    std::thread::scope(|s| {
+        let hs: Vec<_> = out
+            .chunks_mut(half)
+            .enumerate()
+            .map(|(i, c)| s.spawn(move || hash(i * half, c)))
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("hash thread"))
-            .collect::<Result<Vec<_>, _>>()
-    })?
-    .concat();
+            .collect::<Result<(), _>>()
+    })?;
     tracing::info!(
         files = out.len(),
         hashed = hashed.into_inner(),
@@ -921,6 +921,65 @@ mod walk_tests {
     use super::*;
     use crate::view::mount::{MountedView, ViewOptions};
     use std::os::unix::fs::symlink;
+
+    /// A packed walk gives back exactly what was put in, sorted by path: every kind
+    /// (link targets, device numbers), modes, owners, mtimes before 1970 and with
+    /// nanoseconds, file ctimes and fingerprints.
+    #[test]
+    fn a_packed_walk_gives_back_every_entry_sorted() {
+        use manifest::meta::Kind;
+        let e = |path: &str, kind: Kind, mode: u32, mtime_ns: i128| MetaEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode,
+            uid: 1000,
+            gid: 100,
+            mtime_ns,
+        };
+        let found = vec![
+            (
+                e("b/f", Kind::File, 0o640, 1_700_000_000_123_456_789),
+                Some(1_700_000_001),
+                7,
+            ),
+            (e("", Kind::Dir, 0o755, 0), None, 1),
+            (e("b", Kind::Dir, 0o7777, -1_500_000_000), None, 2),
+            (
+                e("a-link", Kind::Symlink(b"../x y".to_vec()), 0o777, -1),
+                None,
+                3,
+            ),
+            (e("b/tty", Kind::Char(0x0504), 0o620, 5), None, 4),
+            (e("a", Kind::File, 0o600, 6), Some(-2), 5),
+            (e("b/blk", Kind::Block(u64::MAX), 0o660, 7), None, 6),
+        ];
+        let mut want: Vec<_> = found.iter().map(|(m, _, _)| m.clone()).collect();
+        want.sort_by(|a, b| a.path.cmp(&b.path));
+        let w = ViewWalk::from_found(Path::new("/v"), found);
+        assert_eq!(w.len(), 7);
+        assert_eq!(w.meta().collect::<Vec<_>>(), want);
+        assert_eq!(
+            w.files().collect::<Vec<_>>(),
+            vec![(&b"a"[..], -2), (&b"b/f"[..], 1_700_000_001)]
+        );
+        let entries: Vec<_> = w
+            .entries()
+            .map(|e| (String::from_utf8(e.path.to_vec()).unwrap(), e.fp, e.is_dir))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("", 1, true),
+                ("a", 5, false),
+                ("a-link", 3, false),
+                ("b", 2, true)
+            ]
+            .into_iter()
+            .chain([("b/blk", 6, false), ("b/f", 7, false), ("b/tty", 4, false)])
+            .map(|(p, fp, d)| (p.to_string(), fp, d))
+            .collect::<Vec<_>>()
+        );
+    }
 
     /// The walk a run takes in process is the walk through the mount, entry for entry:
     /// names (long ones, the IVs, the key config), kinds, modes, owners, mtimes, link
