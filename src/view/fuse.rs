@@ -22,7 +22,7 @@ use fuser::{
 };
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +68,9 @@ pub struct VeilFs<T: Tree> {
     /// the mount from global-pool threads (a manifest of the view, a verify) would
     /// otherwise hold every worker while its reads wait for a free one: a deadlock.
     pool: Arc<rayon::ThreadPool>,
+    /// Reads handed to the pool and not yet answered: the view is not gone (see the
+    /// `Drop`) while one of them still holds a source file open.
+    inflight: Arc<AtomicUsize>,
     /// `force_owner`: every entry presented as owned by this uid and gid.
     owner: Option<(u32, u32)>,
 }
@@ -93,8 +96,26 @@ impl<T: Tree> VeilFs<T> {
                     .build()
                     .expect("a thread pool for reads"),
             ),
+            inflight: Arc::new(AtomicUsize::new(0)),
             owner: None,
         }
+    }
+
+    /// Runs `read` on the pool, counted in `inflight` until it has answered.
+    fn spawn_read(&self, read: impl FnOnce() + Send + 'static) {
+        /// Uncounts the read however it ends.
+        struct Done(Arc<AtomicUsize>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let done = Done(Arc::clone(&self.inflight));
+        self.pool.spawn(move || {
+            let _done = done;
+            read()
+        });
     }
 
     /// Presents every entry as owned by `owner` (uid, gid), so that with
@@ -119,6 +140,29 @@ impl<T: Tree> VeilFs<T> {
         self
     }
 }
+
+/// The session ends (unmounted) with the view: when this returns, no read of the pool
+/// holds a source file open any more, so the snapshot under the view can be unmounted
+/// and destroyed at once (a read still running made its `umount` fail as busy). Reads
+/// take milliseconds; a read stuck longer than [`DRAIN_LIMIT`] is left, with a warning.
+impl<T: Tree> Drop for VeilFs<T> {
+    fn drop(&mut self) {
+        let start = std::time::Instant::now();
+        while self.inflight.load(Ordering::Acquire) > 0 {
+            if start.elapsed() > DRAIN_LIMIT {
+                tracing::warn!(
+                    reads = self.inflight.load(Ordering::Acquire),
+                    "reads of the view still running after it ended"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// How long the end of a view waits for reads still running on its pool.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 fn file_type(k: Kind) -> FileType {
     match k {
@@ -260,7 +304,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         if fh == 0 && self.caching == Caching::Frozen {
             // No OPEN came: find or open the file on the pool, not in the request loop.
             let cache = Arc::clone(&self.by_ino);
-            self.pool.spawn(move || {
+            self.spawn_read(move || {
                 let h = match cached_open(&*core, &cache, ino) {
                     Ok(h) => h,
                     Err(e) => {
@@ -281,14 +325,13 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         let Some(h) = self.handles.lock().expect("handles lock").get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        self.pool
-            .spawn(move || match core.read(&h, offset.max(0) as u64, size) {
-                Ok(d) => reply.data(&d),
-                Err(e) => {
-                    log_err("read", ino, &e);
-                    reply.error(e.errno())
-                }
-            });
+        self.spawn_read(move || match core.read(&h, offset.max(0) as u64, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => {
+                log_err("read", ino, &e);
+                reply.error(e.errno())
+            }
+        });
     }
 
     fn release(
