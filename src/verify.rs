@@ -560,8 +560,7 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, V
             .map(|(i, c)| s.spawn(move || hash(i * half, c)))
             .collect();
         hs.into_iter()
-            .map(|h| h.join().expect("hash thread"))
-            .collect::<Result<(), _>>()
+            .try_for_each(|h| h.join().expect("hash thread"))
     })?;
     tracing::info!(
         files = out.len(),
