@@ -106,7 +106,7 @@ impl Index {
     pub fn of(walk: &ViewWalk, target: &str, stamp: &str, config: &str, full_at: i64) -> Index {
         let mut entries: Vec<([u8; 16], u64)> = walk
             .entries()
-            .map(|e| (crate::manifest::path_key(e.path), e.fp))
+            .map(|e| (crate::manifest::path_key(&e.path), e.fp))
             .collect();
         entries.sort_unstable();
         Index {
@@ -305,10 +305,10 @@ pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Exp
 
 /// The `--files-from` lines for what differs from `index` (see the module doc).
 fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
-    let mut dirs: HashSet<&[u8]> = HashSet::new();
-    let mut others: Vec<&[u8]> = Vec::new();
+    let mut dirs: HashSet<Vec<u8>> = HashSet::new();
+    let mut others: Vec<Vec<u8>> = Vec::new();
     for e in walk.entries() {
-        if index.get(e.path) == Some(e.fp) {
+        if index.get(&e.path) == Some(e.fp) {
             continue;
         }
         if e.is_dir {
@@ -320,22 +320,19 @@ fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
     fn parent(p: &[u8]) -> &[u8] {
         p.iter().rposition(|b| *b == b'/').map_or(&[], |i| &p[..i])
     }
+    others.retain(|p| !dirs.contains(parent(p)));
     let mut list: Vec<Vec<u8>> = dirs
-        .iter()
-        .map(|d| {
+        .into_iter()
+        .map(|mut d| {
             if d.is_empty() {
-                b".".to_vec()
+                d.push(b'.');
             } else {
-                [*d, b"/."].concat()
+                d.extend_from_slice(b"/.");
             }
+            d
         })
         .collect();
-    list.extend(
-        others
-            .into_iter()
-            .filter(|p| !dirs.contains(parent(p)))
-            .map(<[u8]>::to_vec),
-    );
+    list.extend(others);
     list.sort();
     list
 }

@@ -450,11 +450,7 @@ fn run_steps<'a>(
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
-            let want = walk
-                .files()
-                .map(|(p, _)| p.to_vec())
-                .zip(manifest)
-                .collect();
+            let want = walk.files().map(|(p, _)| p).zip(manifest).collect();
             let r = crate::verify::check_view_against_target(runner, target, &mp, &want)?;
             if !r.ok() {
                 r.print();
@@ -548,7 +544,7 @@ fn changed_since(
     let mut out: Vec<Vec<u8>> = walk
         .files()
         .filter(|(rel, ctime)| !sent.contains(rel) && since.is_none_or(|s| *ctime >= s))
-        .map(|(rel, _)| rel.to_vec())
+        .map(|(rel, _)| rel)
         .collect();
     out.sort();
     out

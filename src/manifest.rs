@@ -161,12 +161,13 @@ pub fn format_to(w: &mut dyn io::Write, entries: &[Entry]) -> io::Result<()> {
 ///
 /// # Errors
 /// Writing to `w`.
-pub fn format_pairs_to<'a>(
+pub fn format_pairs_to<'a, P: AsRef<[u8]>>(
     w: &mut dyn io::Write,
-    entries: impl Iterator<Item = (&'a [u8], &'a [u8; 20])>,
+    entries: impl Iterator<Item = (P, &'a [u8; 20])>,
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(1 << 16);
     for (path, sha1) in entries {
+        let path = path.as_ref();
         let needs = path.iter().any(|b| *b == b'\\' || *b == b'\n');
         if needs {
             out.push(b'\\');

@@ -221,16 +221,20 @@ impl PrevManifest {
 /// once and uses the walk for the plan, the checksum pass and the manifest: the view
 /// shows a frozen snapshot, so it cannot change in between.
 ///
-/// A walk is most of a run's memory on a big tree (issue 13), so it is held packed: the
-/// paths end to end in one buffer, and 40 bytes of metadata an entry ([`Rec`]), not a
-/// [`MetaEntry`] with its own allocation (about 2.5 times as much). Entries stay in the
-/// order the walk found them; `order` sorts them by path.
+/// A walk is most of a run's memory on a big tree (issue 13), so it is held packed:
+/// each entry's own name (not its path: a path repeats its parents' names, and deep
+/// trees have long ones) in one buffer with its parent's number, and 40 bytes of
+/// metadata ([`Rec`]), not a [`MetaEntry`] with its own allocation (about 2.5 times as
+/// much). Paths are put together when asked for. Entries stay in the order the walk
+/// found them; `order` sorts them by path.
 pub struct ViewWalk {
     /// The view's root.
     pub root: PathBuf,
-    /// Every entry's path relative to the view, end to end; entry `i` ends at `ends[i]`.
-    paths: Vec<u8>,
-    ends: Vec<u64>,
+    /// Every entry's name, end to end; entry `i`'s ends at `name_ends[i]`.
+    names: Vec<u8>,
+    name_ends: Vec<u64>,
+    /// Each entry's parent directory ([`NO_PARENT`] for the root).
+    parents: Vec<u32>,
     recs: Vec<Rec>,
     /// What a [`Rec`] has no room for: symlink targets and device numbers, by entry
     /// (ascending: pushed in walk order).
@@ -241,7 +245,10 @@ pub struct ViewWalk {
     files: Vec<u32>,
 }
 
-/// An entry of a [`ViewWalk`] besides its path.
+/// The root's parent in [`ViewWalk::parents`].
+const NO_PARENT: u32 = u32::MAX;
+
+/// An entry of a [`ViewWalk`] besides its name.
 #[derive(Clone, Copy)]
 struct Rec {
     mtime_s: i64,
@@ -265,18 +272,40 @@ enum KindTag {
 }
 
 /// One entry of a [`ViewWalk`], as the plan needs it.
-pub struct WalkEntry<'a> {
+pub struct WalkEntry {
     /// Relative to the view; empty for the root.
-    pub path: &'a [u8],
+    pub path: Vec<u8>,
     pub fp: u64,
     pub is_dir: bool,
 }
 
 impl ViewWalk {
-    fn path(&self, i: u32) -> &[u8] {
+    fn name(&self, i: u32) -> &[u8] {
         let i = i as usize;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.paths[start..self.ends[i] as usize]
+        let start = if i == 0 {
+            0
+        } else {
+            self.name_ends[i - 1] as usize
+        };
+        &self.names[start..self.name_ends[i] as usize]
+    }
+
+    /// Entry `i`'s path relative to the view.
+    fn path(&self, i: u32) -> Vec<u8> {
+        let mut chain = Vec::new();
+        let mut cur = i;
+        while self.parents[cur as usize] != NO_PARENT {
+            chain.push(cur);
+            cur = self.parents[cur as usize];
+        }
+        let mut p = Vec::with_capacity(chain.iter().map(|c| self.name(*c).len() + 1).sum());
+        for (k, c) in chain.iter().rev().enumerate() {
+            if k > 0 {
+                p.push(b'/');
+            }
+            p.extend_from_slice(self.name(*c));
+        }
+        p
     }
 
     pub fn len(&self) -> usize {
@@ -288,7 +317,7 @@ impl ViewWalk {
     }
 
     /// Every entry, by path.
-    pub fn entries(&self) -> impl ExactSizeIterator<Item = WalkEntry<'_>> + '_ {
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = WalkEntry> + '_ {
         self.order.iter().map(|&i| {
             let r = &self.recs[i as usize];
             WalkEntry {
@@ -316,7 +345,7 @@ impl ViewWalk {
                 }
             };
             MetaEntry {
-                path: self.path(i).to_vec(),
+                path: self.path(i),
                 kind,
                 mode: u32::from(r.mode),
                 uid: r.uid,
@@ -327,18 +356,25 @@ impl ViewWalk {
     }
 
     /// Regular files, by path: (path relative to the view, ctime).
-    pub fn files(&self) -> impl ExactSizeIterator<Item = (&[u8], i64)> + '_ {
-        self.files
+    pub fn files(&self) -> impl ExactSizeIterator<Item = (Vec<u8>, i64)> + '_ {
+        self.files_from(0)
+    }
+
+    /// [`ViewWalk::files`] from the `first`th on.
+    fn files_from(&self, first: usize) -> impl ExactSizeIterator<Item = (Vec<u8>, i64)> + '_ {
+        self.files[first.min(self.files.len())..]
             .iter()
             .map(|&i| (self.path(i), self.recs[i as usize].ctime_s))
     }
 }
 
-/// Collects a [`ViewWalk`] entry by entry, in any order.
+/// Collects a [`ViewWalk`] entry by entry, parents before their entries.
 struct WalkBuilder {
     walk: ViewWalk,
     /// Which entries are regular files (`ctime` given).
     is_file: Vec<bool>,
+    /// The directories from the root down to the last one pushed: (path, entry).
+    stack: Vec<(Vec<u8>, u32)>,
 }
 
 impl WalkBuilder {
@@ -346,25 +382,52 @@ impl WalkBuilder {
         WalkBuilder {
             walk: ViewWalk {
                 root: root.to_path_buf(),
-                paths: Vec::new(),
-                ends: Vec::new(),
+                names: Vec::new(),
+                name_ends: Vec::new(),
+                parents: Vec::new(),
                 recs: Vec::new(),
                 special: Vec::new(),
                 order: Vec::new(),
                 files: Vec::new(),
             },
             is_file: Vec::new(),
+            stack: Vec::new(),
         }
     }
 
-    /// One entry at `path` (`m.path` is not read): `ctime` (unix seconds) is given for a
-    /// regular file, `fp` is its fingerprint.
+    /// One entry at `path` (`m.path` is not read), the root first, then depth first
+    /// (each directory before its entries, its entries before the next sibling's):
+    /// `ctime` (unix seconds) is given for a regular file, `fp` is its fingerprint.
+    ///
+    /// # Panics
+    /// When `path`'s parent is not on the way down from the root: a walk out of order.
     fn push(&mut self, path: &[u8], m: MetaEntry, ctime: Option<i64>, fp: u64) {
         use manifest::meta::Kind;
+        let i = u32::try_from(self.walk.recs.len()).expect("fewer than 2^32 entries");
+        let (parent, name) = if i == 0 {
+            assert!(path.is_empty(), "a walk starts at the root");
+            (NO_PARENT, path)
+        } else {
+            let (dir, name) = match path.iter().rposition(|b| *b == b'/') {
+                Some(k) => (&path[..k], &path[k + 1..]),
+                None => (&path[..0], path),
+            };
+            while self.stack.last().is_some_and(|(p, _)| p.as_slice() != dir) {
+                self.stack.pop();
+            }
+            let &(_, parent) = self
+                .stack
+                .last()
+                .expect("a walk gives each directory before its entries");
+            (parent, name)
+        };
+        if m.kind == Kind::Dir {
+            self.stack.push((path.to_vec(), i));
+        }
         let w = &mut self.walk;
-        let i = u32::try_from(w.recs.len()).expect("fewer than 2^32 entries");
-        w.paths.extend_from_slice(path);
-        w.ends.push(w.paths.len() as u64);
+        w.names.extend_from_slice(name);
+        w.name_ends.push(w.names.len() as u64);
+        w.parents.push(parent);
         let (s, n) = m.mtime();
         let kind = match m.kind {
             Kind::Dir => KindTag::Dir,
@@ -387,14 +450,78 @@ impl WalkBuilder {
         self.is_file.push(ctime.is_some());
     }
 
+    /// The walk, with `order`: entries sorted by their paths' bytes. A directory's
+    /// subtree is one run in that order, placed among its siblings as if its name
+    /// ended in `/` (so `a`, `a-b`, `a/x`: `-` sorts before `/`), which orders the
+    /// whole tree one directory at a time without putting a path together.
     fn finish(self) -> ViewWalk {
-        let WalkBuilder { mut walk, is_file } = self;
-        walk.paths.shrink_to_fit();
-        walk.ends.shrink_to_fit();
+        let WalkBuilder {
+            mut walk, is_file, ..
+        } = self;
+        walk.names.shrink_to_fit();
+        walk.name_ends.shrink_to_fit();
+        walk.parents.shrink_to_fit();
         walk.recs.shrink_to_fit();
         walk.special.shrink_to_fit();
-        let mut order: Vec<u32> = (0..walk.recs.len() as u32).collect();
-        order.sort_unstable_by(|a, b| walk.path(*a).cmp(walk.path(*b)));
+        let n = walk.recs.len();
+        // Each directory's entries, as one array cut by `start` (counting sort by parent).
+        let mut start = vec![0u32; n + 1];
+        for &p in &walk.parents {
+            if p != NO_PARENT {
+                start[p as usize + 1] += 1;
+            }
+        }
+        for k in 0..n {
+            start[k + 1] += start[k];
+        }
+        let mut kids = vec![0u32; n.saturating_sub(1)];
+        let mut fill = start.clone();
+        for (i, &p) in walk.parents.iter().enumerate() {
+            if p != NO_PARENT {
+                kids[fill[p as usize] as usize] = i as u32;
+                fill[p as usize] += 1;
+            }
+        }
+        drop(fill);
+        // (entry, whether this is its subtree): the subtree sorts as the name plus `/`.
+        let key = |(e, sub): (u32, bool)| walk.name(e).iter().copied().chain(sub.then_some(b'/'));
+        let mut order = Vec::with_capacity(n);
+        if n > 0 {
+            order.push(0);
+        }
+        // Depth first: each level's items, sorted, consumed from the end.
+        let mut todo: Vec<Vec<(u32, bool)>> = Vec::new();
+        let level = |d: u32| -> Vec<(u32, bool)> {
+            let ks = &kids[start[d as usize] as usize..start[d as usize + 1] as usize];
+            let mut items: Vec<(u32, bool)> = Vec::with_capacity(ks.len() * 2);
+            for &k in ks {
+                items.push((k, false));
+                if walk.recs[k as usize].kind == KindTag::Dir {
+                    items.push((k, true));
+                }
+            }
+            items.sort_unstable_by(|a, b| key(*a).cmp(key(*b)));
+            items.reverse();
+            items
+        };
+        if n > 0 {
+            todo.push(level(0));
+        }
+        while let Some(top) = todo.last_mut() {
+            match top.pop() {
+                Some((e, false)) => order.push(e),
+                Some((e, true)) => {
+                    let next = level(e);
+                    todo.push(next);
+                }
+                None => {
+                    todo.pop();
+                }
+            }
+        }
+        drop(todo);
+        drop(kids);
+        drop(start);
         walk.files = order
             .iter()
             .copied()
@@ -516,6 +643,18 @@ impl ViewWalk {
     /// to make one.
     #[cfg(test)]
     pub(crate) fn from_found(root: &Path, found: Vec<(MetaEntry, Option<i64>, u64)>) -> ViewWalk {
+        let mut found = found;
+        // Depth first, as a walk gives them: by path component.
+        found.sort_by(|a, b| {
+            let parts = |p: &[u8]| -> Vec<Vec<u8>> {
+                if p.is_empty() {
+                    Vec::new()
+                } else {
+                    p.split(|c| *c == b'/').map(<[u8]>::to_vec).collect()
+                }
+            };
+            parts(&a.0.path).cmp(&parts(&b.0.path))
+        });
         let mut b = WalkBuilder::new(root);
         for (mut m, ct, fp) in found {
             let path = std::mem::take(&mut m.path);
@@ -536,7 +675,8 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, V
     // Each thread fills its half of the result in place: no list of paths, no second
     // copy of the sums to join (both per file, at the run's peak).
     let hash = |first: usize, out: &mut [[u8; 20]]| -> Result<(), VerifyError> {
-        for ((rel, _), sum) in walk.files().skip(first).zip(out.iter_mut()) {
+        for ((rel, _), sum) in walk.files_from(first).zip(out.iter_mut()) {
+            let rel = rel.as_slice();
             let known = reuse
                 .filter(|r| !r.rehash.contains(rel))
                 .and_then(|r| r.prev.get(rel));
@@ -959,11 +1099,11 @@ mod walk_tests {
         assert_eq!(w.meta().collect::<Vec<_>>(), want);
         assert_eq!(
             w.files().collect::<Vec<_>>(),
-            vec![(&b"a"[..], -2), (&b"b/f"[..], 1_700_000_001)]
+            vec![(b"a".to_vec(), -2), (b"b/f".to_vec(), 1_700_000_001)]
         );
         let entries: Vec<_> = w
             .entries()
-            .map(|e| (String::from_utf8(e.path.to_vec()).unwrap(), e.fp, e.is_dir))
+            .map(|e| (String::from_utf8(e.path).unwrap(), e.fp, e.is_dir))
             .collect();
         assert_eq!(
             entries,
@@ -978,6 +1118,38 @@ mod walk_tests {
             .map(|(p, fp, d)| (p.to_string(), fp, d))
             .collect::<Vec<_>>()
         );
+    }
+
+    /// Paths sort by their bytes, though a walk is held as names under parents: a
+    /// directory's entries come after its siblings whose names continue with a byte
+    /// below `/` (`d-e`, `d.f` before `d/x`) and before those above it.
+    #[test]
+    fn a_packed_walk_sorts_by_path_bytes_across_directories() {
+        use manifest::meta::Kind;
+        let paths = [
+            "", "d", "d/x", "d/x/y", "d/x-", "d-e", "d.f", "d0", "c", "c/z", "e", "e/a/b", "e/a",
+            "\u{ff}",
+        ];
+        let found = paths
+            .iter()
+            .map(|p| {
+                let is_dir = ["", "d", "d/x", "c", "e", "e/a"].contains(p);
+                let m = MetaEntry {
+                    path: p.as_bytes().to_vec(),
+                    kind: if is_dir { Kind::Dir } else { Kind::File },
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime_ns: 0,
+                };
+                (m, (!is_dir).then_some(0), 0)
+            })
+            .collect();
+        let w = ViewWalk::from_found(Path::new("/v"), found);
+        let mut want: Vec<Vec<u8>> = paths.iter().map(|p| p.as_bytes().to_vec()).collect();
+        want.sort();
+        assert_eq!(w.entries().map(|e| e.path).collect::<Vec<_>>(), want);
+        assert_eq!(w.meta().map(|m| m.path).collect::<Vec<_>>(), want);
     }
 
     /// The walk a run takes in process is the walk through the mount, entry for entry:
@@ -1032,7 +1204,7 @@ mod walk_tests {
         let meta = |w: &ViewWalk| w.meta().collect::<Vec<_>>();
         let fps = |w: &ViewWalk| {
             w.entries()
-                .map(|e| (e.path.to_vec(), e.fp, e.is_dir))
+                .map(|e| (e.path, e.fp, e.is_dir))
                 .collect::<Vec<_>>()
         };
         assert_eq!(through.len(), 15, "{:?}", meta(&through));
