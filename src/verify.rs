@@ -371,8 +371,6 @@ impl ViewWalk {
 /// Collects a [`ViewWalk`] entry by entry, parents before their entries.
 struct WalkBuilder {
     walk: ViewWalk,
-    /// Which entries are regular files (`ctime` given).
-    is_file: Vec<bool>,
     /// The directories from the root down to the last one pushed: (path, entry).
     stack: Vec<(Vec<u8>, u32)>,
 }
@@ -390,14 +388,13 @@ impl WalkBuilder {
                 order: Vec::new(),
                 files: Vec::new(),
             },
-            is_file: Vec::new(),
             stack: Vec::new(),
         }
     }
 
     /// One entry at `path` (`m.path` is not read), the root first, then depth first
     /// (each directory before its entries, its entries before the next sibling's):
-    /// `ctime` (unix seconds) is given for a regular file, `fp` is its fingerprint.
+    /// `ctime` (unix seconds) is a regular file's, `fp` the entry's fingerprint.
     ///
     /// # Panics
     /// When `path`'s parent is not on the way down from the root: a walk out of order.
@@ -447,7 +444,6 @@ impl WalkBuilder {
             mode: (m.mode & 0o7777) as u16,
             kind,
         });
-        self.is_file.push(ctime.is_some());
     }
 
     /// The walk, with `order`: entries sorted by their paths' bytes. A directory's
@@ -455,9 +451,7 @@ impl WalkBuilder {
     /// ended in `/` (so `a`, `a-b`, `a/x`: `-` sorts before `/`), which orders the
     /// whole tree one directory at a time without putting a path together.
     fn finish(self) -> ViewWalk {
-        let WalkBuilder {
-            mut walk, is_file, ..
-        } = self;
+        let WalkBuilder { mut walk, .. } = self;
         walk.names.shrink_to_fit();
         walk.name_ends.shrink_to_fit();
         walk.parents.shrink_to_fit();
@@ -525,7 +519,7 @@ impl WalkBuilder {
         walk.files = order
             .iter()
             .copied()
-            .filter(|i| is_file[*i as usize])
+            .filter(|i| walk.recs[*i as usize].kind == KindTag::File)
             .collect();
         walk.order = order;
         walk
@@ -646,14 +640,8 @@ impl ViewWalk {
         let mut found = found;
         // Depth first, as a walk gives them: by path component.
         found.sort_by(|a, b| {
-            let parts = |p: &[u8]| -> Vec<Vec<u8>> {
-                if p.is_empty() {
-                    Vec::new()
-                } else {
-                    p.split(|c| *c == b'/').map(<[u8]>::to_vec).collect()
-                }
-            };
-            parts(&a.0.path).cmp(&parts(&b.0.path))
+            let slash = |c: &u8| *c == b'/';
+            a.0.path.split(slash).cmp(b.0.path.split(slash))
         });
         let mut b = WalkBuilder::new(root);
         for (mut m, ct, fp) in found {
