@@ -265,6 +265,17 @@ pub trait Tree: Send + Sync + 'static {
     fn read(&self, h: &Self::Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError>;
     /// The kernel dropped `n` lookups of `ino`: state kept only for it may go.
     fn forget(&self, _ino: u64, _n: u64) {}
+    /// Up to `n` regular files that follow `ino` in its directory's listing, the order
+    /// in which `tar` and rsync's sender read them: what to read ahead of them.
+    fn next_files(&self, _ino: u64, _n: usize) -> Vec<u64> {
+        Vec::new()
+    }
+    /// The whole content of regular file `ino` if it is at most `max` bytes, read on
+    /// the calling thread alone (no pool): a read ahead of the reader. `None`: larger,
+    /// or nothing to read ahead.
+    fn read_small(&self, _ino: u64, _max: u64) -> Result<Option<Vec<u8>>, ViewError> {
+        Ok(None)
+    }
 }
 
 impl Tree for ViewCore {
@@ -299,6 +310,12 @@ impl Tree for ViewCore {
     }
     fn forget(&self, ino: u64, n: u64) {
         ViewCore::forget(self, ino, n)
+    }
+    fn next_files(&self, ino: u64, n: usize) -> Vec<u64> {
+        ViewCore::next_files(self, ino, n)
+    }
+    fn read_small(&self, ino: u64, max: u64) -> Result<Option<Vec<u8>>, ViewError> {
+        ViewCore::read_small(self, ino, max)
     }
 }
 
@@ -956,6 +973,62 @@ impl ViewCore {
     }
 }
 
+impl ViewCore {
+    /// See [`Tree::next_files`]. Only entries the kernel knows (listed with their
+    /// attributes, or looked up) have a node to name; at most `4 n` entries are looked at.
+    pub fn next_files(&self, ino: u64, n: usize) -> Vec<u64> {
+        let t = self.table.read().expect("table lock");
+        let Some(node) = t.nodes.get(&ino) else {
+            return Vec::new();
+        };
+        let Some(l) = t.nodes.get(&node.parent).and_then(|p| p.listing.as_ref()) else {
+            return Vec::new();
+        };
+        l.entries
+            .iter()
+            .enumerate()
+            .skip(node.idx as usize + 1)
+            .take(4 * n)
+            .filter(|(_, e)| e.kind == Kind::File && matches!(e.virt, Virt::Real))
+            .filter_map(|(i, _)| t.by_entry.get(&(node.parent, i as u32)).copied())
+            .take(n)
+            .collect()
+    }
+
+    /// See [`Tree::read_small`].
+    ///
+    /// # Errors
+    /// Those of [`ViewCore::open`] and of reading the source file.
+    pub fn read_small(&self, ino: u64, max: u64) -> Result<Option<Vec<u8>>, ViewError> {
+        let Handle::Real {
+            file,
+            ivs,
+            plain_size,
+        } = self.open(ino)?
+        else {
+            return Ok(None);
+        };
+        let csize = content::cipher_size(plain_size);
+        if csize > max {
+            return Ok(None);
+        }
+        encrypt_range(
+            &self.keys,
+            &file,
+            &ivs,
+            plain_size,
+            0,
+            csize,
+            Blocks::OneThread,
+        )
+        .map(Some)
+        .map_err(|source| ViewError::Io {
+            path: PathBuf::from("(read ahead)"),
+            source,
+        })
+    }
+}
+
 fn parent_cpath(cpath: &[u8]) -> &[u8] {
     match cpath.iter().rposition(|b| *b == b'/') {
         Some(i) => &cpath[..i],
@@ -1005,7 +1078,8 @@ pub(crate) fn attr_from(
     }
 }
 
-/// Encrypted bytes `[offset, offset+size)` of a file whose plaintext is `file`.
+/// Encrypted bytes `[offset, offset+size)` of a file whose plaintext is `file`, its
+/// blocks encrypted in parallel on the current rayon pool.
 pub fn read_encrypted(
     keys: &Keys,
     file: &File,
@@ -1013,6 +1087,27 @@ pub fn read_encrypted(
     plain_size: u64,
     offset: u64,
     size: u64,
+) -> std::io::Result<Vec<u8>> {
+    encrypt_range(keys, file, ivs, plain_size, offset, size, Blocks::Parallel)
+}
+
+/// Where a read's blocks are encrypted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    /// On the current rayon pool, several at once (a read the reader waits for).
+    Parallel,
+    /// On the calling thread: a read ahead runs on a thread of its own, beside the pool.
+    OneThread,
+}
+
+fn encrypt_range(
+    keys: &Keys,
+    file: &File,
+    ivs: &FileIvs,
+    plain_size: u64,
+    offset: u64,
+    size: u64,
+    blocks: Blocks,
 ) -> std::io::Result<Vec<u8>> {
     let csize = content::cipher_size(plain_size);
     if offset >= csize || size == 0 {
@@ -1064,14 +1159,23 @@ pub fn read_encrypted(
         let a = (start(lo) - body_start) as usize;
         let b = (start(hi - 1) - body_start) as usize + clen(hi - 1);
         let p_end = (hi * BLOCK).min(pt.len() as u64) as usize;
-        body[a..b]
-            .par_chunks_mut(CBLOCK as usize)
-            .zip(pt[(lo * BLOCK) as usize..p_end].par_chunks(BLOCK as usize))
-            .enumerate()
-            .for_each(|(k, (c, p))| {
-                let bn = first + lo + k as u64;
-                content::encrypt_block(keys, bn, Some(&ivs.file_id), &ivs.nonce(bn), p, c);
-            });
+        let work = |(k, (c, p)): (usize, (&mut [u8], &[u8]))| {
+            let bn = first + lo + k as u64;
+            content::encrypt_block(keys, bn, Some(&ivs.file_id), &ivs.nonce(bn), p, c);
+        };
+        let (c, p) = (&mut body[a..b], &pt[(lo * BLOCK) as usize..p_end]);
+        match blocks {
+            Blocks::Parallel => c
+                .par_chunks_mut(CBLOCK as usize)
+                .zip(p.par_chunks(BLOCK as usize))
+                .enumerate()
+                .for_each(work),
+            Blocks::OneThread => c
+                .chunks_mut(CBLOCK as usize)
+                .zip(p.chunks(BLOCK as usize))
+                .enumerate()
+                .for_each(work),
+        }
     }
     let mut partial: Vec<u64> = vec![0, n - 1];
     partial.dedup();
