@@ -663,6 +663,7 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, V
     // Each thread fills its half of the result in place: no list of paths, no second
     // copy of the sums to join (both per file, at the run's peak).
     let hash = |first: usize, out: &mut [[u8; 20]]| -> Result<(), VerifyError> {
+        let mut buf = vec![0u8; manifest::SHA1_BUF];
         for ((rel, _), sum) in walk.files_from(first).zip(out.iter_mut()) {
             let rel = rel.as_slice();
             let known = reuse
@@ -673,7 +674,7 @@ fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, V
                 None => {
                     hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let p = walk.root.join(OsStr::from_bytes(rel));
-                    manifest::sha1_file(&p).map_err(io(&p))?
+                    manifest::sha1_file_with(&p, &mut buf).map_err(io(&p))?
                 }
             };
         }
