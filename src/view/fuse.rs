@@ -313,7 +313,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         if fh == 0 && self.caching == Caching::Frozen {
             if let Some(ra) = &self.ahead {
                 if offset == 0 {
-                    ra.schedule(ino);
+                    ra.first_read(ino);
                 }
                 match ra.take(ino, false) {
                     // Read ahead: answered here, with no hand-off to the pool.
@@ -514,6 +514,10 @@ const AHEAD_SLOTS: usize = 2 * AHEAD_FILES;
 /// read ahead must never wait for a job queued behind itself.
 const AHEAD_THREADS: usize = 2;
 
+/// Files started on last that a reader in order may follow: a few readers at once (the
+/// manifest's two hashing threads, a user's `cp -r` beside a run) keep their order.
+const RECENT: usize = 4;
+
 /// A file read ahead of the reader, by the state of its read.
 enum Slot {
     /// Waiting for a read-ahead thread; a reader that comes first reads it itself.
@@ -554,6 +558,8 @@ struct ReadAhead<T: Tree> {
     jobs: Mutex<Option<mpsc::Sender<u64>>>,
     stop: AtomicBool,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The files readers started on last, most recent last ([`ReadAhead::first_read`]).
+    recent: Mutex<VecDeque<u64>>,
     /// Reads answered from memory (a debug figure, logged when the view ends).
     hits: AtomicU64,
 }
@@ -568,6 +574,7 @@ impl<T: Tree> ReadAhead<T> {
             jobs: Mutex::new(Some(tx)),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             hits: AtomicU64::new(0),
         });
         let rx = Arc::new(Mutex::new(rx));
@@ -614,6 +621,35 @@ impl<T: Tree> ReadAhead<T> {
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// A reader started on file `ino`. Only a reader going through a directory in
+    /// order is read ahead of: one whose file was read ahead, or follows a file just
+    /// started (by it or, with several readers, by another). A reader jumping from
+    /// directory to directory (rsync sending a list of changed files) would waste every
+    /// file read ahead of it.
+    fn first_read(&self, ino: u64) {
+        let in_order = {
+            let mut recent = self.recent.lock().expect("read-ahead recent");
+            let follows = recent
+                .iter()
+                .any(|&prev| self.core.next_files(prev, 1).first() == Some(&ino));
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(ino);
+            follows
+        };
+        if in_order
+            || self
+                .slots
+                .lock()
+                .expect("read-ahead slots")
+                .by_ino
+                .contains_key(&ino)
+        {
+            self.schedule(ino);
+        }
     }
 
     /// Queues the files after `ino` that are not queued yet; drops the oldest beyond
@@ -856,6 +892,37 @@ mod tests {
         let read: Vec<u64> = started.try_iter().collect();
         assert!(!read.contains(&4), "{read:?}");
         assert_eq!(f.open.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn only_a_reader_in_order_is_read_ahead_of() {
+        let (f, started, _) = files(200, false);
+        let ra = ReadAhead::start(Arc::clone(&f) as Arc<Files>);
+        // Jumping about (a list of changed files): nothing read ahead.
+        for ino in [10, 50, 90, 130, 170, 12] {
+            ra.first_read(ino);
+        }
+        assert!(ra.slots.lock().unwrap().by_ino.is_empty());
+        // 20 then 21: in order, so the files after 21 are read ahead...
+        ra.first_read(20);
+        ra.first_read(21);
+        wait_ready(&ra, 22);
+        assert!(ra
+            .slots
+            .lock()
+            .unwrap()
+            .by_ino
+            .contains_key(&(21 + AHEAD_FILES as u64)));
+        // ...and a file read ahead keeps it going, even after another reader's start.
+        ra.first_read(150);
+        ra.first_read(22);
+        wait_ready(&ra, 22 + AHEAD_FILES as u64);
+        ra.shutdown();
+        let read: Vec<u64> = started.try_iter().collect();
+        assert_eq!(read.len(), AHEAD_FILES + 1, "{read:?}");
+        assert!(read
+            .iter()
+            .all(|i| (22..=22 + AHEAD_FILES as u64).contains(i)));
     }
 
     #[test]
