@@ -629,25 +629,26 @@ impl<T: Tree> ReadAhead<T> {
     /// directory to directory (rsync sending a list of changed files) would waste every
     /// file read ahead of it.
     fn first_read(&self, ino: u64) {
+        // The common case first: the file was read ahead (one lookup, no listing).
+        let ahead = self
+            .slots
+            .lock()
+            .expect("read-ahead slots")
+            .by_ino
+            .contains_key(&ino);
         let in_order = {
             let mut recent = self.recent.lock().expect("read-ahead recent");
-            let follows = recent
-                .iter()
-                .any(|&prev| self.core.next_files(prev, 1).first() == Some(&ino));
+            let follows = ahead
+                || recent
+                    .iter()
+                    .any(|&prev| self.core.next_files(prev, 1).first() == Some(&ino));
             if recent.len() == RECENT {
                 recent.pop_front();
             }
             recent.push_back(ino);
             follows
         };
-        if in_order
-            || self
-                .slots
-                .lock()
-                .expect("read-ahead slots")
-                .by_ino
-                .contains_key(&ino)
-        {
+        if in_order {
             self.schedule(ino);
         }
     }
