@@ -14,6 +14,7 @@
 # Env: SNAPVEIL_BIN   binary under test (default target/debug/snapveil; `make test-vm`
 #                     builds it). Host and guest are both bookworm (glibc 2.36).
 #      SNAPVEIL_VM_LOG  copy of the whole guest output (default target/vm-test.log)
+#      SNAPVEIL_VM_OOPS_GRACE  seconds the tests get after a guest kernel oops (300)
 #      and vmlib.sh's SNAPVEIL_VM_* settings.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -139,12 +140,41 @@ if ! vm_wait; then
     exit 1
 fi
 
+# A guest kernel oops fails checks through no fault of theirs, and can leave every later
+# zfs command hung (seen: OpenZFS 2.1.11's NULL dereference in zio_crypt_copy_dnode_bonus
+# on mounting a raw-received encrypted tree under TCG, openzfs/zfs#11679 and #15399).
+# Once the console shows one, the tests get OOPS_GRACE seconds more, then the guest is
+# stopped: a failure that says why, not a run hung until CI's time is up.
+OOPS='BUG: |Oops: '
+OOPS_GRACE=${SNAPVEIL_VM_OOPS_GRACE:-300}
+watch_oops() {
+    while kill -0 "$VM_PID" 2>/dev/null; do
+        if grep -qE "$OOPS" "$VM_RUN/console.log" 2>/dev/null; then
+            sleep "$OOPS_GRACE"
+            kill "$VM_PID" 2>/dev/null
+            return
+        fi
+        sleep 5
+    done
+}
+watch_oops >/dev/null 2>&1 &
+watcher=$!
+
 t=$(date +%s.%N)
 rc=0
 # not a pipeline: bash would defer a TERM's trap until the pipeline ends
 vm_ssh bash /mnt/host/tests-vm/run.sh "$@" </dev/null > >(tee "$LOG") 2>&1 || rc=$?
 wait $! || true # tee has written everything
 T_TESTS=$(vm_elapsed "$t")
+pkill -P "$watcher" 2>/dev/null || true
+kill "$watcher" 2>/dev/null || true
+wait "$watcher" 2>/dev/null || true
+oops=0
+if grep -qE "$OOPS" "$VM_RUN/console.log" 2>/dev/null; then
+    echo "FAIL: the guest kernel oopsed (checks after it may have failed or hung for that alone):"
+    grep -E "$OOPS|Comm: |RIP: |^\[[ 0-9.]+\]  [a-z_0-9.]+\+0x" "$VM_RUN/console.log" | head -n 8 | sed 's/^/    /'
+    oops=1
+fi
 pid=$VM_PID run=$VM_RUN
 vm_stop
 
@@ -168,4 +198,4 @@ else
     echo "FAIL: qemu $pid or $run still there after the guest was stopped"
     failed=$((failed + 1))
 fi
-summary $((passed + SELF_PASSED)) $((failed + SELF_FAILED))
+summary $((passed + SELF_PASSED)) $((failed + SELF_FAILED + oops))
