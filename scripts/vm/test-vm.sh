@@ -172,7 +172,8 @@ wait "$watcher" 2>/dev/null || true
 oops=0
 if grep -qE "$OOPS" "$VM_RUN/console.log" 2>/dev/null; then
     echo "FAIL: the guest kernel oopsed (checks after it may have failed or hung for that alone):"
-    grep -E "$OOPS|Comm: |RIP: |^\[[ 0-9.]+\]  [a-z_0-9.]+\+0x" "$VM_RUN/console.log" | head -n 8 | sed 's/^/    /'
+    { grep -E "$OOPS|Comm: |RIP: |^\[[ 0-9.]+\]  [a-z_0-9.]+\+0x" "$VM_RUN/console.log" || true; } |
+        head -n 8 | sed 's/^/    /' || true
     oops=1
 fi
 pid=$VM_PID run=$VM_RUN
