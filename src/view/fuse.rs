@@ -25,7 +25,7 @@ use fuser::{
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 /// What the kernel may cache of a view.
@@ -144,6 +144,41 @@ impl<T: Tree> VeilFs<T> {
     pub fn on_init(mut self, f: impl FnOnce() + Send + 'static) -> Self {
         self.on_init = Some(Box::new(f));
         self
+    }
+
+    /// Where this view's read-ahead pushes files into the kernel's page cache, once
+    /// connected to the session's notifier (frozen sources; `None` for live ones).
+    pub fn kernel_pages(&self) -> Option<KernelPages> {
+        self.ahead
+            .as_ref()
+            .map(|ra| KernelPages(Arc::clone(&ra.kernel)))
+    }
+}
+
+/// Stores a file's content in the kernel's page cache for it (`FUSE_NOTIFY_STORE`):
+/// a reader then reads it with no request to the view at all.
+pub trait PagePush: Send + Sync {
+    /// Stores `data` as the whole content of node `ino`.
+    ///
+    /// # Errors
+    /// The write to the FUSE device failing (e.g. the session ended).
+    fn store(&self, ino: u64, data: &[u8]) -> std::io::Result<()>;
+}
+
+impl PagePush for fuser::Notifier {
+    fn store(&self, ino: u64, data: &[u8]) -> std::io::Result<()> {
+        fuser::Notifier::store(self, ino, 0, data)
+    }
+}
+
+/// A view's read-ahead, waiting for the session's notifier: the session is made from
+/// the view, so the notifier exists only after it ([`VeilFs::kernel_pages`]).
+pub struct KernelPages(Arc<OnceLock<Box<dyn PagePush>>>);
+
+impl KernelPages {
+    /// From now on, files read ahead (but every [`MARK_EVERY`]th) are pushed to `to`.
+    pub fn connect(self, to: impl PagePush + 'static) {
+        let _ = self.0.set(Box::new(to));
     }
 }
 
@@ -514,6 +549,12 @@ const AHEAD_SLOTS: usize = 2 * AHEAD_FILES;
 /// read ahead must never wait for a job queued behind itself.
 const AHEAD_THREADS: usize = 2;
 
+/// Every this many files queued, one is kept back from the kernel's page cache (a
+/// marker): files pushed there are read with no request to the view, so the marker's
+/// READ is what tells the read-ahead where the reader is, and moves it on. Half the
+/// files ahead: a marker is reached while the other half is still ahead of the reader.
+const MARK_EVERY: u64 = AHEAD_FILES as u64 / 2;
+
 /// Files started on last that a reader in order may follow: a few readers at once (the
 /// manifest's two hashing threads, a user's `cp -r` beside a run) keep their order.
 const RECENT: usize = 4;
@@ -521,10 +562,12 @@ const RECENT: usize = 4;
 /// A file read ahead of the reader, by the state of its read.
 enum Slot {
     /// Waiting for a read-ahead thread; a reader that comes first reads it itself.
-    Queued,
+    /// `push`: once read, also stored in the kernel's page cache (not a marker).
+    Queued { push: bool },
     /// Being read: a reader waits for it.
     Running,
-    /// Its whole encrypted content.
+    /// Its whole encrypted content. Kept even when pushed to the kernel, which may not
+    /// have taken it (fuser reports a node the kernel does not hold as success).
     Ready(Arc<Vec<u8>>),
 }
 
@@ -533,6 +576,8 @@ struct Slots {
     by_ino: HashMap<u64, Slot>,
     /// Inos in the order they were queued (some may be gone), for dropping the oldest.
     order: VecDeque<u64>,
+    /// Files queued so far: every [`MARK_EVERY`]th is a marker.
+    queued: u64,
 }
 
 /// What a reader finds of its file.
@@ -562,6 +607,10 @@ struct ReadAhead<T: Tree> {
     recent: Mutex<VecDeque<u64>>,
     /// Reads answered from memory (a debug figure, logged when the view ends).
     hits: AtomicU64,
+    /// Where files read ahead go into the kernel's page cache, once connected.
+    kernel: Arc<OnceLock<Box<dyn PagePush>>>,
+    /// Files pushed into the kernel's page cache (a debug figure).
+    pushed: AtomicU64,
 }
 
 impl<T: Tree> ReadAhead<T> {
@@ -576,6 +625,8 @@ impl<T: Tree> ReadAhead<T> {
             threads: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             hits: AtomicU64::new(0),
+            kernel: Arc::new(OnceLock::new()),
+            pushed: AtomicU64::new(0),
         });
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..AHEAD_THREADS)
@@ -597,21 +648,29 @@ impl<T: Tree> ReadAhead<T> {
         ra
     }
 
-    /// Reads file `ino` ahead, unless a reader took it first.
+    /// Reads file `ino` ahead, unless a reader took it first, and pushes it into the
+    /// kernel's page cache unless it is a marker.
     fn run(&self, ino: u64) {
-        {
+        let push = {
             let mut s = self.slots.lock().expect("read-ahead slots");
-            match s.by_ino.get_mut(&ino) {
-                Some(slot @ Slot::Queued) => *slot = Slot::Running,
-                _ => return,
-            }
-        }
+            let Some(slot) = s.by_ino.get_mut(&ino) else {
+                return;
+            };
+            let Slot::Queued { push } = *slot else {
+                return;
+            };
+            *slot = Slot::Running;
+            push
+        };
         let got = self.core.read_small(ino, AHEAD_MAX_BYTES);
         let mut s = self.slots.lock().expect("read-ahead slots");
+        let mut ready = None;
         if let Some(slot) = s.by_ino.get_mut(&ino) {
             match got {
                 Ok(Some(data)) if matches!(slot, Slot::Running) => {
-                    *slot = Slot::Ready(Arc::new(data))
+                    let data = Arc::new(data);
+                    *slot = Slot::Ready(Arc::clone(&data));
+                    ready = Some(data);
                 }
                 // Too big, not a file, or an error: the reader's own read says which.
                 _ => {
@@ -620,7 +679,21 @@ impl<T: Tree> ReadAhead<T> {
             }
         }
         drop(s);
+        // Readers waiting for it first: a reader whose READ is in flight holds the
+        // pages locked that the push would fill, so pushing before they are answered
+        // would wait for them forever.
         self.changed.notify_all();
+        match (ready, self.kernel.get()) {
+            (Some(data), Some(kernel)) if push && !data.is_empty() => {
+                match kernel.store(ino, &data) {
+                    Ok(()) => {
+                        self.pushed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!(ino, "not pushed to the kernel's cache: {e}"),
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A reader started on file `ino`. Only a reader going through a directory in
@@ -669,7 +742,9 @@ impl<T: Tree> ReadAhead<T> {
             if s.by_ino.contains_key(&n) {
                 continue;
             }
-            s.by_ino.insert(n, Slot::Queued);
+            let push = s.queued % MARK_EVERY != 0;
+            s.queued += 1;
+            s.by_ino.insert(n, Slot::Queued { push });
             s.order.push_back(n);
             let _ = tx.send(n);
         }
@@ -680,7 +755,7 @@ impl<T: Tree> ReadAhead<T> {
             s.by_ino.remove(&old);
         }
         if s.order.len() > 4 * AHEAD_SLOTS {
-            let Slots { by_ino, order } = &mut *s;
+            let Slots { by_ino, order, .. } = &mut *s;
             order.retain(|i| by_ino.contains_key(i));
         }
     }
@@ -693,7 +768,7 @@ impl<T: Tree> ReadAhead<T> {
         loop {
             match s.by_ino.get(&ino) {
                 None => return Some(Ahead::Miss),
-                Some(Slot::Queued) => {
+                Some(Slot::Queued { .. }) => {
                     s.by_ino.remove(&ino);
                     return Some(Ahead::Miss);
                 }
@@ -731,7 +806,11 @@ impl<T: Tree> ReadAhead<T> {
         for t in self.threads.lock().expect("read-ahead threads").drain(..) {
             let _ = t.join();
         }
-        tracing::debug!(hits = self.hits.load(Ordering::Relaxed), "read ahead ended");
+        tracing::debug!(
+            hits = self.hits.load(Ordering::Relaxed),
+            pushed = self.pushed.load(Ordering::Relaxed),
+            "read ahead ended"
+        );
     }
 }
 
@@ -854,6 +933,46 @@ mod tests {
         );
         ra.shutdown();
         assert_eq!(ra.hits.load(Ordering::SeqCst), 1);
+    }
+
+    /// Records what the read-ahead pushed into the "kernel's" page cache.
+    #[derive(Default)]
+    struct Pushed(Mutex<Vec<(u64, usize)>>);
+
+    impl PagePush for Arc<Pushed> {
+        fn store(&self, ino: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((ino, data.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn files_read_ahead_go_to_the_kernel_but_the_markers_that_move_it_on() {
+        let (f, _, _) = files(100, false);
+        let ra = ReadAhead::start(Arc::clone(&f) as Arc<Files>);
+        let pushed = Arc::new(Pushed::default());
+        KernelPages(Arc::clone(&ra.kernel)).connect(Arc::clone(&pushed));
+        ra.schedule(1);
+        for ino in 2..2 + AHEAD_FILES as u64 {
+            wait_ready(&ra, ino);
+        }
+        // The reader reaches the second marker: its READ (a hit) queues what follows.
+        let marker = 2 + MARK_EVERY;
+        ra.first_read(marker);
+        assert!(matches!(ra.take(marker, false), Some(Ahead::Hit(_))));
+        for ino in 2 + AHEAD_FILES as u64..=marker + AHEAD_FILES as u64 {
+            wait_ready(&ra, ino);
+        }
+        ra.shutdown();
+        let mut got = pushed.0.lock().unwrap().clone();
+        got.sort();
+        // Every file read ahead, with its whole content, but every MARK_EVERY-th queued.
+        let want: Vec<(u64, usize)> = (2..=marker + AHEAD_FILES as u64)
+            .filter(|i| (i - 2) % MARK_EVERY != 0)
+            .map(|i| (i, i as usize))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(ra.pushed.load(Ordering::SeqCst), want.len() as u64);
     }
 
     #[test]

@@ -322,12 +322,16 @@ impl MountedView {
             .on_init(move || {
                 let _ = tx.send(());
             });
+        let pages = fs.kernel_pages();
         let session = Session::new(fs, mountpoint, &mount_options(&access)).map_err(|e| {
             MountError::Mount {
                 path: mountpoint.into(),
                 source: e,
             }
         })?;
+        if let Some(p) = pages {
+            p.connect(session.notifier());
+        }
         let bg = session.spawn().map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
@@ -450,11 +454,15 @@ pub fn serve<T: Tree>(
                 }
             });
         });
+    let pages = fs.kernel_pages();
     let mut session =
         Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
         })?;
+    if let Some(p) = pages {
+        p.connect(session.notifier());
+    }
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(
