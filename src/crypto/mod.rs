@@ -11,6 +11,7 @@ pub mod config;
 pub mod content;
 mod eme;
 pub mod names;
+mod siv_lanes;
 
 pub use config::{ConfigError, KeyConfig};
 
@@ -83,6 +84,8 @@ pub(crate) fn hkdf_expand(ikm: &[u8], info: &[u8], len: usize) -> Zeroizing<Vec<
 /// Keys derived from the master key, shared read-only by all FUSE threads.
 pub struct Keys {
     siv_key: Zeroizing<Vec<u8>>,
+    /// The same key, expanded once for the laned content encryption.
+    lanes: siv_lanes::SivKey,
     eme: Aes256,
     pub flags: Flags,
 }
@@ -105,6 +108,7 @@ impl Keys {
         };
         let eme = Aes256::new_from_slice(&eme_key).expect("32-byte EME key");
         Keys {
+            lanes: siv_lanes::SivKey::new(&siv_key),
             siv_key,
             eme,
             flags,
@@ -113,6 +117,10 @@ impl Keys {
 
     pub(crate) fn siv(&self) -> aes_siv::siv::Aes256Siv {
         aes_siv::siv::Aes256Siv::new_from_slice(&self.siv_key).expect("64-byte SIV key")
+    }
+
+    pub(crate) fn lanes(&self) -> &siv_lanes::SivKey {
+        &self.lanes
     }
 }
 
