@@ -15,7 +15,7 @@
 #                    (after the first, only what changed: crate::changes)
 #    then `snapveil run --full` with nothing changed (the weekly full pass), snapveil only.
 #    Seconds and the ratio to plain rsync; peak RSS of `snapveil run` (/usr/bin/time -v);
-#    where the time of the no-op run goes (the gaps between its log lines).
+#    where the time of the full and the no-op run goes (the gaps between their log lines).
 # 2. The encrypted view, each mounted fresh on the same key config:
 #      read every file   `tar -cf - . | cat` of the tree: plain, snapveil, gocryptfs -reverse
 #      seq read          MB/s of a BENCH_SIZE_MIB file, best of BENCH_ROUNDS fresh mounts
@@ -279,10 +279,12 @@ printf '%-36s %10s %10s %10s\n' "seq read ${SIZE_MIB} MiB (MB/s), best of $ROUND
 printf '%-36s %10s %10s %10s\n' "  snapveil / gocryptfs" "" "$(ratio "${READ[snapveil]}" "${READ[gocryptfs]}")" ""
 printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MiB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
 echo
-echo "where the no-op snapveil run spends its time (gaps between log lines, > 0.05 s):"
-awk '/^[0-9][0-9][0-9][0-9]-/ {
-    split($1, a, "T"); split(a[2], b, ":"); sub("Z", "", b[3]);
-    t = b[1] * 3600 + b[2] * 60 + b[3];
-    if (seen && t - prev > 0.05) printf "  %6.2f s  before: %s\n", t - prev, substr($0, index($0, ": ") + 2, 100);
-    prev = t; seen = 1
-}' "$DIR/run-noop.log"
+for phase in full noop; do
+    echo "where the $phase snapveil run spends its time (gaps between log lines, > 0.05 s):"
+    awk '/^[0-9][0-9][0-9][0-9]-/ {
+        split($1, a, "T"); split(a[2], b, ":"); sub("Z", "", b[3]);
+        t = b[1] * 3600 + b[2] * 60 + b[3];
+        if (seen && t - prev > 0.05) printf "  %6.2f s  before: %s\n", t - prev, substr($0, index($0, ": ") + 2, 100);
+        prev = t; seen = 1
+    }' "$DIR/run-$phase.log"
+done

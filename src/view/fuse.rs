@@ -9,9 +9,10 @@
 //! keeps their page cache across opens, and sends no RELEASE or FLUSH; OPENDIR asks the
 //! kernel to keep listings (FOPEN_CACHE_DIR). A small-file read is then one round trip
 //! (the READ) after the READDIRPLUS that listed it, and the files after it in its
-//! directory are read and encrypted ahead of the reader ([`ReadAhead`]), so that READ is
-//! mostly answered from memory. A live source (`dir:`) gets one-second timeouts and real
-//! opens that drop the page cache, so changes show, and no read-ahead.
+//! directory are read and encrypted ahead of the reader ([`ReadAhead`]) and pushed into
+//! the kernel's page cache, so that most files take no request at all. A live source
+//! (`dir:`) gets one-second timeouts and real opens that drop the page cache, so changes
+//! show, and no read-ahead.
 //!
 //! fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes `&mut self` and
 //! cloned device fds are not supported); the work that costs (encrypting reads, opening
@@ -598,10 +599,13 @@ enum Ahead {
 /// read a tree one small file after the other, each waiting for its read: one FUSE round
 /// trip, a hand-off to the pool, the source's read (from the device, on a fresh
 /// snapshot) and the encryption, in turn. The files a reader will read next are the
-/// ones after it in its directory's listing, so while it is answered, the next files
-/// are read and encrypted on threads of their own, and its next READ is answered from
-/// memory on the request loop. Only frozen sources: a file read ahead of a live source
-/// could change before it is read.
+/// ones after it in its directory's listing, so while it reads, the next files are read
+/// and encrypted on threads of their own and stored in the kernel's page cache
+/// ([`PagePush`]): the reader then reads them like a local file's cached pages, with no
+/// round trip. A marker now and then ([`MARK_EVERY`]) stays in memory instead, answered
+/// on the request loop when its READ comes, which is how the read-ahead learns that
+/// the reader moved on. Only frozen sources: a file read ahead of a live source could
+/// change before it is read.
 struct ReadAhead<T: Tree> {
     core: Arc<T>,
     slots: Mutex<Slots>,
