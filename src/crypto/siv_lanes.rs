@@ -6,9 +6,9 @@
 //! the one before. One block's chain keeps the AES unit mostly idle: a round takes
 //! several cycles to finish, but a new one can start every cycle. The view always has
 //! several blocks to encrypt at once (the blocks of a read, the blocks of a file read
-//! ahead), so their chains step together here, eight blocks through one
-//! `encrypt_blocks` call, which `aes`'s AES-NI back end runs interleaved. CTR is
-//! parallel already; it stays per block, eight counters per call.
+//! ahead), so their chains step together here: eight blocks through one call of the
+//! cipher's back end (a `BlockClosure`), which `aes`'s AES-NI back end runs
+//! interleaved. CTR is parallel already; it stays per block, eight counters per call.
 
 use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
@@ -50,9 +50,10 @@ impl Drop for SivKey {
     }
 }
 
-/// GF(2^128) doubling of RFC 5297 (and CMAC's subkeys), on a big-endian block.
+/// GF(2^128) doubling of RFC 5297 (and CMAC's subkeys), on a big-endian block; without
+/// a branch on the (secret) top bit, as the `dbl` crate that `aes-siv` uses.
 fn dbl(x: u128) -> u128 {
-    (x << 1) ^ if x >> 127 == 1 { 0x87 } else { 0 }
+    (x << 1) ^ ((x >> 127).wrapping_neg() & 0x87)
 }
 
 fn be(b: &[u8]) -> u128 {
@@ -162,6 +163,9 @@ fn cmac<B: BlockBackend<BlockSize = U16>>(
         }
     }
     tail.zeroize();
+    for b in s.iter_mut() {
+        b.as_mut_slice().zeroize();
+    }
     out
 }
 
