@@ -1182,7 +1182,7 @@ fn encrypt_range(
         let p0 = (i * BLOCK) as usize;
         let p = &pt[p0..(p0 + BLOCK as usize).min(pt.len())];
         let c = &mut tmp[..clen(i)];
-        content::encrypt_block(keys, bn, Some(&ivs.file_id), &ivs.nonce(bn), p, c);
+        content::encrypt_blocks(keys, bn, ivs, p, c);
         let s = start(i);
         let a = s.max(body_start);
         let b = (s + clen(i) as u64).min(body_end);

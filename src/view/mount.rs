@@ -322,16 +322,7 @@ impl MountedView {
             .on_init(move || {
                 let _ = tx.send(());
             });
-        let pages = fs.kernel_pages();
-        let session = Session::new(fs, mountpoint, &mount_options(&access)).map_err(|e| {
-            MountError::Mount {
-                path: mountpoint.into(),
-                source: e,
-            }
-        })?;
-        if let Some(p) = pages {
-            p.connect(session.notifier());
-        }
+        let session = new_session(fs, mountpoint, &access)?;
         let bg = session.spawn().map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
@@ -406,6 +397,25 @@ impl Drop for MountedView {
     }
 }
 
+/// The FUSE session serving `fs` at `mountpoint`, its read-ahead connected to the
+/// kernel's page cache before any request is served.
+fn new_session<T: Tree>(
+    fs: VeilFs<T>,
+    mountpoint: &Path,
+    access: &Access,
+) -> Result<Session<VeilFs<T>>, MountError> {
+    let pages = fs.kernel_pages();
+    let session =
+        Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
+            path: mountpoint.into(),
+            source: e,
+        })?;
+    if let Some(p) = pages {
+        p.connect(session.notifier());
+    }
+    Ok(session)
+}
+
 /// Serves the view in this thread until it is unmounted (`snapveil umount`,
 /// `fusermount3 -u`) or SIGTERM/SIGINT/SIGHUP arrives, which unmounts cleanly.
 /// `ready` is called once the mount answers.
@@ -454,15 +464,7 @@ pub fn serve<T: Tree>(
                 }
             });
         });
-    let pages = fs.kernel_pages();
-    let mut session =
-        Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
-            path: mountpoint.into(),
-            source: e,
-        })?;
-    if let Some(p) = pages {
-        p.connect(session.notifier());
-    }
+    let mut session = new_session(fs, mountpoint, access)?;
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(
