@@ -22,6 +22,7 @@
 pub mod forward;
 pub mod fuse;
 pub mod mount;
+mod walk;
 
 pub use mount::{cleanup_stale_mount, Access, MountedView, ViewOptions};
 
@@ -485,62 +486,6 @@ impl ViewCore {
 
     pub fn name_mode(&self) -> NameMode {
         self.keys.flags.names
-    }
-
-    /// Every entry of the view as the mount shows it (names encrypted, the directory IVs,
-    /// long-name files and the key config included, excluded entries left out), given to
-    /// `visit` with its view path (empty for the root), its attributes (`ino` 0) and, for
-    /// a symlink, its target as the view shows it; parents before their entries.
-    ///
-    /// It goes by the source, not through the kernel: a run learns the whole view in
-    /// about the time of a native walk, where a walk of the fresh mount costs a FUSE
-    /// round trip per directory page and keeps a node per entry (issue 13). It interns
-    /// nothing, so it adds nothing to what the mount keeps. The entries of a directory
-    /// are looked at on rayon's global pool, several at once (on a fresh snapshot most of
-    /// the time is the filesystem instantiating each inode, which parallelises; the
-    /// mount's own reads run on the view's pool, never this one), and `visit` runs on the
-    /// calling thread: what it keeps is allocated there, not spread over the pool
-    /// threads' malloc arenas (20 MiB more peak RSS on 100,000 files when it was).
-    ///
-    /// # Errors
-    /// The first entry of the source that cannot be read, or what `visit` returns.
-    pub fn walk<E: From<ViewError>>(&self, visit: &mut WalkVisit<'_, E>) -> Result<(), E> {
-        use rayon::prelude::*;
-        fn dir<E: From<ViewError>>(
-            core: &ViewCore,
-            node: &Resolved,
-            is_root: bool,
-            visit: &mut WalkVisit<'_, E>,
-        ) -> Result<(), E> {
-            let l = core.build_listing(is_root, node)?;
-            /// An entry's attributes and symlink target, found on the pool.
-            type Found = Result<(Attr, Option<Vec<u8>>), ViewError>;
-            let attrs: Vec<Found> = l
-                .entries
-                .par_iter()
-                .map(|e| {
-                    let child = node.child(e);
-                    let a = core.attr_of(0, &child)?;
-                    let link = match (&child.virt, a.kind) {
-                        (Virt::Real, Kind::Symlink) => Some(core.readlink_node(&child)?),
-                        _ => None,
-                    };
-                    Ok((a, link))
-                })
-                .collect();
-            for (e, r) in l.entries.iter().zip(attrs) {
-                let (a, link) = r?;
-                let child = node.child(e);
-                visit(&child.cpath, &a, link)?;
-                if matches!(child.virt, Virt::Real) && a.kind == Kind::Dir {
-                    dir(core, &child, false, visit)?;
-                }
-            }
-            Ok(())
-        }
-        let root = Resolved::root();
-        visit(&[], &self.attr_of(ROOT_INO, &root)?, None)?;
-        dir(self, &root, true, visit)
     }
 
     /// Nodes the view currently keeps (the root included): what `forget` gives back.

@@ -1,0 +1,310 @@
+//! [`ViewCore::walk`]: the whole view, learnt in this process, directories prepared
+//! ahead on threads of its own.
+//!
+//! On a fresh snapshot most of a walk is the filesystem instantiating each inode the
+//! first time it is looked at, and that parallelises across directories (a fresh
+//! btrfs snapshot of the bench's 100,000 files: `find` with stat takes 0.44 s on one
+//! thread, 0.28 s on two). Within one directory of 100 files there is too little to
+//! share, so whole directories are the unit: a directory is *prepared* (read, names
+//! encrypted, every entry looked at) on a walk thread, and the calling thread takes the
+//! prepared directories in depth-first order and gives each entry to `visit`.
+
+use super::{Attr, DirListing, Kind, Resolved, ViewCore, ViewError, Virt, WalkVisit, ROOT_INO};
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+
+/// Threads preparing directories besides the calling one (which prepares a directory
+/// itself when the one it needs has not been started).
+const WALK_THREADS: usize = 2;
+/// Prepared directories not yet taken: bounds what the walk holds ahead (a prepared
+/// directory is its listing and the attributes of its entries, about 20 KB for 100
+/// entries), whatever the tree's size.
+const AHEAD_DIRS: usize = 64;
+
+/// An entry's attributes and, for a symlink, its target as the view shows it.
+type Found = Result<(Attr, Option<Vec<u8>>), ViewError>;
+
+/// One directory, ready to be visited.
+struct Prepared {
+    dir: Resolved,
+    listing: DirListing,
+    found: Vec<Found>,
+    /// For each entry that is a directory to descend into, its job number.
+    subdirs: HashMap<u32, u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Directories to prepare, the next on top: children are pushed last first, so the
+    /// threads go depth first, in the order the calling thread takes them.
+    queue: Vec<(u64, Resolved)>,
+    done: HashMap<u64, Result<Prepared, ViewError>>,
+    next_id: u64,
+    stop: bool,
+}
+
+struct Ahead<'c> {
+    core: &'c ViewCore,
+    state: Mutex<State>,
+    /// Signalled when a directory is prepared, queued or taken, and at stop.
+    changed: Condvar,
+}
+
+impl Ahead<'_> {
+    /// Reads directory `dir` and looks at each entry; queues its subdirectories.
+    fn prepare(&self, is_root: bool, dir: Resolved) -> Result<Prepared, ViewError> {
+        let listing = self.core.build_listing(is_root, &dir)?;
+        let found: Vec<Found> = listing
+            .entries
+            .iter()
+            .map(|e| {
+                let child = dir.child(e);
+                let a = self.core.attr_of(0, &child)?;
+                let link = match (&child.virt, a.kind) {
+                    (Virt::Real, Kind::Symlink) => Some(self.core.readlink_node(&child)?),
+                    _ => None,
+                };
+                Ok((a, link))
+            })
+            .collect();
+        let mut subdirs = HashMap::new();
+        let mut st = self.state.lock().expect("walk lock");
+        let first = st.next_id;
+        for (i, (e, f)) in listing.entries.iter().zip(&found).enumerate() {
+            if matches!(e.virt, Virt::Real) && matches!(f, Ok((a, _)) if a.kind == Kind::Dir) {
+                subdirs.insert(i as u32, st.next_id);
+                st.next_id += 1;
+            }
+        }
+        // Pushed last first, so the first subdirectory is on top.
+        let mut jobs: Vec<(u32, u64)> = subdirs.iter().map(|(i, id)| (*i, *id)).collect();
+        jobs.sort_unstable_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, id) in jobs {
+            let child = dir.child(&listing.entries[i as usize]);
+            st.queue.push((id, child));
+        }
+        debug_assert!(st.next_id >= first);
+        drop(st);
+        self.changed.notify_all();
+        Ok(Prepared {
+            dir,
+            listing,
+            found,
+            subdirs,
+        })
+    }
+
+    /// A walk thread: prepares queued directories while fewer than [`AHEAD_DIRS`] wait.
+    fn work(&self) {
+        let mut st = self.state.lock().expect("walk lock");
+        loop {
+            if st.stop {
+                return;
+            }
+            if st.done.len() >= AHEAD_DIRS || st.queue.is_empty() {
+                st = self.changed.wait(st).expect("walk lock");
+                continue;
+            }
+            let (id, dir) = st.queue.pop().expect("not empty");
+            drop(st);
+            let p = self.prepare(false, dir);
+            st = self.state.lock().expect("walk lock");
+            st.done.insert(id, p);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Directory job `id`, prepared: by a walk thread, or here if none has started it.
+    fn take(&self, id: u64) -> Result<Prepared, ViewError> {
+        let mut st = self.state.lock().expect("walk lock");
+        loop {
+            if let Some(p) = st.done.remove(&id) {
+                drop(st);
+                // A slot is free: a waiting thread may prepare the next one.
+                self.changed.notify_all();
+                return p;
+            }
+            if let Some(pos) = st.queue.iter().rposition(|(j, _)| *j == id) {
+                let (_, dir) = st.queue.remove(pos);
+                drop(st);
+                return self.prepare(false, dir);
+            }
+            // Being prepared by a walk thread.
+            st = self.changed.wait(st).expect("walk lock");
+        }
+    }
+
+    /// Visits the entries of `p`, and below each subdirectory, depth first.
+    fn visit<E: From<ViewError>>(
+        &self,
+        p: Prepared,
+        visit: &mut WalkVisit<'_, E>,
+    ) -> Result<(), E> {
+        let Prepared {
+            dir,
+            listing,
+            found,
+            subdirs,
+        } = p;
+        for (i, (e, f)) in listing.entries.iter().zip(found).enumerate() {
+            let (a, link) = f?;
+            let child = dir.child(e);
+            visit(&child.cpath, &a, link)?;
+            if let Some(id) = subdirs.get(&(i as u32)) {
+                let sub = self.take(*id)?;
+                self.visit(sub, visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.state.lock().expect("walk lock").stop = true;
+        self.changed.notify_all();
+    }
+}
+
+impl ViewCore {
+    /// Every entry of the view as the mount shows it (names encrypted, the directory IVs,
+    /// long-name files and the key config included, excluded entries left out), given to
+    /// `visit` with its view path (empty for the root), its attributes (`ino` 0) and, for
+    /// a symlink, its target as the view shows it; parents before their entries, each
+    /// directory's entries in the listing's order.
+    ///
+    /// It goes by the source, not through the kernel: a run learns the whole view in
+    /// about the time of a native walk, where a walk of the fresh mount costs a FUSE
+    /// round trip per directory page and keeps a node per entry (issue 13). It interns
+    /// nothing, so it adds nothing to what the mount keeps. Directories are prepared
+    /// ahead on [`WALK_THREADS`] threads of the walk's own (the mount's reads run on the
+    /// view's pool, never these), at most [`AHEAD_DIRS`] waiting; `visit` runs on the
+    /// calling thread, so what it keeps is allocated there, not spread over other
+    /// threads' malloc arenas (20 MiB more peak RSS on 100,000 files when it was).
+    ///
+    /// # Errors
+    /// The first entry of the source that cannot be read, or what `visit` returns.
+    pub fn walk<E: From<ViewError>>(&self, visit: &mut WalkVisit<'_, E>) -> Result<(), E> {
+        let root = Resolved::root();
+        visit(&[], &self.attr_of(ROOT_INO, &root)?, None)?;
+        let ahead = Ahead {
+            core: self,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        };
+        std::thread::scope(|s| {
+            for i in 0..WALK_THREADS {
+                let ahead = &ahead;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("snapveil-walk-{i}"))
+                    .spawn_scoped(s, move || ahead.work());
+                if let Err(source) = spawned {
+                    // Those already started must see the stop, or the scope never ends.
+                    ahead.stop();
+                    return Err(ViewError::Io {
+                        path: self.root.clone(),
+                        source,
+                    }
+                    .into());
+                }
+            }
+            let r = ahead
+                .prepare(true, root)
+                .map_err(E::from)
+                .and_then(|p| ahead.visit(p, visit));
+            ahead.stop();
+            r
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Flags, Keys, MasterKey, NameMode};
+    use std::fs;
+    use std::path::Path;
+
+    fn core(root: &Path) -> ViewCore {
+        let keys = Keys::new(
+            &MasterKey::random(),
+            Flags {
+                names: NameMode::DirIv,
+                hkdf: true,
+                long_names: true,
+                long_name_max: 255,
+            },
+        );
+        ViewCore::new(root, keys, None, &[]).unwrap()
+    }
+
+    /// The same walk, one directory at a time on the calling thread: what the walk
+    /// prepared ahead must give back, entry for entry and in the same order.
+    fn serial(c: &ViewCore, dir: &Resolved, is_root: bool, out: &mut Vec<(Vec<u8>, Kind)>) {
+        let l = c.build_listing(is_root, dir).unwrap();
+        for e in &l.entries {
+            let child = dir.child(e);
+            let a = c.attr_of(0, &child).unwrap();
+            out.push((child.cpath.clone(), a.kind));
+            if matches!(child.virt, Virt::Real) && a.kind == Kind::Dir {
+                serial(c, &child, false, out);
+            }
+        }
+    }
+
+    /// A tree of more directories than are prepared ahead (so the walk threads stop at
+    /// the bound, and the calling thread prepares what they have not started), some
+    /// deep, some empty: every entry once, parents first, in the one-thread order.
+    #[test]
+    fn prepared_ahead_the_walk_is_the_one_thread_walk() {
+        let t = tempfile::tempdir().unwrap();
+        for i in 0..(AHEAD_DIRS * 3) {
+            let d = t
+                .path()
+                .join(format!("d{:03}", i % 40))
+                .join(format!("s{i:03}"));
+            fs::create_dir_all(&d).unwrap();
+            if i % 7 != 0 {
+                fs::write(d.join("f"), vec![i as u8; i]).unwrap();
+            }
+            if i % 11 == 0 {
+                fs::create_dir_all(d.join("x/y/z")).unwrap();
+            }
+        }
+        let c = core(t.path());
+        let mut want = Vec::new();
+        serial(&c, &Resolved::root(), true, &mut want);
+        for _ in 0..5 {
+            let mut got = Vec::new();
+            c.walk::<ViewError>(&mut |p, a, _| {
+                got.push((p.to_vec(), a.kind));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(got.remove(0), (Vec::new(), Kind::Dir), "the root first");
+            assert_eq!(got.len(), want.len());
+            assert!(got == want, "the same entries in the same order");
+        }
+        // The walk interned nothing.
+        assert_eq!(c.nodes(), 1);
+    }
+
+    /// `visit` failing half way ends the walk with its error, and the walk threads with
+    /// it (this test would hang otherwise).
+    #[test]
+    fn a_failing_visit_ends_the_walk_and_its_threads() {
+        let t = tempfile::tempdir().unwrap();
+        for i in 0..200 {
+            fs::create_dir_all(t.path().join(format!("d{i:03}/e"))).unwrap();
+        }
+        let c = core(t.path());
+        let mut seen = 0;
+        let r = c.walk::<ViewError>(&mut |_, _, _| {
+            seen += 1;
+            if seen == 50 {
+                return Err(ViewError::NotFound);
+            }
+            Ok(())
+        });
+        assert!(matches!(r, Err(ViewError::NotFound)), "{:?}", r.err());
+        assert_eq!(seen, 50);
+    }
+}
