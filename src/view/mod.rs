@@ -145,31 +145,138 @@ enum Virt {
     Conf,
 }
 
-/// One entry of a directory of the reverse view. Only the two names are kept per entry
-/// (no paths: a path is put together from the parents when needed), so a mount's memory
-/// grows by about one small allocation pair per entry listed. Issue 13.
+/// One entry of a directory of the reverse view, 12 bytes: its two names live in the
+/// listing's one buffer (no paths: a path is put together from the parents when
+/// needed), so a mount's memory grows by these and the names' bytes per entry listed,
+/// not by two allocations more (issue 13).
+#[derive(Clone, Copy)]
 struct DirEntry {
-    /// Name as shown in the view (encrypted; long names in their hashed form).
-    shown: Box<[u8]>,
-    /// Plaintext name in the source (for a long-name file: of the entry it names; empty
-    /// for the directory IV and the config).
-    plain: Box<[u8]>,
+    /// Where the name as shown in the view (encrypted; long names in their hashed form)
+    /// starts in [`DirListing::names`]; the plaintext name in the source follows it (for
+    /// a long-name file: of the entry it names; empty for the directory IV and the
+    /// config).
+    at: u32,
+    shown_len: u16,
+    plain_len: u16,
     kind: Kind,
-    virt: Virt,
+    virt: VirtTag,
+}
+
+/// [`Virt`] without the long-name file's content, which the listing keeps aside.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VirtTag {
+    Real,
+    DirIv,
+    LongName,
+    Conf,
 }
 
 /// One directory's listing, built once per life of its node, sorted by shown name.
 struct DirListing {
-    entries: Vec<DirEntry>,
+    names: Box<[u8]>,
+    entries: Box<[DirEntry]>,
+    /// The content of each long-name file, by entry (ascending).
+    longs: Box<[(u32, Arc<[u8]>)]>,
     excluded: HashSet<Box<[u8]>>,
 }
 
+/// An entry of a directory while its listing is built.
+struct NewEntry {
+    shown: Vec<u8>,
+    plain: Vec<u8>,
+    kind: Kind,
+    virt: Virt,
+}
+
 impl DirListing {
+    /// The listing of `entries`, sorted by shown name.
+    fn new(mut entries: Vec<NewEntry>, excluded: HashSet<Box<[u8]>>) -> Self {
+        entries.sort_by(|a, b| a.shown.cmp(&b.shown));
+        let mut names =
+            Vec::with_capacity(entries.iter().map(|e| e.shown.len() + e.plain.len()).sum());
+        let mut packed = Vec::with_capacity(entries.len());
+        let mut longs = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            let at = u32::try_from(names.len()).expect("a directory's names under 4 GiB");
+            names.extend_from_slice(&e.shown);
+            names.extend_from_slice(&e.plain);
+            let virt = match e.virt {
+                Virt::Real => VirtTag::Real,
+                Virt::DirIv => VirtTag::DirIv,
+                Virt::Conf => VirtTag::Conf,
+                Virt::LongName(c) => {
+                    longs.push((i as u32, c));
+                    VirtTag::LongName
+                }
+            };
+            packed.push(DirEntry {
+                at,
+                // A name is at most 255 bytes, its encrypted form under 400.
+                shown_len: u16::try_from(e.shown.len()).expect("a name under 64 KiB"),
+                plain_len: u16::try_from(e.plain.len()).expect("a name under 64 KiB"),
+                kind: e.kind,
+                virt,
+            });
+        }
+        DirListing {
+            names: names.into_boxed_slice(),
+            entries: packed.into_boxed_slice(),
+            longs: longs.into_boxed_slice(),
+            excluded,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn shown(&self, i: usize) -> &[u8] {
+        let e = &self.entries[i];
+        &self.names[e.at as usize..e.at as usize + e.shown_len as usize]
+    }
+
+    fn plain(&self, i: usize) -> &[u8] {
+        let e = &self.entries[i];
+        let start = e.at as usize + e.shown_len as usize;
+        &self.names[start..start + e.plain_len as usize]
+    }
+
+    fn kind(&self, i: usize) -> Kind {
+        self.entries[i].kind
+    }
+
+    /// Whether entry `i` is an entry of the plaintext tree (not a virtual file).
+    fn is_real(&self, i: usize) -> bool {
+        self.entries[i].virt == VirtTag::Real
+    }
+
+    fn virt(&self, i: usize) -> Virt {
+        match self.entries[i].virt {
+            VirtTag::Real => Virt::Real,
+            VirtTag::DirIv => Virt::DirIv,
+            VirtTag::Conf => Virt::Conf,
+            VirtTag::LongName => {
+                let k = self
+                    .longs
+                    .binary_search_by_key(&(i as u32), |(j, _)| *j)
+                    .expect("a long-name file has its content");
+                Virt::LongName(self.longs[k].1.clone())
+            }
+        }
+    }
+
     fn find(&self, shown: &[u8]) -> Option<u32> {
-        self.entries
-            .binary_search_by(|e| e.shown[..].cmp(shown))
-            .ok()
-            .map(|i| i as u32)
+        let mut lo = 0;
+        let mut hi = self.len();
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.shown(mid).cmp(shown) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid as u32),
+            }
+        }
+        None
     }
 }
 
@@ -383,15 +490,17 @@ impl Resolved {
         }
     }
 
-    fn child(&self, e: &DirEntry) -> Self {
+    /// Entry `i` of `l`, this directory's listing.
+    fn child(&self, l: &DirListing, i: usize) -> Self {
+        let plain = l.plain(i);
         Resolved {
-            plain: if e.plain.is_empty() {
+            plain: if plain.is_empty() {
                 self.plain.clone()
             } else {
-                self.plain.join(OsStr::from_bytes(&e.plain))
+                self.plain.join(OsStr::from_bytes(plain))
             },
-            cpath: join_cpath(&self.cpath, &e.shown),
-            virt: e.virt.clone(),
+            cpath: join_cpath(&self.cpath, l.shown(i)),
+            virt: l.virt(i),
         }
     }
 
@@ -511,7 +620,7 @@ impl ViewCore {
         }
         let mut r = Resolved::root();
         for (l, idx) in chain.iter().rev() {
-            r = r.child(&l.entries[*idx as usize]);
+            r = r.child(l, *idx as usize);
         }
         Ok(r)
     }
@@ -650,43 +759,41 @@ impl ViewCore {
                 tracing::error!(path = %dir.plain.join(&pname).display(), "a source file named gocryptfs.conf collides with the view's key config and is NOT in the view");
                 continue;
             }
-            let plain: Box<[u8]> = pname.into_vec().into_boxed_slice();
+            let plain = pname.into_vec();
             if let Some(l) = long {
                 let nname = format!("{}{LONGNAME_SUFFIX}", names::long_hash(&l));
-                longs.push(DirEntry {
-                    shown: nname.into_bytes().into_boxed_slice(),
+                longs.push(NewEntry {
+                    shown: nname.into_bytes(),
                     plain: plain.clone(),
                     kind: Kind::File,
                     virt: Virt::LongName(Arc::from(l.into_bytes())),
                 });
             }
-            entries.push(DirEntry {
-                shown: shown.into_boxed_slice(),
+            entries.push(NewEntry {
+                shown,
                 plain,
                 kind: kind_of_ft(&ft),
                 virt: Virt::Real,
             });
         }
         if mode == NameMode::DirIv {
-            entries.push(DirEntry {
+            entries.push(NewEntry {
                 shown: DIRIV_NAME.as_bytes().into(),
-                plain: Box::default(),
+                plain: Vec::new(),
                 kind: Kind::File,
                 virt: Virt::DirIv,
             });
         }
         if is_root && self.conf.is_some() {
-            entries.push(DirEntry {
+            entries.push(NewEntry {
                 shown: CONF_NAME.as_bytes().into(),
-                plain: Box::default(),
+                plain: Vec::new(),
                 kind: Kind::File,
                 virt: Virt::Conf,
             });
         }
         entries.extend(longs);
-        entries.sort_by(|a, b| a.shown.cmp(&b.shown));
-        entries.shrink_to_fit();
-        Ok(DirListing { entries, excluded })
+        Ok(DirListing::new(entries, excluded))
     }
 
     /// Entry `name` of `parent`, as one lookup of its node.
@@ -703,7 +810,7 @@ impl ViewCore {
                 ViewError::NotFound
             });
         };
-        let mut a = self.attr_of(0, &dir.child(&l.entries[idx as usize]))?;
+        let mut a = self.attr_of(0, &dir.child(&l, idx as usize))?;
         a.ino = self.intern(parent, idx, 1)?;
         Ok(a)
     }
@@ -729,8 +836,8 @@ impl ViewCore {
         let Some(off) = add_dots(ino, offset, dattr.as_ref(), add) else {
             return Ok(());
         };
-        for (i, e) in l.entries.iter().enumerate().skip((off - 2) as usize) {
-            let name = OsStr::from_bytes(&e.shown);
+        for i in (off - 2) as usize..l.len() {
+            let name = OsStr::from_bytes(l.shown(i));
             let next = i as i64 + 3;
             if !plus {
                 let shown_ino = self
@@ -741,12 +848,12 @@ impl ViewCore {
                     .get(&(ino, i as u32))
                     .copied()
                     .unwrap_or(UNLOOKED_INO | (ino << 24) | i as u64);
-                if add(shown_ino, next, name, e.kind, None) {
+                if add(shown_ino, next, name, l.kind(i), None) {
                     break;
                 }
                 continue;
             }
-            let mut a = match self.attr_of(0, &dir.child(e)) {
+            let mut a = match self.attr_of(0, &dir.child(&l, i)) {
                 Ok(a) => a,
                 Err(err) => {
                     // Vanished under a live (dir:) source: leave it out of this listing.
@@ -929,13 +1036,10 @@ impl ViewCore {
         let Some(l) = t.nodes.get(&node.parent).and_then(|p| p.listing.as_ref()) else {
             return Vec::new();
         };
-        l.entries
-            .iter()
-            .enumerate()
-            .skip(node.idx as usize + 1)
+        (node.idx as usize + 1..l.len())
             .take(4 * n)
-            .filter(|(_, e)| e.kind == Kind::File && matches!(e.virt, Virt::Real))
-            .filter_map(|(i, _)| t.by_entry.get(&(node.parent, i as u32)).copied())
+            .filter(|&i| l.kind(i) == Kind::File && l.is_real(i))
+            .filter_map(|i| t.by_entry.get(&(node.parent, i as u32)).copied())
             .take(n)
             .collect()
     }

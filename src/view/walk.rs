@@ -54,11 +54,9 @@ impl Ahead<'_> {
     /// Reads directory `dir` and looks at each entry; queues its subdirectories.
     fn prepare(&self, is_root: bool, dir: Resolved) -> Result<Prepared, ViewError> {
         let listing = self.core.build_listing(is_root, &dir)?;
-        let found: Vec<Found> = listing
-            .entries
-            .iter()
-            .map(|e| {
-                let child = dir.child(e);
+        let found: Vec<Found> = (0..listing.len())
+            .map(|i| {
+                let child = dir.child(&listing, i);
                 let a = self.core.attr_of(0, &child)?;
                 let link = match (&child.virt, a.kind) {
                     (Virt::Real, Kind::Symlink) => Some(self.core.readlink_node(&child)?),
@@ -70,8 +68,8 @@ impl Ahead<'_> {
         let mut subdirs = HashMap::new();
         let mut st = self.state.lock().expect("walk lock");
         let first = st.next_id;
-        for (i, (e, f)) in listing.entries.iter().zip(&found).enumerate() {
-            if matches!(e.virt, Virt::Real) && matches!(f, Ok((a, _)) if a.kind == Kind::Dir) {
+        for (i, f) in found.iter().enumerate() {
+            if listing.is_real(i) && matches!(f, Ok((a, _)) if a.kind == Kind::Dir) {
                 subdirs.insert(i as u32, st.next_id);
                 st.next_id += 1;
             }
@@ -80,8 +78,7 @@ impl Ahead<'_> {
         let mut jobs: Vec<(u32, u64)> = subdirs.iter().map(|(i, id)| (*i, *id)).collect();
         jobs.sort_unstable_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, id) in jobs {
-            let child = dir.child(&listing.entries[i as usize]);
-            st.queue.push((id, child));
+            st.queue.push((id, dir.child(&listing, i as usize)));
         }
         debug_assert!(st.next_id >= first);
         drop(st);
@@ -146,9 +143,9 @@ impl Ahead<'_> {
             found,
             subdirs,
         } = p;
-        for (i, (e, f)) in listing.entries.iter().zip(found).enumerate() {
+        for (i, f) in found.into_iter().enumerate() {
             let (a, link) = f?;
-            let child = dir.child(e);
+            let child = dir.child(&listing, i);
             visit(&child.cpath, &a, link)?;
             if let Some(id) = subdirs.get(&(i as u32)) {
                 let sub = self.take(*id)?;
@@ -240,8 +237,8 @@ mod tests {
     /// prepared ahead must give back, entry for entry and in the same order.
     fn serial(c: &ViewCore, dir: &Resolved, is_root: bool, out: &mut Vec<(Vec<u8>, Kind)>) {
         let l = c.build_listing(is_root, dir).unwrap();
-        for e in &l.entries {
-            let child = dir.child(e);
+        for i in 0..l.len() {
+            let child = dir.child(&l, i);
             let a = c.attr_of(0, &child).unwrap();
             out.push((child.cpath.clone(), a.kind));
             if matches!(child.virt, Virt::Real) && a.kind == Kind::Dir {
