@@ -178,7 +178,7 @@ impl Tree for ForwardCore {
             size,
             m.nlink() as u32,
             (m.mode() & 0o7777) as u16,
-            &m,
+            &super::Stat::of(&m),
         ))
     }
 

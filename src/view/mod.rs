@@ -86,24 +86,80 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn of(meta: &Metadata) -> Kind {
-        let ft = meta.file_type();
-        use std::os::unix::fs::FileTypeExt;
-        if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
-        } else if ft.is_char_device() {
-            Kind::CharDev
-        } else if ft.is_block_device() {
-            Kind::BlockDev
-        } else {
-            Kind::File
+    fn of(st: &Stat) -> Kind {
+        match st.mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => Kind::File,
         }
+    }
+}
+
+/// What the view shows of a source entry's `lstat`, from `std`'s metadata or from an
+/// `fstatat` relative to its directory (a listing looks at each entry of one directory:
+/// through the directory's descriptor the kernel resolves one name, not the whole path).
+pub(crate) struct Stat {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    size: u64,
+    nlink: u64,
+    atime: (i64, i64),
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stat {
+    pub(crate) fn of(m: &Metadata) -> Stat {
+        Stat {
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            rdev: m.rdev(),
+            size: m.size(),
+            nlink: m.nlink(),
+            atime: (m.atime(), m.atime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// `lstat` of `name` in the directory open as `dir`.
+    fn at(dir: &File, name: &[u8]) -> std::io::Result<Stat> {
+        use std::os::fd::AsRawFd;
+        let name = std::ffi::CString::new(name)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `name` is NUL-terminated, `st` is written by a successful call.
+        let rc = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fstatat returned 0.
+        let st = unsafe { st.assume_init() };
+        Ok(Stat {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            size: st.st_size as u64,
+            nlink: st.st_nlink,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        })
     }
 }
 
@@ -868,6 +924,7 @@ impl ViewCore {
         let Some(off) = add_dots(ino, offset, dattr.as_ref(), add) else {
             return Ok(());
         };
+        let dfd = if plus { self.open_dir(&dir) } else { None };
         for i in (off - 2) as usize..l.len() {
             let name = OsStr::from_bytes(l.shown(i));
             let next = i as i64 + 3;
@@ -885,7 +942,7 @@ impl ViewCore {
                 }
                 continue;
             }
-            let mut a = match self.attr_of(0, &dir.child(&l, i)) {
+            let mut a = match self.attr_in(0, &dir.child(&l, i), dfd.as_ref()) {
                 Ok(a) => a,
                 Err(err) => {
                     // Vanished under a live (dir:) source: leave it out of this listing.
@@ -911,30 +968,65 @@ impl ViewCore {
     }
 
     fn attr_of(&self, ino: u64, node: &Resolved) -> Result<Attr, ViewError> {
+        self.attr_in(ino, node, None)
+    }
+
+    /// The directory `dir` (a listing's), open to look at its entries by name
+    /// ([`Stat::at`]); `None` if it cannot be, and they are looked at by path.
+    fn open_dir(&self, dir: &Resolved) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !matches!(dir.virt, Virt::Real) {
+            return None;
+        }
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(self.abs(&dir.plain))
+            .ok()
+    }
+
+    /// The `lstat` of what `node` shows: through `dir`, its directory open, if given.
+    fn stat_of(&self, node: &Resolved, dir: Option<&File>) -> Result<Stat, ViewError> {
+        let io = |source| ViewError::Io {
+            path: self.abs(&node.plain),
+            source,
+        };
+        match (dir, &node.virt, node.plain.file_name()) {
+            // The directory IV shows the directory's own times.
+            (Some(d), Virt::DirIv, _) => d.metadata().map(|m| Stat::of(&m)).map_err(io),
+            (Some(d), Virt::Real | Virt::LongName(_), Some(name)) => {
+                Stat::at(d, name.as_bytes()).map_err(io)
+            }
+            _ => self.lstat(&node.plain).map(|m| Stat::of(&m)),
+        }
+    }
+
+    /// [`ViewCore::attr_of`] of an entry of the directory open as `dir`, if given.
+    fn attr_in(&self, ino: u64, node: &Resolved, dir: Option<&File>) -> Result<Attr, ViewError> {
         match &node.virt {
             Virt::Real => {
-                let m = self.lstat(&node.plain)?;
+                let m = self.stat_of(node, dir)?;
                 let kind = Kind::of(&m);
                 let (size, nlink) = match kind {
-                    Kind::File => (content::cipher_size(m.size()), 1),
+                    Kind::File => (content::cipher_size(m.size), 1),
                     Kind::Symlink => (self.readlink_node(node)?.len() as u64, 1),
-                    _ => (m.size(), m.nlink() as u32),
+                    _ => (m.size, m.nlink as u32),
                 };
                 Ok(attr_from(
                     ino,
                     kind,
                     size,
                     nlink,
-                    (m.mode() & 0o7777) as u16,
+                    (m.mode & 0o7777) as u16,
                     &m,
                 ))
             }
             Virt::DirIv => {
-                let m = self.lstat(&node.plain)?;
+                let m = self.stat_of(node, dir)?;
                 Ok(attr_from(ino, Kind::File, 16, 1, 0o444, &m))
             }
             Virt::LongName(content) => {
-                let m = self.lstat(&node.plain)?;
+                let m = self.stat_of(node, dir)?;
                 Ok(attr_from(
                     ino,
                     Kind::File,
@@ -956,7 +1048,7 @@ impl ViewCore {
                     conf.bytes.len() as u64,
                     1,
                     (m.mode() & 0o7777) as u16,
-                    &m,
+                    &Stat::of(&m),
                 ))
             }
         }
@@ -1136,26 +1228,19 @@ pub(crate) fn kind_of_ft(ft: &fs::FileType) -> Kind {
     }
 }
 
-pub(crate) fn attr_from(
-    ino: u64,
-    kind: Kind,
-    size: u64,
-    nlink: u32,
-    perm: u16,
-    m: &Metadata,
-) -> Attr {
+pub(crate) fn attr_from(ino: u64, kind: Kind, size: u64, nlink: u32, perm: u16, m: &Stat) -> Attr {
     Attr {
         ino,
         kind,
         size,
         perm,
         nlink,
-        uid: m.uid(),
-        gid: m.gid(),
-        rdev: m.rdev() as u32,
-        atime: time(m.atime(), m.atime_nsec()),
-        mtime: time(m.mtime(), m.mtime_nsec()),
-        ctime: time(m.ctime(), m.ctime_nsec()),
+        uid: m.uid,
+        gid: m.gid,
+        rdev: m.rdev as u32,
+        atime: time(m.atime.0, m.atime.1),
+        mtime: time(m.mtime.0, m.mtime.1),
+        ctime: time(m.ctime.0, m.ctime.1),
     }
 }
 

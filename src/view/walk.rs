@@ -54,10 +54,11 @@ impl Ahead<'_> {
     /// Reads directory `dir` and looks at each entry; queues its subdirectories.
     fn prepare(&self, is_root: bool, dir: Resolved) -> Result<Prepared, ViewError> {
         let listing = self.core.build_listing(is_root, &dir)?;
+        let dfd = self.core.open_dir(&dir);
         let found: Vec<Found> = (0..listing.len())
             .map(|i| {
                 let child = dir.child(&listing, i);
-                let a = self.core.attr_of(0, &child)?;
+                let a = self.core.attr_in(0, &child, dfd.as_ref())?;
                 let link = match (&child.virt, a.kind) {
                     (Virt::Real, Kind::Symlink) => Some(self.core.readlink_node(&child)?),
                     _ => None,
