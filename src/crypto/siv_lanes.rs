@@ -169,55 +169,66 @@ fn cmac<B: BlockBackend<BlockSize = U16>>(
     out
 }
 
-/// S2V of up to [`LANES`] jobs, on CMAC's cipher: their tags.
-struct S2v<'a, 'j> {
+/// S2V of up to [`LANES`] blocks (associated data, nonce, plaintext), on CMAC's
+/// cipher: their tags. Lanes past `n` compute on empty input and are not used.
+struct S2v<'a> {
     key: &'a SivKey,
-    jobs: &'a [Job<'j>],
+    aads: [&'a [u8]; LANES],
+    nonces: [&'a [u8]; LANES],
+    pts: [&'a [u8]; LANES],
+    n: usize,
     tags: &'a mut [u128; LANES],
 }
 
-impl BlockSizeUser for S2v<'_, '_> {
+impl BlockSizeUser for S2v<'_> {
     type BlockSize = U16;
 }
 
-impl BlockClosure for S2v<'_, '_> {
+/// What an unused lane of [`S2v`] reads.
+const EMPTY: &[u8] = &[0u8; 16];
+
+impl BlockClosure for S2v<'_> {
     fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
-        const EMPTY: &[u8] = &[0u8; 16];
-        let (key, jobs) = (self.key, self.jobs);
+        let key = self.key;
+        let lanes = 0..self.n;
         let mut aads = [EMPTY; LANES];
-        let mut nonces = [EMPTY; LANES];
-        for (l, j) in jobs.iter().enumerate() {
-            aads[l] = if j.aad.len() >= 16 { j.aad } else { EMPTY };
-            nonces[l] = &j.nonce[..];
+        for l in lanes.clone() {
+            if self.aads[l].len() >= 16 {
+                aads[l] = self.aads[l];
+            }
         }
         // D = CMAC(0); D = dbl(D) ^ CMAC(header), for the AAD and the nonce. An AAD
         // shorter than a block (no file ID) is one padded block.
         let zero = [0u128; LANES];
         let mut c_aad = cmac(backend, key, &aads, &zero);
-        for (l, j) in jobs.iter().enumerate() {
-            if j.aad.len() < 16 {
+        for l in lanes.clone() {
+            if self.aads[l].len() < 16 {
                 let mut one = [Block::default(); LANES];
-                one[0] = Block::from((padded(j.aad) ^ key.k2).to_be_bytes());
+                one[0] = Block::from((padded(self.aads[l]) ^ key.k2).to_be_bytes());
                 step(backend, &mut one);
                 c_aad[l] = be(&one[0]);
             }
         }
-        let c_nonce = cmac(backend, key, &nonces, &zero);
+        let c_nonce = cmac(backend, key, &self.nonces, &zero);
         // Then the plaintext: "xorend" D when it is a block or longer, else
         // CMAC(dbl(D) ^ pad(P)).
         let mut short = [[0u8; 16]; LANES];
         let mut end = [0u128; LANES];
-        for (l, j) in jobs.iter().enumerate() {
+        for l in lanes.clone() {
             let d = dbl(dbl(key.d0) ^ c_aad[l]) ^ c_nonce[l];
-            if j.pt.len() >= 16 {
+            if self.pts[l].len() >= 16 {
                 end[l] = d;
             } else {
-                short[l] = (dbl(d) ^ padded(j.pt)).to_be_bytes();
+                short[l] = (dbl(d) ^ padded(self.pts[l])).to_be_bytes();
             }
         }
         let mut msgs = [EMPTY; LANES];
-        for (l, j) in jobs.iter().enumerate() {
-            msgs[l] = if j.pt.len() >= 16 { j.pt } else { &short[l] };
+        for l in lanes {
+            msgs[l] = if self.pts[l].len() >= 16 {
+                self.pts[l]
+            } else {
+                &short[l]
+            };
         }
         *self.tags = cmac(backend, key, &msgs, &end);
         short.zeroize();
@@ -225,11 +236,12 @@ impl BlockClosure for S2v<'_, '_> {
     }
 }
 
-/// CTR of up to [`LANES`] jobs from their tags, on CTR's cipher: `out = pt ^ keystream`
-/// with a 128-bit big-endian counter, as `aes-siv` uses.
+/// CTR of up to [`LANES`] blocks, on CTR's cipher: `output = input ^ keystream` from
+/// each block's tag, with a 128-bit big-endian counter, as `aes-siv` uses. The same
+/// either way: encryption (plaintext in) and decryption (ciphertext in).
 struct Ctr<'a, 'j> {
-    jobs: &'a mut [Job<'j>],
-    tags: &'a [u128; LANES],
+    /// (input, output of the same length, tag).
+    lanes: &'a mut [(&'j [u8], &'j mut [u8], u128)],
 }
 
 impl BlockSizeUser for Ctr<'_, '_> {
@@ -239,14 +251,13 @@ impl BlockSizeUser for Ctr<'_, '_> {
 impl BlockClosure for Ctr<'_, '_> {
     fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
         let mut ks = [Block::default(); LANES];
-        for (j, tag) in self.jobs.iter_mut().zip(self.tags.iter()) {
+        for (input, output, tag) in self.lanes.iter_mut() {
             // The tag with bit 31 of its last two 32-bit words cleared.
-            let iv = tag & !(1u128 << 63 | 1u128 << 31);
-            let ct = &mut j.out[32..];
-            for (i, (p, c)) in
-                j.pt.chunks(16 * LANES)
-                    .zip(ct.chunks_mut(16 * LANES))
-                    .enumerate()
+            let iv = *tag & !(1u128 << 63 | 1u128 << 31);
+            for (i, (p, c)) in input
+                .chunks(16 * LANES)
+                .zip(output.chunks_mut(16 * LANES))
+                .enumerate()
             {
                 for (k, b) in ks.iter_mut().enumerate() {
                     *b = Block::from(iv.wrapping_add((i * LANES + k) as u128).to_be_bytes());
@@ -268,6 +279,16 @@ impl BlockClosure for Ctr<'_, '_> {
             k.as_mut_slice().zeroize();
         }
     }
+}
+
+/// One stored content block to decrypt.
+pub struct Open<'a> {
+    /// The block's associated data (block number, file ID).
+    pub aad: &'a [u8],
+    /// `nonce || tag || ciphertext`, at least 32 bytes.
+    pub block: &'a [u8],
+    /// The plaintext: `block.len() - 32` bytes.
+    pub out: &'a mut [u8],
 }
 
 impl SivKey {
@@ -306,17 +327,77 @@ impl SivKey {
             assert_eq!(j.out.len(), j.pt.len() + 32);
         }
         let mut tags = [0u128; LANES];
+        let (mut aads, mut nonces, mut pts) = ([EMPTY; LANES], [EMPTY; LANES], [EMPTY; LANES]);
+        for (l, j) in jobs.iter().enumerate() {
+            (aads[l], nonces[l], pts[l]) = (j.aad, &j.nonce[..], j.pt);
+        }
         self.mac.encrypt_with_backend(S2v {
             key: self,
-            jobs,
+            aads,
+            nonces,
+            pts,
+            n: jobs.len(),
             tags: &mut tags,
         });
-        for (j, t) in jobs.iter_mut().zip(tags.iter()) {
-            j.out[..16].copy_from_slice(j.nonce);
-            j.out[16..32].copy_from_slice(&t.to_be_bytes());
+        let mut lanes: Vec<(&[u8], &mut [u8], u128)> = jobs
+            .iter_mut()
+            .zip(tags.iter())
+            .map(|(j, t)| {
+                let (head, ct) = j.out.split_at_mut(32);
+                head[..16].copy_from_slice(j.nonce);
+                head[16..].copy_from_slice(&t.to_be_bytes());
+                (j.pt, ct, *t)
+            })
+            .collect();
+        self.ctr.encrypt_with_backend(Ctr { lanes: &mut lanes });
+        for l in lanes.iter_mut() {
+            l.2.zeroize();
         }
-        self.ctr.encrypt_with_backend(Ctr { jobs, tags: &tags });
         tags.zeroize();
+    }
+
+    /// Decrypts up to [`LANES`] stored blocks, each exactly as `aes-siv`'s
+    /// `decrypt_in_place_detached([aad, nonce], ct, tag)`: whether each one is
+    /// authentic. The plaintext of a block that is not is zeroed, never returned.
+    ///
+    /// # Panics
+    /// More than [`LANES`] jobs, a block shorter than 32 bytes, or an `out` that is not
+    /// 32 bytes shorter than its block.
+    pub fn decrypt(&self, jobs: &mut [Open<'_>]) -> [bool; LANES] {
+        assert!(jobs.len() <= LANES);
+        for j in jobs.iter() {
+            assert!(j.block.len() >= 32);
+            assert_eq!(j.out.len(), j.block.len() - 32);
+        }
+        let mut lanes: Vec<(&[u8], &mut [u8], u128)> = jobs
+            .iter_mut()
+            .map(|j| (&j.block[32..], &mut *j.out, be(&j.block[16..32])))
+            .collect();
+        self.ctr.encrypt_with_backend(Ctr { lanes: &mut lanes });
+        drop(lanes);
+        let mut tags = [0u128; LANES];
+        let (mut aads, mut nonces, mut pts) = ([EMPTY; LANES], [EMPTY; LANES], [EMPTY; LANES]);
+        for (l, j) in jobs.iter().enumerate() {
+            (aads[l], nonces[l], pts[l]) = (j.aad, &j.block[..16], &*j.out);
+        }
+        self.mac.encrypt_with_backend(S2v {
+            key: self,
+            aads,
+            nonces,
+            pts,
+            n: jobs.len(),
+            tags: &mut tags,
+        });
+        let mut ok = [false; LANES];
+        for (l, j) in jobs.iter_mut().enumerate() {
+            // The whole tag at once: no early exit on the first differing byte.
+            ok[l] = (tags[l] ^ be(&j.block[16..32])) == 0;
+            if !ok[l] {
+                j.out.zeroize();
+            }
+        }
+        tags.zeroize();
+        ok
     }
 }
 
@@ -386,7 +467,89 @@ mod tests {
         }
     }
 
+    /// Decrypts with the lanes: (authentic, plaintext) per stored block.
+    fn open(key: &[u8], blocks: &[(Vec<u8>, Vec<u8>)]) -> Vec<(bool, Vec<u8>)> {
+        let k = SivKey::new(key);
+        let mut outs: Vec<Vec<u8>> = blocks
+            .iter()
+            .map(|b| vec![0xAAu8; b.1.len() - 32])
+            .collect();
+        let mut jobs: Vec<Open<'_>> = blocks
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(b, out)| Open {
+                aad: &b.0,
+                block: &b.1,
+                out,
+            })
+            .collect();
+        let ok = k.decrypt(&mut jobs);
+        drop(jobs);
+        ok.iter().copied().zip(outs).collect()
+    }
+
+    /// What `aes-siv` decrypts and authenticates, the lanes do: every length class, and
+    /// a flipped bit anywhere (nonce, tag, ciphertext) in one lane fails that lane only,
+    /// with its plaintext zeroed.
+    #[test]
+    fn opens_what_the_aes_siv_crate_sealed_and_nothing_tampered() {
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(91)).collect();
+        let lens = [1usize, 15, 16, 17, 31, 32, 33, 100, 4095, 4096];
+        for aad_len in [8usize, 24] {
+            for chunk in lens.chunks(LANES) {
+                let plain: Vec<(Vec<u8>, [u8; 16], Vec<u8>)> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &len)| {
+                        let aad: Vec<u8> = (0..aad_len).map(|k| (k * 5 + i) as u8).collect();
+                        let pt: Vec<u8> = (0..len).map(|k| (k * 3 + len) as u8).collect();
+                        (aad, [i as u8 + 9; 16], pt)
+                    })
+                    .collect();
+                let sealed: Vec<(Vec<u8>, Vec<u8>)> = plain
+                    .iter()
+                    .map(|(a, n, p)| (a.clone(), reference(&key, a, n, p)))
+                    .collect();
+                for (got, want) in open(&key, &sealed).iter().zip(&plain) {
+                    assert_eq!(got, &(true, want.2.clone()), "pt {}", want.2.len());
+                }
+                for victim in 0..sealed.len() {
+                    for at in [0, 16, 31, sealed[victim].1.len() - 1] {
+                        let mut bad = sealed.clone();
+                        bad[victim].1[at] ^= 1;
+                        for (l, (ok, pt)) in open(&key, &bad).iter().enumerate() {
+                            if l == victim {
+                                assert!(!ok, "flipped byte {at} of lane {l} passed");
+                                assert!(pt.iter().all(|b| *b == 0), "unauthentic plaintext kept");
+                            } else {
+                                assert_eq!((*ok, pt), (true, &plain[l].2));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn any_blocks_open_as_the_aes_siv_crate_sealed_them(
+            key in proptest::collection::vec(any::<u8>(), 64),
+            blocks in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 24..=24),
+                 any::<[u8; 16]>(),
+                 proptest::collection::vec(any::<u8>(), 1..600)),
+                1..=LANES),
+        ) {
+            let sealed: Vec<(Vec<u8>, Vec<u8>)> = blocks
+                .iter()
+                .map(|(a, n, p)| (a.clone(), reference(&key, a, n, p)))
+                .collect();
+            for (got, b) in open(&key, &sealed).iter().zip(&blocks) {
+                prop_assert_eq!(got, &(true, b.2.clone()));
+            }
+        }
+
         #[test]
         fn any_blocks_equal_the_aes_siv_crate(
             key in proptest::collection::vec(any::<u8>(), 64),

@@ -258,12 +258,14 @@ impl Tree for ForwardCore {
         };
         let mut ct = vec![0u8; clen as usize];
         h.file.read_exact_at(&mut ct, cstart).map_err(io)?;
+        // Groups of LANES blocks in parallel, each group's blocks together.
         let blocks: Vec<Result<Vec<u8>, (u64, content::BlockError)>> = ct
-            .par_chunks(CBLOCK as usize)
+            .par_chunks(CBLOCK as usize * content::LANES)
             .enumerate()
-            .map(|(i, c)| {
-                let n = first + i as u64;
-                content::decrypt_block(&self.keys, n, Some(&file_id), c).map_err(|e| (n, e))
+            .map(|(g, c)| {
+                let mut p = Vec::with_capacity(BLOCK as usize * content::LANES);
+                let n = first + (g * content::LANES) as u64;
+                content::decrypt_blocks(&self.keys, n, Some(&file_id), c, &mut p).map(|()| p)
             })
             .collect();
         let mut out = Vec::with_capacity((end - first * BLOCK) as usize);
