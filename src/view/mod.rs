@@ -201,7 +201,7 @@ enum Virt {
     Conf,
 }
 
-/// One entry of a directory of the reverse view, 12 bytes: its two names live in the
+/// One entry of a directory of the reverse view, 16 bytes: its two names live in the
 /// listing's one buffer (no paths: a path is put together from the parents when
 /// needed), so a mount's memory grows by these and the names' bytes per entry listed,
 /// not by two allocations more (issue 13).
@@ -211,7 +211,7 @@ struct DirEntry {
     /// starts in [`DirListing::names`]; the plaintext name in the source follows it (for
     /// a long-name file: of the entry it names; empty for the directory IV and the
     /// config).
-    at: u32,
+    at: u64,
     shown_len: u16,
     plain_len: u16,
     kind: Kind,
@@ -253,7 +253,7 @@ impl DirListing {
         let mut packed = Vec::with_capacity(entries.len());
         let mut longs = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
-            let at = u32::try_from(names.len()).expect("a directory's names under 4 GiB");
+            let at = names.len() as u64;
             names.extend_from_slice(&e.shown);
             names.extend_from_slice(&e.plain);
             let virt = match e.virt {

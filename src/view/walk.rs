@@ -11,7 +11,7 @@
 
 use super::{Attr, DirListing, Kind, Resolved, ViewCore, ViewError, Virt, WalkVisit, ROOT_INO};
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// Threads preparing directories besides the calling one (which prepares a directory
 /// itself when the one it needs has not been started).
@@ -51,6 +51,12 @@ struct Ahead<'c> {
 }
 
 impl Ahead<'_> {
+    /// The state, even after a thread panicked holding it (the walk then ends with an
+    /// error or that panic, never waits on a job no one will finish).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Reads directory `dir` and looks at each entry; queues its subdirectories.
     fn prepare(&self, is_root: bool, dir: Resolved) -> Result<Prepared, ViewError> {
         let listing = self.core.build_listing(is_root, &dir)?;
@@ -67,7 +73,7 @@ impl Ahead<'_> {
             })
             .collect();
         let mut subdirs = HashMap::new();
-        let mut st = self.state.lock().expect("walk lock");
+        let mut st = self.lock();
         let first = st.next_id;
         for (i, f) in found.iter().enumerate() {
             if listing.is_real(i) && matches!(f, Ok((a, _)) if a.kind == Kind::Dir) {
@@ -94,19 +100,31 @@ impl Ahead<'_> {
 
     /// A walk thread: prepares queued directories while fewer than [`AHEAD_DIRS`] wait.
     fn work(&self) {
-        let mut st = self.state.lock().expect("walk lock");
+        let mut st = self.lock();
         loop {
             if st.stop {
                 return;
             }
             if st.done.len() >= AHEAD_DIRS || st.queue.is_empty() {
-                st = self.changed.wait(st).expect("walk lock");
+                st = self
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
             let (id, dir) = st.queue.pop().expect("not empty");
             drop(st);
-            let p = self.prepare(false, dir);
-            st = self.state.lock().expect("walk lock");
+            let path = self.core.abs(&dir.plain);
+            // A panic here must not leave the calling thread waiting for this job.
+            let p =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prepare(false, dir)))
+                    .unwrap_or_else(|_| {
+                        Err(ViewError::Io {
+                            path,
+                            source: std::io::Error::other("the walk thread preparing it panicked"),
+                        })
+                    });
+            st = self.lock();
             st.done.insert(id, p);
             self.changed.notify_all();
         }
@@ -114,7 +132,7 @@ impl Ahead<'_> {
 
     /// Directory job `id`, prepared: by a walk thread, or here if none has started it.
     fn take(&self, id: u64) -> Result<Prepared, ViewError> {
-        let mut st = self.state.lock().expect("walk lock");
+        let mut st = self.lock();
         loop {
             if let Some(p) = st.done.remove(&id) {
                 drop(st);
@@ -128,7 +146,10 @@ impl Ahead<'_> {
                 return self.prepare(false, dir);
             }
             // Being prepared by a walk thread.
-            st = self.changed.wait(st).expect("walk lock");
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -157,8 +178,18 @@ impl Ahead<'_> {
     }
 
     fn stop(&self) {
-        self.state.lock().expect("walk lock").stop = true;
+        self.lock().stop = true;
         self.changed.notify_all();
+    }
+}
+
+/// Stops the walk threads when the calling thread leaves the walk, by any way out
+/// (a panic included): the scope then joins them.
+struct StopOnDrop<'a, 'c>(&'a Ahead<'c>);
+
+impl Drop for StopOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -189,27 +220,21 @@ impl ViewCore {
             changed: Condvar::new(),
         };
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(&ahead);
             for i in 0..WALK_THREADS {
                 let ahead = &ahead;
-                let spawned = std::thread::Builder::new()
+                std::thread::Builder::new()
                     .name(format!("snapveil-walk-{i}"))
-                    .spawn_scoped(s, move || ahead.work());
-                if let Err(source) = spawned {
-                    // Those already started must see the stop, or the scope never ends.
-                    ahead.stop();
-                    return Err(ViewError::Io {
+                    .spawn_scoped(s, move || ahead.work())
+                    .map_err(|source| ViewError::Io {
                         path: self.root.clone(),
                         source,
-                    }
-                    .into());
-                }
+                    })?;
             }
-            let r = ahead
+            ahead
                 .prepare(true, root)
                 .map_err(E::from)
-                .and_then(|p| ahead.visit(p, visit));
-            ahead.stop();
-            r
+                .and_then(|p| ahead.visit(p, visit))
         })
     }
 }
