@@ -322,17 +322,13 @@ impl DirListing {
     }
 
     fn find(&self, shown: &[u8]) -> Option<u32> {
-        let mut lo = 0;
-        let mut hi = self.len();
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.shown(mid).cmp(shown) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(mid as u32),
-            }
-        }
-        None
+        self.entries
+            .binary_search_by(|e| {
+                let at = e.at as usize;
+                self.names[at..at + e.shown_len as usize].cmp(shown)
+            })
+            .ok()
+            .map(|i| i as u32)
     }
 }
 
