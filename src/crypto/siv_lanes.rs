@@ -531,15 +531,23 @@ mod tests {
         }
     }
 
+    /// 1 to [`LANES`] blocks: (24-byte AAD, nonce, 1 to 599 bytes of plaintext).
+    fn random_blocks() -> impl Strategy<Value = Vec<(Vec<u8>, [u8; 16], Vec<u8>)>> {
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<u8>(), 24..=24),
+                any::<[u8; 16]>(),
+                proptest::collection::vec(any::<u8>(), 1..600),
+            ),
+            1..=LANES,
+        )
+    }
+
     proptest! {
         #[test]
         fn any_blocks_open_as_the_aes_siv_crate_sealed_them(
             key in proptest::collection::vec(any::<u8>(), 64),
-            blocks in proptest::collection::vec(
-                (proptest::collection::vec(any::<u8>(), 24..=24),
-                 any::<[u8; 16]>(),
-                 proptest::collection::vec(any::<u8>(), 1..600)),
-                1..=LANES),
+            blocks in random_blocks(),
         ) {
             let sealed: Vec<(Vec<u8>, Vec<u8>)> = blocks
                 .iter()
@@ -553,11 +561,7 @@ mod tests {
         #[test]
         fn any_blocks_equal_the_aes_siv_crate(
             key in proptest::collection::vec(any::<u8>(), 64),
-            blocks in proptest::collection::vec(
-                (proptest::collection::vec(any::<u8>(), 24..=24),
-                 any::<[u8; 16]>(),
-                 proptest::collection::vec(any::<u8>(), 1..600)),
-                1..=LANES),
+            blocks in random_blocks(),
         ) {
             let got = lanes(&key, &blocks);
             for (b, g) in blocks.iter().zip(&got) {

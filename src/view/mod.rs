@@ -1420,7 +1420,8 @@ mod node_tests {
     use super::*;
     use crate::crypto::{Flags, MasterKey, NameMode};
 
-    fn core(root: &Path) -> ViewCore {
+    /// A view of `root` under a fresh key (also the walk's tests' view).
+    pub(super) fn core(root: &Path) -> ViewCore {
         let keys = Keys::new(
             &MasterKey::random(),
             Flags {

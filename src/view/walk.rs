@@ -239,23 +239,9 @@ impl ViewCore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::node_tests::core;
     use super::*;
-    use crate::crypto::{Flags, Keys, MasterKey, NameMode};
     use std::fs;
-    use std::path::Path;
-
-    fn core(root: &Path) -> ViewCore {
-        let keys = Keys::new(
-            &MasterKey::random(),
-            Flags {
-                names: NameMode::DirIv,
-                hkdf: true,
-                long_names: true,
-                long_name_max: 255,
-            },
-        );
-        ViewCore::new(root, keys, None, &[]).unwrap()
-    }
 
     /// The same walk, one directory at a time on the calling thread: what the walk
     /// prepared ahead must give back, entry for entry and in the same order.
