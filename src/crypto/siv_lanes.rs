@@ -316,6 +316,28 @@ impl SivKey {
         }
     }
 
+    /// S2V of up to [`LANES`] blocks given as (AAD, nonce, plaintext): their tags.
+    fn s2v<'p>(
+        &self,
+        blocks: impl ExactSizeIterator<Item = (&'p [u8], &'p [u8], &'p [u8])>,
+    ) -> [u128; LANES] {
+        let n = blocks.len();
+        let (mut aads, mut nonces, mut pts) = ([EMPTY; LANES], [EMPTY; LANES], [EMPTY; LANES]);
+        for (l, (a, nonce, p)) in blocks.enumerate() {
+            (aads[l], nonces[l], pts[l]) = (a, nonce, p);
+        }
+        let mut tags = [0u128; LANES];
+        self.mac.encrypt_with_backend(S2v {
+            key: self,
+            aads,
+            nonces,
+            pts,
+            n,
+            tags: &mut tags,
+        });
+        tags
+    }
+
     /// Encrypts up to [`LANES`] blocks, each exactly as `aes-siv`'s
     /// `encrypt_in_place_detached([aad, nonce], pt)`, with the tag before the ciphertext.
     ///
@@ -326,19 +348,7 @@ impl SivKey {
         for j in jobs.iter() {
             assert_eq!(j.out.len(), j.pt.len() + 32);
         }
-        let mut tags = [0u128; LANES];
-        let (mut aads, mut nonces, mut pts) = ([EMPTY; LANES], [EMPTY; LANES], [EMPTY; LANES]);
-        for (l, j) in jobs.iter().enumerate() {
-            (aads[l], nonces[l], pts[l]) = (j.aad, &j.nonce[..], j.pt);
-        }
-        self.mac.encrypt_with_backend(S2v {
-            key: self,
-            aads,
-            nonces,
-            pts,
-            n: jobs.len(),
-            tags: &mut tags,
-        });
+        let mut tags = self.s2v(jobs.iter().map(|j| (j.aad, &j.nonce[..], j.pt)));
         let mut lanes: Vec<(&[u8], &mut [u8], u128)> = jobs
             .iter_mut()
             .zip(tags.iter())
@@ -375,19 +385,7 @@ impl SivKey {
             .collect();
         self.ctr.encrypt_with_backend(Ctr { lanes: &mut lanes });
         drop(lanes);
-        let mut tags = [0u128; LANES];
-        let (mut aads, mut nonces, mut pts) = ([EMPTY; LANES], [EMPTY; LANES], [EMPTY; LANES]);
-        for (l, j) in jobs.iter().enumerate() {
-            (aads[l], nonces[l], pts[l]) = (j.aad, &j.block[..16], &*j.out);
-        }
-        self.mac.encrypt_with_backend(S2v {
-            key: self,
-            aads,
-            nonces,
-            pts,
-            n: jobs.len(),
-            tags: &mut tags,
-        });
+        let mut tags = self.s2v(jobs.iter().map(|j| (j.aad, &j.block[..16], &*j.out)));
         let mut ok = [false; LANES];
         for (l, j) in jobs.iter_mut().enumerate() {
             // The whole tag at once: no early exit on the first differing byte.
