@@ -72,19 +72,17 @@ impl Ahead<'_> {
                 Ok((a, link))
             })
             .collect();
+        // Each subdirectory gets a job number and is queued, the last first, so that
+        // the first is on top.
         let mut subdirs = HashMap::new();
         let mut st = self.lock();
-        for (i, f) in found.iter().enumerate() {
+        for (i, f) in found.iter().enumerate().rev() {
             if listing.is_real(i) && matches!(f, Ok((a, _)) if a.kind == Kind::Dir) {
-                subdirs.insert(i as u32, st.next_id);
+                let id = st.next_id;
                 st.next_id += 1;
+                subdirs.insert(i as u32, id);
+                st.queue.push((id, dir.child(&listing, i)));
             }
-        }
-        // Pushed last first, so the first subdirectory is on top.
-        let mut jobs: Vec<(u32, u64)> = subdirs.iter().map(|(i, id)| (*i, *id)).collect();
-        jobs.sort_unstable_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, id) in jobs {
-            st.queue.push((id, dir.child(&listing, i as usize)));
         }
         drop(st);
         self.changed.notify_all();
