@@ -366,7 +366,26 @@ fn run_steps<'a>(
                 "sending what changed since the last run"
             );
             let l = target.files_from(list)?;
-            (transfer(Pass::Changes { list: l.path() })?, *full_at)
+            // rsync's sender looks these up one at a time, a round trip each: threads
+            // ask for them ahead of it.
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let (warmed, sent) = std::thread::scope(|s| {
+                let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
+                let sent = transfer(Pass::Changes { list: l.path() });
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let warmed = warming
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (warmed, sent)
+            });
+            tracing::info!(
+                paths = warmed.paths,
+                files_read = warmed.files_read,
+                bytes_read = warmed.bytes_read,
+                secs = warmed.secs,
+                "looked up ahead of rsync"
+            );
+            (sent?, *full_at)
         }
     };
     drop(plan);
@@ -427,36 +446,41 @@ fn run_steps<'a>(
         rehash.seal();
         crate::verify::Reuse { prev, rehash }
     });
-    let written = crate::verify::write_manifest(runner, target, stamp, &walk, reuse.as_ref())
-        .context("writing the manifest of the view")?;
+    let sums = crate::verify::hash_view(&walk, reuse.as_ref()).context("hashing the view")?;
     // The last manifest's sums are in the new one now: gone before the index is made.
     drop(reuse);
     // Nothing reads the view or the snapshot any more, unless this run may verify the
     // target through the view: they are let go of (unmount, then the snapshot's
-    // release, 0.4 s on the bench's tree) while the run is recorded and its index
-    // saved, not after. Both threads end before this run does, whatever fails.
+    // release: 0.3 s for btrfs to destroy the bench's snapshot) while the manifest is
+    // written, the run recorded and its index saved, not after. Both threads end before
+    // this run does, whatever fails.
     let releasing = (job.verify_every == 0).then(|| std::mem::take(held));
     let (recorded, errs) = std::thread::scope(|s| {
         let span = tracing::Span::current();
         let release = releasing.map(|mut h| s.spawn(move || span.in_scope(|| h.release())));
-        let recorded = record_and_index(
-            runner,
-            cfg,
-            job,
-            target,
-            stamp,
-            &out,
-            &written,
-            &link,
-            &changes::Index::of(&walk, &address, stamp, &view_config, full_at),
-            &index_path,
-        );
+        let recorded = crate::verify::write_manifest(runner, target, stamp, &walk, sums)
+            .context("writing the manifest of the view")
+            .and_then(|written| {
+                record_and_index(
+                    runner,
+                    cfg,
+                    job,
+                    target,
+                    stamp,
+                    &out,
+                    &written,
+                    &link,
+                    &changes::Index::of(&walk, &address, stamp, &view_config, full_at),
+                    &index_path,
+                )
+                .map(|()| written)
+            });
         let errs = release
             .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .unwrap_or_default();
         (recorded, errs)
     });
-    recorded?;
+    let written = recorded?;
     if !errs.is_empty() {
         bail!("cleanup failed: {}", errs.join("; "));
     }

@@ -5,7 +5,7 @@
 //! compared with a fresh snapshot's plaintext). Issue 6.
 //!
 //! Owns: manifests on the target, the comparisons and their report. Does not own: the
-//! run pipeline (job.rs calls [`write_manifest`] and [`check_view_against_target`]).
+//! run pipeline (job.rs calls [`hash_view`], [`write_manifest`] and [`check_view_against_target`]).
 //!
 //! A local target is hashed directly. A remote one cannot be hashed from here, so its
 //! files are compared with a local tree that should equal them: the encrypted view of a
@@ -132,16 +132,18 @@ impl Report {
 /// The metadata goes first: a `.sha1` without its `.meta` would restore as a point made
 /// by an older snapveil, losing modes and symlinks without a failure.
 ///
+/// `sums` are [`hash_view`]'s: the view is read before, not while, the manifest is
+/// written, so that a run lets go of the view and the snapshot in the meantime.
+///
 /// # Errors
-/// Reading the view, or writing/uploading the manifest.
+/// Writing/uploading the manifest.
 pub fn write_manifest(
     runner: &dyn Runner,
     target: &Target,
     stamp: &str,
     walk: &ViewWalk,
-    reuse: Option<&Reuse>,
+    sums: Vec<[u8; 20]>,
 ) -> Result<Written, VerifyError> {
-    let sums = hash_files(walk, reuse)?;
     let meta_mac =
         target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
             manifest::meta::format_to(w, walk.meta())
@@ -656,7 +658,10 @@ impl ViewWalk {
 /// this process encrypt on rayon's pool, so hashing must not run on that pool too (its
 /// workers would block in reads only the pool can answer: a deadlock): two plain
 /// threads instead.
-fn hash_files(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
+///
+/// # Errors
+/// Reading a file of the view.
+pub fn hash_view(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
     let n = walk.files().len();
     let half = n.div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);

@@ -23,6 +23,7 @@ pub mod forward;
 pub mod fuse;
 pub mod mount;
 mod walk;
+pub mod warm;
 
 pub use mount::{cleanup_stale_mount, Access, MountedView, ViewOptions};
 
