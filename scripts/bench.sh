@@ -299,7 +299,7 @@ printf '%-36s %10s %10s %10s\n' "seq read ${SIZE_MIB} MiB (MB/s), best of $ROUND
 printf '%-36s %10s %10s %10s\n' "  snapveil / gocryptfs" "" "$(ratio "${READ[snapveil]}" "${READ[gocryptfs]}")" ""
 printf '%-36s %10s %10s %10s\n' "peak RSS of the mount after tar (MiB)" "" "${RSS[snapveil]}" "${RSS[gocryptfs]}"
 echo
-for phase in full noop; do
+for phase in full changed noop; do
     echo "where the $phase snapveil run spends its time (gaps between log lines, > 0.05 s):"
     awk '/^[0-9][0-9][0-9][0-9]-/ {
         split($1, a, "T"); split(a[2], b, ":"); sub("Z", "", b[3]);

@@ -299,14 +299,18 @@ fn run_steps<'a>(
         .context("mounting the encrypted view")?;
     held.view = Some(v);
     // The key config goes first: an interrupted transfer then leaves a current/ that
-    // check_owner still recognises as this job's, and the next run completes it.
-    target
-        .send_file(
-            runner,
-            Area::Current,
-            &mp.join(crate::crypto::names::CONF_NAME),
-        )
-        .context("sending the key config (gocryptfs.conf) to the target")?;
+    // check_owner still recognises as this job's, and the next run completes it. It is
+    // sent while the view is walked (an ssh target's connection costs its own round
+    // trips), and before anything else is.
+    let send_conf = || {
+        target
+            .send_file(
+                runner,
+                Area::Current,
+                &mp.join(crate::crypto::names::CONF_NAME),
+            )
+            .context("sending the key config (gocryptfs.conf) to the target")
+    };
     let transfer = |pass: Pass<'_>| {
         target
             .send_view(runner, &mp, stamp, &job.rsync_args, pass)
@@ -326,7 +330,17 @@ fn run_steps<'a>(
     // frozen snapshot, so nothing changes in between.
     let phase = Instant::now();
     let core = held.view.as_ref().expect("mounted above").core();
-    let walk = crate::verify::walk_core(core, &mp).context("walking the view")?;
+    let (sent_conf, walk) = std::thread::scope(|s| {
+        let span = tracing::Span::current();
+        let sending = s.spawn(move || span.in_scope(send_conf));
+        let walk = crate::verify::walk_core(core, &mp).context("walking the view");
+        let sent = sending
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (sent, walk)
+    });
+    sent_conf?;
+    let walk = walk?;
     tracing::info!(
         entries = walk.len(),
         secs = phase.elapsed().as_secs_f32(),
