@@ -334,16 +334,17 @@ fn run_steps<'a>(
         let span = tracing::Span::current();
         let sending = s.spawn(move || span.in_scope(send_conf));
         let walk = crate::verify::walk_core(core, &mp).context("walking the view");
+        let walked = phase.elapsed();
         let sent = sending
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (sent, walk)
+        (sent, walk.map(|w| (w, walked)))
     });
     sent_conf?;
-    let walk = walk?;
+    let (walk, walked) = walk?;
     tracing::info!(
         entries = walk.len(),
-        secs = phase.elapsed().as_secs_f32(),
+        secs = walked.as_secs_f32(),
         "walked the view"
     );
     let address = target.address().to_string();

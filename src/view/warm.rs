@@ -1,5 +1,5 @@
 //! [`warm`]: the paths a changes-only transfer will ask for, looked up (and small files
-//! read) through the mount from several threads before rsync starts.
+//! read) through the mount from several threads while rsync works through them.
 //!
 //! rsync's sender looks at its `--files-from` paths one after the other, and on a fresh
 //! mount each path is a FUSE round trip (two for a file in a directory nothing has
@@ -32,7 +32,7 @@ const WARM_FILE_MAX: u64 = 1 << 20;
 const WARM_BYTES: u64 = 128 << 20;
 
 /// What [`warm`] did, for the log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Warmed {
     /// Paths taken from the list (all of them unless stopped).
     pub paths: usize,
@@ -95,6 +95,10 @@ fn warm_one(mountpoint: &Path, line: &[u8], budget: &AtomicU64, buf: &mut [u8]) 
         None if line == b"." => (&b""[..], true),
         None => (line, false),
     };
+    if rel.starts_with(b"/") {
+        // Not a path of the view (joined, it would replace the mountpoint).
+        return None;
+    }
     let path = mountpoint.join(std::ffi::OsStr::from_bytes(rel));
     let meta = std::fs::symlink_metadata(&path).ok()?;
     if list_dir {

@@ -123,3 +123,16 @@ fn reads_no_more_than_its_budget() {
     assert_eq!(budget.load(Ordering::Relaxed), 0);
     assert_eq!(warm_one(t.path(), b"g", &budget, &mut buf), None);
 }
+
+#[test]
+fn reads_nothing_outside_the_view() {
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    fs::write(&outside, b"not the view's").unwrap();
+    let view = t.path().join("view");
+    fs::create_dir(&view).unwrap();
+    let budget = AtomicU64::new(1 << 20);
+    let line = outside.as_os_str().as_bytes();
+    assert_eq!(warm_one(&view, line, &budget, &mut [0u8; 16]), None);
+    assert_eq!(budget.load(Ordering::Relaxed), 1 << 20);
+}
