@@ -103,3 +103,31 @@ pub fn gocryptfs_forward(passfile: &Path, cipherdir: &Path, mnt: &Path) -> Mount
         path: mnt.to_path_buf(),
     }
 }
+
+/// Why the FUSE mount at `path` is still there, for a failure message: what a look at
+/// it answers (ENOTCONN: its server is gone), and which processes hold `/dev/fuse`
+/// open (a connection lives while one does).
+pub fn why_still_mounted(path: &Path) -> String {
+    let answer = match std::fs::symlink_metadata(path) {
+        Ok(_) => "it answers".to_string(),
+        Err(e) => format!("looking at it: {e}"),
+    };
+    let mut holders = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let fds = p.path().join("fd");
+        let holds = std::fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            holders.push(format!(
+                "{} ({})",
+                p.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    format!("{answer}; /dev/fuse held by: {}", holders.join(", "))
+}
