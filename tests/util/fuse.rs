@@ -106,11 +106,18 @@ pub fn gocryptfs_forward(passfile: &Path, cipherdir: &Path, mnt: &Path) -> Mount
 
 /// Why the FUSE mount at `path` is still there, for a failure message: what a look at
 /// it answers (ENOTCONN: its server is gone), and which processes hold `/dev/fuse`
-/// open (a connection lives while one does).
+/// open (a connection lives while one does). The look runs on a thread of its own and
+/// is given 5 s: a live connection whose server no longer answers would hold it for ever.
 pub fn why_still_mounted(path: &Path) -> String {
-    let answer = match std::fs::symlink_metadata(path) {
-        Ok(_) => "it answers".to_string(),
-        Err(e) => format!("looking at it: {e}"),
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::symlink_metadata(&p).map(|_| ()));
+    });
+    let answer = match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        Ok(Ok(())) => "it answers".to_string(),
+        Ok(Err(e)) => format!("looking at it: {e}"),
+        Err(_) => "looking at it: no answer in 5 s".to_string(),
     };
     let mut holders = Vec::new();
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
