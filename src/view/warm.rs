@@ -14,7 +14,6 @@
 //! It is only a hint to the kernel's caches: whatever fails here is left for rsync to
 //! meet and report.
 
-use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -62,11 +61,10 @@ pub fn warm(mountpoint: &Path, list: &[Vec<u8>], stop: &AtomicBool) -> Warmed {
             let spawned = std::thread::Builder::new()
                 .name(format!("snapveil-warm-{i}"))
                 .spawn_scoped(s, move || {
-                    let mut buf = vec![0u8; 128 << 10];
                     while !stop.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(line) = list.get(i) else { return };
-                        if let Some(n) = warm_one(mountpoint, line, budget, &mut buf) {
+                        if let Some(n) = warm_one(mountpoint, line, budget) {
                             files_read.fetch_add(1, Ordering::Relaxed);
                             bytes_read.fetch_add(n, Ordering::Relaxed);
                         }
@@ -89,7 +87,7 @@ pub fn warm(mountpoint: &Path, list: &[Vec<u8>], stop: &AtomicBool) -> Warmed {
 
 /// One `--files-from` line: looked up, listed if it is `DIR/.`, read if it is a small
 /// file and `budget` allows; the bytes read, if it was.
-fn warm_one(mountpoint: &Path, line: &[u8], budget: &AtomicU64, buf: &mut [u8]) -> Option<u64> {
+fn warm_one(mountpoint: &Path, line: &[u8], budget: &AtomicU64) -> Option<u64> {
     let (rel, list_dir) = match line.strip_suffix(b"/.") {
         Some(dir) => (dir, true),
         None if line == b"." => (&b""[..], true),
@@ -102,8 +100,11 @@ fn warm_one(mountpoint: &Path, line: &[u8], budget: &AtomicU64, buf: &mut [u8]) 
     let path = mountpoint.join(std::ffi::OsStr::from_bytes(rel));
     let meta = std::fs::symlink_metadata(&path).ok()?;
     if list_dir {
-        // READDIRPLUS: the entries' names and attributes come with the listing.
-        std::fs::read_dir(&path).ok()?.for_each(drop);
+        // READDIRPLUS: the entries' names and attributes come with the listing. Only a
+        // directory: read_dir would follow a symlink out of the view.
+        if meta.is_dir() {
+            std::fs::read_dir(&path).ok()?.for_each(drop);
+        }
         return None;
     }
     let len = meta.len();
@@ -117,15 +118,7 @@ fn warm_one(mountpoint: &Path, line: &[u8], budget: &AtomicU64, buf: &mut [u8]) 
         return None;
     }
     let mut f = std::fs::File::open(&path).ok()?;
-    let mut n = 0;
-    loop {
-        match f.read(buf) {
-            Ok(0) => return Some(n),
-            Ok(k) => n += k as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Some(n),
-        }
-    }
+    std::io::copy(&mut f, &mut std::io::sink()).ok()
 }
 
 #[cfg(test)]

@@ -117,11 +117,10 @@ fn reads_no_more_than_its_budget() {
     let t = tempfile::tempdir().unwrap();
     fs::write(t.path().join("f"), vec![0u8; 11]).unwrap();
     fs::write(t.path().join("g"), vec![0u8; 10]).unwrap();
-    let mut buf = vec![0u8; 4];
-    assert_eq!(warm_one(t.path(), b"f", &budget, &mut buf), None);
-    assert_eq!(warm_one(t.path(), b"g", &budget, &mut buf), Some(10));
+    assert_eq!(warm_one(t.path(), b"f", &budget), None);
+    assert_eq!(warm_one(t.path(), b"g", &budget), Some(10));
     assert_eq!(budget.load(Ordering::Relaxed), 0);
-    assert_eq!(warm_one(t.path(), b"g", &budget, &mut buf), None);
+    assert_eq!(warm_one(t.path(), b"g", &budget), None);
 }
 
 #[test]
@@ -133,6 +132,6 @@ fn reads_nothing_outside_the_view() {
     fs::create_dir(&view).unwrap();
     let budget = AtomicU64::new(1 << 20);
     let line = outside.as_os_str().as_bytes();
-    assert_eq!(warm_one(&view, line, &budget, &mut [0u8; 16]), None);
+    assert_eq!(warm_one(&view, line, &budget), None);
     assert_eq!(budget.load(Ordering::Relaxed), 1 << 20);
 }
