@@ -172,13 +172,35 @@ impl Index {
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)
     }
 
-    /// Reads the index at `path`; `None` when there is none.
+    /// Writes the index next to `path`, to be put in its place by [`Pending::commit`]
+    /// once the run it describes is recorded. Written as soon as the plan is made, while
+    /// the run holds nothing else that grows with the tree but the walk: made at the end,
+    /// it would sit beside the manifest's sums at the run's peak.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save_pending(&self, path: &Path) -> Result<Pending, ChangesError> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".pending");
+        let pending = PathBuf::from(name);
+        self.save(&pending)?;
+        Ok(Pending {
+            pending,
+            path: path.into(),
+            entries: self.entries.len(),
+        })
+    }
+
+    /// Reads the index at `path`; `None` when there is none. Read as a stream into its
+    /// entries, summed as it goes: the file is not held beside them (24 bytes an entry
+    /// twice, at the plan's peak on a big tree).
     ///
     /// # Errors
     /// Unreadable, or not a whole index of this version.
     pub fn load(path: &Path) -> Result<Option<Index>, ChangesError> {
-        let data = match fs::read(path) {
-            Ok(d) => d,
+        use std::io::{BufRead, Read};
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
                 return Err(ChangesError::Io {
@@ -187,22 +209,34 @@ impl Index {
                 })
             }
         };
+        let io = |source| ChangesError::Io {
+            path: path.into(),
+            source,
+        };
         let bad = |why: &str| ChangesError::Corrupt {
             path: path.into(),
             why: why.into(),
         };
-        if data.len() < 32 {
-            return Err(bad("too short"));
+        let size = file.metadata().map_err(io)?.len();
+        let mut r = std::io::BufReader::with_capacity(1 << 16, file);
+        let mut sum = sha2::Sha256::new();
+        // The header: `key=value` lines up to a blank one.
+        let mut head = Vec::new();
+        let mut read = 0u64;
+        loop {
+            let before = head.len();
+            let n = r.read_until(b'\n', &mut head).map_err(io)?;
+            read += n as u64;
+            if n == 0 || head.len() > 64 * 1024 {
+                return Err(bad("no end of header"));
+            }
+            if &head[before..] == b"\n" {
+                break;
+            }
         }
-        let (body, sum) = data.split_at(data.len() - 32);
-        if sha2::Sha256::digest(body)[..] != *sum {
-            return Err(bad("checksum does not match (torn or damaged)"));
-        }
-        let end = body
-            .windows(2)
-            .position(|w| w == b"\n\n")
-            .ok_or_else(|| bad("no end of header"))?;
-        let head = std::str::from_utf8(&body[..end]).map_err(|_| bad("header not UTF-8"))?;
+        sum.update(&head);
+        let head = &head[..head.len().saturating_sub(2)];
+        let head = std::str::from_utf8(head).map_err(|_| bad("header not UTF-8"))?;
         let mut lines = head.lines();
         if lines.next() != Some(HEADER) {
             return Err(bad("unknown version"));
@@ -215,20 +249,26 @@ impl Index {
             field.insert(k, v);
         }
         let get = |k: &str| field.get(k).copied().ok_or_else(|| bad(&format!("no {k}")));
-        let n: usize = get("entries")?.parse().map_err(|_| bad("entries"))?;
-        let raw = &body[end + 2..];
-        if raw.len() != n * 24 {
+        let n: u64 = get("entries")?.parse().map_err(|_| bad("entries"))?;
+        // The size says whether the count is true before anything is allocated for it.
+        if n.checked_mul(24).and_then(|b| b.checked_add(read + 32)) != Some(size) {
             return Err(bad("entry count does not match"));
         }
-        let entries: Vec<([u8; 16], u64)> = raw
-            .chunks_exact(24)
-            .map(|c| {
-                (
-                    c[..16].try_into().expect("16"),
-                    u64::from_le_bytes(c[16..].try_into().expect("8")),
-                )
-            })
-            .collect();
+        let mut entries: Vec<([u8; 16], u64)> = Vec::with_capacity(n as usize);
+        let mut e = [0u8; 24];
+        for _ in 0..n {
+            r.read_exact(&mut e).map_err(io)?;
+            sum.update(e);
+            entries.push((
+                e[..16].try_into().expect("16"),
+                u64::from_le_bytes(e[16..].try_into().expect("8")),
+            ));
+        }
+        let mut want = [0u8; 32];
+        r.read_exact(&mut want).map_err(io)?;
+        if sum.finalize()[..] != want {
+            return Err(bad("checksum does not match (torn or damaged)"));
+        }
         if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
             return Err(bad("entries not sorted"));
         }
@@ -239,6 +279,42 @@ impl Index {
             full_at: get("full_at")?.parse().map_err(|_| bad("full_at"))?,
             entries,
         }))
+    }
+}
+
+/// An index written but not yet in place ([`Index::save_pending`]): dropped without
+/// [`Pending::commit`] (the run failed), it is removed, and the last good index stays.
+#[derive(Debug)]
+pub struct Pending {
+    pending: PathBuf,
+    path: PathBuf,
+    entries: usize,
+}
+
+impl Pending {
+    /// Puts the index in place (a rename: the old one or the new one, never a mix).
+    /// Returns its number of entries.
+    ///
+    /// # Errors
+    /// The rename fails; the pending file is then removed.
+    pub fn commit(self) -> Result<usize, ChangesError> {
+        fs::rename(&self.pending, &self.path).map_err(|source| ChangesError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(self.entries)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // After a commit the pending name is gone: NotFound is the normal case.
+        match fs::remove_file(&self.pending) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.pending.display(), "cannot remove: {e}");
+            }
+            _ => {}
+        }
     }
 }
 

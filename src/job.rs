@@ -364,18 +364,28 @@ fn run_steps<'a>(
             now,
         },
     );
+    // This run's index, written now and put in place once the run is recorded: the
+    // last one has just been let go of, and the manifest's sums are not made yet.
+    let full_at = match &plan {
+        changes::Plan::Full(_) => now,
+        changes::Plan::Changes { full_at, .. } => *full_at,
+    };
+    let index = changes::Index::of(&walk, &address, stamp, &view_config, full_at)
+        .save_pending(&index_path)
+        .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
+        .ok();
     check_cancel()?;
     let phase = Instant::now();
-    let (mut out, full_at) = match &plan {
+    let mut out = match &plan {
         changes::Plan::Full(why) => {
             tracing::info!("full pass over the view: {why}");
-            (transfer(Pass::Full)?, now)
+            transfer(Pass::Full)?
         }
-        changes::Plan::Changes { list, full_at } if list.is_empty() => {
+        changes::Plan::Changes { list, .. } if list.is_empty() => {
             tracing::info!("nothing changed since the last run: no transfer");
-            (crate::target::rsync::Outcome::default(), *full_at)
+            crate::target::rsync::Outcome::default()
         }
-        changes::Plan::Changes { list, full_at } => {
+        changes::Plan::Changes { list, .. } => {
             tracing::info!(
                 entries = list.len(),
                 "sending what changed since the last run"
@@ -400,7 +410,7 @@ fn run_steps<'a>(
                 secs = warmed.secs,
                 "looked up ahead of rsync"
             );
-            (sent?, *full_at)
+            sent?
         }
     };
     drop(plan);
@@ -477,16 +487,7 @@ fn run_steps<'a>(
             .context("writing the manifest of the view")
             .and_then(|written| {
                 record_and_index(
-                    runner,
-                    cfg,
-                    job,
-                    target,
-                    stamp,
-                    &out,
-                    &written,
-                    &link,
-                    &changes::Index::of(&walk, &address, stamp, &view_config, full_at),
-                    &index_path,
+                    runner, cfg, job, target, stamp, &out, &written, &link, index,
                 )
                 .map(|()| written)
             });
@@ -1039,8 +1040,7 @@ fn record_and_index(
     out: &crate::target::Outcome,
     written: &crate::verify::Written,
     link: &crate::target::chain::Next,
-    index: &changes::Index,
-    index_path: &Path,
+    index: Option<changes::Pending>,
 ) -> Result<()> {
     let head = record_run(runner, target, job, stamp, out, written, link)?;
     crate::target::chain::save_state(
@@ -1050,9 +1050,10 @@ fn record_and_index(
         &head,
     )
     .context("recording the run in the agent's chain state")?;
-    match index.save(index_path) {
-        Ok(()) => tracing::debug!(entries = index.len(), "saved the index of this run"),
-        Err(e) => tracing::warn!("{e}: the next run will do a full pass"),
+    match index.map(changes::Pending::commit) {
+        Some(Ok(entries)) => tracing::debug!(entries, "saved the index of this run"),
+        Some(Err(e)) => tracing::warn!("{e}: the next run will do a full pass"),
+        None => {}
     }
     Ok(())
 }

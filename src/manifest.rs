@@ -76,6 +76,8 @@ pub enum ManifestError {
     Io { path: PathBuf, source: io::Error },
     #[error("{file}:{line}: not a sha1sum line")]
     Parse { file: String, line: usize },
+    #[error("{file}:{line}: not in path order (snapveil writes its manifests sorted)")]
+    Order { file: String, line: usize },
 }
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
@@ -228,45 +230,123 @@ pub fn parse_each(
 ) -> Result<(), ManifestError> {
     let mut unescaped = Vec::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {
-        if line.is_empty() {
-            continue;
-        }
-        let err = || ManifestError::Parse {
+        let parsed = parse_line(line, &mut unescaped).map_err(|()| ManifestError::Parse {
             file: file.into(),
             line: i + 1,
-        };
-        let (escaped, line) = match line.strip_prefix(b"\\") {
-            Some(rest) => (true, rest),
-            None => (false, line),
-        };
-        if line.len() < 43 || &line[40..42] != b"  " && &line[40..42] != b" *" {
-            return Err(err());
+        })?;
+        if let Some((path, sha1)) = parsed {
+            f(path, sha1);
         }
-        let mut sha1 = [0u8; 20];
-        hex::decode_to_slice(&line[..40], &mut sha1).map_err(|_| err())?;
-        let raw = &line[42..];
-        let path = if escaped {
-            let p = &mut unescaped;
-            p.clear();
-            let mut it = raw.iter();
-            while let Some(b) = it.next() {
-                if *b == b'\\' {
-                    match it.next() {
-                        Some(b'n') => p.push(b'\n'),
-                        Some(b'\\') => p.push(b'\\'),
-                        _ => return Err(err()),
-                    }
-                } else {
-                    p.push(*b);
-                }
-            }
-            &p[..]
-        } else {
-            raw
-        };
-        f(path, sha1);
     }
     Ok(())
+}
+
+/// One line of `sha1sum` output, without its newline: `None` for an empty line. An
+/// escaped path (`\` first: a name with a newline or a backslash) is unescaped into
+/// `unescaped`.
+fn parse_line<'a>(
+    line: &'a [u8],
+    unescaped: &'a mut Vec<u8>,
+) -> Result<Option<(&'a [u8], [u8; 20])>, ()> {
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let (escaped, line) = match line.strip_prefix(b"\\") {
+        Some(rest) => (true, rest),
+        None => (false, line),
+    };
+    if line.len() < 43 || &line[40..42] != b"  " && &line[40..42] != b" *" {
+        return Err(());
+    }
+    let mut sha1 = [0u8; 20];
+    hex::decode_to_slice(&line[..40], &mut sha1).map_err(|_| ())?;
+    let raw = &line[42..];
+    if !escaped {
+        return Ok(Some((raw, sha1)));
+    }
+    unescaped.clear();
+    let mut it = raw.iter();
+    while let Some(b) = it.next() {
+        if *b == b'\\' {
+            match it.next() {
+                Some(b'n') => unescaped.push(b'\n'),
+                Some(b'\\') => unescaped.push(b'\\'),
+                _ => return Err(()),
+            }
+        } else {
+            unescaped.push(*b);
+        }
+    }
+    Ok(Some((&unescaped[..], sha1)))
+}
+
+/// A manifest read line by line from a file ([`parse`] without holding it): what a run
+/// merges with its walk, so that the last restore point's manifest costs no memory that
+/// grows with the tree.
+pub struct Reader<R> {
+    file: String,
+    r: R,
+    line: Vec<u8>,
+    unescaped: Vec<u8>,
+    at: usize,
+}
+
+impl<R: std::io::BufRead> Reader<R> {
+    /// `file` names it in errors.
+    pub fn new(file: &str, r: R) -> Self {
+        Reader {
+            file: file.into(),
+            r,
+            line: Vec::new(),
+            unescaped: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// The number of the line [`Reader::next_entry`] returned last.
+    pub fn line(&self) -> usize {
+        self.at
+    }
+
+    /// `file`, as errors name it.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The next (path, sha1); `None` at the end.
+    ///
+    /// # Errors
+    /// Reading fails, or a line does not parse (by file and line number).
+    pub fn next_entry(&mut self) -> Result<Option<(&[u8], [u8; 20])>, ManifestError> {
+        loop {
+            self.line.clear();
+            self.at += 1;
+            let n =
+                self.r
+                    .read_until(b'\n', &mut self.line)
+                    .map_err(|source| ManifestError::Io {
+                        path: self.file.clone().into(),
+                        source,
+                    })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if self.line.last() == Some(&b'\n') {
+                self.line.pop();
+            }
+            if self.line.is_empty() {
+                continue;
+            }
+            let at = self.at;
+            let file = &self.file;
+            return parse_line(&self.line, &mut self.unescaped).map_err(|()| {
+                ManifestError::Parse {
+                    file: file.clone(),
+                    line: at,
+                }
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// fetches, uploads and lists: `crate::target::Target`). Only these are swept: the work
 /// dir also holds snapshot mounts, which are not ours to remove here.
 pub const KINDS: &[&str] = &[
-    "restore", "manifest", "fetch", "deep", "records", "upload", "list", "empty", "stream",
+    "restore", "manifest", "fetch", "deep", "records", "upload", "list", "empty", "stream", "prev",
 ];
 
 /// `WHAT-PID` for this process.

@@ -179,42 +179,148 @@ pub struct Reuse {
     pub rehash: manifest::PathSet,
 }
 
-/// A manifest held for lookups only: ([`manifest::path_key`], sha1), sorted. 36 bytes a
-/// file instead of the path itself, so a big tree's last manifest costs a few MB.
-pub struct PrevManifest(Vec<([u8; 16], [u8; 20])>);
+/// The last restore point's manifest, as this run's own checked copy
+/// ([`Target::checked_manifest_copy`]), read as a stream when the manifest is made: a
+/// manifest snapveil wrote lists its files in the walk's order (by path bytes), so the
+/// two are merged as they go and it costs no memory that grows with the tree.
+pub struct PrevManifest {
+    copy: crate::target::LocalCopy,
+    file: String,
+}
 
 impl PrevManifest {
-    fn key(path: &[u8]) -> [u8; 16] {
-        manifest::path_key(path)
+    /// [`merge_sums`] from this manifest.
+    fn merge(
+        &self,
+        files: impl Iterator<Item = Vec<u8>>,
+        rehash: &manifest::PathSet,
+        out: &mut [[u8; 20]],
+        known: &mut [u64],
+    ) -> Result<usize, VerifyError> {
+        let f = fs::File::open(&self.copy.path).map_err(io(&self.copy.path))?;
+        let lines =
+            manifest::Reader::new(&self.file, std::io::BufReader::with_capacity(1 << 16, f));
+        merge_sums(lines, files, rehash, out, known)
+    }
+}
+
+/// For each of `files` (paths, in the walk's order: by path bytes) that `lines` lists
+/// and `rehash` does not: its sum into `out`, and its bit set in `known`. Returns how
+/// many. Both go in one order, so they are merged, one line held at a time.
+///
+/// # Errors
+/// A line that does not parse or is not after the one before (then nothing it said may
+/// be used).
+fn merge_sums<R: std::io::BufRead>(
+    mut lines: manifest::Reader<R>,
+    files: impl Iterator<Item = Vec<u8>>,
+    rehash: &manifest::PathSet,
+    out: &mut [[u8; 20]],
+    known: &mut [u64],
+) -> Result<usize, VerifyError> {
+    // The line at hand (path, sum), while there is one.
+    let mut line: Vec<u8> = Vec::new();
+    let mut sum = [0u8; 20];
+    let mut first = true;
+    let mut next = |line: &mut Vec<u8>, sum: &mut [u8; 20]| -> Result<bool, VerifyError> {
+        let Some((p, s)) = lines.next_entry()? else {
+            return Ok(false);
+        };
+        if !first && p <= line.as_slice() {
+            return Err(manifest::ManifestError::Order {
+                file: lines.file().into(),
+                line: lines.line(),
+            }
+            .into());
+        }
+        first = false;
+        line.clear();
+        line.extend_from_slice(p);
+        *sum = s;
+        Ok(true)
+    };
+    let mut more = next(&mut line, &mut sum)?;
+    let mut found = 0;
+    for (i, path) in files.enumerate() {
+        while more && line < path {
+            more = next(&mut line, &mut sum)?;
+        }
+        if more && line == path && !rehash.contains(&path) {
+            out[i] = sum;
+            known[i / 64] |= 1 << (i % 64);
+            found += 1;
+        }
+    }
+    // The rest is read too: a manifest out of order anywhere is not used anywhere.
+    while more {
+        more = next(&mut line, &mut sum)?;
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(manifest: &str, files: &[&str], rehash: &[&str]) -> Result<Vec<Option<u8>>, String> {
+        let lines = manifest::Reader::new("m.sha1", manifest.as_bytes());
+        let mut set = manifest::PathSet::new();
+        for p in rehash {
+            set.insert(p.as_bytes());
+        }
+        set.seal();
+        let mut out = vec![[0u8; 20]; files.len()];
+        let mut known = vec![0u64; files.len().div_ceil(64)];
+        let files = files.iter().map(|f| f.as_bytes().to_vec());
+        let found =
+            merge_sums(lines, files, &set, &mut out, &mut known).map_err(|e| e.to_string())?;
+        let got: Vec<Option<u8>> = (0..out.len())
+            .map(|i| (known[i / 64] & (1 << (i % 64)) != 0).then_some(out[i][0]))
+            .collect();
+        assert_eq!(found, got.iter().flatten().count());
+        Ok(got)
     }
 
-    /// # Errors
-    /// A line that does not parse, by `file` and line number.
-    pub fn parse(file: &str, data: &[u8]) -> Result<Self, manifest::ManifestError> {
-        let mut v = Vec::new();
-        manifest::parse_each(file, data, |path, sha1| v.push((Self::key(path), sha1)))?;
-        // A path listed twice: the last line wins, as in a map built from the lines.
-        v.reverse();
-        v.sort_by_key(|e| e.0);
-        v.dedup_by(|a, b| a.0 == b.0);
-        v.shrink_to_fit();
-        Ok(PrevManifest(v))
+    fn line(sum: u8, path: &str) -> String {
+        format!("{}  {path}\n", hex::encode([sum; 20]))
     }
 
-    pub fn get(&self, path: &[u8]) -> Option<&[u8; 20]> {
-        let k = Self::key(path);
-        self.0
-            .binary_search_by(|e| e.0.cmp(&k))
-            .ok()
-            .map(|i| &self.0[i].1)
+    #[test]
+    fn the_last_manifest_gives_the_sums_of_the_files_it_lists_and_no_others() {
+        let m = [
+            line(1, "a"),
+            line(2, "a-b"),
+            line(3, "a/x"),
+            line(4, "b"),
+            line(5, "z"),
+        ]
+        .concat();
+        // New files, gone files, and files to hash again are not taken from it.
+        let got = merged(&m, &["0", "a", "a/x", "a/y", "b", "c"], &["b"]).unwrap();
+        assert_eq!(got, [None, Some(1), Some(3), None, None, None]);
+        // Every file, and none.
+        let all = merged(&m, &["a", "a-b", "a/x", "b", "z"], &[]).unwrap();
+        assert_eq!(all, [Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        assert_eq!(merged(&m, &[], &[]).unwrap(), Vec::<Option<u8>>::new());
+        assert_eq!(merged("", &["a"], &[]).unwrap(), [None]);
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
+    #[test]
+    fn an_escaped_name_is_matched_by_its_bytes() {
+        let m = format!("\\{}  a\\nb\n{}", hex::encode([7; 20]), line(8, "c"));
+        assert_eq!(merged(&m, &["a\nb", "c"], &[]).unwrap(), [Some(7), Some(8)]);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    #[test]
+    fn a_manifest_out_of_order_or_damaged_is_not_used() {
+        let m = [line(1, "b"), line(2, "a")].concat();
+        let e = merged(&m, &["a", "b"], &[]).unwrap_err();
+        assert!(e.contains("m.sha1:2: not in path order"), "{e}");
+        let twice = [line(1, "a"), line(2, "a")].concat();
+        assert!(merged(&twice, &["a"], &[]).is_err());
+        let bad = [line(1, "a"), "xyz  b\n".into()].concat();
+        let e = merged(&bad, &["a", "b"], &[]).unwrap_err();
+        assert!(e.contains("m.sha1:2: not a sha1sum line"), "{e}");
     }
 }
 
@@ -663,30 +769,37 @@ impl ViewWalk {
 /// Reading a file of the view.
 pub fn hash_view(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
     let n = walk.files().len();
+    // In walk order (sorted by path). `known`: taken from the last manifest, a bit a file.
+    let mut out = vec![[0u8; 20]; n];
+    let mut known = vec![0u64; n.div_ceil(64)];
+    if let Some(r) = reuse {
+        let files = walk.files().map(|(p, _)| p);
+        if let Err(e) = r.prev.merge(files, &r.rehash, &mut out, &mut known) {
+            tracing::warn!(
+                "the last restore point's manifest cannot be used ({}): hashing every file",
+                crate::error::Chain(&e)
+            );
+            known.fill(0);
+        }
+    }
     let half = n.div_ceil(2).max(1);
     let hashed = std::sync::atomic::AtomicUsize::new(0);
     // Each thread fills its half of the result in place: no list of paths, no second
     // copy of the sums to join (both per file, at the run's peak).
+    let known = &known;
     let hash = |first: usize, out: &mut [[u8; 20]]| -> Result<(), VerifyError> {
         let mut buf = vec![0u8; manifest::SHA1_BUF];
-        for ((rel, _), sum) in walk.files_from(first).zip(out.iter_mut()) {
-            let rel = rel.as_slice();
-            let known = reuse
-                .filter(|r| !r.rehash.contains(rel))
-                .and_then(|r| r.prev.get(rel));
-            *sum = match known {
-                Some(h) => *h,
-                None => {
-                    hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let p = walk.root.join(OsStr::from_bytes(rel));
-                    manifest::sha1_file_with(&p, &mut buf).map_err(io(&p))?
-                }
-            };
+        for (k, ((rel, _), sum)) in walk.files_from(first).zip(out.iter_mut()).enumerate() {
+            let i = first + k;
+            if known[i / 64] & (1 << (i % 64)) != 0 {
+                continue;
+            }
+            hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = walk.root.join(OsStr::from_bytes(&rel));
+            *sum = manifest::sha1_file_with(&p, &mut buf).map_err(io(&p))?;
         }
         Ok(())
     };
-    // In walk order (sorted by path).
-    let mut out = vec![[0u8; 20]; n];
     std::thread::scope(|s| {
         let hs: Vec<_> = out
             .chunks_mut(half)
@@ -724,7 +837,10 @@ pub fn manifest_of(
         .collect())
 }
 
-/// The manifest of restore point `stamp` for lookups only ([`PrevManifest`]).
+/// The manifest of restore point `stamp`, for the next one to take its sums from
+/// ([`PrevManifest`]). Its hashes go into the new manifest, which the new record seals:
+/// a provider's edit must not be laundered into an authenticated manifest, so it is
+/// checked against its MAC on the way in.
 ///
 /// # Errors
 /// As [`manifest_of`].
@@ -734,13 +850,16 @@ pub fn prev_manifest(
     contents: &crate::target::Contents,
     stamp: &str,
 ) -> Result<PrevManifest, VerifyError> {
-    // Its hashes go into the new manifest, which the new record seals: a provider's
-    // edit must not be laundered into an authenticated manifest.
-    let data = checked_manifest(runner, target, contents, stamp)?;
-    Ok(PrevManifest::parse(
-        &format!("manifests/{stamp}.sha1"),
-        &data,
-    )?)
+    let copy = target
+        .checked_manifest_copy(runner, contents, stamp, "sha1")?
+        .ok_or_else(|| VerifyError::NoManifest {
+            target: target.address().to_string(),
+            stamp: stamp.into(),
+        })?;
+    Ok(PrevManifest {
+        copy,
+        file: format!("manifests/{stamp}.sha1"),
+    })
 }
 
 /// The bytes of `manifests/STAMP.sha1`, checked against the MAC its record carries.

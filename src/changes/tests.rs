@@ -198,3 +198,32 @@ fn fingerprint_sees_ctime_size_mode_owner_and_link() {
     );
     assert_eq!(base, fingerprint(&m(Kind::File, 0o644, 1), 10, 6));
 }
+
+#[test]
+fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
+    let t = tempfile::TempDir::new().unwrap();
+    let p = index_path(t.path(), "job");
+    let old = Index::of(&walk(BEFORE), "t", "S1", "c", 1);
+    old.save(&p).unwrap();
+    let new = Index::of(&walk(&BEFORE[..3]), "t", "S2", "c", 1);
+    let names = || {
+        let mut v: Vec<String> = fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    // A run that fails after writing it: the last good index stays, nothing else.
+    let pending = new.save_pending(&p).unwrap();
+    assert_eq!(names(), ["job.idx", "job.idx.pending"]);
+    assert_eq!(Index::load(&p).unwrap(), Some(old.clone()));
+    drop(pending);
+    assert_eq!(names(), ["job.idx"]);
+    assert_eq!(Index::load(&p).unwrap(), Some(old));
+    // A run recorded: the new one, in place.
+    let entries = new.save_pending(&p).unwrap().commit().unwrap();
+    assert_eq!(entries, new.len());
+    assert_eq!(names(), ["job.idx"]);
+    assert_eq!(Index::load(&p).unwrap(), Some(new));
+}

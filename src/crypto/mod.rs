@@ -176,6 +176,11 @@ impl RecordMac {
     pub fn finish(self) -> [u8; 32] {
         hmac::Mac::finalize(self.0).into_bytes().into()
     }
+
+    /// Whether `tag` is the MAC of what was written (compared in constant time).
+    pub fn verify(self, tag: &[u8]) -> bool {
+        hmac::Mac::verify_slice(self.0, tag).is_ok()
+    }
 }
 
 impl std::fmt::Debug for RecordKey {

@@ -256,6 +256,82 @@ impl Target {
         ext: &str,
         data: &[u8],
     ) -> Result<(), TargetError> {
+        self.check_manifest_by(contents, stamp, ext, |k, tag| k.verify(data, tag))
+    }
+
+    /// `manifests/STAMP.EXT` as a file of this process's own scratch, checked on the way
+    /// in as [`Target::check_manifest`] checks it: what was checked is what is read
+    /// later, whatever the target's copy becomes meanwhile, and the file is never held
+    /// whole (a big tree's manifest is about 100 bytes a file). `None` when missing.
+    ///
+    /// # Errors
+    /// As [`Target::check_manifest`], or the copy fails.
+    pub fn checked_manifest_copy(
+        &self,
+        runner: &dyn Runner,
+        contents: &Contents,
+        stamp: &str,
+        ext: &str,
+    ) -> Result<Option<LocalCopy>, TargetError> {
+        use std::io::{Read, Write};
+        let name = format!("{stamp}.{ext}");
+        let Some(LocalCopy {
+            path: src,
+            _scratch: fetched,
+        }) = self.local_copy(runner, Area::Manifests, &name)?
+        else {
+            return Ok(None);
+        };
+        let dir = self.scratch("prev")?;
+        let path = dir.0.join(&name);
+        let mut mac = self.auth.get().map(|k| k.start());
+        if fetched.is_some() {
+            // Already a copy of ours, but in a scratch dir the next fetch empties.
+            fs::rename(&src, &path).map_err(io(&path))?;
+            let mut r = fs::File::open(&path).map_err(io(&path))?;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = r.read(&mut buf).map_err(io(&path))?;
+                if n == 0 {
+                    break;
+                }
+                if let Some(m) = mac.as_mut() {
+                    m.update(&buf[..n]);
+                }
+            }
+        } else {
+            let mut r = fs::File::open(&src).map_err(io(&src))?;
+            let mut w = fs::File::create(&path).map_err(io(&path))?;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = r.read(&mut buf).map_err(io(&src))?;
+                if n == 0 {
+                    break;
+                }
+                if let Some(m) = mac.as_mut() {
+                    m.update(&buf[..n]);
+                }
+                w.write_all(&buf[..n]).map_err(io(&path))?;
+            }
+        }
+        drop(fetched);
+        self.check_manifest_by(contents, stamp, ext, |_, tag| {
+            mac.is_some_and(|m| m.verify(tag))
+        })?;
+        Ok(Some(LocalCopy {
+            path,
+            _scratch: Some(dir),
+        }))
+    }
+
+    /// [`Target::check_manifest`] with `verify` saying whether the MAC matches.
+    fn check_manifest_by(
+        &self,
+        contents: &Contents,
+        stamp: &str,
+        ext: &str,
+        verify: impl FnOnce(&crate::crypto::RecordKey, &[u8; 32]) -> bool,
+    ) -> Result<(), TargetError> {
         let file = format!("manifests/{stamp}.{ext}");
         let Some((rec, _)) = contents.sealed.get(stamp) else {
             if self.auth.get().is_some() {
@@ -274,7 +350,7 @@ impl Target {
         let ok = match (want, self.auth.get()) {
             (Some(w), Some(k)) => {
                 let mut tag = [0u8; 32];
-                hex::decode_to_slice(w, &mut tag).is_ok() && k.verify(data, &tag)
+                hex::decode_to_slice(w, &mut tag).is_ok() && verify(k, &tag)
             }
             (None, _) => false,
             (Some(_), None) => true,
