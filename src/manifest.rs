@@ -241,13 +241,16 @@ pub fn parse_each(
     Ok(())
 }
 
+/// A manifest line's (path, sha1).
+pub type Line<'a> = (&'a [u8], [u8; 20]);
+
 /// One line of `sha1sum` output, without its newline: `None` for an empty line. An
 /// escaped path (`\` first: a name with a newline or a backslash) is unescaped into
 /// `unescaped`.
 fn parse_line<'a>(
     line: &'a [u8],
     unescaped: &'a mut Vec<u8>,
-) -> Result<Option<(&'a [u8], [u8; 20])>, ()> {
+) -> Result<Option<Line<'a>>, ()> {
     if line.is_empty() {
         return Ok(None);
     }
@@ -317,7 +320,7 @@ impl<R: std::io::BufRead> Reader<R> {
     ///
     /// # Errors
     /// Reading fails, or a line does not parse (by file and line number).
-    pub fn next_entry(&mut self) -> Result<Option<(&[u8], [u8; 20])>, ManifestError> {
+    pub fn next_entry(&mut self) -> Result<Option<Line<'_>>, ManifestError> {
         loop {
             self.line.clear();
             self.at += 1;
