@@ -341,12 +341,23 @@ fn run_steps<'a>(
         (sent, walk.map(|w| (w, walked)))
     });
     sent_conf?;
-    let (walk, walked) = walk?;
+    let (mut walk, walked) = walk?;
     tracing::info!(
         entries = walk.len(),
         secs = walked.as_secs_f32(),
         "walked the view"
     );
+    // The `.meta` file is written out now, and what only it needs of the walk (24 bytes
+    // an entry) is let go of before the plan loads the last run's index: otherwise both
+    // would be held at the run's peak. It is sent with the `.sha1` at the end.
+    let meta = target.staged("meta", "view.meta")?;
+    std::fs::File::create(&meta.path)
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+            walk.write_meta(&mut w)?;
+            std::io::Write::flush(&mut w)
+        })
+        .with_context(|| format!("writing {}", meta.path.display()))?;
     let address = target.address().to_string();
     let view_config = changes::view_config(&job.source.to_string(), &job.excludes, &job.rsync_args);
     let index_path = changes::index_path(&cfg.state_dir, &job.name);
@@ -483,14 +494,15 @@ fn run_steps<'a>(
     let (recorded, errs) = std::thread::scope(|s| {
         let span = tracing::Span::current();
         let release = releasing.map(|mut h| s.spawn(move || span.in_scope(|| h.release())));
-        let recorded = crate::verify::write_manifest(runner, target, stamp, &walk, sums)
-            .context("writing the manifest of the view")
-            .and_then(|written| {
-                record_and_index(
-                    runner, cfg, job, target, stamp, &out, &written, &link, index,
-                )
-                .map(|()| written)
-            });
+        let recorded =
+            crate::verify::write_manifest(runner, target, stamp, &walk, &meta.path, sums)
+                .context("writing the manifest of the view")
+                .and_then(|written| {
+                    record_and_index(
+                        runner, cfg, job, target, stamp, &out, &written, &link, index,
+                    )
+                    .map(|()| written)
+                });
         let errs = release
             .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .unwrap_or_default();

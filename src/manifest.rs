@@ -247,10 +247,7 @@ pub type Line<'a> = (&'a [u8], [u8; 20]);
 /// One line of `sha1sum` output, without its newline: `None` for an empty line. An
 /// escaped path (`\` first: a name with a newline or a backslash) is unescaped into
 /// `unescaped`.
-fn parse_line<'a>(
-    line: &'a [u8],
-    unescaped: &'a mut Vec<u8>,
-) -> Result<Option<Line<'a>>, ()> {
+fn parse_line<'a>(line: &'a [u8], unescaped: &'a mut Vec<u8>) -> Result<Option<Line<'a>>, ()> {
     if line.is_empty() {
         return Ok(None);
     }

@@ -132,8 +132,10 @@ impl Report {
 /// The metadata goes first: a `.sha1` without its `.meta` would restore as a point made
 /// by an older snapveil, losing modes and symlinks without a failure.
 ///
-/// `sums` are [`hash_view`]'s: the view is read before, not while, the manifest is
-/// written, so that a run lets go of the view and the snapshot in the meantime.
+/// `meta` is the `.meta` file as [`ViewWalk::write_meta`] wrote it when the walk was
+/// done, and `sums` are [`hash_view`]'s: the view is read before, not while, the
+/// manifest is written, so that a run lets go of the view and the snapshot in the
+/// meantime.
 ///
 /// # Errors
 /// Writing/uploading the manifest.
@@ -142,11 +144,13 @@ pub fn write_manifest(
     target: &Target,
     stamp: &str,
     walk: &ViewWalk,
+    meta: &Path,
     sums: Vec<[u8; 20]>,
 ) -> Result<Written, VerifyError> {
+    let mut meta_file = fs::File::open(meta).map_err(io(meta))?;
     let meta_mac =
         target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
-            manifest::meta::format_to(w, walk.meta())
+            std::io::copy(&mut meta_file, w).map(drop)
         })?;
     let sha1_mac =
         target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.sha1"), |w| {
@@ -312,6 +316,46 @@ mod tests {
     }
 
     #[test]
+    fn the_meta_written_out_is_what_the_walk_held_and_the_rest_stays() {
+        use crate::manifest::meta::{Kind, MetaEntry};
+        let e = |path: &str, kind: Kind, mtime_ns: i128| MetaEntry {
+            path: path.into(),
+            kind,
+            mode: 0o640,
+            uid: 7,
+            gid: 8,
+            mtime_ns,
+        };
+        let found = vec![
+            (e("", Kind::Dir, 1), None, 1),
+            (e("d", Kind::Dir, -2), None, 2),
+            (e("d/f", Kind::File, 3_000_000_001), Some(3), 3),
+            (e("d/l", Kind::Symlink(b"t a\\rget".to_vec()), 4), None, 4),
+            (e("d-x", Kind::Char(0x0103), 5), None, 5),
+            (e("g", Kind::File, 6), Some(6), 6),
+        ];
+        let mut w = ViewWalk::from_found(Path::new("/v"), found);
+        let mut want = Vec::new();
+        manifest::meta::format_to(&mut want, w.meta()).unwrap();
+        let before: Vec<_> = w.entries().map(|e| (e.path, e.fp, e.is_dir)).collect();
+        let files: Vec<_> = w.files().collect();
+        let mut got = Vec::new();
+        w.write_meta(&mut got).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
+        let back = manifest::meta::parse("m", &got).unwrap();
+        assert_eq!(back.len(), 6);
+        assert_eq!(back[4].kind, Kind::Symlink(b"t a\\rget".to_vec()));
+        assert!(w.metas.is_empty() && w.special.is_empty());
+        let after: Vec<_> = w.entries().map(|e| (e.path, e.fp, e.is_dir)).collect();
+        assert_eq!(after, before);
+        assert_eq!(w.files().collect::<Vec<_>>(), files);
+        assert_eq!(files, [(b"d/f".to_vec(), 3), (b"g".to_vec(), 6)]);
+    }
+
+    #[test]
     fn a_manifest_out_of_order_or_damaged_is_not_used() {
         let m = [line(1, "b"), line(2, "a")].concat();
         let e = merged(&m, &["a", "b"], &[]).unwrap_err();
@@ -331,10 +375,12 @@ mod tests {
 ///
 /// A walk is most of a run's memory on a big tree (issue 13), so it is held packed:
 /// each entry's own name (not its path: a path repeats its parents' names, and deep
-/// trees have long ones) in one buffer with its parent's number, and 40 bytes of
-/// metadata ([`Rec`]), not a [`MetaEntry`] with its own allocation (about 2.5 times as
-/// much). Paths are put together when asked for. Entries stay in the order the walk
-/// found them; `order` sorts them by path.
+/// trees have long ones) in one buffer with its parent's number, 17 bytes of what the
+/// plan and the manifest need ([`Rec`] and a [`KindTag`]) and 24 of what only the
+/// `.meta` file needs ([`MetaRec`]), which a run writes out and drops as soon as the
+/// walk is done ([`ViewWalk::write_meta`]); not a [`MetaEntry`] with its own
+/// allocation (about 2.5 times as much). Paths are put together when asked for.
+/// Entries stay in the order the walk found them; `order` sorts them by path.
 pub struct ViewWalk {
     /// The view's root.
     pub root: PathBuf,
@@ -344,9 +390,14 @@ pub struct ViewWalk {
     /// Each entry's parent directory ([`NO_PARENT`] for the root).
     parents: Vec<u32>,
     recs: Vec<Rec>,
-    /// What a [`Rec`] has no room for: symlink targets and device numbers, by entry
-    /// (ascending: pushed in walk order).
+    kinds: Vec<KindTag>,
+    /// Empty once written out ([`ViewWalk::write_meta`]).
+    metas: Vec<MetaRec>,
+    /// What a [`MetaRec`] has no room for: symlink targets and device numbers, by entry
+    /// (ascending: pushed in walk order). Empty once written out, too.
     special: Vec<(u32, manifest::meta::Kind)>,
+    /// [`ViewWalk::write_meta`] ran: `metas` and `special` are gone.
+    meta_written: bool,
     /// Entries sorted by path.
     order: Vec<u32>,
     /// Regular files, sorted by path.
@@ -356,20 +407,24 @@ pub struct ViewWalk {
 /// The root's parent in [`ViewWalk::parents`].
 const NO_PARENT: u32 = u32::MAX;
 
-/// An entry of a [`ViewWalk`] besides its name.
+/// What the plan and the manifest need of an entry of a [`ViewWalk`].
 #[derive(Clone, Copy)]
 struct Rec {
-    mtime_s: i64,
-    /// Regular files: the ctime in unix seconds (0 for the rest).
-    ctime_s: i64,
     /// [`crate::changes::fingerprint`].
     fp: u64,
+    /// Regular files: the ctime in unix seconds (0 for the rest).
+    ctime_s: i64,
+}
+
+/// What only the `.meta` file needs of an entry of a [`ViewWalk`].
+#[derive(Clone, Copy)]
+struct MetaRec {
+    mtime_s: i64,
     uid: u32,
     gid: u32,
     mtime_nsec: u32,
     /// Permission bits (`& 0o7777`).
     mode: u16,
-    kind: KindTag,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -426,22 +481,39 @@ impl ViewWalk {
 
     /// Every entry, by path.
     pub fn entries(&self) -> impl ExactSizeIterator<Item = WalkEntry> + '_ {
-        self.order.iter().map(|&i| {
-            let r = &self.recs[i as usize];
-            WalkEntry {
-                path: self.path(i),
-                fp: r.fp,
-                is_dir: r.kind == KindTag::Dir,
-            }
+        self.order.iter().map(|&i| WalkEntry {
+            path: self.path(i),
+            fp: self.recs[i as usize].fp,
+            is_dir: self.kinds[i as usize] == KindTag::Dir,
         })
     }
 
+    /// Writes the `.meta` file of the walk ([`manifest::meta::format_to`] of
+    /// [`ViewWalk::meta`]) to `w`, then drops what only it needed.
+    ///
+    /// # Errors
+    /// Writing fails; the walk keeps its metadata then.
+    pub fn write_meta(&mut self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        manifest::meta::format_to(w, self.meta())?;
+        self.metas = Vec::new();
+        self.special = Vec::new();
+        self.meta_written = true;
+        Ok(())
+    }
+
     /// Every entry's metadata record, by path (made on the fly: a run writes them once).
+    ///
+    /// # Panics
+    /// After [`ViewWalk::write_meta`].
     pub fn meta(&self) -> impl ExactSizeIterator<Item = MetaEntry> + '_ {
         use manifest::meta::Kind;
+        assert!(
+            !self.meta_written,
+            "the walk's metadata was written out and dropped"
+        );
         self.order.iter().map(|&i| {
-            let r = &self.recs[i as usize];
-            let kind = match r.kind {
+            let r = &self.metas[i as usize];
+            let kind = match self.kinds[i as usize] {
                 KindTag::Dir => Kind::Dir,
                 KindTag::File => Kind::File,
                 KindTag::Special => {
@@ -492,7 +564,10 @@ impl WalkBuilder {
                 name_ends: Vec::new(),
                 parents: Vec::new(),
                 recs: Vec::new(),
+                kinds: Vec::new(),
+                metas: Vec::new(),
                 special: Vec::new(),
+                meta_written: false,
                 order: Vec::new(),
                 files: Vec::new(),
             },
@@ -543,14 +618,16 @@ impl WalkBuilder {
             }
         };
         w.recs.push(Rec {
-            mtime_s: s,
-            ctime_s: ctime.unwrap_or(0),
             fp,
+            ctime_s: ctime.unwrap_or(0),
+        });
+        w.kinds.push(kind);
+        w.metas.push(MetaRec {
+            mtime_s: s,
             uid: m.uid,
             gid: m.gid,
             mtime_nsec: n as u32,
             mode: (m.mode & 0o7777) as u16,
-            kind,
         });
     }
 
@@ -564,6 +641,8 @@ impl WalkBuilder {
         walk.name_ends.shrink_to_fit();
         walk.parents.shrink_to_fit();
         walk.recs.shrink_to_fit();
+        walk.kinds.shrink_to_fit();
+        walk.metas.shrink_to_fit();
         walk.special.shrink_to_fit();
         let n = walk.recs.len();
         // Each directory's entries, as one array cut by `start` (counting sort by parent).
@@ -598,7 +677,7 @@ impl WalkBuilder {
             let mut items: Vec<(u32, bool)> = Vec::with_capacity(ks.len() * 2);
             for &k in ks {
                 items.push((k, false));
-                if walk.recs[k as usize].kind == KindTag::Dir {
+                if walk.kinds[k as usize] == KindTag::Dir {
                     items.push((k, true));
                 }
             }
@@ -627,7 +706,7 @@ impl WalkBuilder {
         walk.files = order
             .iter()
             .copied()
-            .filter(|i| walk.recs[*i as usize].kind == KindTag::File)
+            .filter(|i| walk.kinds[*i as usize] == KindTag::File)
             .collect();
         walk.order = order;
         walk

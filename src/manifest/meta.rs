@@ -152,6 +152,10 @@ impl MetaEntry {
 }
 
 fn escape(out: &mut Vec<u8>, b: &[u8]) {
+    if b.iter().all(|c| matches!(c, b'!'..=b'~') && *c != b'\\') {
+        out.extend_from_slice(b);
+        return;
+    }
     for &c in b {
         match c {
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -223,19 +227,20 @@ pub fn format_to(
 }
 
 fn format_lines(entries: &[MetaEntry]) -> Vec<u8> {
+    use std::io::Write as _;
     let mut out = Vec::with_capacity(96 * entries.len());
     for e in entries {
-        out.extend_from_slice(
-            format!(
-                "{} {:04o} {} {} {} ",
-                e.kind.letter(),
-                e.mode,
-                e.uid,
-                e.gid,
-                e.mtime_ns
-            )
-            .as_bytes(),
-        );
+        // Into the buffer itself: a run writes a line for every entry of the tree.
+        write!(
+            out,
+            "{} {:04o} {} {} {} ",
+            e.kind.letter(),
+            e.mode,
+            e.uid,
+            e.gid,
+            e.mtime_ns
+        )
+        .expect("writing to a Vec");
         if e.path.is_empty() {
             out.push(b'.');
         } else {
@@ -246,7 +251,7 @@ fn format_lines(entries: &[MetaEntry]) -> Vec<u8> {
                 out.push(b' ');
                 escape(&mut out, t);
             }
-            Kind::Char(r) | Kind::Block(r) => out.extend_from_slice(format!(" {r}").as_bytes()),
+            Kind::Char(r) | Kind::Block(r) => write!(out, " {r}").expect("writing to a Vec"),
             _ => {}
         }
         out.push(b'\n');

@@ -324,6 +324,19 @@ impl Target {
         }))
     }
 
+    /// A file `name` of this process's own scratch (kind `what`), for what a run
+    /// prepares now and sends later: removed on drop.
+    ///
+    /// # Errors
+    /// The scratch directory cannot be made.
+    pub fn staged(&self, what: &str, name: &str) -> Result<LocalCopy, TargetError> {
+        let dir = self.scratch(what)?;
+        Ok(LocalCopy {
+            path: dir.0.join(name),
+            _scratch: Some(dir),
+        })
+    }
+
     /// [`Target::check_manifest`] with `verify` saying whether the MAC matches.
     fn check_manifest_by(
         &self,
