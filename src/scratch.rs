@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// dir also holds snapshot mounts, which are not ours to remove here.
 pub const KINDS: &[&str] = &[
     "restore", "manifest", "fetch", "deep", "records", "upload", "list", "empty", "stream", "prev",
+    "meta",
 ];
 
 /// `WHAT-PID` for this process.

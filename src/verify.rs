@@ -384,9 +384,10 @@ mod tests {
 pub struct ViewWalk {
     /// The view's root.
     pub root: PathBuf,
-    /// Every entry's name, end to end; entry `i`'s ends at `name_ends[i]`.
+    /// Every entry's name, end to end; entry `i`'s ends at `name_ends[i]` (4 GiB of
+    /// names at most: some 100 million entries).
     names: Vec<u8>,
-    name_ends: Vec<u64>,
+    name_ends: Vec<u32>,
     /// Each entry's parent directory ([`NO_PARENT`] for the root).
     parents: Vec<u32>,
     recs: Vec<Rec>,
@@ -400,8 +401,8 @@ pub struct ViewWalk {
     meta_written: bool,
     /// Entries sorted by path.
     order: Vec<u32>,
-    /// Regular files, sorted by path.
-    files: Vec<u32>,
+    /// How many of the entries are regular files.
+    n_files: usize,
 }
 
 /// The root's parent in [`ViewWalk::parents`].
@@ -536,15 +537,24 @@ impl ViewWalk {
     }
 
     /// Regular files, by path: (path relative to the view, ctime).
-    pub fn files(&self) -> impl ExactSizeIterator<Item = (Vec<u8>, i64)> + '_ {
+    pub fn files(&self) -> impl Iterator<Item = (Vec<u8>, i64)> + '_ {
         self.files_from(0)
     }
 
+    /// How many [`ViewWalk::files`] there are.
+    pub fn file_count(&self) -> usize {
+        self.n_files
+    }
+
     /// [`ViewWalk::files`] from the `first`th on.
-    fn files_from(&self, first: usize) -> impl ExactSizeIterator<Item = (Vec<u8>, i64)> + '_ {
-        self.files[first.min(self.files.len())..]
+    fn files_from(&self, first: usize) -> impl Iterator<Item = (Vec<u8>, i64)> + '_ {
+        // Found in `order` (not kept in a list of their own: 4 bytes a file less).
+        self.order
             .iter()
-            .map(|&i| (self.path(i), self.recs[i as usize].ctime_s))
+            .copied()
+            .filter(|i| self.kinds[*i as usize] == KindTag::File)
+            .skip(first)
+            .map(|i| (self.path(i), self.recs[i as usize].ctime_s))
     }
 }
 
@@ -569,7 +579,7 @@ impl WalkBuilder {
                 special: Vec::new(),
                 meta_written: false,
                 order: Vec::new(),
-                files: Vec::new(),
+                n_files: 0,
             },
             stack: Vec::new(),
         }
@@ -581,9 +591,24 @@ impl WalkBuilder {
     ///
     /// # Panics
     /// When `path`'s parent is not on the way down from the root: a walk out of order.
-    fn push(&mut self, path: &[u8], m: MetaEntry, ctime: Option<i64>, fp: u64) {
+    fn push(
+        &mut self,
+        path: &[u8],
+        m: MetaEntry,
+        ctime: Option<i64>,
+        fp: u64,
+    ) -> Result<(), VerifyError> {
         use manifest::meta::Kind;
-        let i = u32::try_from(self.walk.recs.len()).expect("fewer than 2^32 entries");
+        let too_big = |what: &str| VerifyError::Io {
+            path: self.walk.root.clone(),
+            source: std::io::Error::other(format!("more than {what} in one view")),
+        };
+        let i = u32::try_from(self.walk.recs.len())
+            .ok()
+            .filter(|i| *i != NO_PARENT)
+            .ok_or_else(|| too_big("2^32 - 1 entries"))?;
+        let end = u32::try_from(self.walk.names.len() + path.len())
+            .map_err(|_| too_big("4 GiB of names"))?;
         let (parent, name) = if i == 0 {
             assert!(path.is_empty(), "a walk starts at the root");
             (NO_PARENT, path)
@@ -606,7 +631,8 @@ impl WalkBuilder {
         }
         let w = &mut self.walk;
         w.names.extend_from_slice(name);
-        w.name_ends.push(w.names.len() as u64);
+        debug_assert!(w.names.len() <= end as usize);
+        w.name_ends.push(w.names.len() as u32);
         w.parents.push(parent);
         let (s, n) = m.mtime();
         let kind = match m.kind {
@@ -629,6 +655,7 @@ impl WalkBuilder {
             mtime_nsec: n as u32,
             mode: (m.mode & 0o7777) as u16,
         });
+        Ok(())
     }
 
     /// The walk, with `order`: entries sorted by their paths' bytes. A directory's
@@ -703,11 +730,7 @@ impl WalkBuilder {
         drop(todo);
         drop(kids);
         drop(start);
-        walk.files = order
-            .iter()
-            .copied()
-            .filter(|i| walk.kinds[*i as usize] == KindTag::File)
-            .collect();
+        walk.n_files = walk.kinds.iter().filter(|k| **k == KindTag::File).count();
         walk.order = order;
         walk
     }
@@ -808,8 +831,7 @@ pub fn walk_core(core: &crate::view::ViewCore, root: &Path) -> Result<ViewWalk, 
             mtime_ns: at(a.mtime),
         };
         let fp = crate::changes::fingerprint(&entry, a.size, at(a.ctime));
-        b.push(path, entry, ctime, fp);
-        Ok(())
+        b.push(path, entry, ctime, fp)
     })?;
     Ok(b.finish())
 }
@@ -833,7 +855,7 @@ impl ViewWalk {
         let mut b = WalkBuilder::new(root);
         for (mut m, ct, fp) in found {
             let path = std::mem::take(&mut m.path);
-            b.push(&path, m, ct, fp);
+            b.push(&path, m, ct, fp).expect("a small test walk");
         }
         b.finish()
     }
@@ -847,7 +869,7 @@ impl ViewWalk {
 /// # Errors
 /// Reading a file of the view.
 pub fn hash_view(walk: &ViewWalk, reuse: Option<&Reuse>) -> Result<Vec<[u8; 20]>, VerifyError> {
-    let n = walk.files().len();
+    let n = walk.file_count();
     // In walk order (sorted by path). `known`: taken from the last manifest, a bit a file.
     let mut out = vec![[0u8; 20]; n];
     let mut known = vec![0u64; n.div_ceil(64)];
