@@ -375,55 +375,70 @@ fn run_steps<'a>(
             now,
         },
     );
-    // This run's index, written now and put in place once the run is recorded: the
-    // last one has just been let go of, and the manifest's sums are not made yet.
+    // This run's index is written while the transfer runs, and put in place once the
+    // run is recorded: the last one has been let go of, and the manifest's sums are not
+    // made yet.
     let full_at = match &plan {
         changes::Plan::Full(_) => now,
         changes::Plan::Changes { full_at, .. } => *full_at,
     };
-    let index = changes::Index::of(&walk, &address, stamp, &view_config, full_at)
-        .save_pending(&index_path)
-        .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
-        .ok();
+    let save_index = || {
+        changes::Index::of(&walk, &address, stamp, &view_config, full_at)
+            .save_pending(&index_path)
+            .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
+            .ok()
+    };
     check_cancel()?;
     let phase = Instant::now();
-    let mut out = match &plan {
-        changes::Plan::Full(why) => {
-            tracing::info!("full pass over the view: {why}");
-            transfer(Pass::Full)?
-        }
-        changes::Plan::Changes { list, .. } if list.is_empty() => {
-            tracing::info!("nothing changed since the last run: no transfer");
-            crate::target::rsync::Outcome::default()
-        }
-        changes::Plan::Changes { list, .. } => {
-            tracing::info!(
-                entries = list.len(),
-                "sending what changed since the last run"
-            );
-            let l = target.files_from(list)?;
-            // rsync's sender looks these up one at a time, a round trip each: threads
-            // ask for them ahead of it.
-            let stop = std::sync::atomic::AtomicBool::new(false);
-            let (warmed, sent) = std::thread::scope(|s| {
-                let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
-                let sent = transfer(Pass::Changes { list: l.path() });
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                let warmed = warming
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                (warmed, sent)
-            });
-            tracing::info!(
-                paths = warmed.paths,
-                files_read = warmed.files_read,
-                bytes_read = warmed.bytes_read,
-                secs = warmed.secs,
-                "looked up ahead of rsync"
-            );
-            sent?
-        }
+    let send = || -> Result<crate::target::rsync::Outcome> {
+        Ok(match &plan {
+            changes::Plan::Full(why) => {
+                tracing::info!("full pass over the view: {why}");
+                transfer(Pass::Full)?
+            }
+            changes::Plan::Changes { list, .. } if list.is_empty() => {
+                tracing::info!("nothing changed since the last run: no transfer");
+                crate::target::rsync::Outcome::default()
+            }
+            changes::Plan::Changes { list, .. } => {
+                tracing::info!(
+                    entries = list.len(),
+                    "sending what changed since the last run"
+                );
+                let l = target.files_from(list)?;
+                // rsync's sender looks these up one at a time, a round trip each:
+                // threads ask for them ahead of it.
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                let (warmed, sent) = std::thread::scope(|s| {
+                    let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
+                    let sent = transfer(Pass::Changes { list: l.path() });
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let warmed = warming
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    (warmed, sent)
+                });
+                tracing::info!(
+                    paths = warmed.paths,
+                    files_read = warmed.files_read,
+                    bytes_read = warmed.bytes_read,
+                    secs = warmed.secs,
+                    "looked up ahead of rsync"
+                );
+                sent?
+            }
+        })
     };
+    let (index, sent) = std::thread::scope(|s| {
+        let span = tracing::Span::current();
+        let saving = s.spawn(move || span.in_scope(save_index));
+        let sent = send();
+        let index = saving
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (index, sent)
+    });
+    let mut out = sent?;
     drop(plan);
     tracing::info!(
         files = out.sent.len(),

@@ -683,14 +683,16 @@ impl WalkBuilder {
             start[k + 1] += start[k];
         }
         let mut kids = vec![0u32; n.saturating_sub(1)];
-        let mut fill = start.clone();
+        // Placed with `start` itself as the cursor (no copy of it: 4 bytes an entry at
+        // the walk's peak), which leaves `start[p]` at the next one's start: shifted back.
         for (i, &p) in walk.parents.iter().enumerate() {
             if p != NO_PARENT {
-                kids[fill[p as usize] as usize] = i as u32;
-                fill[p as usize] += 1;
+                kids[start[p as usize] as usize] = i as u32;
+                start[p as usize] += 1;
             }
         }
-        drop(fill);
+        start.copy_within(0..n, 1);
+        start[0] = 0;
         // (entry, whether this is its subtree): the subtree sorts as the name plus `/`.
         let key = |(e, sub): (u32, bool)| walk.name(e).iter().copied().chain(sub.then_some(b'/'));
         let mut order = Vec::with_capacity(n);
