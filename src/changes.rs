@@ -180,9 +180,7 @@ impl Index {
     /// # Errors
     /// The file cannot be written.
     pub fn save_pending(&self, path: &Path) -> Result<Pending, ChangesError> {
-        let mut name = path.as_os_str().to_owned();
-        name.push(".pending");
-        let pending = PathBuf::from(name);
+        let pending = pending_path(path);
         self.save(&pending)?;
         Ok(Pending {
             pending,
@@ -280,6 +278,26 @@ impl Index {
             entries,
         }))
     }
+}
+
+/// Removes the pending index next to `path` ([`Index::save_pending`]) left by a run
+/// that was killed: returns its path if there was one.
+///
+/// # Errors
+/// It exists but cannot be removed.
+pub fn remove_pending(path: &Path) -> Result<Option<PathBuf>, ChangesError> {
+    let p = pending_path(path);
+    match fs::remove_file(&p) {
+        Ok(()) => Ok(Some(p)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ChangesError::Io { path: p, source }),
+    }
+}
+
+fn pending_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".pending");
+    PathBuf::from(name)
 }
 
 /// An index written but not yet in place ([`Index::save_pending`]): dropped without

@@ -745,6 +745,12 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
         tmp.iter()
             .map(|p| format!("temporary file {}", p.display())),
     );
+    // The index of a run killed before it was recorded (it would only be overwritten).
+    if let Some(p) = changes::remove_pending(&changes::index_path(&cfg.state_dir, &job.name))
+        .context("removing the index of an unrecorded run")?
+    {
+        removed.push(format!("unrecorded index {}", p.display()));
+    }
     Ok(removed)
 }
 

@@ -221,6 +221,15 @@ fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
     drop(pending);
     assert_eq!(names(), ["job.idx"]);
     assert_eq!(Index::load(&p).unwrap(), Some(old));
+    // A run killed with it written: the next run's cleanup removes it.
+    std::mem::forget(new.save_pending(&p).unwrap());
+    assert_eq!(names(), ["job.idx", "job.idx.pending"]);
+    assert_eq!(
+        remove_pending(&p).unwrap(),
+        Some(p.with_extension("idx.pending"))
+    );
+    assert_eq!(remove_pending(&p).unwrap(), None);
+    assert_eq!(names(), ["job.idx"]);
     // A run recorded: the new one, in place.
     let entries = new.save_pending(&p).unwrap().commit().unwrap();
     assert_eq!(entries, new.len());
