@@ -375,15 +375,18 @@ fn run_steps<'a>(
             now,
         },
     );
-    // This run's index is written while the transfer runs, and put in place once the
+    // This run's index is saved while the transfer runs, and put in place once the
     // run is recorded: the last one has been let go of, and the manifest's sums are not
     // made yet.
     let full_at = match &plan {
         changes::Plan::Full(_) => now,
         changes::Plan::Changes { full_at, .. } => *full_at,
     };
-    let save_index = || {
-        changes::Index::of(&walk, &address, stamp, &view_config, full_at)
+    // Made here, saved on the thread: memory a thread allocates stays in its malloc
+    // arena after it is freed, beside the main arena's (the sums come next).
+    let new_index = changes::Index::of(&walk, &address, stamp, &view_config, full_at);
+    let save_index = move || {
+        new_index
             .save_pending(&index_path)
             .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
             .ok()
