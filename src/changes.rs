@@ -104,10 +104,30 @@ pub struct Index {
 impl Index {
     /// The index of `walk`.
     pub fn of(walk: &ViewWalk, target: &str, stamp: &str, config: &str, full_at: i64) -> Index {
-        let mut entries: Vec<([u8; 16], u64)> = walk
-            .entries()
-            .map(|e| (crate::manifest::path_key(&e.path), e.fp))
-            .collect();
+        Self::of_in(Self::room(walk), walk, target, stamp, config, full_at)
+    }
+
+    /// Room for the entries of [`Index::of_in`]: allocated by the thread that calls this,
+    /// so that a thread making the index leaves nothing in its own malloc arena.
+    pub fn room(walk: &ViewWalk) -> Vec<([u8; 16], u64)> {
+        Vec::with_capacity(walk.len())
+    }
+
+    /// [`Index::of`], in `room` ([`Index::room`]): filled and sorted in place.
+    pub fn of_in(
+        room: Vec<([u8; 16], u64)>,
+        walk: &ViewWalk,
+        target: &str,
+        stamp: &str,
+        config: &str,
+        full_at: i64,
+    ) -> Index {
+        let mut entries = room;
+        entries.clear();
+        entries.extend(
+            walk.entries()
+                .map(|e| (crate::manifest::path_key(&e.path), e.fp)),
+        );
         entries.sort_unstable();
         Index {
             target: target.into(),

@@ -351,13 +351,18 @@ fn run_steps<'a>(
     // an entry) is let go of before the plan loads the last run's index: otherwise both
     // would be held at the run's peak. It is sent with the `.sha1` at the end.
     let meta = target.staged("meta", "view.meta")?;
-    std::fs::File::create(&meta.path)
-        .and_then(|f| {
-            let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
-            walk.write_meta(&mut w)?;
-            std::io::Write::flush(&mut w)
-        })
+    let meta_parts = [meta.path.clone(), meta.path.with_extension("meta2")];
+    let create = |p: &Path| {
+        std::fs::File::create(p)
+            .map(|f| std::io::BufWriter::with_capacity(1 << 16, f))
+            .with_context(|| format!("writing {}", p.display()))
+    };
+    let (mut first, mut second) = (create(&meta_parts[0])?, create(&meta_parts[1])?);
+    walk.write_meta(&mut first, &mut second)
+        .and_then(|()| std::io::Write::flush(&mut first))
+        .and_then(|()| std::io::Write::flush(&mut second))
         .with_context(|| format!("writing {}", meta.path.display()))?;
+    drop((first, second));
     let address = target.address().to_string();
     let view_config = changes::view_config(&job.source.to_string(), &job.excludes, &job.rsync_args);
     let index_path = changes::index_path(&cfg.state_dir, &job.name);
@@ -382,11 +387,11 @@ fn run_steps<'a>(
         changes::Plan::Full(_) => now,
         changes::Plan::Changes { full_at, .. } => *full_at,
     };
-    // Made here, saved on the thread: memory a thread allocates stays in its malloc
-    // arena after it is freed, beside the main arena's (the sums come next).
-    let new_index = changes::Index::of(&walk, &address, stamp, &view_config, full_at);
-    let save_index = move || {
-        new_index
+    // Its room is allocated here, not on the thread: memory a thread allocates stays in
+    // its malloc arena after it is freed, beside the main arena's (the sums come next).
+    let room = changes::Index::room(&walk);
+    let save_index = || {
+        changes::Index::of_in(room, &walk, &address, stamp, &view_config, full_at)
             .save_pending(&index_path)
             .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
             .ok()
@@ -513,7 +518,7 @@ fn run_steps<'a>(
         let span = tracing::Span::current();
         let release = releasing.map(|mut h| s.spawn(move || span.in_scope(|| h.release())));
         let recorded =
-            crate::verify::write_manifest(runner, target, stamp, &walk, &meta.path, sums)
+            crate::verify::write_manifest(runner, target, stamp, &walk, &meta_parts, sums)
                 .context("writing the manifest of the view")
                 .and_then(|written| {
                     record_and_index(

@@ -133,7 +133,7 @@ impl Report {
 /// by an older snapveil, losing modes and symlinks without a failure.
 ///
 /// `meta` is the `.meta` file as [`ViewWalk::write_meta`] wrote it when the walk was
-/// done, and `sums` are [`hash_view`]'s: the view is read before, not while, the
+/// done (its parts, in order), and `sums` are [`hash_view`]'s: the view is read before, not while, the
 /// manifest is written, so that a run lets go of the view and the snapshot in the
 /// meantime.
 ///
@@ -144,13 +144,18 @@ pub fn write_manifest(
     target: &Target,
     stamp: &str,
     walk: &ViewWalk,
-    meta: &Path,
+    meta: &[PathBuf],
     sums: Vec<[u8; 20]>,
 ) -> Result<Written, VerifyError> {
-    let mut meta_file = fs::File::open(meta).map_err(io(meta))?;
+    let mut parts = Vec::new();
+    for p in meta {
+        parts.push(fs::File::open(p).map_err(io(p))?);
+    }
     let meta_mac =
         target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.meta"), |w| {
-            std::io::copy(&mut meta_file, w).map(drop)
+            parts
+                .iter_mut()
+                .try_for_each(|f| std::io::copy(f, w).map(drop))
         })?;
     let sha1_mac =
         target.put_sealed_with(runner, Area::Manifests, &format!("{stamp}.sha1"), |w| {
@@ -339,8 +344,10 @@ mod tests {
         manifest::meta::format_to(&mut want, w.meta()).unwrap();
         let before: Vec<_> = w.entries().map(|e| (e.path, e.fp, e.is_dir)).collect();
         let files: Vec<_> = w.files().collect();
-        let mut got = Vec::new();
-        w.write_meta(&mut got).unwrap();
+        let (mut got, mut rest) = (Vec::new(), Vec::new());
+        w.write_meta(&mut got, &mut rest).unwrap();
+        assert!(!rest.is_empty(), "the second half has lines");
+        got.extend(rest);
         assert_eq!(
             String::from_utf8_lossy(&got),
             String::from_utf8_lossy(&want)
@@ -490,12 +497,26 @@ impl ViewWalk {
     }
 
     /// Writes the `.meta` file of the walk ([`manifest::meta::format_to`] of
-    /// [`ViewWalk::meta`]) to `w`, then drops what only it needed.
+    /// [`ViewWalk::meta`]) in two halves, the first (with the header) to `first` and the
+    /// rest to `second`, each on a thread of its own (a run waits for it: about 0.04 s
+    /// for 100,000 entries on one thread), then drops what only it needed.
     ///
     /// # Errors
     /// Writing fails; the walk keeps its metadata then.
-    pub fn write_meta(&mut self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        manifest::meta::format_to(w, self.meta())?;
+    pub fn write_meta(
+        &mut self,
+        first: &mut (dyn std::io::Write + Send),
+        second: &mut (dyn std::io::Write + Send),
+    ) -> std::io::Result<()> {
+        let half = self.len() / 2;
+        let this = &*self;
+        std::thread::scope(|s| {
+            let rest =
+                s.spawn(move || manifest::meta::format_lines_to(second, this.meta_from(half)));
+            let head = manifest::meta::format_to(first, this.meta_from(0).take(half));
+            let rest = rest.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            head.and(rest)
+        })?;
         self.metas = Vec::new();
         self.special = Vec::new();
         self.meta_written = true;
@@ -507,12 +528,17 @@ impl ViewWalk {
     /// # Panics
     /// After [`ViewWalk::write_meta`].
     pub fn meta(&self) -> impl ExactSizeIterator<Item = MetaEntry> + '_ {
+        self.meta_from(0)
+    }
+
+    /// [`ViewWalk::meta`] from the `first`th on.
+    fn meta_from(&self, first: usize) -> impl ExactSizeIterator<Item = MetaEntry> + '_ {
         use manifest::meta::Kind;
         assert!(
             !self.meta_written,
             "the walk's metadata was written out and dropped"
         );
-        self.order.iter().map(|&i| {
+        self.order[first.min(self.order.len())..].iter().map(|&i| {
             let r = &self.metas[i as usize];
             let kind = match self.kinds[i as usize] {
                 KindTag::Dir => Kind::Dir,

@@ -215,6 +215,17 @@ pub fn format_to(
 ) -> std::io::Result<()> {
     w.write_all(HEADER.as_bytes())?;
     w.write_all(b"\n")?;
+    format_lines_to(w, entries)
+}
+
+/// [`format_to`] without the header: what follows it, for a file written in parts.
+///
+/// # Errors
+/// Writing fails.
+pub fn format_lines_to(
+    w: &mut dyn std::io::Write,
+    entries: impl IntoIterator<Item = MetaEntry>,
+) -> std::io::Result<()> {
     let mut chunk = Vec::with_capacity(512);
     for e in entries {
         chunk.push(e);
