@@ -133,9 +133,9 @@ impl Report {
 /// by an older snapveil, losing modes and symlinks without a failure.
 ///
 /// `meta` is the `.meta` file as [`ViewWalk::write_meta`] wrote it when the walk was
-/// done (its parts, in order), and `sums` are [`hash_view`]'s: the view is read before, not while, the
-/// manifest is written, so that a run lets go of the view and the snapshot in the
-/// meantime.
+/// done (its parts, in order), and `sums` are [`hash_view`]'s: the view is read
+/// before, not while, the manifest is written, so that a run lets go of the view and
+/// the snapshot in the meantime.
 ///
 /// # Errors
 /// Writing/uploading the manifest.

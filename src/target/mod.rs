@@ -285,32 +285,25 @@ impl Target {
         let dir = self.scratch("prev")?;
         let path = dir.0.join(&name);
         let mut mac = self.auth.get().map(|k| k.start());
-        if fetched.is_some() {
-            // Already a copy of ours, but in a scratch dir the next fetch empties.
+        // A fetched file is a copy of ours already, but in a scratch dir the next fetch
+        // empties: moved. A local target's own file is copied.
+        let (from, mut copy) = if fetched.is_some() {
             fs::rename(&src, &path).map_err(io(&path))?;
-            let mut r = fs::File::open(&path).map_err(io(&path))?;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = r.read(&mut buf).map_err(io(&path))?;
-                if n == 0 {
-                    break;
-                }
-                if let Some(m) = mac.as_mut() {
-                    m.update(&buf[..n]);
-                }
-            }
+            (&path, None)
         } else {
-            let mut r = fs::File::open(&src).map_err(io(&src))?;
-            let mut w = fs::File::create(&path).map_err(io(&path))?;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = r.read(&mut buf).map_err(io(&src))?;
-                if n == 0 {
-                    break;
-                }
-                if let Some(m) = mac.as_mut() {
-                    m.update(&buf[..n]);
-                }
+            (&src, Some(fs::File::create(&path).map_err(io(&path))?))
+        };
+        let mut r = fs::File::open(from).map_err(io(from))?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = r.read(&mut buf).map_err(io(from))?;
+            if n == 0 {
+                break;
+            }
+            if let Some(m) = mac.as_mut() {
+                m.update(&buf[..n]);
+            }
+            if let Some(w) = copy.as_mut() {
                 w.write_all(&buf[..n]).map_err(io(&path))?;
             }
         }
