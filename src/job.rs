@@ -380,9 +380,9 @@ fn run_steps<'a>(
             now,
         },
     );
-    // This run's index is saved while the transfer runs, and put in place once the
-    // run is recorded: the last one has been let go of, and the manifest's sums are not
-    // made yet.
+    // This run's index is made and saved while the transfer runs and the manifest is
+    // hashed, and put in place once the run is recorded: the last one has been let go
+    // of.
     let full_at = match &plan {
         changes::Plan::Full(_) => now,
         changes::Plan::Changes { full_at, .. } => *full_at,
@@ -437,77 +437,82 @@ fn run_steps<'a>(
             }
         })
     };
-    let (index, sent) = std::thread::scope(|s| {
+    // Joined after the manifest is hashed, not after the transfer: a night with nothing
+    // to send would wait for it.
+    let (index, done) = std::thread::scope(|s| {
         let span = tracing::Span::current();
         let saving = s.spawn(move || span.in_scope(save_index));
-        let sent = send();
+        let done = (|| -> Result<(crate::target::rsync::Outcome, Vec<[u8; 20]>)> {
+            let mut out = send()?;
+            tracing::info!(
+                files = out.sent.len(),
+                secs = phase.elapsed().as_secs_f32(),
+                "transfer done"
+            );
+            check_cancel()?;
+            // rsync's quick check (size, whole-second mtime) misses a file rewritten with
+            // the same size in the second it was last backed up, or whose mtime was set
+            // back. Such a file changed since the last restore point, so its ctime says so:
+            // those rsync did not just send go through once more, compared by checksum.
+            let since = contents
+                .points
+                .last()
+                .and_then(|p| crate::stamp::Stamp::parse(p))
+                .map(|p| p.time().timestamp());
+            let changed = changed_since(&walk, since, &out.sent);
+            if prev.is_none() {
+                // The manifest hashes every file: the names rsync sent (one per file on a
+                // first run) would only add to the run's peak memory while it does.
+                out.sent = crate::manifest::PathSet::new();
+            }
+            let mut resent = crate::manifest::PathSet::new();
+            if !changed.is_empty() {
+                tracing::info!(
+                    files = changed.len(),
+                    "comparing files changed since the last restore point by checksum"
+                );
+                let list = target.files_from(&changed)?;
+                let second = transfer(Pass::Checksum { list: list.path() })?;
+                if !second.sent.is_empty() {
+                    tracing::info!(
+                        files = second.sent.len(),
+                        "sent files whose size and mtime had not changed"
+                    );
+                }
+                resent = second.sent;
+                out.stats.bytes_sent += second.stats.bytes_sent;
+                out.stats.files_transferred += second.stats.files_transferred;
+                out.vanished |= second.vanished;
+                check_cancel()?;
+            }
+            if let Some(s) = held.snapshot.as_ref() {
+                s.verify()
+                    .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
+                    .context("the snapshot did not stay valid during the transfer")?;
+            }
+            // What the manifest must hash again: everything rsync sent and everything
+            // changed since the last restore point; the rest of current/ is that point's
+            // ciphertext.
+            let reuse = prev.map(|prev| {
+                let mut rehash = std::mem::take(&mut out.sent);
+                for p in &changed {
+                    rehash.insert(p);
+                }
+                rehash.merge(resent);
+                rehash.seal();
+                crate::verify::Reuse { prev, rehash }
+            });
+            let sums =
+                crate::verify::hash_view(&walk, reuse.as_ref()).context("hashing the view")?;
+            Ok((out, sums))
+        })();
         let index = saving
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (index, sent)
+        (index, done)
     });
-    let mut out = sent?;
     drop(plan);
-    tracing::info!(
-        files = out.sent.len(),
-        secs = phase.elapsed().as_secs_f32(),
-        "transfer done"
-    );
-    check_cancel()?;
-    // rsync's quick check (size, whole-second mtime) misses a file rewritten with the
-    // same size in the second it was last backed up, or whose mtime was set back. Such a
-    // file changed since the last restore point, so its ctime says so: those rsync did
-    // not just send go through once more, compared by checksum.
-    let since = contents
-        .points
-        .last()
-        .and_then(|p| crate::stamp::Stamp::parse(p))
-        .map(|p| p.time().timestamp());
-    let changed = changed_since(&walk, since, &out.sent);
-    if prev.is_none() {
-        // The manifest hashes every file: the names rsync sent (one per file on a first
-        // run) would only add to the run's peak memory while it does.
-        out.sent = crate::manifest::PathSet::new();
-    }
-    let mut resent = crate::manifest::PathSet::new();
-    if !changed.is_empty() {
-        tracing::info!(
-            files = changed.len(),
-            "comparing files changed since the last restore point by checksum"
-        );
-        let list = target.files_from(&changed)?;
-        let second = transfer(Pass::Checksum { list: list.path() })?;
-        if !second.sent.is_empty() {
-            tracing::info!(
-                files = second.sent.len(),
-                "sent files whose size and mtime had not changed"
-            );
-        }
-        resent = second.sent;
-        out.stats.bytes_sent += second.stats.bytes_sent;
-        out.stats.files_transferred += second.stats.files_transferred;
-        out.vanished |= second.vanished;
-        check_cancel()?;
-    }
-    if let Some(s) = held.snapshot.as_ref() {
-        s.verify()
-            .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
-            .context("the snapshot did not stay valid during the transfer")?;
-    }
-    // What the manifest must hash again: everything rsync sent and everything changed
-    // since the last restore point; the rest of current/ is that point's ciphertext.
-    let reuse = prev.map(|prev| {
-        let mut rehash = std::mem::take(&mut out.sent);
-        for p in &changed {
-            rehash.insert(p);
-        }
-        rehash.merge(resent);
-        rehash.seal();
-        crate::verify::Reuse { prev, rehash }
-    });
-    let sums = crate::verify::hash_view(&walk, reuse.as_ref()).context("hashing the view")?;
-    // The last manifest's sums are in the new one now: gone before the index is made.
-    drop(reuse);
+    let (out, sums) = done?;
     // Nothing reads the view or the snapshot any more, unless this run may verify the
     // target through the view: they are let go of (unmount, then the snapshot's
     // release: 0.3 s for btrfs to destroy the bench's snapshot) while the manifest is
