@@ -193,9 +193,9 @@ impl Index {
     }
 
     /// Writes the index next to `path`, to be put in its place by [`Pending::commit`]
-    /// once the run it describes is recorded. Written as soon as the plan is made, while
-    /// the run holds nothing else that grows with the tree but the walk: made at the end,
-    /// it would sit beside the manifest's sums at the run's peak.
+    /// once the run it describes is recorded. A run saves it beside its transfer and
+    /// hashing: made at the end, it would sit beside the manifest's sums at the run's
+    /// peak.
     ///
     /// # Errors
     /// The file cannot be written.
