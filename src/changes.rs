@@ -102,8 +102,15 @@ pub struct Index {
 }
 
 impl Index {
-    /// The index of `walk`.
-    pub fn of(walk: &ViewWalk, target: &str, stamp: &str, config: &str, full_at: i64) -> Index {
+    /// The index of `walk` (a run uses [`Index::of_in`]).
+    #[cfg(test)]
+    pub(crate) fn of(
+        walk: &ViewWalk,
+        target: &str,
+        stamp: &str,
+        config: &str,
+        full_at: i64,
+    ) -> Index {
         Self::of_in(Self::room(walk), walk, target, stamp, config, full_at)
     }
 

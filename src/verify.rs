@@ -230,19 +230,18 @@ fn merge_sums<R: std::io::BufRead>(
     // The line at hand (path, sum), while there is one.
     let mut line: Vec<u8> = Vec::new();
     let mut sum = [0u8; 20];
-    let mut first = true;
+    // A parsed line's path is never empty, so the empty start is before every line.
     let mut next = |line: &mut Vec<u8>, sum: &mut [u8; 20]| -> Result<bool, VerifyError> {
         let Some((p, s)) = lines.next_entry()? else {
             return Ok(false);
         };
-        if !first && p <= line.as_slice() {
+        if p <= line.as_slice() {
             return Err(manifest::ManifestError::Order {
                 file: lines.file().into(),
                 line: lines.line(),
             }
             .into());
         }
-        first = false;
         line.clear();
         line.extend_from_slice(p);
         *sum = s;
