@@ -1571,6 +1571,38 @@ mod node_tests {
         out.into_iter().skip(2).collect()
     }
 
+    /// A prefetch is best effort and never blocks: not on a number the view does not
+    /// know, a directory, or a FIFO put where the listing saw a file.
+    #[test]
+    fn a_prefetch_never_blocks_or_fails() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("f"), b"hello").unwrap();
+        let c = Arc::new(core(t.path()));
+        let listed = names(&c, ROOT_INO, true);
+        let by_kind = |k: Kind| {
+            listed
+                .iter()
+                .find(|(i, n)| n != DIRIV_NAME && c.getattr(*i).unwrap().kind == k)
+                .unwrap()
+                .0
+        };
+        let (d, f) = (by_kind(Kind::Dir), by_kind(Kind::File));
+        c.prefetch(f, 1 << 20);
+        fs::remove_file(t.path().join("f")).unwrap();
+        nix::unistd::mkfifo(&t.path().join("f"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c2 = Arc::clone(&c);
+        std::thread::spawn(move || {
+            for ino in [f, d, 999_999, UNLOOKED_INO] {
+                c2.prefetch(ino, 1 << 20);
+            }
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a prefetch blocked (opening a FIFO without O_NONBLOCK waits for a writer)");
+    }
+
     /// Issue 13: the node table keeps a page only while a node in it lives, and a
     /// number never found (free slot, freed page, never handed out) is no node.
     #[test]
