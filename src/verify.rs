@@ -386,7 +386,8 @@ mod tests {
 /// `.meta` file needs ([`MetaRec`]), which a run writes out and drops as soon as the
 /// walk is done ([`ViewWalk::write_meta`]); not a [`MetaEntry`] with its own
 /// allocation (about 2.5 times as much). Paths are put together when asked for.
-/// Entries stay in the order the walk found them; `order` sorts them by path.
+/// Entries are in the order the walk gives them, which is path order
+/// ([`crate::view::ViewCore::walk`]): the order of the manifests, with no sort of its own.
 pub struct ViewWalk {
     /// The view's root.
     pub root: PathBuf,
@@ -405,8 +406,6 @@ pub struct ViewWalk {
     special: Vec<(u32, manifest::meta::Kind)>,
     /// [`ViewWalk::write_meta`] ran: `metas` and `special` are gone.
     meta_written: bool,
-    /// Entries sorted by path.
-    order: Vec<u32>,
     /// How many of the entries are regular files.
     n_files: usize,
 }
@@ -488,7 +487,7 @@ impl ViewWalk {
 
     /// Every entry, by path.
     pub fn entries(&self) -> impl ExactSizeIterator<Item = WalkEntry> + '_ {
-        self.order.iter().map(|&i| WalkEntry {
+        (0..self.len() as u32).map(|i| WalkEntry {
             path: self.path(i),
             fp: self.recs[i as usize].fp,
             is_dir: self.kinds[i as usize] == KindTag::Dir,
@@ -537,7 +536,7 @@ impl ViewWalk {
             !self.meta_written,
             "the walk's metadata was written out and dropped"
         );
-        self.order[first.min(self.order.len())..].iter().map(|&i| {
+        (first.min(self.len()) as u32..self.len() as u32).map(|i| {
             let r = &self.metas[i as usize];
             let kind = match self.kinds[i as usize] {
                 KindTag::Dir => Kind::Dir,
@@ -573,10 +572,8 @@ impl ViewWalk {
 
     /// [`ViewWalk::files`] from the `first`th on.
     fn files_from(&self, first: usize) -> impl Iterator<Item = (Vec<u8>, i64)> + '_ {
-        // Found in `order` (not kept in a list of their own: 4 bytes a file less).
-        self.order
-            .iter()
-            .copied()
+        // Found among the entries (not kept in a list of their own: 4 bytes a file less).
+        (0..self.len() as u32)
             .filter(|i| self.kinds[*i as usize] == KindTag::File)
             .skip(first)
             .map(|i| (self.path(i), self.recs[i as usize].ctime_s))
@@ -586,8 +583,11 @@ impl ViewWalk {
 /// Collects a [`ViewWalk`] entry by entry, parents before their entries.
 struct WalkBuilder {
     walk: ViewWalk,
-    /// The directories from the root down to the last one pushed: (path, entry).
+    /// The directories whose entries may still come, from the root down: (path, entry).
     stack: Vec<(Vec<u8>, u32)>,
+    /// The path pushed last (debug builds check the order).
+    #[cfg(debug_assertions)]
+    last: Option<Vec<u8>>,
 }
 
 impl WalkBuilder {
@@ -603,19 +603,21 @@ impl WalkBuilder {
                 metas: Vec::new(),
                 special: Vec::new(),
                 meta_written: false,
-                order: Vec::new(),
                 n_files: 0,
             },
             stack: Vec::new(),
+            #[cfg(debug_assertions)]
+            last: None,
         }
     }
 
-    /// One entry at `path` (`m.path` is not read), the root first, then depth first
-    /// (each directory before its entries, its entries before the next sibling's):
-    /// `ctime` (unix seconds) is a regular file's, `fp` the entry's fingerprint.
+    /// One entry at `path` (`m.path` is not read), the root first, then in path order
+    /// (by the paths' bytes): `ctime` (unix seconds) is a regular file's, `fp` the
+    /// entry's fingerprint.
     ///
     /// # Panics
-    /// When `path`'s parent is not on the way down from the root: a walk out of order.
+    /// When `path`'s parent was not given before it, or was left behind: a walk out of
+    /// order.
     fn push(
         &mut self,
         path: &[u8],
@@ -634,6 +636,14 @@ impl WalkBuilder {
             .ok_or_else(|| too_big("2^32 - 1 entries"))?;
         let end = u32::try_from(self.walk.names.len() + path.len())
             .map_err(|_| too_big("4 GiB of names"))?;
+        #[cfg(debug_assertions)]
+        {
+            let last = self.last.replace(path.to_vec());
+            assert!(
+                last.is_none_or(|l| l.as_slice() < path),
+                "a walk gives its entries in path order"
+            );
+        }
         let (parent, name) = if i == 0 {
             assert!(path.is_empty(), "a walk starts at the root");
             (NO_PARENT, path)
@@ -642,13 +652,24 @@ impl WalkBuilder {
                 Some(k) => (&path[..k], &path[k + 1..]),
                 None => (&path[..0], path),
             };
-            while self.stack.last().is_some_and(|(p, _)| p.as_slice() != dir) {
-                self.stack.pop();
-            }
-            let &(_, parent) = self
+            let k = self
                 .stack
-                .last()
+                .iter()
+                .rposition(|(p, _)| p.as_slice() == dir)
                 .expect("a walk gives each directory before its entries");
+            let parent = self.stack[k].1;
+            // The directories above it whose entries are all behind: in path order a
+            // directory's entries may still come after this one only when this one's
+            // path extends the directory's with a byte below `/` (`L`, `L.name`, `L/x`).
+            let mut j = self.stack.len();
+            while j > k + 1 {
+                j -= 1;
+                let p = &self.stack[j].0;
+                let still = path.len() > p.len() && path.starts_with(p) && path[p.len()] < b'/';
+                if !still {
+                    self.stack.remove(j);
+                }
+            }
             (parent, name)
         };
         if m.kind == Kind::Dir {
@@ -683,10 +704,7 @@ impl WalkBuilder {
         Ok(())
     }
 
-    /// The walk, with `order`: entries sorted by their paths' bytes. A directory's
-    /// subtree is one run in that order, placed among its siblings as if its name
-    /// ended in `/` (so `a`, `a-b`, `a/x`: `-` sorts before `/`), which orders the
-    /// whole tree one directory at a time without putting a path together.
+    /// The walk, its buffers trimmed.
     fn finish(self) -> ViewWalk {
         let WalkBuilder { mut walk, .. } = self;
         walk.names.shrink_to_fit();
@@ -696,69 +714,7 @@ impl WalkBuilder {
         walk.kinds.shrink_to_fit();
         walk.metas.shrink_to_fit();
         walk.special.shrink_to_fit();
-        let n = walk.recs.len();
-        // Each directory's entries, as one array cut by `start` (counting sort by parent).
-        let mut start = vec![0u32; n + 1];
-        for &p in &walk.parents {
-            if p != NO_PARENT {
-                start[p as usize + 1] += 1;
-            }
-        }
-        for k in 0..n {
-            start[k + 1] += start[k];
-        }
-        let mut kids = vec![0u32; n.saturating_sub(1)];
-        // Placed with `start` itself as the cursor (no copy of it: 4 bytes an entry at
-        // the walk's peak), which leaves `start[p]` at the next one's start: shifted back.
-        for (i, &p) in walk.parents.iter().enumerate() {
-            if p != NO_PARENT {
-                kids[start[p as usize] as usize] = i as u32;
-                start[p as usize] += 1;
-            }
-        }
-        start.copy_within(0..n, 1);
-        start[0] = 0;
-        // (entry, whether this is its subtree): the subtree sorts as the name plus `/`.
-        let key = |(e, sub): (u32, bool)| walk.name(e).iter().copied().chain(sub.then_some(b'/'));
-        let mut order = Vec::with_capacity(n);
-        if n > 0 {
-            order.push(0);
-        }
-        // Depth first: each level's items, sorted, consumed from the end.
-        let mut todo: Vec<Vec<(u32, bool)>> = Vec::new();
-        let level = |d: u32| -> Vec<(u32, bool)> {
-            let ks = &kids[start[d as usize] as usize..start[d as usize + 1] as usize];
-            let mut items: Vec<(u32, bool)> = Vec::with_capacity(ks.len() * 2);
-            for &k in ks {
-                items.push((k, false));
-                if walk.kinds[k as usize] == KindTag::Dir {
-                    items.push((k, true));
-                }
-            }
-            items.sort_unstable_by(|a, b| key(*a).cmp(key(*b)));
-            items.reverse();
-            items
-        };
-        if n > 0 {
-            todo.push(level(0));
-        }
-        while let Some(top) = todo.last_mut() {
-            match top.pop() {
-                Some((e, false)) => order.push(e),
-                Some((e, true)) => {
-                    let next = level(e);
-                    todo.push(next);
-                }
-                None => {
-                    todo.pop();
-                }
-            }
-        }
-        drop(todo);
-        drop(kids);
-        drop(start);
         walk.n_files = walk.kinds.iter().filter(|k| **k == KindTag::File).count();
-        walk.order = order;
         walk
     }
 }
@@ -874,11 +830,8 @@ impl ViewWalk {
     #[cfg(test)]
     pub(crate) fn from_found(root: &Path, found: Vec<(MetaEntry, Option<i64>, u64)>) -> ViewWalk {
         let mut found = found;
-        // Depth first, as a walk gives them: by path component.
-        found.sort_by(|a, b| {
-            let slash = |c: &u8| *c == b'/';
-            a.0.path.split(slash).cmp(b.0.path.split(slash))
-        });
+        // In path order, as a walk gives them.
+        found.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         let mut b = WalkBuilder::new(root);
         for (mut m, ct, fp) in found {
             let path = std::mem::take(&mut m.path);

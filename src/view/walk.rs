@@ -149,7 +149,10 @@ impl Ahead<'_> {
         }
     }
 
-    /// Visits the entries of `p`, and below each subdirectory, depth first.
+    /// Visits the entries of `p`, and below each subdirectory, in path order: a
+    /// subdirectory's entries sort as its name plus `/`, so they come after the
+    /// entries that extend its name with a byte below `/` (`L`, `L.name`, `L/x`: a long
+    /// name's directory and its `.name` file), and otherwise right after it.
     fn visit<E: From<ViewError>>(
         &self,
         p: Prepared,
@@ -161,13 +164,36 @@ impl Ahead<'_> {
             found,
             subdirs,
         } = p;
-        for (i, f) in found.into_iter().enumerate() {
-            let (a, link) = f?;
-            let child = dir.child(&listing, i);
-            visit(&child.cpath, &a, link)?;
-            if let Some(id) = subdirs.get(&(i as u32)) {
-                let sub = self.take(*id)?;
-                self.visit(sub, visit)?;
+        // (entry, its subtree): the listing's order, each subtree right after its
+        // directory, unless a later name extends the directory's (rare: sorted then).
+        let mut items: Vec<(u32, bool)> = Vec::with_capacity(found.len() + subdirs.len());
+        let mut resort = false;
+        for i in 0..found.len() {
+            items.push((i as u32, false));
+            if subdirs.contains_key(&(i as u32)) {
+                items.push((i as u32, true));
+                resort |= i + 1 < found.len() && listing.shown(i + 1).starts_with(listing.shown(i));
+            }
+        }
+        if resort {
+            let key = |&(i, sub): &(u32, bool)| {
+                listing
+                    .shown(i as usize)
+                    .iter()
+                    .copied()
+                    .chain(sub.then_some(b'/'))
+            };
+            items.sort_by(|a, b| key(a).cmp(key(b)));
+        }
+        let mut found: Vec<Option<Found>> = found.into_iter().map(Some).collect();
+        for (i, sub) in items {
+            if sub {
+                let next = self.take(subdirs[&i])?;
+                self.visit(next, visit)?;
+            } else {
+                let (a, link) = found[i as usize].take().expect("each entry once")?;
+                let child = dir.child(&listing, i as usize);
+                visit(&child.cpath, &a, link)?;
             }
         }
         Ok(())
@@ -193,8 +219,9 @@ impl ViewCore {
     /// Every entry of the view as the mount shows it (names encrypted, the directory IVs,
     /// long-name files and the key config included, excluded entries left out), given to
     /// `visit` with its view path (empty for the root), its attributes (`ino` 0) and, for
-    /// a symlink, its target as the view shows it; parents before their entries, each
-    /// directory's entries in the listing's order.
+    /// a symlink, its target as the view shows it; in path order (sorted by the bytes of
+    /// the view's paths, so parents before their entries), which is the order of the
+    /// manifests, so a run keeps no sort of its own.
     ///
     /// It goes by the source, not through the kernel: a run learns the whole view in
     /// about the time of a native walk, where a walk of the fresh mount costs a FUSE
@@ -241,8 +268,8 @@ mod tests {
     use super::*;
     use std::fs;
 
-    /// The same walk, one directory at a time on the calling thread: what the walk
-    /// prepared ahead must give back, entry for entry and in the same order.
+    /// The same walk, one directory at a time on the calling thread, sorted by path:
+    /// what the walk prepared ahead must give back, entry for entry and in that order.
     fn serial(c: &ViewCore, dir: &Resolved, is_root: bool, out: &mut Vec<(Vec<u8>, Kind)>) {
         let l = c.build_listing(is_root, dir).unwrap();
         for i in 0..l.len() {
@@ -257,7 +284,8 @@ mod tests {
 
     /// A tree of more directories than are prepared ahead (so the walk threads stop at
     /// the bound, and the calling thread prepares what they have not started), some
-    /// deep, some empty: every entry once, parents first, in the one-thread order.
+    /// deep, some empty, and directories with long names (each beside its `.name` file,
+    /// which sorts before the directory's entries): every entry once, in path order.
     #[test]
     fn prepared_ahead_the_walk_is_the_one_thread_walk() {
         let t = tempfile::tempdir().unwrap();
@@ -273,10 +301,20 @@ mod tests {
             if i % 11 == 0 {
                 fs::create_dir_all(d.join("x/y/z")).unwrap();
             }
+            if i % 50 == 0 {
+                let long = d.join("L".repeat(200 + i % 7));
+                fs::create_dir_all(long.join("sub")).unwrap();
+                fs::write(long.join("f"), b"x").unwrap();
+            }
         }
         let c = core(t.path());
         let mut want = Vec::new();
         serial(&c, &Resolved::root(), true, &mut want);
+        // Not the listing-order walk: a long name's `.name` file comes between its
+        // directory and the directory's entries.
+        let dfs = want.clone();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_ne!(dfs, want, "the tree has a name that extends a directory's");
         for _ in 0..5 {
             let mut got = Vec::new();
             c.walk::<ViewError>(&mut |p, a, _| {
@@ -286,7 +324,7 @@ mod tests {
             .unwrap();
             assert_eq!(got.remove(0), (Vec::new(), Kind::Dir), "the root first");
             assert_eq!(got.len(), want.len());
-            assert!(got == want, "the same entries in the same order");
+            assert!(got == want, "the same entries, in path order");
         }
         // The walk interned nothing.
         assert_eq!(c.nodes(), 1);
