@@ -34,7 +34,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-const HEADER: &str = "# snapveil-changes v1";
+const HEADER: &str = "# snapveil-changes v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangesError {
@@ -86,9 +86,9 @@ pub fn view_config(source: &str, excludes: &[String], rsync_args: &[String]) -> 
     hex::encode(&h.finalize()[..16])
 }
 
-/// The index of the last run that ended well.
+/// What an index describes: its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Index {
+pub struct Head {
     /// The target it was written to ([`crate::target::Address`] as text).
     pub target: String,
     /// The restore point that run recorded: the target's newest, if nothing came after.
@@ -97,133 +97,102 @@ pub struct Index {
     pub config: String,
     /// When the last full pass ran (unix seconds): this run's, or carried over.
     pub full_at: i64,
-    /// (path key, fingerprint), sorted by key.
-    entries: Vec<([u8; 16], u64)>,
 }
 
+/// The index of the last run that ended well, its header read and its entries not yet:
+/// [`plan`] reads them once, as a stream, beside the walk. Both are in path order, so
+/// neither is held (issue 13: the index was 24 bytes an entry in memory, and the next
+/// one 24 more while it was made). Its entries are trusted only once the last is read:
+/// the file's checksum is at its end.
+///
+/// The file: a header of `key=value` lines, a blank line, then each entry (every entry
+/// of the view, in path order) as the length of the path it shares with the entry
+/// before and the rest of it (two LEB128 numbers and the bytes), and its fingerprint
+/// (8 bytes, little-endian); then the SHA-256 of all that, so that a torn or damaged
+/// file is refused, never half used.
+pub struct Index {
+    pub head: Head,
+    entries: u64,
+    path: PathBuf,
+    r: std::io::BufReader<fs::File>,
+    sum: sha2::Sha256,
+}
+
+/// A path in an index is at most this long (Linux's `PATH_MAX` is 4 KiB).
+const MAX_PATH: u64 = 1 << 16;
+
 impl Index {
-    /// The index of `walk` (a run uses [`Index::of_in`]).
-    #[cfg(test)]
-    pub(crate) fn of(
-        walk: &ViewWalk,
-        target: &str,
-        stamp: &str,
-        config: &str,
-        full_at: i64,
-    ) -> Index {
-        Self::of_in(Self::room(walk), walk, target, stamp, config, full_at)
-    }
-
-    /// Room for the entries of [`Index::of_in`]: allocated by the thread that calls this,
-    /// so that a thread making the index leaves nothing in its own malloc arena.
-    pub fn room(walk: &ViewWalk) -> Vec<([u8; 16], u64)> {
-        Vec::with_capacity(walk.len())
-    }
-
-    /// [`Index::of`], in `room` ([`Index::room`]): filled and sorted in place.
-    pub fn of_in(
-        room: Vec<([u8; 16], u64)>,
-        walk: &ViewWalk,
-        target: &str,
-        stamp: &str,
-        config: &str,
-        full_at: i64,
-    ) -> Index {
-        let mut entries = room;
-        entries.clear();
-        entries.extend(
-            walk.entries()
-                .map(|e| (crate::manifest::path_key(&e.path), e.fp)),
-        );
-        entries.sort_unstable();
-        Index {
-            target: target.into(),
-            stamp: stamp.into(),
-            config: config.into(),
-            full_at,
-            entries,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn get(&self, path: &[u8]) -> Option<u64> {
-        let k = crate::manifest::path_key(path);
-        self.entries
-            .binary_search_by(|e| e.0.cmp(&k))
-            .ok()
-            .map(|i| self.entries[i].1)
-    }
-
-    /// Writes the index (0600, atomically): a header of `key=value` lines, a blank line,
-    /// the entries (16-byte key, 8-byte little-endian fingerprint), and the SHA-256 of
-    /// all that, so that a torn or damaged file is refused, never half used.
+    /// Writes the index of `walk` (0600, atomically) to `path`.
     ///
     /// # Errors
     /// The file cannot be written.
-    pub fn save(&self, path: &Path) -> Result<(), ChangesError> {
-        let head = format!(
+    pub fn save(walk: &ViewWalk, head: &Head, path: &Path) -> Result<(), ChangesError> {
+        let text = format!(
             "{HEADER}\ntarget={}\nstamp={}\nconfig={}\nfull_at={}\nentries={}\n\n",
-            self.target,
-            self.stamp,
-            self.config,
-            self.full_at,
-            self.entries.len()
+            head.target,
+            head.stamp,
+            head.config,
+            head.full_at,
+            walk.len()
         );
         let io = |source| ChangesError::Io {
             path: path.into(),
             source,
         };
-        // Streamed and summed as it goes: the index is not held twice at the run's peak.
+        // Streamed and summed as it goes, from the walk: nothing per entry is held.
         crate::status::write_atomic_with(path, |w| {
             let mut sum = sha2::Sha256::new();
-            sum.update(head.as_bytes());
-            w.write_all(head.as_bytes())?;
-            for (k, fp) in &self.entries {
-                let fp = fp.to_le_bytes();
-                sum.update(k);
-                sum.update(fp);
-                w.write_all(k)?;
-                w.write_all(&fp)?;
+            let mut out = |b: &[u8]| -> std::io::Result<()> {
+                sum.update(b);
+                w.write_all(b)
+            };
+            out(text.as_bytes())?;
+            let mut prev: Vec<u8> = Vec::new();
+            let mut buf = Vec::with_capacity(64);
+            for e in walk.entries() {
+                let shared = prev.iter().zip(&e.path).take_while(|(a, b)| a == b).count();
+                buf.clear();
+                leb128(&mut buf, shared as u64);
+                leb128(&mut buf, (e.path.len() - shared) as u64);
+                buf.extend_from_slice(&e.path[shared..]);
+                buf.extend_from_slice(&e.fp.to_le_bytes());
+                out(&buf)?;
+                prev = e.path;
             }
-            w.write_all(&sum.finalize())
+            let sum = std::mem::take(&mut sum).finalize();
+            w.write_all(&sum)
         })
         .map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)
     }
 
-    /// Writes the index next to `path`, to be put in its place by [`Pending::commit`]
-    /// once the run it describes is recorded. A run saves it beside its transfer and
-    /// hashing: made at the end, it would sit beside the manifest's sums at the run's
-    /// peak.
+    /// Writes the index of `walk` next to `path`, to be put in its place by
+    /// [`Pending::commit`] once the run it describes is recorded. A run saves it beside
+    /// its transfer and hashing.
     ///
     /// # Errors
     /// The file cannot be written.
-    pub fn save_pending(&self, path: &Path) -> Result<Pending, ChangesError> {
+    pub fn save_pending(
+        walk: &ViewWalk,
+        head: &Head,
+        path: &Path,
+    ) -> Result<Pending, ChangesError> {
         let pending = pending_path(path);
-        self.save(&pending)?;
+        Self::save(walk, head, &pending)?;
         Ok(Pending {
             pending,
             path: path.into(),
-            entries: self.entries.len(),
+            entries: walk.len(),
         })
     }
 
-    /// Reads the index at `path`; `None` when there is none. Read as a stream into its
-    /// entries, summed as it goes: the file is not held beside them (24 bytes an entry
-    /// twice, at the plan's peak on a big tree).
+    /// Opens the index at `path` and reads its header; `None` when there is none.
     ///
     /// # Errors
-    /// Unreadable, or not a whole index of this version.
+    /// Unreadable, or not an index of this version.
     pub fn load(path: &Path) -> Result<Option<Index>, ChangesError> {
-        use std::io::{BufRead, Read};
+        use std::io::BufRead;
         let file = match fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -238,20 +207,14 @@ impl Index {
             path: path.into(),
             source,
         };
-        let bad = |why: &str| ChangesError::Corrupt {
-            path: path.into(),
-            why: why.into(),
-        };
-        let size = file.metadata().map_err(io)?.len();
+        let bad = |why: &str| corrupt(path, why);
         let mut r = std::io::BufReader::with_capacity(1 << 16, file);
         let mut sum = sha2::Sha256::new();
         // The header: `key=value` lines up to a blank one.
         let mut head = Vec::new();
-        let mut read = 0u64;
         loop {
             let before = head.len();
             let n = r.read_until(b'\n', &mut head).map_err(io)?;
-            read += n as u64;
             if n == 0 || head.len() > 64 * 1024 {
                 return Err(bad("no end of header"));
             }
@@ -263,8 +226,15 @@ impl Index {
         let head = &head[..head.len().saturating_sub(2)];
         let head = std::str::from_utf8(head).map_err(|_| bad("header not UTF-8"))?;
         let mut lines = head.lines();
-        if lines.next() != Some(HEADER) {
-            return Err(bad("unknown version"));
+        match lines.next() {
+            Some(HEADER) => {}
+            Some(v) if v.starts_with("# snapveil-changes v") => {
+                return Err(bad(&format!(
+                    "{} (written by another snapveil version; this run writes {HEADER})",
+                    &v[2..]
+                )))
+            }
+            _ => return Err(bad("unknown version")),
         }
         let mut field = std::collections::HashMap::new();
         for l in lines {
@@ -274,36 +244,155 @@ impl Index {
             field.insert(k, v);
         }
         let get = |k: &str| field.get(k).copied().ok_or_else(|| bad(&format!("no {k}")));
-        let n: u64 = get("entries")?.parse().map_err(|_| bad("entries"))?;
-        // The size says whether the count is true before anything is allocated for it.
-        if n.checked_mul(24).and_then(|b| b.checked_add(read + 32)) != Some(size) {
-            return Err(bad("entry count does not match"));
-        }
-        let mut entries: Vec<([u8; 16], u64)> = Vec::with_capacity(n as usize);
-        let mut e = [0u8; 24];
-        for _ in 0..n {
-            r.read_exact(&mut e).map_err(io)?;
-            sum.update(e);
-            entries.push((
-                e[..16].try_into().expect("16"),
-                u64::from_le_bytes(e[16..].try_into().expect("8")),
-            ));
-        }
-        let mut want = [0u8; 32];
-        r.read_exact(&mut want).map_err(io)?;
-        if sum.finalize()[..] != want {
-            return Err(bad("checksum does not match (torn or damaged)"));
-        }
-        if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
-            return Err(bad("entries not sorted"));
-        }
         Ok(Some(Index {
-            target: get("target")?.into(),
-            stamp: get("stamp")?.into(),
-            config: get("config")?.into(),
-            full_at: get("full_at")?.parse().map_err(|_| bad("full_at"))?,
-            entries,
+            head: Head {
+                target: get("target")?.into(),
+                stamp: get("stamp")?.into(),
+                config: get("config")?.into(),
+                full_at: get("full_at")?.parse().map_err(|_| bad("full_at"))?,
+            },
+            entries: get("entries")?.parse().map_err(|_| bad("entries"))?,
+            path: path.into(),
+            r,
+            sum,
         }))
+    }
+
+    /// Its entries, one at a time ([`Entries`]).
+    pub fn entries(self) -> Entries {
+        Entries {
+            index: self,
+            read: 0,
+            path: Vec::new(),
+            rest: Vec::new(),
+            fp: 0,
+        }
+    }
+
+    /// Every entry, in memory: the tests' way.
+    #[cfg(test)]
+    pub(crate) fn read_all(self) -> Result<Vec<(Vec<u8>, u64)>, ChangesError> {
+        let mut e = self.entries();
+        let mut all = Vec::new();
+        while e.advance()? {
+            all.push((e.path().to_vec(), e.fp()));
+        }
+        Ok(all)
+    }
+}
+
+/// The entries of an [`Index`], read as a stream: [`Entries::advance`] to the next,
+/// then its [`Entries::path`] and [`Entries::fp`].
+pub struct Entries {
+    index: Index,
+    read: u64,
+    path: Vec<u8>,
+    /// The part of the next path that differs from the last, as read.
+    rest: Vec<u8>,
+    fp: u64,
+}
+
+impl Entries {
+    /// Moves to the next entry: false after the last, once the file's checksum matched
+    /// (what was read before is trusted only then).
+    ///
+    /// # Errors
+    /// Unreadable, damaged, torn, or not in path order.
+    pub fn advance(&mut self) -> Result<bool, ChangesError> {
+        use std::io::Read;
+        let at = &self.index.path;
+        let io = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                corrupt(at, "torn (ends early)")
+            } else {
+                ChangesError::Io {
+                    path: at.clone(),
+                    source,
+                }
+            }
+        };
+        let r = &mut self.index.r;
+        if self.read == self.index.entries {
+            let mut want = [0u8; 32];
+            r.read_exact(&mut want).map_err(io)?;
+            let mut rest = [0u8; 1];
+            if r.read(&mut rest).map_err(io)? != 0 {
+                return Err(corrupt(at, "bytes after its checksum"));
+            }
+            let sum = std::mem::take(&mut self.index.sum).finalize();
+            if sum[..] != want {
+                return Err(corrupt(at, "checksum does not match (torn or damaged)"));
+            }
+            self.read += 1;
+            return Ok(false);
+        }
+        if self.read > self.index.entries {
+            return Ok(false);
+        }
+        let sum = &mut self.index.sum;
+        let mut num = || -> Result<u64, ChangesError> {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let mut b = [0u8; 1];
+                r.read_exact(&mut b).map_err(io)?;
+                sum.update(b);
+                v |= u64::from(b[0] & 0x7f) << shift;
+                if b[0] & 0x80 == 0 {
+                    return Ok(v);
+                }
+            }
+            Err(corrupt(at, "a length too long"))
+        };
+        let shared = num()?;
+        let rest = num()?;
+        if shared > self.path.len() as u64 || shared + rest > MAX_PATH {
+            return Err(corrupt(at, "an entry's length out of range"));
+        }
+        let shared = shared as usize;
+        self.rest.resize(rest as usize, 0);
+        r.read_exact(&mut self.rest).map_err(io)?;
+        let mut fp = [0u8; 8];
+        r.read_exact(&mut fp).map_err(io)?;
+        sum.update(&self.rest);
+        sum.update(fp);
+        // Strictly after the entry before (the first, the root, is the empty path).
+        if self.read > 0 && self.rest[..] <= self.path[shared..] {
+            return Err(corrupt(at, "entries not in path order"));
+        }
+        self.path.truncate(shared);
+        self.path.extend_from_slice(&self.rest);
+        self.fp = u64::from_le_bytes(fp);
+        self.read += 1;
+        Ok(true)
+    }
+
+    /// The entry's path (relative to the view; empty for the root).
+    pub fn path(&self) -> &[u8] {
+        &self.path
+    }
+
+    pub fn fp(&self) -> u64 {
+        self.fp
+    }
+}
+
+fn corrupt(path: &Path, why: &str) -> ChangesError {
+    ChangesError::Corrupt {
+        path: path.into(),
+        why: why.into(),
+    }
+}
+
+/// Appends `v` as LEB128 (7 bits a byte, low first, the high bit set on all but the last).
+fn leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
     }
 }
 
@@ -396,40 +485,52 @@ pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Exp
         Err(err) => return Plan::Full(format!("the index cannot be used ({err})")),
         Ok(Some(i)) => i,
     };
-    if index.target != e.target {
-        return Plan::Full(format!("the index is of another target ({})", index.target));
+    let head = &index.head;
+    if head.target != e.target {
+        return Plan::Full(format!("the index is of another target ({})", head.target));
     }
-    if e.newest != Some(index.stamp.as_str()) {
+    if e.newest != Some(head.stamp.as_str()) {
         return Plan::Full(format!(
             "the index is of restore point {}, the target's newest is {}",
-            index.stamp,
+            head.stamp,
             e.newest.unwrap_or("none")
         ));
     }
-    if index.config != e.config {
+    if head.config != e.config {
         return Plan::Full("excludes, rsync_args or source changed since the index".into());
     }
-    if e.now < index.full_at {
+    if e.now < head.full_at {
         return Plan::Full("the clock is behind the last full pass".into());
     }
-    if e.now - index.full_at >= e.full_every {
+    if e.now - head.full_at >= e.full_every {
         return Plan::Full(format!(
             "the last full pass is {} days old (full_every)",
-            (e.now - index.full_at) / 86400
+            (e.now - head.full_at) / 86400
         ));
     }
-    Plan::Changes {
-        list: changed_list(&index, walk),
-        full_at: index.full_at,
+    let full_at = head.full_at;
+    match changed_list(index, walk) {
+        Ok(list) => Plan::Changes { list, full_at },
+        Err(err) => Plan::Full(format!("the index cannot be used ({err})")),
     }
 }
 
-/// The `--files-from` lines for what differs from `index` (see the module doc).
-fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
+/// The `--files-from` lines for what differs from `index` (see the module doc): the
+/// walk and the index merged, both in path order.
+///
+/// # Errors
+/// The index is unreadable or damaged anywhere (read to its end either way).
+fn changed_list(index: Index, walk: &ViewWalk) -> Result<Vec<Vec<u8>>, ChangesError> {
     let mut dirs: HashSet<Vec<u8>> = HashSet::new();
     let mut others: Vec<Vec<u8>> = Vec::new();
+    let mut last = index.entries();
+    let mut more = last.advance()?;
     for e in walk.entries() {
-        if index.get(&e.path) == Some(e.fp) {
+        // Past the entries gone since (their directories changed, and show).
+        while more && last.path() < e.path.as_slice() {
+            more = last.advance()?;
+        }
+        if more && last.path() == e.path.as_slice() && last.fp() == e.fp {
             continue;
         }
         if e.is_dir {
@@ -455,7 +556,11 @@ fn changed_list(index: &Index, walk: &ViewWalk) -> Vec<Vec<u8>> {
         .collect();
     list.extend(others);
     list.sort();
-    list
+    // The rest of the index: what was read is trusted only once its checksum matched.
+    while more {
+        more = last.advance()?;
+    }
+    Ok(list)
 }
 
 #[cfg(test)]

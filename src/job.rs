@@ -380,19 +380,19 @@ fn run_steps<'a>(
             now,
         },
     );
-    // This run's index is made and saved while the transfer runs and the manifest is
-    // hashed, and put in place once the run is recorded: the last one has been let go
-    // of.
-    let full_at = match &plan {
-        changes::Plan::Full(_) => now,
-        changes::Plan::Changes { full_at, .. } => *full_at,
+    // This run's index is written from the walk while the transfer runs and the
+    // manifest is hashed, and put in place once the run is recorded.
+    let head = changes::Head {
+        target: address.to_string(),
+        stamp: stamp.to_string(),
+        config: view_config.clone(),
+        full_at: match &plan {
+            changes::Plan::Full(_) => now,
+            changes::Plan::Changes { full_at, .. } => *full_at,
+        },
     };
-    // Its room is allocated here, not on the thread: memory a thread allocates stays in
-    // its malloc arena after it is freed, beside the main arena's (the sums come next).
-    let room = changes::Index::room(&walk);
     let save_index = || {
-        changes::Index::of_in(room, &walk, &address, stamp, &view_config, full_at)
-            .save_pending(&index_path)
+        changes::Index::save_pending(&walk, &head, &index_path)
             .map_err(|e| tracing::warn!("{e}: the next run will do a full pass"))
             .ok()
     };

@@ -20,6 +20,37 @@ fn walk(entries: &[(&str, bool, u64)]) -> ViewWalk {
     ViewWalk::from_found(Path::new("/v"), found)
 }
 
+fn head(target: &str, stamp: &str, config: &str, full_at: i64) -> Head {
+    Head {
+        target: target.into(),
+        stamp: stamp.into(),
+        config: config.into(),
+        full_at,
+    }
+}
+
+/// The index of `w` for target `/t` and config `c`, saved under `dir` and opened again,
+/// as a run finds it.
+fn saved(dir: &Path, w: &ViewWalk, stamp: &str, full_at: i64) -> Index {
+    let p = dir.join("saved.idx");
+    Index::save(w, &head("/t", stamp, "c", full_at), &p).unwrap();
+    Index::load(&p).unwrap().unwrap()
+}
+
+/// Every entry of the index at `p`, or why it cannot be used.
+fn read(p: &Path) -> Result<Vec<(Vec<u8>, u64)>, ChangesError> {
+    Index::load(p).and_then(|i| i.expect("an index").read_all())
+}
+
+fn entries(w: &[(&str, bool, u64)]) -> Vec<(Vec<u8>, u64)> {
+    let mut v: Vec<(Vec<u8>, u64)> = w
+        .iter()
+        .map(|(p, _, fp)| (p.as_bytes().to_vec(), *fp))
+        .collect();
+    v.sort();
+    v
+}
+
 fn expect<'a>(newest: Option<&'a str>) -> Expect<'a> {
     Expect {
         target: "/t",
@@ -54,14 +85,11 @@ const BEFORE: &[(&str, bool, u64)] = &[
 
 #[test]
 fn lists_changed_directories_with_dot_and_changed_files_outside_them() {
-    let idx = Index::of(&walk(BEFORE), "/t", "S1", "c", 999_000);
+    let t = tempfile::TempDir::new().unwrap();
+    let idx = || saved(t.path(), &walk(BEFORE), "S1", 999_000);
     // Nothing changed: nothing to send.
     assert_eq!(
-        lines(&plan(
-            Ok(Some(idx.clone())),
-            &walk(BEFORE),
-            &expect(Some("S1"))
-        )),
+        lines(&plan(Ok(Some(idx())), &walk(BEFORE), &expect(Some("S1")))),
         Vec::<String>::new()
     );
     // a/g rewritten in place (its directory unchanged); b/h deleted (b changed); a new
@@ -76,8 +104,19 @@ fn lists_changed_directories_with_dot_and_changed_files_outside_them() {
         ("n", true, 80),
         ("n/x", false, 81),
     ];
-    let p = plan(Ok(Some(idx.clone())), &walk(&now), &expect(Some("S1")));
+    let p = plan(Ok(Some(idx())), &walk(&now), &expect(Some("S1")));
     assert_eq!(lines(&p), [".", "a/g", "b/.", "n/."]);
+    // Entries gone from the end, and a name that sorts between a directory and its
+    // entries (`a-x`, `-` before `/`): the merge keeps both orders in step.
+    let now = [
+        ("", true, 1),
+        ("a", true, 2),
+        ("a-x", false, 9),
+        ("a/f", false, 3),
+        ("a/g", false, 4),
+    ];
+    let p = plan(Ok(Some(idx())), &walk(&now), &expect(Some("S1")));
+    assert_eq!(lines(&p), ["a-x"]);
     assert!(matches!(
         p,
         Plan::Changes {
@@ -89,8 +128,9 @@ fn lists_changed_directories_with_dot_and_changed_files_outside_them() {
 
 #[test]
 fn a_full_pass_whenever_the_index_does_not_describe_the_target() {
+    let t = tempfile::TempDir::new().unwrap();
     let w = walk(BEFORE);
-    let idx = || Ok(Some(Index::of(&w, "/t", "S1", "c", 999_000)));
+    let idx = || Ok(Some(saved(t.path(), &w, "S1", 999_000)));
     let why = |p: Plan| match p {
         Plan::Full(why) => why,
         p => panic!("{p:?}"),
@@ -149,6 +189,14 @@ fn a_full_pass_whenever_the_index_does_not_describe_the_target() {
         why: "x".into(),
     });
     assert!(why(plan(bad, &w, &expect(Some("S1")))).contains("cannot be used"));
+    // Damaged where only its end can tell: the entries read before are not used.
+    let p = t.path().join("saved.idx");
+    let mut bytes = fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&p, &bytes).unwrap();
+    let damaged = Index::load(&p);
+    assert!(why(plan(damaged, &w, &expect(Some("S1")))).contains("checksum does not match"));
 }
 
 #[test]
@@ -156,25 +204,80 @@ fn the_index_round_trips_and_a_damaged_one_is_refused() {
     let t = tempfile::TempDir::new().unwrap();
     let p = index_path(t.path(), "job");
     assert!(Index::load(&p).unwrap().is_none());
-    let idx = Index::of(&walk(BEFORE), "ssh://h/t", "20261201T000000Z", "abc", 42);
-    idx.save(&p).unwrap();
+    let h = head("ssh://h/t", "20261201T000000Z", "abc", 42);
+    Index::save(&walk(BEFORE), &h, &p).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         fs::metadata(&p).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert_eq!(Index::load(&p).unwrap(), Some(idx.clone()));
-    assert_eq!(idx.len(), BEFORE.len());
+    assert_eq!(Index::load(&p).unwrap().unwrap().head, h);
+    assert_eq!(read(&p).unwrap(), entries(BEFORE));
     let good = fs::read(&p).unwrap();
-    for at in [0, good.len() / 2, good.len() - 1] {
+    for at in [0, good.len() / 2, good.len() - 33, good.len() - 1] {
         let mut bad = good.clone();
         bad[at] ^= 1;
         fs::write(&p, &bad).unwrap();
-        let e = Index::load(&p).unwrap_err().to_string();
+        let e = read(&p).unwrap_err().to_string();
         assert!(e.contains("not a snapveil index"), "{e}");
     }
-    fs::write(&p, &good[..good.len() - 5]).unwrap();
-    assert!(Index::load(&p).is_err());
+    for cut in [5, 33, 40] {
+        fs::write(&p, &good[..good.len() - cut]).unwrap();
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("not a snapveil index"), "{e}");
+    }
+    let mut longer = good.clone();
+    longer.push(0);
+    fs::write(&p, &longer).unwrap();
+    assert!(read(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("after its checksum"));
+    // An index of the version before (its entries were keys of paths, not paths).
+    fs::write(&p, b"# snapveil-changes v1\ntarget=t\n\n").unwrap();
+    let e = read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("snapveil-changes v1 (written by another snapveil version"),
+        "{e}"
+    );
+}
+
+/// Entries out of path order are refused even under a good checksum: the merge with the
+/// walk would skip entries it has passed.
+#[test]
+fn an_index_out_of_path_order_is_refused() {
+    let t = tempfile::TempDir::new().unwrap();
+    let p = t.path().join("i.idx");
+    let mut body =
+        format!("{HEADER}\ntarget=t\nstamp=s\nconfig=c\nfull_at=1\nentries=3\n\n").into_bytes();
+    for (shared, rest) in [(0, &b""[..]), (0, b"b"), (0, b"a")] {
+        leb128(&mut body, shared);
+        leb128(&mut body, rest.len() as u64);
+        body.extend_from_slice(rest);
+        body.extend_from_slice(&7u64.to_le_bytes());
+    }
+    let sum = sha2::Sha256::digest(&body);
+    body.extend_from_slice(&sum);
+    fs::write(&p, &body).unwrap();
+    let e = read(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("i.idx: not a snapveil index: entries not in path order"),
+        "{e}"
+    );
+}
+
+#[test]
+fn leb128_round_trips_at_its_byte_edges() {
+    for v in [0u64, 1, 127, 128, 300, 16_383, 16_384, u64::MAX] {
+        let mut b = Vec::new();
+        leb128(&mut b, v);
+        let mut got = 0u64;
+        for (i, x) in b.iter().enumerate() {
+            got |= u64::from(x & 0x7f) << (7 * i);
+            assert_eq!(x & 0x80 != 0, i + 1 < b.len());
+        }
+        assert_eq!(got, v);
+    }
 }
 
 #[test]
@@ -203,9 +306,10 @@ fn fingerprint_sees_ctime_size_mode_owner_and_link() {
 fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
     let t = tempfile::TempDir::new().unwrap();
     let p = index_path(t.path(), "job");
-    let old = Index::of(&walk(BEFORE), "t", "S1", "c", 1);
-    old.save(&p).unwrap();
-    let new = Index::of(&walk(&BEFORE[..3]), "t", "S2", "c", 1);
+    let (old, new) = (walk(BEFORE), walk(&BEFORE[..3]));
+    let (h1, h2) = (head("t", "S1", "c", 1), head("t", "S2", "c", 1));
+    Index::save(&old, &h1, &p).unwrap();
+    let save_new = || Index::save_pending(&new, &h2, &p).unwrap();
     let names = || {
         let mut v: Vec<String> = fs::read_dir(p.parent().unwrap())
             .unwrap()
@@ -215,14 +319,14 @@ fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
         v
     };
     // A run that fails after writing it: the last good index stays, nothing else.
-    let pending = new.save_pending(&p).unwrap();
+    let pending = save_new();
     assert_eq!(names(), ["job.idx", "job.idx.pending"]);
-    assert_eq!(Index::load(&p).unwrap(), Some(old.clone()));
+    assert_eq!(read(&p).unwrap(), entries(BEFORE));
     drop(pending);
     assert_eq!(names(), ["job.idx"]);
-    assert_eq!(Index::load(&p).unwrap(), Some(old));
+    assert_eq!(Index::load(&p).unwrap().unwrap().head, h1);
     // A run killed with it written: the next run's cleanup removes it.
-    std::mem::forget(new.save_pending(&p).unwrap());
+    std::mem::forget(save_new());
     assert_eq!(names(), ["job.idx", "job.idx.pending"]);
     assert_eq!(
         remove_pending(&p).unwrap(),
@@ -231,8 +335,9 @@ fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
     assert_eq!(remove_pending(&p).unwrap(), None);
     assert_eq!(names(), ["job.idx"]);
     // A run recorded: the new one, in place.
-    let entries = new.save_pending(&p).unwrap().commit().unwrap();
-    assert_eq!(entries, new.len());
+    let n = save_new().commit().unwrap();
+    assert_eq!(n, 3);
     assert_eq!(names(), ["job.idx"]);
-    assert_eq!(Index::load(&p).unwrap(), Some(new));
+    assert_eq!(Index::load(&p).unwrap().unwrap().head, h2);
+    assert_eq!(read(&p).unwrap(), entries(&BEFORE[..3]));
 }
