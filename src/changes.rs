@@ -45,6 +45,10 @@ pub enum ChangesError {
     },
     #[error("{path}: not a snapveil index: {why}")]
     Corrupt { path: PathBuf, why: String },
+    /// An index another version of snapveil wrote (an upgrade's first run: it does the
+    /// full pass and writes its own).
+    #[error("{path}: an index of another snapveil version ({found}; this one reads {})", &HEADER[2..])]
+    Version { path: PathBuf, found: String },
 }
 
 /// Where a job's index lives.
@@ -229,10 +233,10 @@ impl Index {
         match lines.next() {
             Some(HEADER) => {}
             Some(v) if v.starts_with("# snapveil-changes v") => {
-                return Err(bad(&format!(
-                    "{} (written by another snapveil version; this run writes {HEADER})",
-                    &v[2..]
-                )))
+                return Err(ChangesError::Version {
+                    path: path.into(),
+                    found: v[2..].into(),
+                })
             }
             _ => return Err(bad("unknown version")),
         }

@@ -237,7 +237,10 @@ fn the_index_round_trips_and_a_damaged_one_is_refused() {
     fs::write(&p, b"# snapveil-changes v1\ntarget=t\n\n").unwrap();
     let e = read(&p).unwrap_err().to_string();
     assert!(
-        e.contains("snapveil-changes v1 (written by another snapveil version"),
+        e.ends_with(
+            "job.idx: an index of another snapveil version \
+             (snapveil-changes v1; this one reads snapveil-changes v2)"
+        ),
         "{e}"
     );
 }
