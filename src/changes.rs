@@ -349,7 +349,7 @@ impl Entries {
         };
         let shared = num()?;
         let rest = num()?;
-        if shared > self.path.len() as u64 || shared + rest > MAX_PATH {
+        if shared > self.path.len() as u64 || rest > MAX_PATH || shared + rest > MAX_PATH {
             return Err(corrupt(at, "an entry's length out of range"));
         }
         let shared = shared as usize;

@@ -611,11 +611,6 @@ struct ReadAhead<T: Tree> {
     slots: Mutex<Slots>,
     changed: Condvar,
     jobs: Mutex<Option<mpsc::Sender<u64>>>,
-    /// Files queued, for [`Tree::prefetch`] on a thread of its own: each file's read
-    /// from the device starts before a read-ahead thread gets to it, so a fresh
-    /// snapshot's files are read from the device many at a time instead of one per
-    /// read-ahead thread.
-    prefetch: Mutex<Option<mpsc::Sender<u64>>>,
     stop: AtomicBool,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The files readers started on last, most recent last ([`ReadAhead::first_read`]).
@@ -631,13 +626,11 @@ struct ReadAhead<T: Tree> {
 impl<T: Tree> ReadAhead<T> {
     fn start(core: Arc<T>) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<u64>();
-        let (ptx, prx) = mpsc::channel::<u64>();
         let ra = Arc::new(ReadAhead {
             core,
             slots: Mutex::new(Slots::default()),
             changed: Condvar::new(),
             jobs: Mutex::new(Some(tx)),
-            prefetch: Mutex::new(Some(ptx)),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
@@ -646,27 +639,6 @@ impl<T: Tree> ReadAhead<T> {
             pushed: AtomicU64::new(0),
         });
         let rx = Arc::new(Mutex::new(rx));
-        let prefetcher = {
-            let ra = Arc::clone(&ra);
-            std::thread::Builder::new()
-                .name("snapveil-prefetch".into())
-                .spawn(move || {
-                    while let Ok(ino) = prx.recv() {
-                        if ra.stop.load(Ordering::Acquire) {
-                            return;
-                        }
-                        // Not when a reader or a read-ahead thread got to it first.
-                        let queued = matches!(
-                            ra.slots.lock().expect("read-ahead slots").by_ino.get(&ino),
-                            Some(Slot::Queued { .. })
-                        );
-                        if queued {
-                            ra.core.prefetch(ino, AHEAD_MAX_BYTES);
-                        }
-                    }
-                })
-                .expect("a prefetch thread")
-        };
         let threads = (0..AHEAD_THREADS)
             .map(|i| {
                 let (ra, rx) = (Arc::clone(&ra), Arc::clone(&rx));
@@ -681,7 +653,6 @@ impl<T: Tree> ReadAhead<T> {
                     })
                     .expect("a read-ahead thread")
             })
-            .chain(std::iter::once(prefetcher))
             .collect();
         *ra.threads.lock().expect("read-ahead threads") = threads;
         ra
@@ -782,7 +753,6 @@ impl<T: Tree> ReadAhead<T> {
         let Some(tx) = jobs.as_ref() else {
             return;
         };
-        let prefetch = self.prefetch.lock().expect("prefetch queue");
         let mut s = self.slots.lock().expect("read-ahead slots");
         for n in next {
             if s.by_ino.contains_key(&n) {
@@ -792,9 +762,6 @@ impl<T: Tree> ReadAhead<T> {
             s.queued += 1;
             s.by_ino.insert(n, Slot::Queued { push });
             s.order.push_back(n);
-            if let Some(p) = prefetch.as_ref() {
-                let _ = p.send(n);
-            }
             let _ = tx.send(n);
         }
         while s.by_ino.len() > AHEAD_SLOTS {
@@ -852,7 +819,6 @@ impl<T: Tree> ReadAhead<T> {
     fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         self.jobs.lock().expect("read-ahead queue").take();
-        self.prefetch.lock().expect("prefetch queue").take();
         for t in self.threads.lock().expect("read-ahead threads").drain(..) {
             let _ = t.join();
         }
@@ -885,8 +851,6 @@ mod tests {
         started: Mutex<SyncSender<u64>>,
         gate: Option<Mutex<Receiver<()>>>,
         open: AtomicUsize,
-        /// What [`Tree::prefetch`] was asked for, in order.
-        prefetched: Mutex<Vec<u64>>,
     }
 
     impl Tree for Files {
@@ -925,10 +889,6 @@ mod tests {
             self.open.fetch_sub(1, Ordering::SeqCst);
             Ok(got)
         }
-        fn prefetch(&self, ino: u64, max: u64) {
-            assert_eq!(max, AHEAD_MAX_BYTES);
-            self.prefetched.lock().unwrap().push(ino);
-        }
     }
 
     fn files(n: u64, gated: bool) -> (Arc<Files>, Receiver<u64>, Option<SyncSender<()>>) {
@@ -939,7 +899,6 @@ mod tests {
             started: Mutex::new(stx),
             gate: gated.then(|| Mutex::new(grx)),
             open: AtomicUsize::new(0),
-            prefetched: Mutex::new(Vec::new()),
         };
         (Arc::new(f), srx, gated.then_some(gtx))
     }
@@ -1080,43 +1039,6 @@ mod tests {
         let read: Vec<u64> = started.try_iter().collect();
         assert!(!read.contains(&4), "{read:?}");
         assert_eq!(f.open.load(Ordering::SeqCst), 0);
-    }
-
-    /// The files queued are prefetched in the order they will be read, each once, while
-    /// the read-ahead threads are busy with the ones before.
-    #[test]
-    fn queued_files_are_prefetched_in_order_once() {
-        let (f, started, gate) = files(200, true);
-        let gate = gate.unwrap();
-        let ra = ReadAhead::start(Arc::clone(&f) as Arc<Files>);
-        ra.schedule(1);
-        // Both read-ahead threads hold files 2 and 3 at the gate.
-        for _ in 0..2 {
-            started.recv_timeout(Duration::from_secs(10)).unwrap();
-        }
-        let last = 1 + AHEAD_FILES as u64;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !f.prefetched.lock().unwrap().contains(&last) {
-            assert!(std::time::Instant::now() < deadline, "never prefetched");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Scheduling again from a later file prefetches only the new ones.
-        ra.schedule(3);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !f.prefetched.lock().unwrap().contains(&(last + 2)) {
-            assert!(std::time::Instant::now() < deadline, "never prefetched");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for _ in 0..3 * AHEAD_FILES {
-            let _ = gate.send(());
-        }
-        ra.shutdown();
-        let got = f.prefetched.lock().unwrap().clone();
-        // 2 and 3 may have been taken by the threads before the prefetch came to them.
-        let want: Vec<u64> = (2..=last + 2)
-            .filter(|i| *i > 3 || got.contains(i))
-            .collect();
-        assert_eq!(got, want);
     }
 
     #[test]

@@ -454,10 +454,6 @@ pub trait Tree: Send + Sync + 'static {
     fn read_small(&self, _ino: u64, _max: u64) -> Result<Option<Vec<u8>>, ViewError> {
         Ok(None)
     }
-    /// Asks the source's filesystem to start reading the first `max` bytes of regular
-    /// file `ino` into its page cache, without waiting for them: what lets a read
-    /// ahead of a fresh snapshot find its files in memory.
-    fn prefetch(&self, _ino: u64, _max: u64) {}
 }
 
 impl Tree for ViewCore {
@@ -498,9 +494,6 @@ impl Tree for ViewCore {
     }
     fn read_small(&self, ino: u64, max: u64) -> Result<Option<Vec<u8>>, ViewError> {
         ViewCore::read_small(self, ino, max)
-    }
-    fn prefetch(&self, ino: u64, max: u64) {
-        ViewCore::prefetch(self, ino, max)
     }
 }
 
@@ -1282,49 +1275,6 @@ impl ViewCore {
     }
 }
 
-impl ViewCore {
-    /// See [`Tree::prefetch`]. A fresh snapshot's files are other inodes than the
-    /// source's, so none of their pages are cached, and a reader of small files waits
-    /// for the device once per file: `cat` of the bench's 100,000 files on a fresh
-    /// btrfs snapshot took 14.4 s one after the other, 1.5 s after `WILLNEED` had been
-    /// asked for every file (2.1 s), 4.2 s from four readers at once. Best effort:
-    /// whatever fails here, the read that follows finds and reports.
-    pub fn prefetch(&self, ino: u64, max: u64) {
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
-        let Ok(node) = self.resolve(ino) else {
-            return;
-        };
-        if !matches!(node.virt, Virt::Real) {
-            return;
-        }
-        let p = self.abs(&node.plain);
-        // O_NONBLOCK: a FIFO put where the listing saw a file (a live source) must not
-        // block the thread; a regular file ignores it.
-        let open = |noatime: bool| {
-            let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-            fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(if noatime {
-                    flags | libc::O_NOATIME
-                } else {
-                    flags
-                })
-                .open(&p)
-        };
-        let Ok(file) = open(true).or_else(|_| open(false)) else {
-            return;
-        };
-        let len = libc::off_t::try_from(max).unwrap_or(libc::off_t::MAX);
-        // SAFETY: a plain syscall on a descriptor this function owns.
-        let rc =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
-        if rc != 0 {
-            tracing::trace!(ino, rc, "no prefetch");
-        }
-    }
-}
-
 fn parent_cpath(cpath: &[u8]) -> &[u8] {
     match cpath.iter().rposition(|b| *b == b'/') {
         Some(i) => &cpath[..i],
@@ -1569,38 +1519,6 @@ mod node_tests {
         })
         .unwrap();
         out.into_iter().skip(2).collect()
-    }
-
-    /// A prefetch is best effort and never blocks: not on a number the view does not
-    /// know, a directory, or a FIFO put where the listing saw a file.
-    #[test]
-    fn a_prefetch_never_blocks_or_fails() {
-        let t = tempfile::tempdir().unwrap();
-        fs::create_dir(t.path().join("d")).unwrap();
-        fs::write(t.path().join("f"), b"hello").unwrap();
-        let c = Arc::new(core(t.path()));
-        let listed = names(&c, ROOT_INO, true);
-        let by_kind = |k: Kind| {
-            listed
-                .iter()
-                .find(|(i, n)| n != DIRIV_NAME && c.getattr(*i).unwrap().kind == k)
-                .unwrap()
-                .0
-        };
-        let (d, f) = (by_kind(Kind::Dir), by_kind(Kind::File));
-        c.prefetch(f, 1 << 20);
-        fs::remove_file(t.path().join("f")).unwrap();
-        nix::unistd::mkfifo(&t.path().join("f"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let c2 = Arc::clone(&c);
-        std::thread::spawn(move || {
-            for ino in [f, d, 999_999, UNLOOKED_INO] {
-                c2.prefetch(ino, 1 << 20);
-            }
-            tx.send(()).unwrap();
-        });
-        rx.recv_timeout(std::time::Duration::from_secs(10))
-            .expect("a prefetch blocked (opening a FIFO without O_NONBLOCK waits for a writer)");
     }
 
     /// Issue 13: the node table keeps a page only while a node in it lives, and a
