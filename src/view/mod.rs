@@ -531,7 +531,7 @@ const FREE: u64 = u64::MAX;
 /// The nodes the kernel knows, by number: pages of [`NODE_PAGE`] consecutive numbers,
 /// each allocated with its first node and freed with its last. Numbers are handed out
 /// in order and never reused, so the nodes a listing or a lookup creates share pages,
-/// and the slots a mount ever used cost 8 bytes a page once they are free. Issue 13: a
+/// and the slots a mount ever used cost 10 bytes a page once they are free. Issue 13: a
 /// hash map from number to node cost 41 bytes a slot at a load of 44 to 87%, and twice
 /// that while it grew (84 MB for 1,000,000 nodes, 168 MB during the last growth); this
 /// costs 32 bytes a node in pages that hold a live one.
