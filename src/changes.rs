@@ -523,7 +523,8 @@ pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Exp
 /// walk and the index merged, both in path order.
 ///
 /// # Errors
-/// The index is unreadable or damaged anywhere (read to its end either way).
+/// The index is unreadable or damaged anywhere: the list is returned only once every
+/// entry was read and the checksum at its end matched.
 fn changed_list(index: Index, walk: &ViewWalk) -> Result<Vec<Vec<u8>>, ChangesError> {
     let mut dirs: HashSet<Vec<u8>> = HashSet::new();
     let mut others: Vec<Vec<u8>> = Vec::new();
