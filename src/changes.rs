@@ -4,8 +4,8 @@
 //! rsync over the whole view costs a FUSE round trip for every directory page of a
 //! freshly mounted view, every night, to learn that almost nothing changed. Instead, a
 //! run that ends well leaves an index in the state directory: for every entry of the
-//! view it backed up, a key of its path and a fingerprint of what rsync compares and
-//! more (type, mode, owner, size, mtime, ctime, link target). The next run walks the view
+//! view it backed up, in path order, its path and a fingerprint of what rsync compares
+//! and more (type, mode, owner, size, mtime, ctime, link target). The next run walks the view
 //! in process ([`crate::view::ViewCore::walk`], about the cost of a native walk), and
 //! hands rsync only what differs:
 //!
@@ -116,13 +116,15 @@ pub struct Head {
 /// file is refused, never half used.
 pub struct Index {
     pub head: Head,
-    entries: u64,
+    /// How many entries its header says it holds.
+    count: u64,
     path: PathBuf,
     r: std::io::BufReader<fs::File>,
     sum: sha2::Sha256,
 }
 
-/// A path in an index is at most this long (Linux's `PATH_MAX` is 4 KiB).
+/// A path in an index is at most this long (Linux's `PATH_MAX` is 4 KiB): the writer
+/// refuses a longer one as the reader does, so an index it wrote is always readable.
 const MAX_PATH: u64 = 1 << 16;
 
 impl Index {
@@ -154,6 +156,12 @@ impl Index {
             let mut prev: Vec<u8> = Vec::new();
             let mut buf = Vec::with_capacity(64);
             for e in walk.entries() {
+                if e.path.len() as u64 > MAX_PATH {
+                    return Err(std::io::Error::other(format!(
+                        "a path of the view longer than {MAX_PATH} bytes ({})",
+                        String::from_utf8_lossy(&e.path[..64])
+                    )));
+                }
                 let shared = prev.iter().zip(&e.path).take_while(|(a, b)| a == b).count();
                 buf.clear();
                 leb128(&mut buf, shared as u64);
@@ -255,7 +263,7 @@ impl Index {
                 config: get("config")?.into(),
                 full_at: get("full_at")?.parse().map_err(|_| bad("full_at"))?,
             },
-            entries: get("entries")?.parse().map_err(|_| bad("entries"))?,
+            count: get("entries")?.parse().map_err(|_| bad("entries"))?,
             path: path.into(),
             r,
             sum,
@@ -316,7 +324,7 @@ impl Entries {
             }
         };
         let r = &mut self.index.r;
-        if self.read == self.index.entries {
+        if self.read == self.index.count {
             let mut want = [0u8; 32];
             r.read_exact(&mut want).map_err(io)?;
             let mut rest = [0u8; 1];
@@ -330,7 +338,7 @@ impl Entries {
             self.read += 1;
             return Ok(false);
         }
-        if self.read > self.index.entries {
+        if self.read > self.index.count {
             return Ok(false);
         }
         let sum = &mut self.index.sum;

@@ -385,7 +385,7 @@ fn run_steps<'a>(
     let head = changes::Head {
         target: address.to_string(),
         stamp: stamp.to_string(),
-        config: view_config.clone(),
+        config: view_config,
         full_at: match &plan {
             changes::Plan::Full(_) => now,
             changes::Plan::Changes { full_at, .. } => *full_at,

@@ -344,3 +344,17 @@ fn a_pending_index_takes_the_place_of_the_last_only_when_committed() {
     assert_eq!(Index::load(&p).unwrap().unwrap().head, h2);
     assert_eq!(read(&p).unwrap(), entries(&BEFORE[..3]));
 }
+
+/// The writer refuses what the reader would: an index it wrote is always readable.
+#[test]
+fn a_path_the_reader_would_refuse_is_not_written() {
+    let t = tempfile::TempDir::new().unwrap();
+    let p = t.path().join("i.idx");
+    let long = "x".repeat(MAX_PATH as usize + 1);
+    let w = walk(&[("", true, 1), (long.as_str(), false, 2)]);
+    let e = Index::save(&w, &head("t", "s", "c", 1), &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("longer than {MAX_PATH} bytes")), "{e}");
+    assert!(!p.exists(), "nothing left in its place");
+}
