@@ -28,7 +28,7 @@
 //! a week.
 
 use crate::manifest::meta::MetaEntry;
-use crate::verify::ViewWalk;
+use crate::verify::{VerifyError, ViewWalk};
 use sha2::Digest as _;
 use std::collections::HashSet;
 use std::fs;
@@ -49,6 +49,9 @@ pub enum ChangesError {
     /// full pass and writes its own).
     #[error("{path}: an index of another snapveil version ({found}; this one reads {})", &HEADER[2..])]
     Version { path: PathBuf, found: String },
+    /// The walk it is made from or merged with could not be read.
+    #[error(transparent)]
+    Walk(#[from] VerifyError),
 }
 
 /// Where a job's index lives.
@@ -123,9 +126,9 @@ pub struct Index {
     sum: sha2::Sha256,
 }
 
-/// A path in an index is at most this long (Linux's `PATH_MAX` is 4 KiB): the writer
-/// refuses a longer one as the reader does, so an index it wrote is always readable.
-const MAX_PATH: u64 = 1 << 16;
+/// A path in an index is at most this long: the walk it is written from refuses a
+/// longer one, so an index it wrote is always readable.
+use crate::verify::MAX_PATH;
 
 impl Index {
     /// Writes the index of `walk` (0600, atomically) to `path`.
@@ -155,21 +158,18 @@ impl Index {
             out(text.as_bytes())?;
             let mut prev: Vec<u8> = Vec::new();
             let mut buf = Vec::with_capacity(64);
-            for e in walk.entries() {
-                if e.path.len() as u64 > MAX_PATH {
-                    return Err(std::io::Error::other(format!(
-                        "a path of the view longer than {MAX_PATH} bytes ({})",
-                        String::from_utf8_lossy(&e.path[..64])
-                    )));
-                }
-                let shared = prev.iter().zip(&e.path).take_while(|(a, b)| a == b).count();
+            let mut e = walk.cursor().map_err(std::io::Error::other)?;
+            while e.advance().map_err(std::io::Error::other)? {
+                let path = e.path();
+                let shared = prev.iter().zip(path).take_while(|(a, b)| a == b).count();
                 buf.clear();
-                leb128(&mut buf, shared as u64);
-                leb128(&mut buf, (e.path.len() - shared) as u64);
-                buf.extend_from_slice(&e.path[shared..]);
-                buf.extend_from_slice(&e.fp.to_le_bytes());
+                crate::leb128::push(&mut buf, shared as u64);
+                crate::leb128::push(&mut buf, (path.len() - shared) as u64);
+                buf.extend_from_slice(&path[shared..]);
+                buf.extend_from_slice(&e.fp().to_le_bytes());
                 out(&buf)?;
-                prev = e.path;
+                prev.truncate(shared);
+                prev.extend_from_slice(&path[shared..]);
             }
             let sum = std::mem::take(&mut sum).finalize();
             w.write_all(&sum)
@@ -343,17 +343,13 @@ impl Entries {
         }
         let sum = &mut self.index.sum;
         let mut num = || -> Result<u64, ChangesError> {
-            let mut v = 0u64;
-            for shift in (0..64).step_by(7) {
-                let mut b = [0u8; 1];
-                r.read_exact(&mut b).map_err(io)?;
-                sum.update(b);
-                v |= u64::from(b[0] & 0x7f) << shift;
-                if b[0] & 0x80 == 0 {
-                    return Ok(v);
+            crate::leb128::read(r, |b| sum.update([b])).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    corrupt(at, "a length too long")
+                } else {
+                    io(e)
                 }
-            }
-            Err(corrupt(at, "a length too long"))
+            })
         };
         let shared = num()?;
         let rest = num()?;
@@ -392,19 +388,6 @@ fn corrupt(path: &Path, why: &str) -> ChangesError {
     ChangesError::Corrupt {
         path: path.into(),
         why: why.into(),
-    }
-}
-
-/// Appends `v` as LEB128 (7 bits a byte, low first, the high bit set on all but the last).
-fn leb128(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
     }
 }
 
@@ -489,41 +472,50 @@ pub struct Expect<'a> {
 }
 
 /// Decides the transfer: the changes since `index`, or a full pass and why.
-pub fn plan(index: Result<Option<Index>, ChangesError>, walk: &ViewWalk, e: &Expect<'_>) -> Plan {
+///
+/// # Errors
+/// The walk cannot be read (an index that cannot be used is a full pass, not an error).
+pub fn plan(
+    index: Result<Option<Index>, ChangesError>,
+    walk: &ViewWalk,
+    e: &Expect<'_>,
+) -> Result<Plan, VerifyError> {
+    let full = |why: String| Ok(Plan::Full(why));
     let index = match index {
-        _ if e.forced_full => return Plan::Full("--full".into()),
-        _ if !e.frozen => return Plan::Full("the source is live (dir:), not a snapshot".into()),
-        Ok(None) => return Plan::Full("no index of an earlier run".into()),
-        Err(err) => return Plan::Full(format!("the index cannot be used ({err})")),
+        _ if e.forced_full => return full("--full".into()),
+        _ if !e.frozen => return full("the source is live (dir:), not a snapshot".into()),
+        Ok(None) => return full("no index of an earlier run".into()),
+        Err(err) => return full(format!("the index cannot be used ({err})")),
         Ok(Some(i)) => i,
     };
     let head = &index.head;
     if head.target != e.target {
-        return Plan::Full(format!("the index is of another target ({})", head.target));
+        return full(format!("the index is of another target ({})", head.target));
     }
     if e.newest != Some(head.stamp.as_str()) {
-        return Plan::Full(format!(
+        return full(format!(
             "the index is of restore point {}, the target's newest is {}",
             head.stamp,
             e.newest.unwrap_or("none")
         ));
     }
     if head.config != e.config {
-        return Plan::Full("excludes, rsync_args or source changed since the index".into());
+        return full("excludes, rsync_args or source changed since the index".into());
     }
     if e.now < head.full_at {
-        return Plan::Full("the clock is behind the last full pass".into());
+        return full("the clock is behind the last full pass".into());
     }
     if e.now - head.full_at >= e.full_every {
-        return Plan::Full(format!(
+        return full(format!(
             "the last full pass is {} days old (full_every)",
             (e.now - head.full_at) / 86400
         ));
     }
     let full_at = head.full_at;
     match changed_list(index, walk) {
-        Ok(list) => Plan::Changes { list, full_at },
-        Err(err) => Plan::Full(format!("the index cannot be used ({err})")),
+        Ok(list) => Ok(Plan::Changes { list, full_at }),
+        Err(ChangesError::Walk(err)) => Err(err),
+        Err(err) => full(format!("the index cannot be used ({err})")),
     }
 }
 
@@ -538,18 +530,19 @@ fn changed_list(index: Index, walk: &ViewWalk) -> Result<Vec<Vec<u8>>, ChangesEr
     let mut others: Vec<Vec<u8>> = Vec::new();
     let mut last = index.entries();
     let mut more = last.advance()?;
-    for e in walk.entries() {
+    let mut e = walk.cursor()?;
+    while e.advance()? {
         // Past the entries gone since (their directories changed, and show).
-        while more && last.path() < e.path.as_slice() {
+        while more && last.path() < e.path() {
             more = last.advance()?;
         }
-        if more && last.path() == e.path.as_slice() && last.fp() == e.fp {
+        if more && last.path() == e.path() && last.fp() == e.fp() {
             continue;
         }
-        if e.is_dir {
-            dirs.insert(e.path);
+        if e.is_dir() {
+            dirs.insert(e.path().to_vec());
         } else {
-            others.push(e.path);
+            others.push(e.path().to_vec());
         }
     }
     fn parent(p: &[u8]) -> &[u8] {

@@ -327,42 +327,36 @@ fn run_steps<'a>(
     };
     // The whole view, learnt in process (not through the mount): it decides what the
     // transfer covers, then serves the checksum pass and the manifest. The view shows a
-    // frozen snapshot, so nothing changes in between.
+    // frozen snapshot, so nothing changes in between. The walk goes to the run's
+    // scratch, and the `.meta` file is written as it goes (issue 13: neither is held in
+    // memory); the `.meta` is sent with the `.sha1`, made there too, at the end.
+    let scratch = target.staged("meta", "view.meta")?;
+    let walk_file = scratch.path.with_file_name("view.walk");
+    let sha1_file = scratch.path.with_file_name("view.sha1");
+    let mut meta = std::fs::File::create(&scratch.path)
+        .map(|f| std::io::BufWriter::with_capacity(1 << 16, f))
+        .with_context(|| format!("writing {}", scratch.path.display()))?;
     let phase = Instant::now();
     let core = held.view.as_ref().expect("mounted above").core();
     let (sent_conf, walk) = std::thread::scope(|s| {
         let span = tracing::Span::current();
         let sending = s.spawn(move || span.in_scope(send_conf));
-        let walk = crate::verify::walk_core(core, &mp).context("walking the view");
+        let walk =
+            crate::verify::walk_core(core, &mp, &walk_file, &mut meta).context("walking the view");
         let walked = phase.elapsed();
         let sent = sending
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         (sent, walk.map(|w| (w, walked)))
     });
+    drop(meta);
     sent_conf?;
-    let (mut walk, walked) = walk?;
+    let (walk, walked) = walk?;
     tracing::info!(
         entries = walk.len(),
         secs = walked.as_secs_f32(),
         "walked the view"
     );
-    // The `.meta` file is written out now, and what only it needs of the walk (24 bytes
-    // an entry) is let go of before the plan loads the last run's index: otherwise both
-    // would be held at the run's peak. It is sent with the `.sha1` at the end.
-    let meta = target.staged("meta", "view.meta")?;
-    let meta_parts = [meta.path.clone(), meta.path.with_extension("meta2")];
-    let create = |p: &Path| {
-        std::fs::File::create(p)
-            .map(|f| std::io::BufWriter::with_capacity(1 << 16, f))
-            .with_context(|| format!("writing {}", p.display()))
-    };
-    let (mut first, mut second) = (create(&meta_parts[0])?, create(&meta_parts[1])?);
-    walk.write_meta(&mut first, &mut second)
-        .and_then(|()| std::io::Write::flush(&mut first))
-        .and_then(|()| std::io::Write::flush(&mut second))
-        .with_context(|| format!("writing {}", meta.path.display()))?;
-    drop((first, second));
     let address = target.address().to_string();
     let view_config = changes::view_config(&job.source.to_string(), &job.excludes, &job.rsync_args);
     let index_path = changes::index_path(&cfg.state_dir, &job.name);
@@ -379,7 +373,8 @@ fn run_steps<'a>(
             full_every: job.full_every.as_secs() as i64,
             now,
         },
-    );
+    )
+    .context("planning the transfer")?;
     // This run's index is written from the walk while the transfer runs and the
     // manifest is hashed, and put in place once the run is recorded.
     let head = changes::Head {
@@ -442,7 +437,7 @@ fn run_steps<'a>(
     let (index, done) = std::thread::scope(|s| {
         let span = tracing::Span::current();
         let saving = s.spawn(move || span.in_scope(save_index));
-        let done = (|| -> Result<(crate::target::rsync::Outcome, Vec<[u8; 20]>)> {
+        let done = (|| -> Result<crate::target::rsync::Outcome> {
             let mut out = send()?;
             tracing::info!(
                 files = out.sent.len(),
@@ -459,7 +454,7 @@ fn run_steps<'a>(
                 .last()
                 .and_then(|p| crate::stamp::Stamp::parse(p))
                 .map(|p| p.time().timestamp());
-            let changed = changed_since(&walk, since, &out.sent);
+            let changed = changed_since(&walk, since, &out.sent)?;
             if prev.is_none() {
                 // The manifest hashes every file: the names rsync sent (one per file on a
                 // first run) would only add to the run's peak memory while it does.
@@ -502,9 +497,9 @@ fn run_steps<'a>(
                 rehash.seal();
                 crate::verify::Reuse { prev, rehash }
             });
-            let sums =
-                crate::verify::hash_view(&walk, reuse.as_ref()).context("hashing the view")?;
-            Ok((out, sums))
+            crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)
+                .context("hashing the view")?;
+            Ok(out)
         })();
         let index = saving
             .join()
@@ -512,7 +507,7 @@ fn run_steps<'a>(
         (index, done)
     });
     drop(plan);
-    let (out, sums) = done?;
+    let out = done?;
     // Nothing reads the view or the snapshot any more, unless this run may verify the
     // target through the view: they are let go of (unmount, then the snapshot's
     // release: 0.3 s for btrfs to destroy the bench's snapshot) while the manifest is
@@ -523,7 +518,7 @@ fn run_steps<'a>(
         let span = tracing::Span::current();
         let release = releasing.map(|mut h| s.spawn(move || span.in_scope(|| h.release())));
         let recorded =
-            crate::verify::write_manifest(runner, target, stamp, &walk, &meta_parts, sums)
+            crate::verify::write_manifest(runner, target, stamp, &scratch.path, &sha1_file)
                 .context("writing the manifest of the view")
                 .and_then(|written| {
                     record_and_index(
@@ -536,15 +531,19 @@ fn run_steps<'a>(
             .unwrap_or_default();
         (recorded, errs)
     });
-    let written = recorded?;
+    recorded?;
     if !errs.is_empty() {
         bail!("cleanup failed: {}", errs.join("; "));
     }
-    let manifest = written.sums;
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
         if runs % job.verify_every == 0 {
-            let want = walk.files().map(|(p, _)| p).zip(manifest).collect();
+            let data = std::fs::read(&sha1_file)
+                .with_context(|| format!("reading {}", sha1_file.display()))?;
+            let want = crate::manifest::parse("the run's manifest", &data)?
+                .into_iter()
+                .map(|e| (e.path, e.sha1))
+                .collect();
             let r = crate::verify::check_view_against_target(runner, target, &mp, &want)?;
             if !r.ok() {
                 r.print();
@@ -634,14 +633,16 @@ fn changed_since(
     walk: &crate::verify::ViewWalk,
     since: Option<i64>,
     sent: &crate::manifest::PathSet,
-) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = walk
-        .files()
-        .filter(|(rel, ctime)| !sent.contains(rel) && since.is_none_or(|s| *ctime >= s))
-        .map(|(rel, _)| rel)
-        .collect();
-    out.sort();
-    out
+) -> Result<Vec<Vec<u8>>, crate::verify::VerifyError> {
+    let mut out = Vec::new();
+    for f in walk.files(0)? {
+        let (rel, ctime) = f?;
+        if !sent.contains(&rel) && since.is_none_or(|s| ctime >= s) {
+            out.push(rel);
+        }
+    }
+    // In path order already, as the walk is.
+    Ok(out)
 }
 
 /// The job's snapshot (`snapveil-JOB-STAMP`), the first half of the snapshot → view

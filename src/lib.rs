@@ -27,6 +27,7 @@ pub mod error;
 pub mod exec;
 pub mod hooks;
 pub mod job;
+pub mod leb128;
 pub mod lock;
 pub mod logging;
 pub mod manifest;

@@ -215,59 +215,49 @@ pub fn format_to(
 ) -> std::io::Result<()> {
     w.write_all(HEADER.as_bytes())?;
     w.write_all(b"\n")?;
-    format_lines_to(w, entries)
-}
-
-/// [`format_to`] without the header: what follows it, for a file written in parts.
-///
-/// # Errors
-/// Writing fails.
-pub fn format_lines_to(
-    w: &mut dyn std::io::Write,
-    entries: impl IntoIterator<Item = MetaEntry>,
-) -> std::io::Result<()> {
-    let mut chunk = Vec::with_capacity(512);
-    for e in entries {
-        chunk.push(e);
-        if chunk.len() == 512 {
-            w.write_all(&format_lines(&chunk))?;
-            chunk.clear();
-        }
+    let mut entries = entries.into_iter().peekable();
+    while entries.peek().is_some() {
+        w.write_all(&format_lines(entries.by_ref().take(512)))?;
     }
-    w.write_all(&format_lines(&chunk))
+    Ok(())
 }
 
-fn format_lines(entries: &[MetaEntry]) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut out = Vec::with_capacity(96 * entries.len());
+fn format_lines(entries: impl IntoIterator<Item = MetaEntry>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
     for e in entries {
-        // Into the buffer itself: a run writes a line for every entry of the tree.
-        write!(
-            out,
-            "{} {:04o} {} {} {} ",
-            e.kind.letter(),
-            e.mode,
-            e.uid,
-            e.gid,
-            e.mtime_ns
-        )
-        .expect("writing to a Vec");
-        if e.path.is_empty() {
-            out.push(b'.');
-        } else {
-            escape(&mut out, &e.path);
-        }
-        match &e.kind {
-            Kind::Symlink(t) => {
-                out.push(b' ');
-                escape(&mut out, t);
-            }
-            Kind::Char(r) | Kind::Block(r) => write!(out, " {r}").expect("writing to a Vec"),
-            _ => {}
-        }
-        out.push(b'\n');
+        push_line(&mut out, &e, &e.path);
     }
     out
+}
+
+/// Appends the line of `e` at `path` (`e.path` is not read: a walk keeps paths apart).
+pub fn push_line(out: &mut Vec<u8>, e: &MetaEntry, path: &[u8]) {
+    use std::io::Write as _;
+    // Into the buffer itself: a run writes a line for every entry of the tree.
+    write!(
+        out,
+        "{} {:04o} {} {} {} ",
+        e.kind.letter(),
+        e.mode,
+        e.uid,
+        e.gid,
+        e.mtime_ns
+    )
+    .expect("writing to a Vec");
+    if path.is_empty() {
+        out.push(b'.');
+    } else {
+        escape(out, path);
+    }
+    match &e.kind {
+        Kind::Symlink(t) => {
+            out.push(b' ');
+            escape(out, t);
+        }
+        Kind::Char(r) | Kind::Block(r) => write!(out, " {r}").expect("writing to a Vec"),
+        _ => {}
+    }
+    out.push(b'\n');
 }
 
 /// Parses what [`format`] writes. Paths are returned as written (the caller decides
