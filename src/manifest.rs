@@ -186,7 +186,9 @@ pub fn format_pairs_to<'a, P: AsRef<[u8]>>(
         if needs {
             out.push(b'\\');
         }
-        out.extend_from_slice(hex::encode(sha1).as_bytes());
+        let mut hex = [0u8; 40];
+        hex::encode_to_slice(sha1, &mut hex).expect("40 hex digits for 20 bytes");
+        out.extend_from_slice(&hex);
         out.extend_from_slice(b"  ");
         for b in path {
             match b {
