@@ -261,7 +261,6 @@ impl<R: std::io::BufRead> Merge<R> {
     }
 }
 
-
 /// Writes the manifest of the view (`sha1sum` lines of the files of `walk`, in its
 /// order) to the file `to`: each file's sum from the last restore point's manifest
 /// where `reuse` allows, hashed through the view otherwise. If that manifest turns out
@@ -806,5 +805,106 @@ mod tests {
         let bad = [line(1, "a"), "xyz  b\n".into()].concat();
         let e = merged(&bad, &["a", "b"], &[]).unwrap_err();
         assert!(e.contains("m.sha1:2: not a sha1sum line"), "{e}");
+    }
+
+    /// A tree of `n` small files (two directories deep) and its walk.
+    fn tree(t: &Path, n: usize) -> ViewWalk {
+        use crate::manifest::meta::{Kind, MetaEntry};
+        let e = |path: String, kind: Kind| MetaEntry {
+            path: path.into_bytes(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+        };
+        let mut found = vec![(e(String::new(), Kind::Dir), None, 0)];
+        for d in 0..n.div_ceil(1000) {
+            fs::create_dir(t.join(format!("d{d}"))).unwrap();
+            found.push((e(format!("d{d}"), Kind::Dir), None, 0));
+        }
+        for i in 0..n {
+            let p = format!("d{}/f{i}", i / 1000);
+            fs::write(t.join(&p), format!("file {i}")).unwrap();
+            found.push((e(p, Kind::File), Some(0), 0));
+        }
+        ViewWalk::from_found(t, found)
+    }
+
+    fn prev(t: &Path, lines: &str, rehash: &[&str]) -> Reuse {
+        let p = t.join("prev.sha1");
+        fs::write(&p, lines).unwrap();
+        let mut set = manifest::PathSet::new();
+        for r in rehash {
+            set.insert(r.as_bytes());
+        }
+        set.seal();
+        Reuse {
+            prev: PrevManifest {
+                copy: crate::target::LocalCopy::at(p),
+                file: "prev.sha1".into(),
+            },
+            rehash: set,
+        }
+    }
+
+    /// The manifest written as it is hashed, a step at a time on two threads, is what
+    /// hashing every file finds, in path order.
+    #[test]
+    fn the_manifest_made_in_steps_is_every_files_sum_in_path_order() {
+        let t = tempfile::TempDir::new().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // Three steps and a bit, in three directories.
+        let w = tree(&src, 2 * HASH_STEP + 1000 + 7);
+        let out = t.path().join("m.sha1");
+        hash_view(&w, None, &out).unwrap();
+        let want = manifest::format(&manifest::build(&src).unwrap());
+        assert_eq!(fs::read(&out).unwrap(), want);
+        assert_eq!(want.iter().filter(|b| **b == b'\n').count(), w.file_count());
+    }
+
+    /// Sums come from the last manifest for the files it lists and the run does not
+    /// hash again; a last manifest out of order anywhere (even after the last file) is
+    /// not used at all: the file is written again, every file hashed.
+    #[test]
+    fn the_last_manifest_gives_sums_unless_it_is_out_of_order_anywhere() {
+        let t = tempfile::TempDir::new().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let w = tree(&src, 3);
+        let all = manifest::build(&src).unwrap();
+        let real = |i: usize| hex::encode(all[i].sha1);
+        let fake = |b: u8| hex::encode([b; 20]);
+        let out = t.path().join("m.sha1");
+        // d0/f0 reused, d0/f1 not listed, d0/f2 listed but hashed again.
+        let r = prev(
+            t.path(),
+            &format!("{}  d0/f0\n{}  d0/f2\n", fake(1), fake(2)),
+            &["d0/f2"],
+        );
+        hash_view(&w, Some(&r), &out).unwrap();
+        assert_eq!(
+            String::from_utf8(fs::read(&out).unwrap()).unwrap(),
+            format!(
+                "{}  d0/f0\n{}  d0/f1\n{}  d0/f2\n",
+                fake(1),
+                real(1),
+                real(2)
+            )
+        );
+        let want = String::from_utf8(manifest::format(&all)).unwrap();
+        // Out of order after the last file the run has.
+        let late = prev(
+            t.path(),
+            &format!("{}  d0/f0\n{}  z\n{}  y\n", fake(1), fake(2), fake(3)),
+            &[],
+        );
+        hash_view(&w, Some(&late), &out).unwrap();
+        assert_eq!(String::from_utf8(fs::read(&out).unwrap()).unwrap(), want);
+        // Not a sha1sum line.
+        let bad = prev(t.path(), &format!("{}  d0/f0\nxyz\n", fake(1)), &[]);
+        hash_view(&w, Some(&bad), &out).unwrap();
+        assert_eq!(String::from_utf8(fs::read(&out).unwrap()).unwrap(), want);
     }
 }

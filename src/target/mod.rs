@@ -177,6 +177,17 @@ pub struct LocalCopy {
     _scratch: Option<Scratch>,
 }
 
+impl LocalCopy {
+    /// A copy that is a file of the test's own (not removed on drop).
+    #[cfg(test)]
+    pub(crate) fn at(path: PathBuf) -> Self {
+        LocalCopy {
+            path,
+            _scratch: None,
+        }
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Err(e) = fs::remove_dir_all(&self.0) {

@@ -92,8 +92,12 @@ impl ViewWalk {
 
 impl Drop for ViewWalk {
     fn drop(&mut self) {
-        if let Err(e) = fs::remove_file(&self.file) {
-            tracing::warn!(path = %self.file.display(), "cannot remove the walk's file: {e}");
+        // Gone already if its scratch directory went first.
+        match fs::remove_file(&self.file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.file.display(), "cannot remove the walk's file: {e}");
+            }
+            _ => {}
         }
     }
 }
