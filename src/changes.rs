@@ -28,7 +28,9 @@
 //! a week.
 
 use crate::manifest::meta::MetaEntry;
-use crate::verify::{VerifyError, ViewWalk};
+// A path in an index is at most MAX_PATH long: the walk it is written from refuses a
+// longer one, so an index it wrote is always readable.
+use crate::verify::{VerifyError, ViewWalk, MAX_PATH};
 use sha2::Digest as _;
 use std::collections::HashSet;
 use std::fs;
@@ -125,10 +127,6 @@ pub struct Index {
     r: std::io::BufReader<fs::File>,
     sum: sha2::Sha256,
 }
-
-/// A path in an index is at most this long: the walk it is written from refuses a
-/// longer one, so an index it wrote is always readable.
-use crate::verify::MAX_PATH;
 
 impl Index {
     /// Writes the index of `walk` (0600, atomically) to `path`.

@@ -635,7 +635,7 @@ fn changed_since(
     sent: &crate::manifest::PathSet,
 ) -> Result<Vec<Vec<u8>>, crate::verify::VerifyError> {
     let mut out = Vec::new();
-    for f in walk.files(0)? {
+    for f in walk.files()? {
         let (rel, ctime) = f?;
         if !sent.contains(&rel) && since.is_none_or(|s| ctime >= s) {
             out.push(rel);

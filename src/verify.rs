@@ -312,7 +312,7 @@ fn hash_into(walk: &ViewWalk, reuse: Option<&Reuse>, to: &Path) -> Result<(), Ha
         Some(r) => Some(r.prev.merge().map_err(Hashing::Prev)?),
         None => None,
     };
-    let mut files = walk.files(0)?;
+    let mut files = walk.files()?;
     let (mut n, mut hashed) = (0, 0);
     // A step's files: (path, sum if known).
     let mut step: Vec<(Vec<u8>, Option<[u8; 20]>)> = Vec::with_capacity(HASH_STEP);
