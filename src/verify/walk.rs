@@ -251,6 +251,7 @@ impl<'m> WalkBuilder<'m> {
             len: 0,
             n_files: 0,
         };
+        // The header (the file of no entries); [`WalkBuilder::push`] adds each line.
         manifest::meta::format_to(b.meta, std::iter::empty()).map_err(|e| b.meta_err(e))?;
         Ok(b)
     }
