@@ -464,6 +464,8 @@ pub struct Expect<'a> {
     pub frozen: bool,
     /// `snapveil run --full`.
     pub forced_full: bool,
+    /// The target's `current/` is empty: whatever the index says, it holds none of it.
+    pub empty: bool,
     /// Seconds after the last full pass when the next is due (`full_every`).
     pub full_every: i64,
     pub now: i64,
@@ -481,6 +483,7 @@ pub fn plan(
     let full = |why: String| Ok(Plan::Full(why));
     let index = match index {
         _ if e.forced_full => return full("--full".into()),
+        _ if e.empty => return full("the target's current/ is empty".into()),
         _ if !e.frozen => return full("the source is live (dir:), not a snapshot".into()),
         Ok(None) => return full("no index of an earlier run".into()),
         Err(err) => return full(format!("the index cannot be used ({err})")),

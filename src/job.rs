@@ -255,7 +255,8 @@ fn run_steps<'a>(
     target.set_auth(crate::crypto::RecordKey::new(&master));
     // What the target holds decides the stamp, and its layout whether we may write.
     let contents = target.scan(runner).context("reading the target")?;
-    target.check_owner(runner, &key.raw)?;
+    // An empty current/ (a first run) holds nothing but what this run sends.
+    let empty = target.check_owner(runner, &key.raw)?;
     // Its records must be ours and complete before anything is sent with --delete.
     let link = check_chain(
         cfg,
@@ -370,6 +371,7 @@ fn run_steps<'a>(
             config: &view_config,
             frozen: consistent,
             forced_full: opts.full,
+            empty,
             full_every: job.full_every.as_secs() as i64,
             now,
         },
@@ -397,7 +399,7 @@ fn run_steps<'a>(
         Ok(match &plan {
             changes::Plan::Full(why) => {
                 tracing::info!("full pass over the view: {why}");
-                transfer(Pass::Full)?
+                transfer(if empty { Pass::First } else { Pass::Full })?
             }
             changes::Plan::Changes { list, .. } if list.is_empty() => {
                 tracing::info!("nothing changed since the last run: no transfer");
@@ -440,7 +442,7 @@ fn run_steps<'a>(
         let done = (|| -> Result<crate::target::rsync::Outcome> {
             let mut out = send()?;
             tracing::info!(
-                files = out.sent.len(),
+                files = out.items,
                 secs = phase.elapsed().as_secs_f32(),
                 "transfer done"
             );
@@ -454,7 +456,13 @@ fn run_steps<'a>(
                 .last()
                 .and_then(|p| crate::stamp::Stamp::parse(p))
                 .map(|p| p.time().timestamp());
-            let changed = changed_since(&walk, since, &out.sent)?;
+            // Into an empty current/ everything was sent (the key config just before,
+            // from this same view): nothing there can differ unseen.
+            let changed = if empty {
+                Vec::new()
+            } else {
+                changed_since(&walk, since, &out.sent)?
+            };
             if prev.is_none() {
                 // The manifest hashes every file: the names rsync sent (one per file on a
                 // first run) would only add to the run's peak memory while it does.
@@ -470,7 +478,7 @@ fn run_steps<'a>(
                 let second = transfer(Pass::Checksum { list: list.path() })?;
                 if !second.sent.is_empty() {
                     tracing::info!(
-                        files = second.sent.len(),
+                        files = second.items,
                         "sent files whose size and mtime had not changed"
                     );
                 }

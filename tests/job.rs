@@ -1274,6 +1274,8 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
         log.contains("full pass over the view: no index of an earlier run"),
         "{log}"
     );
+    // Into an empty current/ everything is sent: nothing to compare by checksum after.
+    assert!(!log.contains("by checksum"), "{log}");
     // What a full pass right after finds: nothing to send, nothing moved aside.
     let same_as_full = |round: &str| {
         let gens_before = dirs(&target.join("generations"));
@@ -1378,6 +1380,32 @@ fn runs_send_only_what_changed_and_match_a_full_pass() {
     assert!(!out.join("bulk/d0").exists() && out.join("bulk/d1/f1").exists());
     let log = run("after the excludes", &[]);
     assert!(log.contains("nothing changed since the last run"), "{log}");
+    // current/ emptied behind snapveil's back, the index and the records left: the index
+    // describes none of it, so a full pass, and current/ is whole again.
+    let current = target.join("current");
+    for e in fs::read_dir(&current).unwrap() {
+        let p = e.unwrap().path();
+        if p.symlink_metadata().unwrap().is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    let log = run("emptied current/", &[]);
+    assert!(
+        log.contains("full pass over the view: the target's current/ is empty"),
+        "{log}"
+    );
+    let out = s.path("restore-emptied");
+    s.decrypt(&current, &out);
+    assert!(!out.join("bulk/d0").exists() && out.join("bulk/d1/f1").exists());
+    let want: std::collections::BTreeMap<_, _> = manifest(&src)
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(b"bulk/d0"))
+        .collect();
+    let d = diff(&want, &manifest(&out));
+    assert!(d.is_empty(), "current/ after the full pass:\n{d}");
+    sha1sum_agrees(&target, records(&target).last().unwrap());
     s.assert_clean("home", &b);
 }
 

@@ -63,6 +63,7 @@ fn expect<'a>(newest: Option<&'a str>) -> Expect<'a> {
         config: "c",
         frozen: true,
         forced_full: false,
+        empty: false,
         full_every: 7 * 86400,
         now: 1_000_000,
     }
@@ -179,6 +180,16 @@ fn a_full_pass_whenever_the_index_does_not_describe_the_target() {
         }
     ))
     .contains("--full"));
+    // An index that matches, of a target whose current/ was emptied since.
+    assert!(why(plan(
+        idx(),
+        &w,
+        &Expect {
+            empty: true,
+            ..expect(Some("S1"))
+        }
+    ))
+    .contains("the target's current/ is empty"));
     let late = Expect {
         now: 999_000 + 7 * 86400,
         ..expect(Some("S1"))

@@ -663,20 +663,21 @@ impl Target {
 
     /// Refuses a target whose `current/` is not this job's backup: rsync `--delete` there
     /// would destroy someone else's data. Ours carries `gocryptfs.conf`, the job's key
-    /// config byte for byte (`key_raw`).
+    /// config byte for byte (`key_raw`). Returns whether `current/` is empty (missing or
+    /// without an entry): then it holds nothing this run does not send.
     ///
     /// # Errors
     /// Another key's config, files without one, or the target cannot be read.
-    pub fn check_owner(&self, runner: &dyn Runner, key_raw: &[u8]) -> Result<(), TargetError> {
+    pub fn check_owner(&self, runner: &dyn Runner, key_raw: &[u8]) -> Result<bool, TargetError> {
         let conf = crate::crypto::names::CONF_NAME;
         let refuse = |what| TargetError::NotOurs {
             target: self.address.to_string(),
             what,
         };
         match self.fetch(runner, Area::Current, conf)? {
-            Some(b) if b == key_raw => Ok(()),
+            Some(b) if b == key_raw => Ok(false),
             Some(_) => Err(refuse("holds a gocryptfs.conf of another key config")),
-            None if self.list(runner, Area::Current)?.is_empty() => Ok(()),
+            None if self.list(runner, Area::Current)?.is_empty() => Ok(true),
             None => Err(refuse(
                 "exists but holds no gocryptfs.conf: it is not a snapveil backup",
             )),
@@ -993,7 +994,8 @@ impl Target {
     ) -> Result<Outcome, RsyncError> {
         let cmd = rsync::transfer_cmd(&self.ep, &self.address.backup_dir(stamp), extra, view, pass);
         tracing::info!(cmd = %cmd, "transferring");
-        rsync::transfer(runner, &cmd, self.ep.shown())
+        let names = !matches!(pass, Pass::First);
+        rsync::transfer(runner, &cmd, self.ep.shown(), names)
     }
 
     /// A list of paths for rsync's `--files-from --from0`, in this process's scratch

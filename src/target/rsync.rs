@@ -61,9 +61,11 @@ pub struct Outcome {
     /// rsync exit 24: some files vanished while it ran (only possible on a `dir:` source).
     pub vanished: bool,
     /// What rsync sent, as paths relative to the view (directories end in `/`), by key
-    /// ([`crate::manifest::path_key`]): a first run sends every file, and 16 bytes a file
-    /// instead of its name keeps that list small (issue 13).
+    /// ([`crate::manifest::path_key`]: 16 bytes a file instead of its name); empty after
+    /// a [`Pass::First`], which sends everything.
     pub sent: crate::manifest::PathSet,
+    /// How many entries rsync sent, listed or not.
+    pub items: usize,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -232,6 +234,10 @@ pub enum Pass<'a> {
     /// The whole view with `--delete`: rsync's quick check (size and whole-second mtime)
     /// decides what to send.
     Full,
+    /// [`Pass::Full`] into an empty `current/`: everything is sent, so what was is not
+    /// listed in the [`Outcome`] (on a first run that list would be every file: 16 bytes
+    /// a file of the run's memory).
+    First,
     /// Only the files named (NUL-separated, relative to the view) in `list`, compared by
     /// checksum on both ends: changes the quick check cannot see.
     Checksum { list: &'a Path },
@@ -256,7 +262,7 @@ pub fn transfer_cmd(
         // after the transfer. Done during it, the generator and the receiver both create
         // the same backup directories at once, and rsync 3.5 fails one with `make_backup
         // ... File exists`.
-        Pass::Full => c.args([
+        Pass::Full | Pass::First => c.args([
             "--delete",
             "--delete-delay",
             "--delete-excluded",
@@ -285,26 +291,35 @@ pub fn transfer_cmd(
 ///
 /// # Errors
 /// rsync failing (other than exit 24), or cancellation.
-pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome, RsyncError> {
+/// `names`: list what rsync sent in the [`Outcome`] (else only count it).
+pub fn transfer(
+    runner: &dyn Runner,
+    cmd: &Cmd,
+    target: &str,
+    names: bool,
+) -> Result<Outcome, RsyncError> {
     let cmd = cmd.clone().cancellable(0);
     let mut child = runner.spawn(&cmd).map_err(RsyncError::Spawn)?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut stats_text = String::new();
     let mut sent = crate::manifest::PathSet::new();
+    let mut files = 0;
     while let Ok(Some(line)) = child.read_line() {
         if let Some(name) = line.strip_prefix(b">") {
             let name = name.strip_suffix(b"\n").unwrap_or(name);
+            files += 1;
             if tty {
                 let n: String = String::from_utf8_lossy(name).chars().take(60).collect();
-                eprint!("\r\x1b[2K  {} files sent, {n}", sent.len() + 1);
+                eprint!("\r\x1b[2K  {files} files sent, {n}");
             }
-            sent.insert(&unescape(name));
+            if names {
+                sent.insert(&unescape(name));
+            }
         } else {
             stats_text.push_str(&String::from_utf8_lossy(&line));
         }
     }
     sent.seal();
-    let files = sent.len();
     if tty && files > 0 {
         eprintln!();
     }
@@ -361,6 +376,7 @@ pub fn transfer(runner: &dyn Runner, cmd: &Cmd, target: &str) -> Result<Outcome,
         stats: parse_stats(&stats_text),
         vanished,
         sent,
+        items: files,
     })
 }
 
