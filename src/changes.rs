@@ -483,10 +483,10 @@ pub fn plan(
     let full = |why: String| Ok(Plan::Full(why));
     let index = match index {
         _ if e.forced_full => return full("--full".into()),
-        _ if e.empty => return full("the target's current/ is empty".into()),
         _ if !e.frozen => return full("the source is live (dir:), not a snapshot".into()),
         Ok(None) => return full("no index of an earlier run".into()),
         Err(err) => return full(format!("the index cannot be used ({err})")),
+        _ if e.empty => return full("the target's current/ is empty".into()),
         Ok(Some(i)) => i,
     };
     let head = &index.head;
