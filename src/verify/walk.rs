@@ -128,7 +128,7 @@ impl Cursor {
         let r = &mut self.r;
         let shared = crate::leb128::read(r, |_| {}).map_err(io(file))?;
         let rest = crate::leb128::read(r, |_| {}).map_err(io(file))?;
-        if shared > self.path.len() as u64 || rest > MAX_PATH {
+        if shared > self.path.len() as u64 || rest > MAX_PATH || shared + rest > MAX_PATH {
             return Err(damaged("a length out of range"));
         }
         self.path.truncate(shared as usize);

@@ -184,6 +184,34 @@ fn a_damaged_walk_file_is_an_error() {
     );
 }
 
+/// A damaged length that would make a path longer than a walk writes is refused, not
+/// followed: each entry may add at most [`MAX_PATH`] bytes to the one before.
+#[test]
+fn a_path_grown_past_the_bound_by_a_damaged_file_is_refused() {
+    let root = MetaEntry {
+        kind: Kind::Dir,
+        ..entry("")
+    };
+    let mut w = ViewWalk::from_found(Path::new("/v"), vec![(root, None, 0)]);
+    // After the root: a path of MAX_PATH bytes, then one that keeps all of it and adds a
+    // byte.
+    let mut data = fs::read(&w.file).unwrap();
+    for (shared, rest) in [(0, MAX_PATH), (MAX_PATH, 1)] {
+        crate::leb128::push(&mut data, shared);
+        crate::leb128::push(&mut data, rest);
+        data.extend(std::iter::repeat_n(b'x', rest as usize));
+        data.push(OTHER);
+        data.extend_from_slice(&0u64.to_le_bytes());
+    }
+    fs::write(&w.file, &data).unwrap();
+    w.len = 3;
+    let mut c = w.cursor().unwrap();
+    assert!(c.advance().unwrap() && c.advance().unwrap());
+    assert_eq!(c.path().len() as u64, MAX_PATH);
+    let e = c.advance().unwrap_err().to_string();
+    assert!(e.contains("damaged (a length out of range)"), "{e}");
+}
+
 /// The walk a run takes in process is the walk through the mount, entry for entry:
 /// names (long ones, the IVs, the key config), kinds, modes, owners, mtimes, link
 /// targets, file ctimes, with excluded entries left out.
