@@ -855,7 +855,7 @@ mod tests {
         let t = tempfile::TempDir::new().unwrap();
         let src = t.path().join("src");
         fs::create_dir(&src).unwrap();
-        // Three steps and a bit, in three directories.
+        // Two steps of HASH_STEP files and a third of 1,007, in four directories.
         let w = tree(&src, 2 * HASH_STEP + 1000 + 7);
         let out = t.path().join("m.sha1");
         hash_view(&w, None, &out).unwrap();
