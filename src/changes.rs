@@ -158,16 +158,10 @@ impl Index {
             let mut buf = Vec::with_capacity(64);
             let mut e = walk.cursor().map_err(std::io::Error::other)?;
             while e.advance().map_err(std::io::Error::other)? {
-                let path = e.path();
-                let shared = prev.iter().zip(path).take_while(|(a, b)| a == b).count();
                 buf.clear();
-                crate::leb128::push(&mut buf, shared as u64);
-                crate::leb128::push(&mut buf, (path.len() - shared) as u64);
-                buf.extend_from_slice(&path[shared..]);
+                crate::leb128::push_path(&mut buf, &mut prev, e.path());
                 buf.extend_from_slice(&e.fp().to_le_bytes());
                 out(&buf)?;
-                prev.truncate(shared);
-                prev.extend_from_slice(&path[shared..]);
             }
             let sum = std::mem::take(&mut sum).finalize();
             w.write_all(&sum)
@@ -436,12 +430,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         // After a commit the pending name is gone: NotFound is the normal case.
-        match fs::remove_file(&self.pending) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %self.pending.display(), "cannot remove: {e}");
-            }
-            _ => {}
-        }
+        crate::status::remove_or_warn(&self.pending);
     }
 }
 

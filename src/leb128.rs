@@ -1,6 +1,6 @@
-//! LEB128 numbers (7 bits a byte, low first, the high bit set on all but the last): the
-//! lengths of the front-coded paths in a run's walk ([`crate::verify::ViewWalk`]) and in
-//! its index ([`crate::changes`]).
+//! LEB128 numbers (7 bits a byte, low first, the high bit set on all but the last), and
+//! the front-coded paths made of them, in a run's walk ([`crate::verify::ViewWalk`]) and
+//! in its index ([`crate::changes`]).
 
 /// Appends `v`.
 pub fn push(out: &mut Vec<u8>, mut v: u64) {
@@ -13,6 +13,17 @@ pub fn push(out: &mut Vec<u8>, mut v: u64) {
         }
         out.push(b | 0x80);
     }
+}
+
+/// Appends `path` front-coded against `prev` (the path written before it): the length
+/// of what the two share, the length of the rest, and the rest. `prev` becomes `path`.
+pub fn push_path(out: &mut Vec<u8>, prev: &mut Vec<u8>, path: &[u8]) {
+    let shared = prev.iter().zip(path).take_while(|(a, b)| a == b).count();
+    push(out, shared as u64);
+    push(out, (path.len() - shared) as u64);
+    out.extend_from_slice(&path[shared..]);
+    prev.truncate(shared);
+    prev.extend_from_slice(&path[shared..]);
 }
 
 /// Reads one number from `r`, handing each byte to `seen` too (a reader that sums

@@ -103,13 +103,20 @@ pub fn write_atomic_with(
         })
         .and_then(|()| fs::rename(&tmp, path));
     if r.is_err() {
-        if let Err(e) = fs::remove_file(&tmp) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %tmp.display(), "cannot remove the temporary file: {e}");
-            }
-        }
+        remove_or_warn(&tmp);
     }
     r
+}
+
+/// Removes a file this process made and no longer needs (a temp file, a scratch file):
+/// one already gone is fine, one that cannot be removed is logged, not an error.
+pub fn remove_or_warn(path: &Path) {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), "cannot remove: {e}");
+        }
+        _ => {}
+    }
 }
 
 /// The PID in a [`write_atomic`] temp file name, `.NAME.tmp-PID`.

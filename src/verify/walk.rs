@@ -87,12 +87,7 @@ impl ViewWalk {
 impl Drop for ViewWalk {
     fn drop(&mut self) {
         // Gone already if its scratch directory went first.
-        match fs::remove_file(&self.file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %self.file.display(), "cannot remove the walk's file: {e}");
-            }
-            _ => {}
-        }
+        crate::status::remove_or_warn(&self.file);
     }
 }
 
@@ -281,20 +276,11 @@ impl<'m> WalkBuilder<'m> {
             path: self.root.clone(),
             source: std::io::Error::other(why),
         };
-        let shared = self
-            .prev
-            .iter()
-            .zip(path)
-            .take_while(|(a, b)| a == b)
-            .count();
+        // Strictly after the path before (bytes compared in order): the root first.
         let after = if self.len == 0 {
             path.is_empty()
         } else {
-            match (self.prev.get(shared), path.get(shared)) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(a), Some(b)) => b > a,
-            }
+            path > self.prev.as_slice()
         };
         if !after {
             return Err(wrong(format!(
@@ -315,9 +301,7 @@ impl<'m> WalkBuilder<'m> {
         };
         let b = &mut self.buf;
         b.clear();
-        crate::leb128::push(b, shared as u64);
-        crate::leb128::push(b, (path.len() - shared) as u64);
-        b.extend_from_slice(&path[shared..]);
+        crate::leb128::push_path(b, &mut self.prev, path);
         b.push(kind);
         b.extend_from_slice(&fp.to_le_bytes());
         if kind == FILE {
@@ -331,8 +315,6 @@ impl<'m> WalkBuilder<'m> {
         if let Err(e) = self.meta.write_all(b) {
             return Err(self.meta_err(e));
         }
-        self.prev.truncate(shared);
-        self.prev.extend_from_slice(&path[shared..]);
         self.len += 1;
         Ok(())
     }
