@@ -308,8 +308,9 @@ const HASH_STEP: usize = 1024;
 /// [`hash_view`], with the last manifest's sums where `reuse` has them.
 fn hash_into(walk: &ViewWalk, reuse: Option<&Reuse>, to: &Path) -> Result<(), Hashing> {
     let mut out = std::io::BufWriter::with_capacity(1 << 16, fs::File::create(to).map_err(io(to))?);
+    // The last manifest's lines, and what not to take from them.
     let mut prev = match reuse {
-        Some(r) => Some(r.prev.merge().map_err(Hashing::Prev)?),
+        Some(r) => Some((r.prev.merge().map_err(Hashing::Prev)?, &r.rehash)),
         None => None,
     };
     let mut files = walk.files()?;
@@ -321,8 +322,8 @@ fn hash_into(walk: &ViewWalk, reuse: Option<&Reuse>, to: &Path) -> Result<(), Ha
         step.clear();
         for f in files.by_ref().take(HASH_STEP) {
             let (path, _) = f?;
-            let sum = match (&mut prev, reuse) {
-                (Some(m), Some(r)) if !r.rehash.contains(&path) => {
+            let sum = match &mut prev {
+                Some((m, rehash)) if !rehash.contains(&path) => {
                     m.sum_of(&path).map_err(Hashing::Prev)?
                 }
                 _ => None,
@@ -343,7 +344,7 @@ fn hash_into(walk: &ViewWalk, reuse: Option<&Reuse>, to: &Path) -> Result<(), Ha
         manifest::format_pairs_to(&mut out, lines).map_err(io(to))?;
         n += step.len();
     }
-    if let Some(m) = prev {
+    if let Some((m, _)) = prev {
         m.finish().map_err(Hashing::Prev)?;
     }
     std::io::Write::flush(&mut out).map_err(io(to))?;
