@@ -287,11 +287,11 @@ pub fn transfer_cmd(
 
 /// Runs the transfer; on a terminal shows a one-line progress. rsync is
 /// [`Cmd::cancellable`]: a terminating signal stops it (SIGTERM to its process group)
-/// through the runner, the same way as hooks.
+/// through the runner, the same way as hooks. With `names`, what rsync sent is listed in
+/// the [`Outcome`]; without, only counted.
 ///
 /// # Errors
 /// rsync failing (other than exit 24), or cancellation.
-/// `names`: list what rsync sent in the [`Outcome`] (else only count it).
 pub fn transfer(
     runner: &dyn Runner,
     cmd: &Cmd,
