@@ -339,20 +339,43 @@ fn run_steps<'a>(
         .with_context(|| format!("writing {}", scratch.path.display()))?;
     let phase = Instant::now();
     let core = held.view.as_ref().expect("mounted above").core();
-    let (sent_conf, walk) = std::thread::scope(|s| {
-        let span = tracing::Span::current();
-        let sending = s.spawn(move || span.in_scope(send_conf));
-        let walk =
-            crate::verify::walk_core(core, &mp, &walk_file, &mut meta).context("walking the view");
-        let walked = phase.elapsed();
-        let sent = sending
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (sent, walk.map(|w| (w, walked)))
-    });
+    let walk_and_send = |meta: &mut dyn std::io::Write,
+                         also: Option<&mut crate::verify::AlsoVisit<'_>>|
+     -> Result<(crate::verify::ViewWalk, std::time::Duration)> {
+        let (sent, walk) = std::thread::scope(|s| {
+            let span = tracing::Span::current();
+            let sending = s.spawn(move || span.in_scope(send_conf));
+            let walk = crate::verify::walk_core(core, &mp, &walk_file, meta, also)
+                .context("walking the view");
+            let walked = phase.elapsed();
+            let sent = sending
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (sent, walk.map(|w| (w, walked)))
+        });
+        sent?;
+        walk
+    };
+    // A first run into an empty current/ on this machine is written as the view is
+    // walked, with the manifest's sums, instead of by rsync through the mount
+    // (crate::target::seed): only from a frozen snapshot, and only without rsync_args of
+    // the user's, whose effect on a copy rsync did not make would be a guess.
+    let seed_into = (empty && consistent && job.rsync_args.is_empty())
+        .then(|| target.current_here())
+        .flatten();
+    let ((walk, walked), seeded) = match &seed_into {
+        Some(current) => {
+            let (w, s) = crate::target::seed::run(core, current, &sha1_file, |feed| {
+                walk_and_send(
+                    &mut meta,
+                    Some(&mut |p, a, l, r| feed.entry(p, a, l, r).map_err(Into::into)),
+                )
+            })?;
+            (w, Some(s))
+        }
+        None => (walk_and_send(&mut meta, None)?, None),
+    };
     drop(meta);
-    sent_conf?;
-    let (walk, walked) = walk?;
     tracing::info!(
         entries = walk.len(),
         secs = walked.as_secs_f32(),
@@ -396,6 +419,23 @@ fn run_steps<'a>(
     check_cancel()?;
     let phase = Instant::now();
     let send = || -> Result<crate::target::rsync::Outcome> {
+        if let Some(s) = seeded {
+            tracing::info!(
+                files = s.files,
+                bytes = s.bytes,
+                entries = s.entries,
+                "wrote current/ as the view was walked: nothing to transfer"
+            );
+            return Ok(crate::target::rsync::Outcome {
+                stats: crate::target::rsync::Stats {
+                    files_transferred: s.files,
+                    bytes_sent: s.bytes,
+                    total_size: s.bytes,
+                },
+                items: s.entries as usize,
+                ..Default::default()
+            });
+        }
         Ok(match &plan {
             changes::Plan::Full(why) => {
                 tracing::info!("full pass over the view: {why}");
@@ -505,8 +545,11 @@ fn run_steps<'a>(
                 rehash.seal();
                 crate::verify::Reuse { prev, rehash }
             });
-            crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)
-                .context("hashing the view")?;
+            // A seeded current/ was summed as it was written.
+            if seeded.is_none() {
+                crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)
+                    .context("hashing the view")?;
+            }
             Ok(out)
         })();
         let index = saving

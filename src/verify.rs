@@ -28,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 mod walk;
-pub use walk::{walk_core, Cursor, Files, ViewWalk, MAX_PATH};
+pub use walk::{walk_core, AlsoVisit, Cursor, Files, ViewWalk, MAX_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -59,6 +59,8 @@ pub enum VerifyError {
     Chain(#[from] crate::target::chain::StateError),
     #[error(transparent)]
     View(#[from] crate::view::ViewError),
+    #[error(transparent)]
+    Seed(#[from] crate::target::seed::SeedError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {

@@ -21,6 +21,7 @@ pub mod chain;
 pub mod layout;
 pub mod ops;
 pub mod rsync;
+pub mod seed;
 
 pub use address::{check_dataset, Address, ZfsAddress};
 pub use layout::{new_stamp, Area, Contents, RecordFile, RunRecord};

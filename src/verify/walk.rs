@@ -348,19 +348,34 @@ impl Drop for WalkBuilder<'_> {
     }
 }
 
+/// What [`walk_core`] gives each entry to besides its walk: view path, attributes, a
+/// symlink's target as the view shows it, and where the view finds it.
+pub type AlsoVisit<'a> = dyn FnMut(
+        &[u8],
+        &crate::view::Attr,
+        Option<&[u8]>,
+        &crate::view::Resolved,
+    ) -> Result<(), VerifyError>
+    + 'a;
+
 /// Walks the view mounted at `root` through its core in this process
 /// ([`crate::view::ViewCore::walk`]) instead of through the mount (the same entries with
 /// the same attributes, without a FUSE round trip per directory page), into a new file
 /// at `file` (in the run's scratch), and writes the `.meta` file of it to `meta` as it
 /// goes.
 ///
+/// Each entry is also given to `also`, when there is one, before it is kept: a first
+/// run into an empty `current/` on this machine writes it there as it is found
+/// ([`crate::target::seed`]).
+///
 /// # Errors
-/// An unreadable entry of the source, by path; writing either file.
+/// An unreadable entry of the source, by path; writing either file; what `also` returns.
 pub fn walk_core(
     core: &crate::view::ViewCore,
     root: &Path,
     file: &Path,
     meta: &mut dyn Write,
+    mut also: Option<&mut AlsoVisit<'_>>,
 ) -> Result<ViewWalk, VerifyError> {
     use crate::view::Kind as V;
     use std::time::UNIX_EPOCH;
@@ -371,7 +386,10 @@ pub fn walk_core(
         }
     }
     let mut b = WalkBuilder::new(root, file, meta)?;
-    core.walk::<VerifyError>(&mut |path, a, link| {
+    core.walk::<VerifyError>(&mut |path, a, link, place| {
+        if let Some(also) = also.as_mut() {
+            also(path, a, link.as_deref(), place)?;
+        }
         let kind = match a.kind {
             V::Dir => Kind::Dir,
             V::File => Kind::File,

@@ -638,8 +638,11 @@ impl Table {
 /// looked up yet get a number from this range, which never names a node.
 const UNLOOKED_INO: u64 = 1 << 63;
 
-/// A node's place, put together from its parents on demand.
-struct Resolved {
+/// A node's place, put together from its parents on demand; also what the walk gives
+/// with each entry, so that a file can be opened without a node
+/// ([`ViewCore::open_resolved`]).
+#[derive(Clone)]
+pub struct Resolved {
     /// Path relative to the source root (for virtual files: of the directory holding
     /// them; for long-name files: of the entry they name).
     plain: PathBuf,
@@ -689,7 +692,8 @@ pub struct ExportedConf {
 }
 
 /// What [`ViewCore::walk`] calls for each entry: (view path, attributes, link target).
-pub type WalkVisit<'v, E> = dyn FnMut(&[u8], &Attr, Option<Vec<u8>>) -> Result<(), E> + 'v;
+pub type WalkVisit<'v, E> =
+    dyn FnMut(&[u8], &Attr, Option<Vec<u8>>, &Resolved) -> Result<(), E> + 'v;
 
 pub struct ViewCore {
     root: PathBuf,
@@ -1149,7 +1153,15 @@ impl ViewCore {
     /// # Errors
     /// Unknown node, a special file (EACCES, as gocryptfs), or I/O errors.
     pub fn open(&self, ino: u64) -> Result<Handle, ViewError> {
-        let node = self.resolve(ino)?;
+        self.open_resolved(&self.resolve(ino)?)
+    }
+
+    /// [`ViewCore::open`] of an entry the walk gave ([`ViewCore::walk`]), which has no
+    /// node.
+    ///
+    /// # Errors
+    /// As [`ViewCore::open`].
+    pub fn open_resolved(&self, node: &Resolved) -> Result<Handle, ViewError> {
         match &node.virt {
             Virt::Real => {
                 let p = self.abs(&node.plain);
@@ -1236,6 +1248,34 @@ impl ViewCore {
             .filter_map(|i| l.ino(i))
             .take(n)
             .collect()
+    }
+
+    /// [`ViewCore::read`], its blocks encrypted on the calling thread: for a caller that
+    /// reads several files at once on threads of its own ([`crate::target::seed`]).
+    ///
+    /// # Errors
+    /// I/O errors of the source file.
+    pub fn read_here(&self, h: &Handle, offset: u64, size: u64) -> std::io::Result<Vec<u8>> {
+        match h {
+            Handle::Virtual(data) => {
+                let start = (offset as usize).min(data.len());
+                let end = (start + size as usize).min(data.len());
+                Ok(data[start..end].to_vec())
+            }
+            Handle::Real {
+                file,
+                ivs,
+                plain_size,
+            } => encrypt_range(
+                &self.keys,
+                file,
+                ivs,
+                *plain_size,
+                offset,
+                size,
+                Blocks::OneThread,
+            ),
+        }
     }
 
     /// See [`Tree::read_small`].

@@ -193,7 +193,7 @@ impl Ahead<'_> {
             } else {
                 let (a, link) = found[i as usize].take().expect("each entry once")?;
                 let child = dir.child(&listing, i as usize);
-                visit(&child.cpath, &a, link)?;
+                visit(&child.cpath, &a, link, &child)?;
             }
         }
         Ok(())
@@ -236,7 +236,7 @@ impl ViewCore {
     /// The first entry of the source that cannot be read, or what `visit` returns.
     pub fn walk<E: From<ViewError>>(&self, visit: &mut WalkVisit<'_, E>) -> Result<(), E> {
         let root = Resolved::root();
-        visit(&[], &self.attr_of(ROOT_INO, &root)?, None)?;
+        visit(&[], &self.attr_of(ROOT_INO, &root)?, None, &root)?;
         let ahead = Ahead {
             core: self,
             state: Mutex::new(State::default()),
@@ -317,7 +317,7 @@ mod tests {
         assert_ne!(dfs, want, "the tree has a name that extends a directory's");
         for _ in 0..5 {
             let mut got = Vec::new();
-            c.walk::<ViewError>(&mut |p, a, _| {
+            c.walk::<ViewError>(&mut |p, a, _, _| {
                 got.push((p.to_vec(), a.kind));
                 Ok(())
             })
@@ -340,7 +340,7 @@ mod tests {
         }
         let c = core(t.path());
         let mut seen = 0;
-        let r = c.walk::<ViewError>(&mut |_, _, _| {
+        let r = c.walk::<ViewError>(&mut |_, _, _, _| {
             seen += 1;
             if seen == 50 {
                 return Err(ViewError::NotFound);

@@ -257,7 +257,13 @@ fn walk_core_matches_the_walk_through_the_mount() {
     .unwrap();
     let through = walk_view(&mp);
     let mut inside_meta = Vec::new();
-    let inside = walk_core(v.core(), &mp, &t.path().join("walk"), &mut inside_meta);
+    let inside = walk_core(
+        v.core(),
+        &mp,
+        &t.path().join("walk"),
+        &mut inside_meta,
+        None,
+    );
     v.unmount().unwrap();
     let ((through, through_meta), inside) = (through.unwrap(), inside.unwrap());
     // root, gocryptfs.conf, its diriv; a/ with diriv, f, fifo, b/ (diriv, c/ with diriv
