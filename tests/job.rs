@@ -3,7 +3,7 @@
 //! stock gocryptfs; and every way a run can fail leaves no snapshot, mount or lock behind.
 
 use crate::util::btrfs::BtrfsLoop;
-use crate::util::fuse::{gocryptfs_forward, is_mounted, why_still_mounted};
+use crate::util::fuse::{gocryptfs_forward, is_mounted, snapveil_mount, why_still_mounted};
 use crate::util::setup::{dirs, random, wait_for, write, Setup};
 use crate::util::sshd::Sshd;
 use crate::util::tree::{diff, manifest};
@@ -1458,4 +1458,95 @@ fn a_changes_only_run_replaces_a_symlinked_directory_on_the_target_and_writes_no
     let d = diff(&manifest(&src), &manifest(&out));
     assert!(d.is_empty(), "current/ differs from the source:\n{d}");
     s.assert_clean("home", &b);
+}
+
+/// Issue 13: a first run into an empty `current/` on this machine is written by snapveil
+/// as it walks the view (`target::seed`), not by rsync through the mount. What lands must
+/// be what rsync makes of the view: rsync itself, comparing by checksum from a frozen
+/// mount of the same tree, finds nothing to change (names, bytes, modes with set-id bits,
+/// owners, nanosecond mtimes of files, directories and symlinks, a read-only directory,
+/// a FIFO, a socket, a device, a long name); the manifest is what `sha1sum -c` finds;
+/// the next run sends only what changed. With rsync_args of the user's, rsync does it.
+#[test]
+fn a_first_run_into_an_empty_local_target_is_written_as_rsync_would() {
+    let Some((b, src, s)) = sampled() else { return };
+    write(&src, "big/three-chunks.bin", &random((2 << 20) + 12345));
+    write(
+        &src,
+        &format!("{}/inside", "L".repeat(200)),
+        b"below a long name\n",
+    );
+    write(&src, &format!("{}.f", "L".repeat(200)), b"beside it\n");
+    write(&src, "ro/file", b"read only\n");
+    fs::set_permissions(src.join("ro/file"), fs::Permissions::from_mode(0o444)).unwrap();
+    fs::set_permissions(src.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    write(&src, "suid", b"set-id bits survive chown\n");
+    ok(Command::new("chown").arg("1234:5678").arg(src.join("suid")));
+    fs::set_permissions(src.join("suid"), fs::Permissions::from_mode(0o6755)).unwrap();
+    ok(Command::new("chown")
+        .args(["-h", "42:43"])
+        .arg(src.join("link")));
+    ok(Command::new("mkfifo").arg(src.join("fifo")));
+    ok(Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"]));
+    std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+    for p in ["sub/deep/block.bin", "sub/deep", "link", "ro"] {
+        ok(Command::new("touch")
+            .args(["-h", "-d", "2001-02-03 04:05:06.123456789"])
+            .arg(src.join(p)));
+    }
+    let target = s.home_job(&src, "");
+    let run = || {
+        let o = s.run(&["home"]);
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{log}");
+        log
+    };
+    let log = run();
+    assert!(
+        log.contains("wrote current/ as the view was walked"),
+        "the first run into an empty local target writes it in process:\n{log}"
+    );
+    assert!(!log.contains("transferring"), "no rsync transfer:\n{log}");
+    let view = snapveil_mount(&s.key, &s.pass, &src, &s.path("view"), &["--frozen"]);
+    let differs = ok(Command::new("rsync")
+        .args(["-anci", "--numeric-ids", "--delete"])
+        .arg(format!("{}/", view.path().display()))
+        .arg(target.join("current")));
+    assert_eq!(differs, "", "rsync finds current/ differing from the view");
+    drop(view);
+    let stamp = records(&target).pop().expect("a restore point");
+    sha1sum_agrees(&target, &stamp);
+    s.assert_clean("home", &b);
+
+    std::thread::sleep(Duration::from_millis(1100));
+    change_tree(&src);
+    let log = run();
+    assert!(
+        log.contains("sending what changed since the last run"),
+        "{log}"
+    );
+    let stamp = records(&target).pop().expect("a restore point");
+    sha1sum_agrees(&target, &stamp);
+    let out = s.path("restored");
+    s.decrypt(&target.join("current"), &out);
+    let d = diff(&manifest(&src), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+
+    // rsync_args of the user's: rsync makes the first copy, as before.
+    let other = s.path("other");
+    s.write_config(&[s.job(
+        "home",
+        &format!("btrfs:{}", src.display()),
+        other.to_str().unwrap(),
+        "rsync_args = [\"--bwlimit=100M\"]",
+    )]);
+    let log = run();
+    assert!(
+        log.contains("transferring") && !log.contains("wrote current/ as the view"),
+        "{log}"
+    );
+    let stamp = records(&other).pop().expect("a restore point");
+    sha1sum_agrees(&other, &stamp);
 }

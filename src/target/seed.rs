@@ -7,8 +7,8 @@
 //! sender and receiver; on the bench's 100,000 files the mount and rsync kept both cores
 //! busy for twice plain rsync's time (issue 13). Here the walk's entries are written as
 //! they are found: directories, symlinks and special files on the walking thread, in
-//! path order; regular files on [`WORKERS`] threads, each read from the source, encrypted
-//! on that thread and written under a temporary name, then renamed. Reading a fresh
+//! path order; regular files on [`WORKERS`] threads, [`BATCH`] at a time, each read from
+//! the source, encrypted on that thread and written. Reading a fresh
 //! snapshot's small files is mostly waiting for the device, which several readers
 //! overlap.
 //!
@@ -20,12 +20,12 @@
 //! behaviour under options of the user's own would be a guess): anything else goes
 //! through rsync as before.
 //!
-//! If the run stops half way, `current/` is no longer empty, so the next run makes a
-//! full pass with rsync, whose quick check resends every file whose size or mtime is not
-//! the source's: a file's mtime is set only once its bytes are all written and it is
-//! renamed into place. A killed run can leave up to [`WORKERS`] temporary files
-//! (`.snapveil-seed.N`); that full pass moves them into the generation, as it would
-//! rsync's own.
+//! Files are created in place, not under a temporary name renamed after (`current/` is
+//! empty, so nothing is replaced; the renames were 8% of a run's CPU). A file gets its
+//! mtime last, and a worker that fails removes the file it was writing. If the run stops
+//! half way, `current/` is no longer empty, so the next run makes a full pass with
+//! rsync, whose quick check resends every file whose size or mtime is not the source's:
+//! a file cut short by a killed run has fewer bytes and this run's mtime.
 
 use crate::view::{Attr, Kind, Resolved, ViewCore, ViewError};
 use sha1::{Digest, Sha1};
@@ -43,13 +43,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Threads writing files. On this 2-core machine the bench's fresh snapshot is read
 /// from a loop device: `cat` of its 100,000 files took 14.4 s from one reader, 7.3 s
-/// from two and 5.0 s from eight.
+/// from two and 5.0 s from eight. A first run of the bench's tree took 7.3–8.1 s with
+/// four, six or eight (three runs each, one outlier of 14.9 s with four).
 const WORKERS: usize = 6;
 /// Files handed out but not yet in the manifest: their paths are what the seed holds,
 /// whatever the tree's size.
 const WINDOW: usize = 1024;
 /// How much of a file is read and encrypted at a time.
 const CHUNK: u64 = 1 << 20;
+/// Files handed to a worker at once (fewer if they add up to [`CHUNK`] first): one
+/// wakeup of a worker, and of the walking thread for their sums, per batch, not per file.
+const BATCH: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -115,6 +119,27 @@ impl Meta {
         )
     }
 
+    /// [`Meta::apply`] through an open file.
+    fn apply_to(&self, f: &fs::File, p: &Path, as_root: bool) -> Result<(), SeedError> {
+        use std::os::fd::AsRawFd;
+        let err = |what: &str, e: nix::Error| SeedError::Io {
+            path: p.to_path_buf(),
+            source: std::io::Error::other(format!("{what}: {e}")),
+        };
+        if as_root {
+            nix::unistd::fchown(f.as_raw_fd(), Some(self.uid.into()), Some(self.gid.into()))
+                .map_err(|e| err("chown", e))?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(self.perm))
+            .map_err(io(p))?;
+        nix::sys::stat::futimens(
+            f.as_raw_fd(),
+            &nix::sys::time::TimeSpec::UTIME_OMIT,
+            &self.mtime(),
+        )
+        .map_err(|e| err("futimens", e))
+    }
+
     /// Owner (as root), mode, then mtime, by path, not following a symlink: chown
     /// clears the set-id bits, so the mode comes after it.
     fn apply(&self, p: &Path, as_root: bool, symlink: bool) -> Result<(), SeedError> {
@@ -158,13 +183,15 @@ struct Job {
     sum_only: bool,
 }
 
-type Done = (u64, Result<([u8; 20], u64), SeedError>);
+type Done = Vec<(u64, Result<([u8; 20], u64), SeedError>)>;
 
 /// Feeds the walk's entries to the seed; see [`run`].
 pub struct Feed<'a> {
     current: &'a Path,
     as_root: bool,
-    jobs: Option<mpsc::SyncSender<Job>>,
+    jobs: Option<mpsc::SyncSender<Vec<Job>>>,
+    /// Files not yet handed out, and their size.
+    batch: (Vec<Job>, u64),
     done: mpsc::Receiver<Done>,
     /// Files handed out, from ordinal `base` on: view path, and sum once written.
     window: VecDeque<(Vec<u8>, Option<[u8; 20]>)>,
@@ -239,20 +266,22 @@ impl Feed<'_> {
                 if sum_only {
                     self.conf = Some(meta);
                 }
-                let job = Job {
+                self.batch.0.push(Job {
                     n,
                     dest,
                     place: place.clone(),
                     meta,
                     sum_only,
-                };
-                self.jobs
-                    .as_ref()
-                    .expect("open until finished")
-                    .send(job)
-                    .map_err(|_| SeedError::Panicked)?;
-                while self.window.len() >= WINDOW {
-                    self.collect(true)?;
+                });
+                self.batch.1 += a.size;
+                if self.batch.0.len() >= BATCH || self.batch.1 >= CHUNK {
+                    self.hand_out()?;
+                }
+                if self.window.len() >= WINDOW {
+                    self.hand_out()?;
+                    while self.window.len() >= WINDOW {
+                        self.collect(true)?;
+                    }
                 }
             }
             Kind::Symlink => {
@@ -280,17 +309,30 @@ impl Feed<'_> {
         Ok(())
     }
 
+    /// Hands the files batched so far to the workers.
+    fn hand_out(&mut self) -> Result<(), SeedError> {
+        let (jobs, _) = std::mem::take(&mut self.batch);
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        self.jobs
+            .as_ref()
+            .expect("open until finished")
+            .send(jobs)
+            .map_err(|_| SeedError::Panicked)
+    }
+
     /// Takes what the workers finished (waiting for one if `wait`), writes the manifest
     /// lines now in order, and finishes the directories now complete.
     fn collect(&mut self, wait: bool) -> Result<(), SeedError> {
-        let got = |d: Done, w: &mut VecDeque<_>, base: u64, stats: &mut Seeded| match d {
-            (n, Ok((sum, bytes))) => {
+        let got = |d: Done, w: &mut VecDeque<_>, base: u64, stats: &mut Seeded| {
+            for (n, r) in d {
+                let (sum, bytes) = r?;
                 let slot: &mut (Vec<u8>, Option<[u8; 20]>) = &mut w[(n - base) as usize];
                 slot.1 = Some(sum);
                 stats.bytes += bytes;
-                Ok(())
             }
-            (_, Err(e)) => Err(e),
+            Ok(())
         };
         if wait {
             let d = self.done.recv().map_err(|_| SeedError::Panicked)?;
@@ -315,6 +357,7 @@ impl Feed<'_> {
 
     /// Waits for every file, then finishes the directories, `current/` itself last.
     fn finish(mut self) -> Result<Seeded, SeedError> {
+        self.hand_out()?;
         drop(self.jobs.take());
         while !self.window.is_empty() {
             self.collect(true)?;
@@ -335,7 +378,10 @@ impl Feed<'_> {
     }
 }
 
-/// Writes one file: `(sum, bytes)` of its ciphertext.
+/// Writes one file: `(sum, bytes)` of its ciphertext. It is created in place
+/// (`current/` was empty, so nothing is replaced) and gets its mtime last: a file cut
+/// short by a killed run has this run's mtime and fewer bytes, which rsync's quick check
+/// in the next run's full pass sees. On an error it is removed.
 fn write_file(
     core: &ViewCore,
     job: &Job,
@@ -344,12 +390,11 @@ fn write_file(
 ) -> Result<([u8; 20], u64), SeedError> {
     let shown = || String::from_utf8_lossy(job.dest.as_os_str().as_bytes()).into_owned();
     let h = core
-        .open_resolved(&job.place)
+        .open_walked_file(&job.place)
         .map_err(|source| SeedError::View {
             path: shown(),
             source,
         })?;
-    let tmp = job.dest.with_file_name(format!(".snapveil-seed.{}", job.n));
     let mut out = if job.sum_only {
         None
     } else {
@@ -358,15 +403,15 @@ fn write_file(
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?,
+                .open(&job.dest)
+                .map_err(io(&job.dest))?,
         )
     };
     let result = (|| {
         let mut hasher = Sha1::new();
         let (mut off, mut total) = (0u64, 0u64);
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) || crate::signals::cancelled() {
                 return Err(SeedError::Cancelled);
             }
             let data = core
@@ -383,7 +428,7 @@ fn write_file(
             }
             hasher.update(&data);
             if let Some(f) = out.as_mut() {
-                f.write_all(&data).map_err(io(&tmp))?;
+                f.write_all(&data).map_err(io(&job.dest))?;
             }
             off += data.len() as u64;
             total += data.len() as u64;
@@ -392,9 +437,7 @@ fn write_file(
             }
         }
         if let Some(f) = out.take() {
-            drop(f);
-            job.meta.apply(&tmp, as_root, false)?;
-            fs::rename(&tmp, &job.dest).map_err(io(&job.dest))?;
+            job.meta.apply_to(&f, &job.dest, as_root)?;
         }
         Ok((
             hasher.finalize().into(),
@@ -402,7 +445,7 @@ fn write_file(
         ))
     })();
     if result.is_err() && !job.sum_only {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(&job.dest);
     }
     result
 }
@@ -436,7 +479,7 @@ pub fn run<T, E: From<SeedError>>(
         .create(current)
         .map_err(|e| E::from(io(current)(e)))?;
     let as_root = nix::unistd::geteuid().is_root();
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(WORKERS * 4);
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Vec<Job>>(WORKERS);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
     let jobs_rx = Mutex::new(jobs_rx);
     let stop = AtomicBool::new(false);
@@ -449,18 +492,26 @@ pub fn run<T, E: From<SeedError>>(
                 .spawn_scoped(s, move || {
                     let _in = span.enter();
                     loop {
-                        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                            Ok(j) => j,
+                        let batch = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(b) => b,
                             Err(_) => return,
                         };
-                        if stop.load(Ordering::Relaxed) {
-                            return;
+                        let mut out = Vec::with_capacity(batch.len());
+                        for job in &batch {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                write_file(core, job, as_root, stop)
+                            }))
+                            .unwrap_or(Err(SeedError::Panicked));
+                            let failed = r.is_err();
+                            out.push((job.n, r));
+                            if failed {
+                                break;
+                            }
                         }
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            write_file(core, &job, as_root, stop)
-                        }))
-                        .unwrap_or(Err(SeedError::Panicked));
-                        if done.send((job.n, r)).is_err() {
+                        if done.send(out).is_err() {
                             return;
                         }
                     }
@@ -472,6 +523,7 @@ pub fn run<T, E: From<SeedError>>(
             current,
             as_root,
             jobs: Some(jobs_tx),
+            batch: (Vec::with_capacity(BATCH), 0),
             done: done_rx,
             window: VecDeque::with_capacity(WINDOW),
             base: 0,
@@ -489,4 +541,170 @@ pub fn run<T, E: From<SeedError>>(
         stop.store(true, Ordering::Relaxed);
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::node_tests::core;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Every kind the seed writes itself, files across chunk edges, a read-only
+    /// directory and a long name.
+    fn tree(root: &Path) {
+        let w = |rel: &str, data: &[u8]| {
+            let p = root.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, data).unwrap();
+        };
+        for i in 0..40 {
+            w(&format!("d{}/f{i}", i % 4), &vec![i as u8; i * 997]);
+        }
+        w("big", &vec![7u8; (2 * CHUNK + 5) as usize]);
+        w("empty", b"");
+        w(&format!("{}/x", "L".repeat(200)), b"long\n");
+        w("ro/f", b"ro\n");
+        std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fs::set_permissions(root.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    }
+
+    fn seed_with(
+        c: &ViewCore,
+        src: &Path,
+        current: &Path,
+        sha1: &Path,
+        stop_after: Option<usize>,
+    ) -> Result<Seeded, crate::verify::VerifyError> {
+        let walk_file = sha1.with_extension("walk");
+        run(c, current, sha1, |feed| {
+            let mut seen = 0;
+            crate::verify::walk_core(
+                c,
+                src,
+                &walk_file,
+                &mut std::io::sink(),
+                Some(&mut |p, a, l, r| {
+                    seen += 1;
+                    if stop_after.is_some_and(|n| seen > n) {
+                        // What was handed out is written first, so that something is.
+                        feed.hand_out()?;
+                        while !feed.window.is_empty() {
+                            feed.collect(true)?;
+                        }
+                        return Err(SeedError::Cancelled.into());
+                    }
+                    feed.entry(p, a, l, r).map_err(Into::into)
+                }),
+            )
+        })
+        .map(|(_, s)| s)
+    }
+
+    #[test]
+    fn writes_every_entry_and_sums_what_it_wrote_in_path_order() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        tree(&src);
+        let c = core(&src);
+        let current = t.path().join("current");
+        let sha1 = t.path().join("view.sha1");
+        let s = seed_with(&c, &src, &current, &sha1, None).unwrap();
+        // The manifest is the one `sha1sum` makes of what landed, byte for byte.
+        let built = crate::manifest::format(&crate::manifest::build(&current).unwrap());
+        assert_eq!(fs::read(&sha1).unwrap(), built);
+        // 40 + big + empty + the long name's file + ro/f, the directory IVs (root, d0-d3,
+        // the long name's, ro) and the long name's `.name` file; no key config in this
+        // view.
+        assert_eq!(s.files, 44 + 7 + 1);
+        let on_disk: u64 = crate::manifest::build(&current)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                fs::metadata(current.join(OsStr::from_bytes(&e.path)))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert_eq!(s.bytes, on_disk);
+        // Directories get the source's mode and mtime once filled; current/ the root's.
+        let (ms, mc) = (fs::metadata(&src).unwrap(), fs::metadata(&current).unwrap());
+        assert_eq!(
+            (ms.mode(), ms.mtime(), ms.mtime_nsec()),
+            (mc.mode(), mc.mtime(), mc.mtime_nsec())
+        );
+        let mut kinds = std::collections::BTreeMap::new();
+        for e in walkdir(&current) {
+            let m = fs::symlink_metadata(&e).unwrap();
+            *kinds.entry(m.mode() & libc::S_IFMT).or_insert(0) += 1;
+            if m.is_dir() && m.mode() & 0o777 == 0o555 {
+                kinds.entry(0o555).or_insert(0);
+            }
+        }
+        assert_eq!(kinds.get(&libc::S_IFLNK), Some(&1), "{kinds:?}");
+        assert_eq!(kinds.get(&libc::S_IFIFO), Some(&1), "{kinds:?}");
+        assert!(
+            kinds.contains_key(&0o555),
+            "the read-only directory: {kinds:?}"
+        );
+    }
+
+    fn walkdir(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.clone());
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                out.extend(walkdir(&p));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_walk_that_fails_half_way_stops_the_writers_and_leaves_only_whole_files() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        tree(&src);
+        let c = core(&src);
+        let current = t.path().join("current");
+        let sha1 = t.path().join("view.sha1");
+        let e = seed_with(&c, &src, &current, &sha1, Some(30)).unwrap_err();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        // What stays is whole: every file there is the one a complete seed writes.
+        let whole = t.path().join("whole");
+        seed_with(&c, &src, &whole, &t.path().join("whole.sha1"), None).unwrap();
+        let written: Vec<PathBuf> = walkdir(&current)
+            .into_iter()
+            .filter(|p| fs::symlink_metadata(p).unwrap().is_file())
+            .collect();
+        assert!(!written.is_empty(), "what was written stays");
+        for p in written {
+            let rel = p.strip_prefix(&current).unwrap();
+            assert_eq!(
+                fs::read(&p).unwrap(),
+                fs::read(whole.join(rel)).unwrap(),
+                "{rel:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_written_is_an_error_naming_it() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        tree(&src);
+        let c = core(&src);
+        let current = t.path().join("current");
+        let sha1 = t.path().join("view.sha1");
+        seed_with(&c, &src, &current, &sha1, None).unwrap();
+        // Into a current/ that is not empty (never done by a run): the first directory
+        // is there already.
+        let e = seed_with(&c, &src, &current, &sha1, None).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("writing") && msg.contains(current.to_str().unwrap()),
+            "{msg}"
+        );
+    }
 }

@@ -1250,6 +1250,45 @@ impl ViewCore {
             .collect()
     }
 
+    /// [`ViewCore::open_resolved`] of an entry the walk found to be a regular file in a
+    /// frozen source, which cannot have changed since: opened without the `lstat`
+    /// before (`O_NONBLOCK`, so that a FIFO in its place could not block), and checked
+    /// to be a regular file after.
+    ///
+    /// # Errors
+    /// As [`ViewCore::open`].
+    pub fn open_walked_file(&self, node: &Resolved) -> Result<Handle, ViewError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !matches!(node.virt, Virt::Real) {
+            return self.open_resolved(node);
+        }
+        let p = self.abs(&node.plain);
+        let io = |source| ViewError::Io {
+            path: p.clone(),
+            source,
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME | libc::O_NONBLOCK)
+            .open(&p)
+            .or_else(|_| {
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&p)
+            })
+            .map_err(io)?;
+        let m = file.metadata().map_err(io)?;
+        if !m.is_file() {
+            return Err(ViewError::NotRegular { path: p });
+        }
+        Ok(Handle::Real {
+            file,
+            ivs: FileIvs::for_cpath(&node.cpath),
+            plain_size: m.size(),
+        })
+    }
+
     /// [`ViewCore::read`], its blocks encrypted on the calling thread: for a caller that
     /// reads several files at once on threads of its own ([`crate::target::seed`]).
     ///
@@ -1530,12 +1569,12 @@ mod read_tests {
 }
 
 #[cfg(test)]
-mod node_tests {
+pub(crate) mod node_tests {
     use super::*;
     use crate::crypto::{Flags, MasterKey, NameMode};
 
     /// A view of `root` under a fresh key (also the walk's tests' view).
-    pub(super) fn core(root: &Path) -> ViewCore {
+    pub(crate) fn core(root: &Path) -> ViewCore {
         let keys = Keys::new(
             &MasterKey::random(),
             Flags {
