@@ -419,27 +419,33 @@ fn run_steps<'a>(
     check_cancel()?;
     let phase = Instant::now();
     let send = || -> Result<crate::target::rsync::Outcome> {
-        if let Some(s) = seeded {
-            tracing::info!(
-                files = s.files,
-                bytes = s.bytes,
-                entries = s.entries,
-                "wrote current/ as the view was walked: nothing to transfer"
-            );
-            return Ok(crate::target::rsync::Outcome {
-                stats: crate::target::rsync::Stats {
-                    files_transferred: s.files,
-                    bytes_sent: s.bytes,
-                    total_size: s.bytes,
-                },
-                items: s.entries as usize,
-                ..Default::default()
-            });
-        }
         Ok(match &plan {
             changes::Plan::Full(why) => {
                 tracing::info!("full pass over the view: {why}");
-                transfer(if empty { Pass::First } else { Pass::Full })?
+                match seeded {
+                    Some(s) => {
+                        tracing::info!(
+                            files = s.files,
+                            bytes = s.bytes,
+                            entries = s.entries,
+                            "wrote current/ as the view was walked: nothing to transfer"
+                        );
+                        crate::target::rsync::Outcome {
+                            stats: crate::target::rsync::Stats {
+                                files_transferred: s.files,
+                                bytes_sent: s.bytes,
+                                total_size: s.bytes,
+                            },
+                            items: s.entries as usize,
+                            ..Default::default()
+                        }
+                    }
+                    None => transfer(if empty { Pass::First } else { Pass::Full })?,
+                }
+            }
+            // An empty current/ is always a full pass (changes::Expect::empty).
+            changes::Plan::Changes { .. } if seeded.is_some() => {
+                bail!("internal: a seeded current/ planned as changes only")
             }
             changes::Plan::Changes { list, .. } if list.is_empty() => {
                 tracing::info!("nothing changed since the last run: no transfer");
@@ -545,10 +551,14 @@ fn run_steps<'a>(
                 rehash.seal();
                 crate::verify::Reuse { prev, rehash }
             });
-            // A seeded current/ was summed as it was written.
-            if seeded.is_none() {
-                crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)
-                    .context("hashing the view")?;
+            match seeded {
+                None => crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)
+                    .context("hashing the view")?,
+                Some(s) => tracing::info!(
+                    files = s.files,
+                    hashed = s.files,
+                    "manifest of the view, summed as current/ was written"
+                ),
             }
             Ok(out)
         })();

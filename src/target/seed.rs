@@ -62,8 +62,13 @@ pub enum SeedError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("reading {path} of the view: {source}")]
-    View { path: String, source: ViewError },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    View(#[from] ViewError),
     #[error("interrupted")]
     Cancelled,
     #[error("a thread writing files into current/ panicked")]
@@ -325,7 +330,11 @@ impl Feed<'_> {
     /// Takes what the workers finished (waiting for one if `wait`), writes the manifest
     /// lines now in order, and finishes the directories now complete.
     fn collect(&mut self, wait: bool) -> Result<(), SeedError> {
-        let got = |d: Done, w: &mut VecDeque<_>, base: u64, stats: &mut Seeded| {
+        let got = |d: Done,
+                   w: &mut VecDeque<_>,
+                   base: u64,
+                   stats: &mut Seeded|
+         -> Result<(), SeedError> {
             for (n, r) in d {
                 let (sum, bytes) = r?;
                 let slot: &mut (Vec<u8>, Option<[u8; 20]>) = &mut w[(n - base) as usize];
@@ -388,13 +397,7 @@ fn write_file(
     as_root: bool,
     stop: &AtomicBool,
 ) -> Result<([u8; 20], u64), SeedError> {
-    let shown = || String::from_utf8_lossy(job.dest.as_os_str().as_bytes()).into_owned();
-    let h = core
-        .open_walked_file(&job.place)
-        .map_err(|source| SeedError::View {
-            path: shown(),
-            source,
-        })?;
+    let h = core.open_walked_file(&job.place)?;
     let mut out = if job.sum_only {
         None
     } else {
@@ -416,12 +419,9 @@ fn write_file(
             }
             let data = core
                 .read_here(&h, off, CHUNK)
-                .map_err(|e| SeedError::View {
-                    path: shown(),
-                    source: ViewError::Io {
-                        path: job.dest.clone(),
-                        source: e,
-                    },
+                .map_err(|source| SeedError::Read {
+                    path: core.source_path(&job.place),
+                    source,
                 })?;
             if data.is_empty() {
                 break;

@@ -640,7 +640,7 @@ const UNLOOKED_INO: u64 = 1 << 63;
 
 /// A node's place, put together from its parents on demand; also what the walk gives
 /// with each entry, so that a file can be opened without a node
-/// ([`ViewCore::open_resolved`]).
+/// ([`ViewCore::open_walked_file`]).
 #[derive(Clone)]
 pub struct Resolved {
     /// Path relative to the source root (for virtual files: of the directory holding
@@ -691,7 +691,8 @@ pub struct ExportedConf {
     pub stat_path: PathBuf,
 }
 
-/// What [`ViewCore::walk`] calls for each entry: (view path, attributes, link target).
+/// What [`ViewCore::walk`] calls for each entry: (view path, attributes, link target,
+/// its place in the source, to open it by).
 pub type WalkVisit<'v, E> =
     dyn FnMut(&[u8], &Attr, Option<Vec<u8>>, &Resolved) -> Result<(), E> + 'v;
 
@@ -1156,12 +1157,9 @@ impl ViewCore {
         self.open_resolved(&self.resolve(ino)?)
     }
 
-    /// [`ViewCore::open`] of an entry the walk gave ([`ViewCore::walk`]), which has no
-    /// node.
-    ///
-    /// # Errors
-    /// As [`ViewCore::open`].
-    pub fn open_resolved(&self, node: &Resolved) -> Result<Handle, ViewError> {
+    /// [`ViewCore::open`] of an entry by its place, which an entry the walk gave
+    /// ([`ViewCore::walk`]) has without a node.
+    fn open_resolved(&self, node: &Resolved) -> Result<Handle, ViewError> {
         match &node.virt {
             Virt::Real => {
                 let p = self.abs(&node.plain);
@@ -1287,6 +1285,11 @@ impl ViewCore {
             ivs: FileIvs::for_cpath(&node.cpath),
             plain_size: m.size(),
         })
+    }
+
+    /// Where the source holds the entry at `place` (for a virtual file: its directory).
+    pub fn source_path(&self, place: &Resolved) -> PathBuf {
+        self.abs(&place.plain)
     }
 
     /// [`ViewCore::read`], its blocks encrypted on the calling thread: for a caller that

@@ -112,7 +112,7 @@ check "snapveil@home.service succeeded; its journal has one line per step, in or
     systemctl show -p Result --value snapveil@home.service | grep -qx success &&
     log_since snapveil@home.service '$c0' >j.home && cat j.home &&
     ! grep -q \$'\\e' j.home && ! grep -E -q '^ *20[0-9]{2}-[0-9]{2}-[0-9]{2}T' j.home &&
-    in_order j.home 'starting source=zfs' 'snapshot taken' 'encrypted view mounted' 'transferring' \
+    in_order j.home 'starting source=zfs' 'snapshot taken' 'encrypted view mounted' 'wrote current/ as the view was walked' \
         'encrypted view unmounted' 'snapshot released' 'finished result=success' && [ \"\$(grep -c -e 'snapshot taken' -e 'finished result=success' j.home)\" = 2 ]"
 check "list-timers shows snapveil.timer (and snapveil@home.timer) with a next run" "
     systemctl list-timers --no-pager 'snapveil*' | tee lt && systemctl is-enabled snapveil.timer &&
