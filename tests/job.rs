@@ -1550,3 +1550,55 @@ fn a_first_run_into_an_empty_local_target_is_written_as_rsync_would() {
     let stamp = records(&other).pop().expect("a restore point");
     sha1sum_agrees(&other, &stamp);
 }
+
+/// A first run stopped while it writes `current/` itself (SIGTERM, then kill -9): the
+/// first leaves no snapshot, mount or lock; after either, the next run completes
+/// `current/` (by rsync's full pass over what is there, or by writing it again if
+/// nothing was), and it decrypts to the source with a manifest `sha1sum -c` agrees with.
+#[test]
+fn a_first_run_stopped_while_writing_current_is_completed_by_the_next() {
+    let Some((b, src, s)) = sampled() else { return };
+    for i in 0..24 {
+        write(&src, &format!("bulk/{}/f{i}", i % 4), &random(2 << 20));
+    }
+    let stopped = |sig: i32, target: &Path| {
+        let mut child = s.spawn_run("home");
+        wait_mounted(&mut child, &s.view_mountpoint("home"));
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("stopped by signal {sig}:\n{err}");
+        if sig == libc::SIGTERM {
+            assert!(!out.status.success(), "SIGTERM must end in a non-zero exit");
+            s.assert_clean("home", &b);
+        }
+        assert!(
+            records(target).is_empty(),
+            "a stopped run is no restore point"
+        );
+    };
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        // Each round into a target of its own, empty.
+        let target = s.path(&format!("target-{sig}"));
+        s.write_config(&[s.job(
+            "home",
+            &format!("btrfs:{}", src.display()),
+            target.to_str().unwrap(),
+            "",
+        )]);
+        stopped(sig, &target);
+        std::thread::sleep(Duration::from_millis(1100));
+        let o = s.run(&["home"]);
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "the run after signal {sig}:\n{log}");
+        s.assert_clean("home", &b);
+        let stamp = records(&target).pop().expect("a restore point");
+        sha1sum_agrees(&target, &stamp);
+        let out = s.path(&format!("restored-{sig}"));
+        s.decrypt(&target.join("current"), &out);
+        let d = diff(&manifest(&src), &manifest(&out));
+        assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+    }
+}

@@ -69,7 +69,7 @@ pub enum SeedError {
     },
     #[error(transparent)]
     View(#[from] ViewError),
-    #[error("interrupted")]
+    #[error("interrupted by {}", crate::signals::last_signal_name())]
     Cancelled,
     #[error("a thread writing files into current/ panicked")]
     Panicked,
