@@ -134,6 +134,9 @@ impl Meta {
         if as_root {
             nix::unistd::fchown(f.as_raw_fd(), Some(self.uid.into()), Some(self.gid.into()))
                 .map_err(|e| err("chown", e))?;
+        } else {
+            // As rsync -g does without root: the group, where this user may give it.
+            let _ = nix::unistd::fchown(f.as_raw_fd(), None, Some(self.gid.into()));
         }
         f.set_permissions(fs::Permissions::from_mode(self.perm))
             .map_err(io(p))?;
@@ -145,22 +148,28 @@ impl Meta {
         .map_err(|e| err("futimens", e))
     }
 
-    /// Owner (as root), mode, then mtime, by path, not following a symlink: chown
-    /// clears the set-id bits, so the mode comes after it.
+    /// Owner and group (as root; otherwise the group where allowed), mode, then mtime,
+    /// by path, not following a symlink: chown clears the set-id bits, so the mode comes
+    /// after it.
     fn apply(&self, p: &Path, as_root: bool, symlink: bool) -> Result<(), SeedError> {
         let err = |what: &str, e: nix::Error| SeedError::Io {
             path: p.to_path_buf(),
             source: std::io::Error::other(format!("{what}: {e}")),
         };
-        if as_root {
+        let owner = |uid: Option<u32>| {
             nix::unistd::fchownat(
                 None,
                 p,
-                Some(self.uid.into()),
+                uid.map(Into::into),
                 Some(self.gid.into()),
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             )
-            .map_err(|e| err("chown", e))?;
+        };
+        if as_root {
+            owner(Some(self.uid)).map_err(|e| err("chown", e))?;
+        } else {
+            // As rsync -g does without root: the group, where this user may give it.
+            let _ = owner(None);
         }
         if !symlink {
             fs::set_permissions(p, fs::Permissions::from_mode(self.perm)).map_err(io(p))?;
