@@ -13,8 +13,8 @@
 //! overlap.
 //!
 //! What lands is what rsync `--archive --numeric-ids` makes of the view: the same names
-//! and bytes (the view's core makes both), mode, owner and group (as root, as rsync), and mtime to
-//! the nanosecond, a directory's set once everything in it is written. The run's
+//! and bytes (the view's core makes both), mode, owner and group (as root, as rsync),
+//! and mtime to the nanosecond, a directory's set once everything in it is written. The run's
 //! manifest is summed from the bytes as they are written, in path order, so nothing is
 //! read a second time. Only for a frozen source with no `rsync_args` (a copy of rsync's
 //! behaviour under options of the user's own would be a guess): anything else goes
