@@ -247,11 +247,11 @@ impl Feed<'_> {
         }
         self.collect(false)?;
         // Directories whose entries are all past: every path under `D` sorts in
-        // [`D/`, `D0`), so `D` is left once a path at or past `D0` comes.
+        // [`D/`, `D0`), so `D` is left once a path at or past `D0` comes (not at `D.x`,
+        // which sorts before `D/`: a long name's `.name` file beside its directory).
         while let Some((d, _)) = self.open.last() {
-            let inside = path.len() > d.len() && path.starts_with(d) && path[d.len()] == b'/';
-            let before_end = path.len() > d.len() && path.starts_with(d) && path[d.len()] < b'/';
-            if d.is_empty() || inside || before_end {
+            let not_past = path.len() > d.len() && path.starts_with(d) && path[d.len()] <= b'/';
+            if d.is_empty() || not_past {
                 break;
             }
             let (d, m) = self.open.pop().expect("checked above");
