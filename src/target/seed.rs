@@ -578,6 +578,15 @@ mod tests {
         fs::set_permissions(root.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
     }
 
+    /// A temporary directory holding [`tree`] at `src`, and a view of it.
+    fn fixture() -> (tempfile::TempDir, PathBuf, ViewCore) {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        tree(&src);
+        let c = core(&src);
+        (t, src, c)
+    }
+
     fn seed_with(
         c: &ViewCore,
         src: &Path,
@@ -612,12 +621,8 @@ mod tests {
 
     #[test]
     fn writes_every_entry_and_sums_what_it_wrote_in_path_order() {
-        let t = tempfile::tempdir().unwrap();
-        let src = t.path().join("src");
-        tree(&src);
-        let c = core(&src);
-        let current = t.path().join("current");
-        let sha1 = t.path().join("view.sha1");
+        let (t, src, c) = fixture();
+        let (current, sha1) = (t.path().join("current"), t.path().join("view.sha1"));
         let s = seed_with(&c, &src, &current, &sha1, None).unwrap();
         // The manifest is the one `sha1sum` makes of what landed, byte for byte.
         let built = crate::manifest::format(&crate::manifest::build(&current).unwrap());
@@ -672,12 +677,8 @@ mod tests {
 
     #[test]
     fn a_walk_that_fails_half_way_stops_the_writers_and_leaves_only_whole_files() {
-        let t = tempfile::tempdir().unwrap();
-        let src = t.path().join("src");
-        tree(&src);
-        let c = core(&src);
-        let current = t.path().join("current");
-        let sha1 = t.path().join("view.sha1");
+        let (t, src, c) = fixture();
+        let (current, sha1) = (t.path().join("current"), t.path().join("view.sha1"));
         let e = seed_with(&c, &src, &current, &sha1, Some(30)).unwrap_err();
         assert!(e.to_string().contains("interrupted"), "{e}");
         // What stays is whole: every file there is the one a complete seed writes.
@@ -700,12 +701,8 @@ mod tests {
 
     #[test]
     fn an_entry_that_cannot_be_written_is_an_error_naming_it() {
-        let t = tempfile::tempdir().unwrap();
-        let src = t.path().join("src");
-        tree(&src);
-        let c = core(&src);
-        let current = t.path().join("current");
-        let sha1 = t.path().join("view.sha1");
+        let (t, src, c) = fixture();
+        let (current, sha1) = (t.path().join("current"), t.path().join("view.sha1"));
         seed_with(&c, &src, &current, &sha1, None).unwrap();
         // Into a current/ that is not empty (never done by a run): the first directory
         // is there already.

@@ -1209,6 +1209,21 @@ impl ViewCore {
     /// # Errors
     /// I/O errors of the source file.
     pub fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, ViewError> {
+        self.read_with(h, offset, u64::from(size), Blocks::Parallel)
+            .map_err(|source| ViewError::Io {
+                path: PathBuf::from("(open file)"),
+                source,
+            })
+    }
+
+    /// [`ViewCore::read`] and [`ViewCore::read_here`]: `blocks` says where.
+    fn read_with(
+        &self,
+        h: &Handle,
+        offset: u64,
+        size: u64,
+        blocks: Blocks,
+    ) -> std::io::Result<Vec<u8>> {
         match h {
             Handle::Virtual(data) => {
                 let start = (offset as usize).min(data.len());
@@ -1219,12 +1234,7 @@ impl ViewCore {
                 file,
                 ivs,
                 plain_size,
-            } => read_encrypted(&self.keys, file, ivs, *plain_size, offset, size as u64).map_err(
-                |source| ViewError::Io {
-                    path: PathBuf::from("(open file)"),
-                    source,
-                },
-            ),
+            } => encrypt_range(&self.keys, file, ivs, *plain_size, offset, size, blocks),
         }
     }
 }
@@ -1298,26 +1308,7 @@ impl ViewCore {
     /// # Errors
     /// I/O errors of the source file.
     pub fn read_here(&self, h: &Handle, offset: u64, size: u64) -> std::io::Result<Vec<u8>> {
-        match h {
-            Handle::Virtual(data) => {
-                let start = (offset as usize).min(data.len());
-                let end = (start + size as usize).min(data.len());
-                Ok(data[start..end].to_vec())
-            }
-            Handle::Real {
-                file,
-                ivs,
-                plain_size,
-            } => encrypt_range(
-                &self.keys,
-                file,
-                ivs,
-                *plain_size,
-                offset,
-                size,
-                Blocks::OneThread,
-            ),
-        }
+        self.read_with(h, offset, size, Blocks::OneThread)
     }
 
     /// See [`Tree::read_small`].
