@@ -1536,12 +1536,7 @@ fn a_first_run_into_an_empty_local_target_is_written_as_rsync_would() {
 
     // rsync_args of the user's: rsync makes the first copy, as before.
     let other = s.path("other");
-    s.write_config(&[s.job(
-        "home",
-        &format!("btrfs:{}", src.display()),
-        other.to_str().unwrap(),
-        "rsync_args = [\"--bwlimit=100M\"]",
-    )]);
+    s.home_job_at(&src, &other, "rsync_args = [\"--bwlimit=100M\"]");
     let log = run();
     assert!(
         log.contains("transferring") && !log.contains("wrote current/ as the view"),
@@ -1582,12 +1577,7 @@ fn a_first_run_stopped_while_writing_current_is_completed_by_the_next() {
     for sig in [libc::SIGTERM, libc::SIGKILL] {
         // Each round into a target of its own, empty.
         let target = s.path(&format!("target-{sig}"));
-        s.write_config(&[s.job(
-            "home",
-            &format!("btrfs:{}", src.display()),
-            target.to_str().unwrap(),
-            "",
-        )]);
+        s.home_job_at(&src, &target, "");
         stopped(sig, &target);
         std::thread::sleep(Duration::from_millis(1100));
         let o = s.run(&["home"]);

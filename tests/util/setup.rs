@@ -83,9 +83,14 @@ impl Setup {
     /// directory `target` of this setup, which it returns.
     pub fn home_job(&self, src: &Path, extra: &str) -> PathBuf {
         let target = self.path("target");
+        self.home_job_at(src, &target, extra);
+        target
+    }
+
+    /// [`Setup::home_job`] to the local directory `target`.
+    pub fn home_job_at(&self, src: &Path, target: &Path, extra: &str) {
         let source = format!("btrfs:{}", src.display());
         self.write_config(&[self.job("home", &source, target.to_str().unwrap(), extra)]);
-        target
     }
 
     /// A real sshd for this setup whose rrsync key is confined to the returned `jail`.
