@@ -6,7 +6,7 @@
 # at the default), in directories of 100, on a btrfs subvolume on a loop device, so that
 # `snapveil run` backs up a real snapshot (source btrfs:) as a nightly job would.
 #
-# 1. Pipeline, local targets (a fresh ext4 on a loop device), warm page cache, three
+# 1. Pipeline, local targets (each tool its own fresh ext4 on a loop device), warm page cache, three
 #    phases: full (empty target), 1% of the files changed (rewritten, same size), nothing
 #    changed. Per phase:
 #      plain rsync   rsync -a --delete --backup --backup-dir=GEN  (no encryption: the limit)
@@ -46,7 +46,7 @@ done
 
 PIDS=()
 LOOP=
-TLOOP=
+TLOOPS=()
 cleanup() {
     set +e
     for m in "$DIR"/mnt-*; do
@@ -59,13 +59,13 @@ cleanup() {
         umount "$DIR/fs"
     fi
     [[ -n $LOOP ]] && losetup -d "$LOOP"
-    mountpoint -q "$DIR/tgt" 2>/dev/null && umount "$DIR/tgt"
-    [[ -n $TLOOP ]] && losetup -d "$TLOOP"
+    for t in "$DIR"/tgt-*; do mountpoint -q "$t" 2>/dev/null && umount "$t"; done
+    for l in "${TLOOPS[@]}"; do losetup -d "$l"; done
     rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
 rm -rf "$DIR"
-mkdir -p "$DIR/fs" "$DIR/tgt" "$DIR/keys" "$DIR/big"
+mkdir -p "$DIR/fs" "$DIR/keys" "$DIR/big"
 chmod 700 "$DIR/keys"
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
@@ -113,15 +113,23 @@ mkfs.btrfs -q "$LOOP" >/dev/null 2>&1
 mount "$LOOP" "$DIR/fs"
 btrfs -q subvolume create "$DIR/fs/src"
 SRC=$DIR/fs/src
-# The targets: a fresh ext4 of their own, the same for all three. On the host's own
-# (long-used) filesystem the writers' time went mostly into ext4's search for a free
-# inode (find_inode_bit, recently_deleted), and grew from run to run.
-truncate -s "$(( img_gib * 4 ))G" "$DIR/tgt.img"
-TLOOP=$(losetup -f --show "$DIR/tgt.img")
-mkfs.ext4 -q "$TLOOP"
-mount "$TLOOP" "$DIR/tgt"
-TGT=$DIR/tgt
-mkdir -p "$TGT/plain/current"
+# The targets: each tool its own freshly made ext4 (fresh_fs NAME: mounted at
+# $DIR/tgt-NAME). On the host's own (long-used) filesystem the writers' time went mostly
+# into ext4's search for a free inode (find_inode_bit, recently_deleted), and grew from
+# run to run; on one ext4 shared by the three, the tool that came after plain rsync had
+# written the tree's 100,000 files paid for them (session 18: snapveil's first run
+# 12.7 and 8.5 s into a fresh ext4, 15.2 and 19.9 s into one plain rsync had written).
+fresh_fs() {
+    local img=$DIR/tgt-$1.img l
+    truncate -s "$(( img_gib * 4 ))G" "$img"
+    l=$(losetup -f --show "$img")
+    TLOOPS+=("$l")
+    mkfs.ext4 -q "$l"
+    mkdir -p "$DIR/tgt-$1"
+    mount "$l" "$DIR/tgt-$1"
+}
+for t in plain restic snapveil cold; do fresh_fs "$t"; done
+mkdir -p "$DIR/tgt-plain/current"
 echo "bench: building ${NFILES} files in $SRC ..."
 BYTES=$(python3 "$DIR/gen.py" "$SRC" "$NFILES" 100 50000)
 MB=$(( BYTES / 1000000 ))
@@ -132,7 +140,7 @@ KEY=$DIR/keys/bench.conf PASS=$DIR/keys/bench.pass
 printf 'bench-password\n' >"$DIR/keys/restic.pass"
 chmod 600 "$DIR/keys/restic.pass"
 export RESTIC_PASSWORD_FILE=$DIR/keys/restic.pass RESTIC_CACHE_DIR=$DIR/restic-cache
-restic -q init -r "$TGT/restic" >/dev/null
+restic -q init -r "$DIR/tgt-restic/repo" >/dev/null
 
 cat >"$DIR/snapveil.toml" <<EOF
 state_dir = "$DIR/state"
@@ -141,7 +149,7 @@ last = 100
 [[job]]
 name = "bench"
 source = "btrfs:$SRC"
-target = "$TGT/target"
+target = "$DIR/tgt-snapveil/target"
 key_config = "$KEY"
 passfile = "$PASS"
 EOF
@@ -156,11 +164,11 @@ run_phase() {
     local phase=$1 t0 t1
     warm
     t0=$(now)
-    rsync -a --delete --backup --backup-dir="$TGT/plain/generations/$phase" "$SRC/" "$TGT/plain/current/"
+    rsync -a --delete --backup --backup-dir="$DIR/tgt-plain/generations/$phase" "$SRC/" "$DIR/tgt-plain/current/"
     t1=$(now); T[$phase,rsync]=$(secs "$t0" "$t1")
     warm
     t0=$(now)
-    restic -q -r "$TGT/restic" backup "$SRC" >/dev/null
+    restic -q -r "$DIR/tgt-restic/repo" backup "$SRC" >/dev/null
     t1=$(now); T[$phase,restic]=$(secs "$t0" "$t1")
     warm
     t0=$(now)
@@ -178,10 +186,10 @@ run_phase full
 btrfs -q subvolume snapshot -r "$SRC" "$DIR/fs/cold"
 sync
 t0=$(now)
-rsync -a "$DIR/fs/cold/" "$TGT/cold/"
+rsync -a "$DIR/fs/cold/" "$DIR/tgt-cold/tree/"
 t1=$(now); T[full,cold]=$(secs "$t0" "$t1")
 btrfs -q subvolume delete "$DIR/fs/cold" >/dev/null
-rm -rf "$TGT/cold"
+rm -rf "$DIR/tgt-cold/tree"
 sync
 CHANGED=$(python3 "$DIR/change.py" "$SRC")
 run_phase changed
@@ -263,7 +271,7 @@ if ((MILLION)); then
     echo "bench: 1,000,000 files for the memory check ..."
     btrfs -q subvolume create "$DIR/fs/million"
     python3 "$DIR/gen.py" "$DIR/fs/million" 1000000 100 1000 >/dev/null
-    sed -e "s|btrfs:$SRC|btrfs:$DIR/fs/million|" -e "s|$TGT/target|$TGT/target-million|" \
+    sed -e "s|btrfs:$SRC|btrfs:$DIR/fs/million|" -e "s|$DIR/tgt-snapveil/target|$DIR/tgt-snapveil/target-million|" \
         -e 's|name = "bench"|name = "million"|' "$DIR/snapveil.toml" >"$DIR/million.toml"
     /usr/bin/time -v -o "$DIR/time-million.txt" "$BIN" run --config "$DIR/million.toml" >/dev/null 2>"$DIR/run-million.log" \
         || { echo "bench: snapveil run failed (1M):" >&2; tail -20 "$DIR/run-million.log" >&2; exit 1; }
@@ -276,7 +284,7 @@ fi
 
 echo
 echo "snapveil $("$BIN" --version | awk '{print $2}'), $(rsync --version | head -1 | awk '{print "rsync " $3}'), $(restic version | awk '{print "restic " $2}'), $(gocryptfs -version | head -1 | sed "s/;.*//"), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "tree: $NFILES files, $MB MB, btrfs on a loop device; targets on a fresh ext4 on another; warm page cache"
+echo "tree: $NFILES files, $MB MB, btrfs on a loop device; each tool's target on a fresh ext4 of its own; warm page cache"
 printf '%-22s %9s %9s %9s %11s %11s\n' "" "rsync" "restic" "snapveil" "restic/rs" "snapveil/rs"
 for phase in full changed noop; do
     case $phase in full) label="full (s)";; changed) label="1% changed (s)";; noop) label="nothing changed (s)";; esac
