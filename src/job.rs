@@ -418,67 +418,114 @@ fn run_steps<'a>(
     };
     check_cancel()?;
     let phase = Instant::now();
-    let send = || -> Result<crate::target::rsync::Outcome> {
-        Ok(match &plan {
-            changes::Plan::Full(why) => {
-                tracing::info!("full pass over the view: {why}");
-                match seeded {
-                    Some(s) => {
-                        tracing::info!(
-                            files = s.files,
-                            bytes = s.bytes,
-                            entries = s.entries,
-                            "wrote current/ as the view was walked: nothing to transfer"
-                        );
-                        crate::target::rsync::Outcome {
-                            stats: crate::target::rsync::Stats {
-                                files_transferred: s.files,
-                                bytes_sent: s.bytes,
-                                total_size: s.bytes,
-                            },
-                            items: s.entries as usize,
-                            ..Default::default()
+    // What was sent, and the sums of what this process wrote itself (by path).
+    type Sums = Vec<(Vec<u8>, [u8; 20])>;
+    let send = || -> Result<(crate::target::rsync::Outcome, Sums)> {
+        Ok((
+            match &plan {
+                changes::Plan::Full(why) => {
+                    tracing::info!("full pass over the view: {why}");
+                    match seeded {
+                        Some(s) => {
+                            tracing::info!(
+                                files = s.files,
+                                bytes = s.bytes,
+                                entries = s.entries,
+                                "wrote current/ as the view was walked: nothing to transfer"
+                            );
+                            crate::target::rsync::Outcome {
+                                stats: crate::target::rsync::Stats {
+                                    files_transferred: s.files,
+                                    bytes_sent: s.bytes,
+                                    total_size: s.bytes,
+                                },
+                                items: s.entries as usize,
+                                ..Default::default()
+                            }
+                        }
+                        None => transfer(if empty { Pass::First } else { Pass::Full })?,
+                    }
+                }
+                // An empty current/ is always a full pass (changes::Expect::empty).
+                changes::Plan::Changes { .. } if seeded.is_some() => {
+                    bail!("internal: a seeded current/ planned as changes only")
+                }
+                changes::Plan::Changes { list, .. } if list.is_empty() => {
+                    tracing::info!("nothing changed since the last run: no transfer");
+                    crate::target::rsync::Outcome::default()
+                }
+                changes::Plan::Changes { list, .. } => {
+                    tracing::info!(
+                        entries = list.len(),
+                        "sending what changed since the last run"
+                    );
+                    // Files rewritten in place and nothing else, into current/ on this
+                    // machine: written by this process (crate::target::update), not by
+                    // rsync through the mount; on the same terms as the seed.
+                    let here = (consistent && job.rsync_args.is_empty())
+                        .then(|| target.current_here().zip(target.generation_here(stamp)))
+                        .flatten();
+                    if let Some((current, generation)) = &here {
+                        match crate::target::update::plan(list) {
+                            Some(why) => tracing::info!("rsync sends this night: {why}"),
+                            None => {
+                                if let Some(u) =
+                                    crate::target::update::run(core, current, generation, list)
+                                        .context("writing the changed files into current/")?
+                                {
+                                    tracing::info!(
+                                        files = u.files,
+                                        bytes = u.bytes,
+                                        unchanged = u.same,
+                                        "wrote the changed files into current/ in process"
+                                    );
+                                    let mut sent = crate::manifest::PathSet::new();
+                                    for (p, _) in &u.sums {
+                                        sent.insert(p);
+                                    }
+                                    sent.seal();
+                                    return Ok((
+                                        crate::target::rsync::Outcome {
+                                            stats: crate::target::rsync::Stats {
+                                                files_transferred: u.files,
+                                                bytes_sent: u.bytes,
+                                                total_size: u.bytes,
+                                            },
+                                            sent,
+                                            items: u.files as usize,
+                                            ..Default::default()
+                                        },
+                                        u.sums,
+                                    ));
+                                }
+                            }
                         }
                     }
-                    None => transfer(if empty { Pass::First } else { Pass::Full })?,
+                    let l = target.files_from(list)?;
+                    // rsync's sender looks these up one at a time, a round trip each:
+                    // threads ask for them ahead of it.
+                    let stop = std::sync::atomic::AtomicBool::new(false);
+                    let (warmed, sent) = std::thread::scope(|s| {
+                        let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
+                        let sent = transfer(Pass::Changes { list: l.path() });
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let warmed = warming
+                            .join()
+                            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                        (warmed, sent)
+                    });
+                    tracing::info!(
+                        paths = warmed.paths,
+                        files_read = warmed.files_read,
+                        bytes_read = warmed.bytes_read,
+                        secs = warmed.secs,
+                        "looked up ahead of rsync"
+                    );
+                    sent?
                 }
-            }
-            // An empty current/ is always a full pass (changes::Expect::empty).
-            changes::Plan::Changes { .. } if seeded.is_some() => {
-                bail!("internal: a seeded current/ planned as changes only")
-            }
-            changes::Plan::Changes { list, .. } if list.is_empty() => {
-                tracing::info!("nothing changed since the last run: no transfer");
-                crate::target::rsync::Outcome::default()
-            }
-            changes::Plan::Changes { list, .. } => {
-                tracing::info!(
-                    entries = list.len(),
-                    "sending what changed since the last run"
-                );
-                let l = target.files_from(list)?;
-                // rsync's sender looks these up one at a time, a round trip each:
-                // threads ask for them ahead of it.
-                let stop = std::sync::atomic::AtomicBool::new(false);
-                let (warmed, sent) = std::thread::scope(|s| {
-                    let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
-                    let sent = transfer(Pass::Changes { list: l.path() });
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                    let warmed = warming
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                    (warmed, sent)
-                });
-                tracing::info!(
-                    paths = warmed.paths,
-                    files_read = warmed.files_read,
-                    bytes_read = warmed.bytes_read,
-                    secs = warmed.secs,
-                    "looked up ahead of rsync"
-                );
-                sent?
-            }
-        })
+            },
+            Vec::new(),
+        ))
     };
     // Joined after the manifest is hashed, not after the transfer: a night with nothing
     // to send would wait for it.
@@ -486,7 +533,7 @@ fn run_steps<'a>(
         let span = tracing::Span::current();
         let saving = s.spawn(move || span.in_scope(save_index));
         let done = (|| -> Result<crate::target::rsync::Outcome> {
-            let mut out = send()?;
+            let (mut out, known) = send()?;
             tracing::info!(
                 files = out.items,
                 secs = phase.elapsed().as_secs_f32(),
@@ -549,7 +596,11 @@ fn run_steps<'a>(
                 }
                 rehash.merge(resent);
                 rehash.seal();
-                crate::verify::Reuse { prev, rehash }
+                crate::verify::Reuse {
+                    prev,
+                    rehash,
+                    known,
+                }
             });
             match seeded {
                 None => crate::verify::hash_view(&walk, reuse.as_ref(), &sha1_file)

@@ -175,6 +175,9 @@ pub struct Reuse {
     pub prev: PrevManifest,
     /// Paths (relative to the view) to hash again: sent, or changed since that point.
     pub rehash: manifest::PathSet,
+    /// Sums already known, by path: of what this run wrote into `current/` itself
+    /// ([`crate::target::update`]), summed from the bytes as they were written.
+    pub known: Vec<(Vec<u8>, [u8; 20])>,
 }
 
 /// The last restore point's manifest, as this run's own checked copy
@@ -324,7 +327,14 @@ fn hash_into(walk: &ViewWalk, reuse: Option<&Reuse>, to: &Path) -> Result<(), Ha
         step.clear();
         for f in files.by_ref().take(HASH_STEP) {
             let (path, _) = f?;
+            let known = reuse.and_then(|r| {
+                r.known
+                    .binary_search_by(|(p, _)| p.as_slice().cmp(&path))
+                    .ok()
+                    .map(|i| r.known[i].1)
+            });
             let sum = match &mut prev {
+                _ if known.is_some() => known,
                 Some((m, rehash)) if !rehash.contains(&path) => {
                     m.sum_of(&path).map_err(Hashing::Prev)?
                 }
@@ -848,6 +858,7 @@ mod tests {
                 file: "prev.sha1".into(),
             },
             rehash: set,
+            known: Vec::new(),
         }
     }
 

@@ -1546,6 +1546,125 @@ fn a_first_run_into_an_empty_local_target_is_written_as_rsync_would() {
     sha1sum_agrees(&other, &stamp);
 }
 
+/// Issue 13: a night whose only changes are files rewritten in place, into a local
+/// target, is written by snapveil itself (`target::update`), not by rsync through the
+/// mount. `current/` ends as rsync makes it (rsync, comparing by checksum from a frozen
+/// mount of the same tree, finds nothing to change: bytes, modes, owners, nanosecond
+/// mtimes of files and of the directories the renames touched); the generation holds
+/// exactly the replaced versions, byte for byte; a file only chmod-ed is not replaced but
+/// gets its mode; the earlier restore point still restores exactly; the manifest is what
+/// `sha1sum -c` finds. A night that adds a file, and one where the target's copy is no
+/// longer a regular file, go through rsync, and the log says why.
+#[test]
+fn a_night_of_rewrites_into_a_local_target_is_written_as_rsync_would() {
+    let Some((b, src, s)) = sampled() else { return };
+    write(&src, "sub/deep/big.bin", &random((2 << 20) + 77));
+    ok(Command::new("chown")
+        .arg("1234:5678")
+        .arg(src.join("change.txt")));
+    let target = s.home_job(&src, "");
+    let current = target.join("current");
+    let run = |what: &str| {
+        std::thread::sleep(Duration::from_millis(1100));
+        let o = s.run(&["home"]);
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{what}:\n{log}");
+        log
+    };
+    run("first");
+    let first = records(&target).pop().expect("a restore point");
+    let then = contents(&src);
+    let before = contents(&current);
+
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(src.join("change.txt"), b"version two, longer\n").unwrap();
+    write(&src, "sub/deep/big.bin", &random((2 << 20) + 77));
+    fs::set_permissions(src.join("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let log = run("rewrites");
+    assert!(
+        log.contains("sending what changed since the last run entries=3"),
+        "{log}"
+    );
+    assert!(
+        log.contains("wrote the changed files into current/ in process files=2 ")
+            && log.contains("unchanged=1"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("looked up ahead of rsync"),
+        "rsync sent the night:\n{log}"
+    );
+    let second = records(&target).pop().expect("a restore point");
+    let view = snapveil_mount(&s.key, &s.pass, &src, &s.path("view"), &["--frozen"]);
+    let differs = ok(Command::new("rsync")
+        .args(["-anci", "--numeric-ids", "--delete"])
+        .arg(format!("{}/", view.path().display()))
+        .arg(&current));
+    assert_eq!(differs, "", "rsync finds current/ differing from the view");
+    drop(view);
+    let kept = contents(&target.join("generations").join(&second));
+    assert_eq!(kept.len(), 2, "the two replaced files: {:?}", kept.keys());
+    for (rel, data) in &kept {
+        assert_eq!(
+            Some(data),
+            before.get(rel),
+            "{rel}: not its version of run one"
+        );
+        assert_ne!(
+            fs::read(current.join(rel)).unwrap(),
+            *data,
+            "{rel}: not replaced in current/"
+        );
+    }
+    sha1sum_agrees(&target, &second);
+    let out = s.path("as-of-first");
+    restore_as_of(&s, &target, &first, &out);
+    let got = contents(&out);
+    let want: std::collections::BTreeMap<_, _> =
+        then.into_iter().filter(|(p, _)| p != "link").collect();
+    assert_eq!(got, want, "restore as of run one");
+    let out = s.path("now");
+    s.decrypt(&current, &out);
+    let d = diff(&manifest(&src), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+
+    // A new file: its directory changed, so rsync sends the night (with --delete).
+    write(&src, "sub/added.txt", b"a new file\n");
+    fs::write(src.join("change.txt"), b"version three\n").unwrap();
+    let log = run("a new file");
+    assert!(
+        log.contains("rsync sends this night: directories changed"),
+        "{log}"
+    );
+    assert!(log.contains("looked up ahead of rsync"), "{log}");
+    sha1sum_agrees(&target, &records(&target).pop().unwrap());
+
+    // The target's copy replaced by a symlink behind snapveil's back: rsync replaces it,
+    // and nothing is written where it points.
+    let enc = kept
+        .keys()
+        .map(|k| current.join(k))
+        .find(|p| fs::metadata(p).unwrap().len() > 1 << 20)
+        .expect("big.bin's ciphertext");
+    let elsewhere = s.path("elsewhere");
+    fs::write(&elsewhere, b"not ours\n").unwrap();
+    fs::remove_file(&enc).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &enc).unwrap();
+    write(&src, "sub/deep/big.bin", &random((2 << 20) + 77));
+    let log = run("a symlink in current/");
+    assert!(
+        log.contains("rsync sends this night: not a regular file in current/"),
+        "{log}"
+    );
+    assert_eq!(fs::read(&elsewhere).unwrap(), b"not ours\n");
+    assert!(!enc.symlink_metadata().unwrap().file_type().is_symlink());
+    let out = s.path("after-link");
+    s.decrypt(&current, &out);
+    let d = diff(&manifest(&src), &manifest(&out));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+    s.assert_clean("home", &b);
+}
+
 /// A first run stopped while it writes `current/` itself (SIGTERM, then kill -9): the
 /// first leaves no snapshot, mount or lock; after either, the next run completes
 /// `current/` (by rsync's full pass over what is there, or by writing it again if

@@ -22,6 +22,7 @@ pub mod layout;
 pub mod ops;
 pub mod rsync;
 pub mod seed;
+pub mod update;
 
 pub use address::{check_dataset, Address, ZfsAddress};
 pub use layout::{new_stamp, Area, Contents, RecordFile, RunRecord};
@@ -1075,6 +1076,12 @@ impl Target {
     /// hashed directly instead of compared through rsync.
     pub fn current_here(&self) -> Option<PathBuf> {
         self.local().map(|r| r.join(Area::Current.dir()))
+    }
+
+    /// `generations/STAMP` as a directory on this machine, when the target is one.
+    pub fn generation_here(&self, stamp: &str) -> Option<PathBuf> {
+        self.local()
+            .map(|r| r.join(Area::Generations.dir()).join(stamp))
     }
 
     /// The ciphertext of `current/CPATH` (fetched one file at a time into scratch space,

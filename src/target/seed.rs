@@ -96,15 +96,15 @@ pub struct Seeded {
 /// What a directory gets once everything in it is written, and a file once its bytes
 /// are.
 #[derive(Clone, Copy)]
-struct Meta {
+pub(super) struct Meta {
     perm: u32,
     uid: u32,
     gid: u32,
-    mtime: SystemTime,
+    pub(super) mtime: SystemTime,
 }
 
 impl Meta {
-    fn of(a: &Attr) -> Self {
+    pub(super) fn of(a: &Attr) -> Self {
         Meta {
             perm: u32::from(a.perm) & 0o7777,
             uid: a.uid,
@@ -125,7 +125,7 @@ impl Meta {
     }
 
     /// [`Meta::apply`] through an open file.
-    fn apply_to(&self, f: &fs::File, p: &Path, as_root: bool) -> Result<(), SeedError> {
+    pub(super) fn apply_to(&self, f: &fs::File, p: &Path, as_root: bool) -> Result<(), SeedError> {
         use std::os::fd::AsRawFd;
         let err = |what: &str, e: nix::Error| SeedError::Io {
             path: p.to_path_buf(),
@@ -151,7 +151,7 @@ impl Meta {
     /// Owner and group (as root; otherwise the group where allowed), mode, then mtime,
     /// by path, not following a symlink: chown clears the set-id bits, so the mode comes
     /// after it.
-    fn apply(&self, p: &Path, as_root: bool, symlink: bool) -> Result<(), SeedError> {
+    pub(super) fn apply(&self, p: &Path, as_root: bool, symlink: bool) -> Result<(), SeedError> {
         let err = |what: &str, e: nix::Error| SeedError::Io {
             path: p.to_path_buf(),
             source: std::io::Error::other(format!("{what}: {e}")),
