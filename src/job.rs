@@ -418,114 +418,81 @@ fn run_steps<'a>(
     };
     check_cancel()?;
     let phase = Instant::now();
-    // What was sent, and the sums of what this process wrote itself (by path).
-    type Sums = Vec<(Vec<u8>, [u8; 20])>;
-    let send = || -> Result<(crate::target::rsync::Outcome, Sums)> {
-        Ok((
-            match &plan {
-                changes::Plan::Full(why) => {
-                    tracing::info!("full pass over the view: {why}");
-                    match seeded {
-                        Some(s) => {
-                            tracing::info!(
-                                files = s.files,
-                                bytes = s.bytes,
-                                entries = s.entries,
-                                "wrote current/ as the view was walked: nothing to transfer"
-                            );
-                            crate::target::rsync::Outcome {
-                                stats: crate::target::rsync::Stats {
-                                    files_transferred: s.files,
-                                    bytes_sent: s.bytes,
-                                    total_size: s.bytes,
-                                },
-                                items: s.entries as usize,
-                                ..Default::default()
-                            }
-                        }
-                        None => transfer(if empty { Pass::First } else { Pass::Full })?,
-                    }
-                }
-                // An empty current/ is always a full pass (changes::Expect::empty).
-                changes::Plan::Changes { .. } if seeded.is_some() => {
-                    bail!("internal: a seeded current/ planned as changes only")
-                }
-                changes::Plan::Changes { list, .. } if list.is_empty() => {
-                    tracing::info!("nothing changed since the last run: no transfer");
-                    crate::target::rsync::Outcome::default()
-                }
-                changes::Plan::Changes { list, .. } => {
-                    tracing::info!(
-                        entries = list.len(),
-                        "sending what changed since the last run"
-                    );
-                    // Files rewritten in place and nothing else, into current/ on this
-                    // machine: written by this process (crate::target::update), not by
-                    // rsync through the mount; on the same terms as the seed.
-                    let here = (consistent && job.rsync_args.is_empty())
-                        .then(|| target.current_here().zip(target.generation_here(stamp)))
-                        .flatten();
-                    if let Some((current, generation)) = &here {
-                        match crate::target::update::plan(list) {
-                            Some(why) => tracing::info!("rsync sends this night: {why}"),
-                            None => {
-                                if let Some(u) =
-                                    crate::target::update::run(core, current, generation, list)
-                                        .context("writing the changed files into current/")?
-                                {
-                                    tracing::info!(
-                                        files = u.files,
-                                        bytes = u.bytes,
-                                        unchanged = u.same,
-                                        "wrote the changed files into current/ in process"
-                                    );
-                                    let mut sent = crate::manifest::PathSet::new();
-                                    for (p, _) in &u.sums {
-                                        sent.insert(p);
-                                    }
-                                    sent.seal();
-                                    return Ok((
-                                        crate::target::rsync::Outcome {
-                                            stats: crate::target::rsync::Stats {
-                                                files_transferred: u.files,
-                                                bytes_sent: u.bytes,
-                                                total_size: u.bytes,
-                                            },
-                                            sent,
-                                            items: u.files as usize,
-                                            ..Default::default()
-                                        },
-                                        u.sums,
-                                    ));
-                                }
-                            }
+    // The sums of what this process wrote into current/ itself, by path: the manifest
+    // takes them instead of reading those files again.
+    let known = std::sync::Mutex::new(crate::target::update::Sums::new());
+    let send = || -> Result<crate::target::rsync::Outcome> {
+        Ok(match &plan {
+            changes::Plan::Full(why) => {
+                tracing::info!("full pass over the view: {why}");
+                match seeded {
+                    Some(s) => {
+                        tracing::info!(
+                            files = s.files,
+                            bytes = s.bytes,
+                            entries = s.entries,
+                            "wrote current/ as the view was walked: nothing to transfer"
+                        );
+                        crate::target::rsync::Outcome {
+                            stats: crate::target::rsync::Stats {
+                                files_transferred: s.files,
+                                bytes_sent: s.bytes,
+                                total_size: s.bytes,
+                            },
+                            items: s.entries as usize,
+                            ..Default::default()
                         }
                     }
-                    let l = target.files_from(list)?;
-                    // rsync's sender looks these up one at a time, a round trip each:
-                    // threads ask for them ahead of it.
-                    let stop = std::sync::atomic::AtomicBool::new(false);
-                    let (warmed, sent) = std::thread::scope(|s| {
-                        let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
-                        let sent = transfer(Pass::Changes { list: l.path() });
-                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                        let warmed = warming
-                            .join()
-                            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                        (warmed, sent)
-                    });
-                    tracing::info!(
-                        paths = warmed.paths,
-                        files_read = warmed.files_read,
-                        bytes_read = warmed.bytes_read,
-                        secs = warmed.secs,
-                        "looked up ahead of rsync"
-                    );
-                    sent?
+                    None => transfer(if empty { Pass::First } else { Pass::Full })?,
                 }
-            },
-            Vec::new(),
-        ))
+            }
+            // An empty current/ is always a full pass (changes::Expect::empty).
+            changes::Plan::Changes { .. } if seeded.is_some() => {
+                bail!("internal: a seeded current/ planned as changes only")
+            }
+            changes::Plan::Changes { list, .. } if list.is_empty() => {
+                tracing::info!("nothing changed since the last run: no transfer");
+                crate::target::rsync::Outcome::default()
+            }
+            changes::Plan::Changes { list, .. } => {
+                tracing::info!(
+                    entries = list.len(),
+                    "sending what changed since the last run"
+                );
+                // Files rewritten in place and nothing else, into current/ on this
+                // machine: written by this process, on the same terms as the seed.
+                let here = (consistent && job.rsync_args.is_empty())
+                    .then(|| target.current_here().zip(target.generation_here(stamp)))
+                    .flatten();
+                if let Some((current, generation)) = here {
+                    if let Some((out, sums)) = rewrite_here(core, &current, &generation, list)? {
+                        *known.lock().unwrap_or_else(|p| p.into_inner()) = sums;
+                        return Ok(out);
+                    }
+                }
+                let l = target.files_from(list)?;
+                // rsync's sender looks these up one at a time, a round trip each:
+                // threads ask for them ahead of it.
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                let (warmed, sent) = std::thread::scope(|s| {
+                    let warming = s.spawn(|| crate::view::warm::warm(&mp, list, &stop));
+                    let sent = transfer(Pass::Changes { list: l.path() });
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let warmed = warming
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    (warmed, sent)
+                });
+                tracing::info!(
+                    paths = warmed.paths,
+                    files_read = warmed.files_read,
+                    bytes_read = warmed.bytes_read,
+                    secs = warmed.secs,
+                    "looked up ahead of rsync"
+                );
+                sent?
+            }
+        })
     };
     // Joined after the manifest is hashed, not after the transfer: a night with nothing
     // to send would wait for it.
@@ -533,7 +500,7 @@ fn run_steps<'a>(
         let span = tracing::Span::current();
         let saving = s.spawn(move || span.in_scope(save_index));
         let done = (|| -> Result<crate::target::rsync::Outcome> {
-            let (mut out, known) = send()?;
+            let mut out = send()?;
             tracing::info!(
                 files = out.items,
                 secs = phase.elapsed().as_secs_f32(),
@@ -599,7 +566,7 @@ fn run_steps<'a>(
                 crate::verify::Reuse {
                     prev,
                     rehash,
-                    known,
+                    known: std::mem::take(&mut *known.lock().unwrap_or_else(|p| p.into_inner())),
                 }
             });
             match seeded {
@@ -677,6 +644,49 @@ fn run_steps<'a>(
         vanished: out.vanished,
         consistent,
     })
+}
+
+/// A night of files rewritten in place, written into the local `current/` by this
+/// process ([`crate::target::update`]): what was sent and the sums of what was written,
+/// or `None` (the log says why) when rsync must send it.
+fn rewrite_here(
+    core: &crate::view::ViewCore,
+    current: &std::path::Path,
+    generation: &std::path::Path,
+    list: &[Vec<u8>],
+) -> Result<Option<(crate::target::rsync::Outcome, crate::target::update::Sums)>> {
+    use crate::target::{rsync, update};
+    if let Some(why) = update::plan(list) {
+        tracing::info!("rsync sends this night: {why}");
+        return Ok(None);
+    }
+    let Some(u) = update::run(core, current, generation, list)
+        .context("writing the changed files into current/")?
+    else {
+        return Ok(None);
+    };
+    tracing::info!(
+        files = u.files,
+        bytes = u.bytes,
+        unchanged = u.same,
+        "wrote the changed files into current/ in process"
+    );
+    let mut sent = crate::manifest::PathSet::new();
+    for (p, _) in &u.sums {
+        sent.insert(p);
+    }
+    sent.seal();
+    let out = rsync::Outcome {
+        stats: rsync::Stats {
+            files_transferred: u.files,
+            bytes_sent: u.bytes,
+            total_size: u.bytes,
+        },
+        sent,
+        items: u.files as usize,
+        ..Default::default()
+    };
+    Ok(Some((out, u.sums)))
 }
 
 /// A failed run or pull: logs the error and runs the on-failure hooks with it in their

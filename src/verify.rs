@@ -177,7 +177,7 @@ pub struct Reuse {
     pub rehash: manifest::PathSet,
     /// Sums already known, by path: of what this run wrote into `current/` itself
     /// ([`crate::target::update`]), summed from the bytes as they were written.
-    pub known: Vec<(Vec<u8>, [u8; 20])>,
+    pub known: crate::target::update::Sums,
 }
 
 /// The last restore point's manifest, as this run's own checked copy

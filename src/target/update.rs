@@ -22,11 +22,11 @@
 //!   mode and mtime (the renames changed their mtime; rsync sets an implied directory's
 //!   attributes too).
 //!
-//! Only when every listed path is a regular file in the view and already a regular file
-//! in `current/`, below directories that are directories (not symlinks): a night that
-//! adds, deletes, renames or changes the type of anything lists the directories that
-//! changed too, and rsync sends it, with `--delete`, as before ([`plan`] says why in the
-//! log). Only for a frozen source without `rsync_args`, as the seed
+//! Only as root, and when every listed path is a regular file in the view and already a
+//! regular file in `current/`, below directories that are directories (not symlinks): a
+//! night that adds, deletes, renames or changes the type of anything lists the
+//! directories that changed too, and rsync sends it, with `--delete`, as before (the log
+//! says why). Only for a frozen source without `rsync_args`, as the seed
 //! ([`crate::target::seed`]). A run killed while it writes can leave a temporary file in
 //! `current/`, as rsync's own can; the next full pass (`full_every`) deletes it.
 
@@ -38,7 +38,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -74,6 +74,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError + '_ {
     }
 }
 
+/// View paths and the SHA-1 of the ciphertext written for each, sorted by path.
+pub type Sums = Vec<(Vec<u8>, [u8; 20])>;
+
 /// What the update wrote.
 #[derive(Debug, Default)]
 pub struct Updated {
@@ -85,7 +88,7 @@ pub struct Updated {
     pub same: u64,
     /// The rewritten files' view paths and the SHA-1 of what was written, by path: the
     /// manifest takes them instead of reading the files again.
-    pub sums: Vec<(Vec<u8>, [u8; 20])>,
+    pub sums: Sums,
 }
 
 /// Why a list is not only rewrites, for the log; `None` when it is. Cheap: looks at
@@ -235,15 +238,19 @@ pub fn run(
             }
         }
     }
-    let as_root = nix::unistd::geteuid().is_root();
-    // The generation's directories, as rsync makes them: the mode and owner of
-    // current/'s (their mtime is when they were made).
-    let backed: Vec<&Item<'_>> = items.iter().filter(|i| !i.same).collect();
-    let mut made: BTreeMap<&[u8], ()> = BTreeMap::new();
-    if !backed.is_empty() {
+    // Without root a read-only directory cannot take a new file, and owners cannot be
+    // given: rsync knows its ways around both.
+    if !nix::unistd::geteuid().is_root() {
+        return not_rewrite(b".", "not running as root");
+    }
+    let as_root = true;
+    // The generation's directories: made open, and given the mode and owner of
+    // current/'s (as rsync makes them; their mtime is when) once every file is in.
+    let mut made: BTreeMap<&[u8], bool> = BTreeMap::new();
+    if items.iter().any(|i| !i.same) {
         fs::create_dir_all(generation).map_err(io(generation))?;
     }
-    for i in &backed {
+    for i in items.iter().filter(|i| !i.same) {
         let d = parent(i.path);
         let mut at = 0;
         while at < d.len() {
@@ -252,18 +259,14 @@ pub fn run(
                 .position(|b| *b == b'/')
                 .map_or(d.len(), |n| at + n);
             let sub = &d[..end];
-            if made.insert(sub, ()).is_none() {
+            if !made.contains_key(sub) {
                 let g = under(generation, sub);
-                match fs::create_dir(&g) {
-                    Ok(()) => {
-                        let a = &dirs[sub];
-                        let mut m = Meta::of(a);
-                        m.mtime = std::time::SystemTime::now();
-                        m.apply(&g, as_root, false)?;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                let new = match fs::DirBuilder::new().mode(0o700).create(&g) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
                     Err(e) => return Err(io(&g)(e)),
-                }
+                };
+                made.insert(sub, new);
             }
             at = end + 1;
         }
@@ -314,6 +317,11 @@ pub fn run(
     // The directories last, deepest first (the renames in them changed their mtime).
     for (d, a) in dirs.iter().rev() {
         Meta::of(a).apply(&under(current, d), as_root, false)?;
+    }
+    for (d, _) in made.iter().rev().filter(|(_, new)| **new) {
+        let mut m = Meta::of(&dirs[*d]);
+        m.mtime = std::time::SystemTime::now();
+        m.apply(&under(generation, d), as_root, false)?;
     }
     let mut out = out.into_inner().unwrap_or_else(|p| p.into_inner());
     out.sums.sort_unstable();
@@ -404,4 +412,118 @@ fn one(
 
 fn core_path(p: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::node_tests::core;
+
+    /// `current/` as the seed writes it from the view of `src` (what an earlier run left).
+    fn seed(c: &ViewCore, src: &Path, current: &Path) {
+        let sha1 = current.with_extension("sha1");
+        crate::target::seed::run(c, current, &sha1, |feed| {
+            crate::verify::walk_core(
+                c,
+                src,
+                &sha1.with_extension("walk"),
+                &mut std::io::sink(),
+                Some(&mut |p, a, l, r| feed.entry(p, a, l, r).map_err(Into::into)),
+            )
+        })
+        .unwrap();
+    }
+
+    /// Every regular file of `root`, by relative path.
+    fn files(root: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        crate::manifest::build(root)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let data = fs::read(under(root, &e.path)).unwrap();
+                (e.path, data)
+            })
+            .collect()
+    }
+
+    fn fixture() -> (tempfile::TempDir, PathBuf, ViewCore) {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        for i in 0..12 {
+            let p = src.join(format!("d{}/f{i}", i % 3));
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, vec![i as u8; i * 1000]).unwrap();
+        }
+        fs::write(src.join("big"), vec![1u8; (2 * CHUNK + 3) as usize]).unwrap();
+        let c = core(&src);
+        (t, src, c)
+    }
+
+    /// Listed with everything else unchanged, the rewritten files alone are replaced:
+    /// `current/` is then what the seed makes of the source now, byte for byte, the
+    /// generation holds exactly their old versions, the sums are of what was written,
+    /// and the core keeps no node the update looked up.
+    #[test]
+    fn replaces_the_rewritten_files_and_keeps_their_old_versions() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: the update runs as root only");
+            return;
+        }
+        let (t, src, c) = fixture();
+        let current = t.path().join("current");
+        seed(&c, &src, &current);
+        let before = files(&current);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(src.join("d1/f4"), vec![9u8; 4000]).unwrap();
+        fs::write(src.join("big"), vec![2u8; (2 * CHUNK + 3) as usize]).unwrap();
+        let list: Vec<Vec<u8>> = before.keys().cloned().collect();
+        let generation = t.path().join("generations/S");
+        let u = run(&c, &current, &generation, &list)
+            .unwrap()
+            .expect("only rewrites");
+        assert_eq!((u.files, u.same), (2, list.len() as u64 - 2));
+        assert_eq!(c.nodes(), 1, "the lookups are given back");
+        let want = t.path().join("want");
+        seed(&c, &src, &want);
+        let now = files(&current);
+        assert_eq!(now, files(&want));
+        let kept = files(&generation);
+        assert_eq!(kept.len(), 2);
+        for (p, data) in &kept {
+            assert_eq!(Some(data), before.get(p));
+            assert_ne!(Some(data), now.get(p));
+        }
+        let sums: Vec<_> = u.sums.iter().map(|(p, s)| (p.clone(), *s)).collect();
+        let want_sums: Vec<_> = kept
+            .keys()
+            .map(|p| (p.clone(), <[u8; 20]>::from(Sha1::digest(&now[p]))))
+            .collect();
+        assert_eq!(sums, want_sums);
+    }
+
+    /// A listed path that is not a rewrite of a regular file already in `current/`
+    /// (missing there, or a directory in the list) is left to rsync: nothing written,
+    /// no generation made.
+    #[test]
+    fn anything_but_rewrites_is_left_to_rsync_and_nothing_is_written() {
+        let (t, src, c) = fixture();
+        let current = t.path().join("current");
+        seed(&c, &src, &current);
+        let before = files(&current);
+        let mut list: Vec<Vec<u8>> = before.keys().cloned().collect();
+        assert!(plan(&list).is_none());
+        let gone = list[0].clone();
+        fs::remove_file(under(&current, &gone)).unwrap();
+        fs::write(src.join("big"), vec![3u8; 10]).unwrap();
+        let generation = t.path().join("generations/S");
+        assert!(run(&c, &current, &generation, &list).unwrap().is_none());
+        assert!(!generation.exists());
+        let mut after = files(&current);
+        after.insert(gone.clone(), before[&gone].clone());
+        assert_eq!(after, before);
+        assert_eq!(c.nodes(), 1);
+        list.push(b"d0/.".to_vec());
+        assert!(plan(&list).is_some());
+        assert!(plan(&[b".".to_vec()]).is_some());
+    }
 }
