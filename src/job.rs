@@ -312,19 +312,18 @@ fn run_steps<'a>(
             )
             .context("sending the key config (gocryptfs.conf) to the target")
     };
+    // An overflowing LVM snapshot makes reads fail under rsync, or under this process
+    // writing current/ itself: name the cause.
+    let explain = |e: anyhow::Error| match held.snapshot.as_ref().map(|s| s.verify()) {
+        Some(Err(v)) => anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
+            "the transfer failed ({e:#}) because the snapshot became invalid"
+        )),
+        _ => e,
+    };
     let transfer = |pass: Pass<'_>| {
         target
             .send_view(runner, &mp, stamp, &job.rsync_args, pass)
-            .map_err(|e| {
-                let e = anyhow::Error::from(e);
-                // An overflowing LVM snapshot makes reads fail under rsync: name the cause.
-                match held.snapshot.as_ref().map(|s| s.verify()) {
-                    Some(Err(v)) => anyhow::anyhow!(snapshot::error_chain(&v)).context(format!(
-                        "the transfer failed ({e}) because the snapshot became invalid"
-                    )),
-                    _ => e,
-                }
-            })
+            .map_err(|e| explain(e.into()))
     };
     // The whole view, learnt in process (not through the mount): it decides what the
     // transfer covers, then serves the checksum pass and the manifest. The view shows a
@@ -465,7 +464,9 @@ fn run_steps<'a>(
                     .then(|| target.current_here().zip(target.generation_here(stamp)))
                     .flatten();
                 if let Some((current, generation)) = here {
-                    if let Some((out, sums)) = rewrite_here(core, &current, &generation, list)? {
+                    if let Some((out, sums)) =
+                        rewrite_here(core, &current, &generation, list).map_err(explain)?
+                    {
                         *known.lock().unwrap_or_else(|p| p.into_inner()) = sums;
                         return Ok(out);
                     }

@@ -13,11 +13,12 @@
 //!   quick check would not send: it only gets the view's owner and mode, if they differ,
 //!   and nothing goes to the generation (the run's checksum pass then compares it by
 //!   checksum if its ctime says it changed, as after rsync);
-//! - any other is linked into the generation (`generations/STAMP/PATH`, whose missing
-//!   directories get the mode and owner of `current/`'s, as rsync's do), the new
-//!   ciphertext is written to a temporary name beside it (`.NAME.svNNN`), gets its
-//!   owner, mode and mtime, and is renamed over it: `current/PATH` is always one whole
-//!   version, and the old one is in the generation before it goes;
+//! - for any other, the new ciphertext is written to a temporary name beside it
+//!   (`.NAME.svPID-N`) and gets its owner, mode and mtime; the old file is linked into
+//!   the generation (`generations/STAMP/PATH`, whose missing directories get the mode and
+//!   owner of `current/`'s, as rsync's do; moved there where the filesystem has no hard
+//!   links) and the new one renamed over it: `current/PATH` is one whole version, and
+//!   the old one is in the generation before it goes;
 //! - the directories of the listed paths, `current/` included, then get the view's owner,
 //!   mode and mtime (the renames changed their mtime; rsync sets an implied directory's
 //!   attributes too).
@@ -360,8 +361,6 @@ fn one(
         source,
     };
     let h = core.open(item.attr.ino).map_err(view_err)?;
-    let old = under(generation, item.path);
-    fs::hard_link(&dest, &old).map_err(io(&old))?;
     let name = dest
         .file_name()
         .expect("a listed path has a name")
@@ -401,6 +400,7 @@ fn one(
             }
         }
         meta.apply_to(&f, &tmp, as_root)?;
+        keep_old(&dest, &under(generation, item.path))?;
         fs::rename(&tmp, &dest).map_err(io(&dest))?;
         Ok((hasher.finalize().into(), off))
     })();
@@ -408,6 +408,21 @@ fn one(
         let _ = fs::remove_file(&tmp);
     }
     written.map(Some)
+}
+
+/// The version in `current/` into the generation, once its successor is written: a
+/// hard link, as rsync makes it; where the target's filesystem has none, the file itself
+/// moved there, as rsync then does (`current/PATH` is missing until the rename that
+/// follows). An entry already in the generation is never replaced.
+fn keep_old(dest: &Path, old: &Path) -> Result<(), UpdateError> {
+    match fs::hard_link(dest, old) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(io(old)(e)),
+        Err(_) if fs::symlink_metadata(old).is_ok() => Err(io(old)(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        ))),
+        Err(_) => fs::rename(dest, old).map_err(io(old)),
+    }
 }
 
 fn core_path(p: &[u8]) -> PathBuf {
