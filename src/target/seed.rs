@@ -113,7 +113,7 @@ impl Meta {
         }
     }
 
-    fn mtime(&self) -> nix::sys::time::TimeSpec {
+    pub(super) fn mtime(&self) -> nix::sys::time::TimeSpec {
         let ns = match self.mtime.duration_since(UNIX_EPOCH) {
             Ok(d) => d.as_nanos() as i128,
             Err(e) => -(e.duration().as_nanos() as i128),

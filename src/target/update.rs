@@ -43,7 +43,6 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::UNIX_EPOCH;
 
 /// Threads reading, encrypting and writing files: a fresh snapshot's files come from
 /// the device one per reader (see the seed's `WORKERS`).
@@ -113,34 +112,24 @@ struct Item<'a> {
 /// kernel never learns of them, and the core keeps a node until every lookup is.
 struct Looked<'a> {
     core: &'a ViewCore,
-    inos: Mutex<Vec<u64>>,
+    inos: Vec<u64>,
 }
 
 impl Looked<'_> {
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, ViewError> {
+    fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<Attr, ViewError> {
         let a = self.core.lookup(parent, OsStr::from_bytes(name))?;
-        self.inos
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(a.ino);
+        self.inos.push(a.ino);
         Ok(a)
     }
 }
 
 impl Drop for Looked<'_> {
     fn drop(&mut self) {
-        let inos = std::mem::take(self.inos.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let inos = std::mem::take(&mut self.inos);
         // Children before their parents, so that each node can go as it is forgotten.
         for ino in inos.into_iter().rev() {
             self.core.forget(ino, 1);
         }
-    }
-}
-
-fn mtime_ns(t: std::time::SystemTime) -> i128 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
     }
 }
 
@@ -171,9 +160,9 @@ pub fn run(
     generation: &Path,
     list: &[Vec<u8>],
 ) -> Result<Option<Updated>, UpdateError> {
-    let looked = Looked {
+    let mut looked = Looked {
         core,
-        inos: Mutex::new(Vec::new()),
+        inos: Vec::new(),
     };
     // Directories of the listed files: view attributes, by path (the root as "").
     let mut dirs: BTreeMap<Vec<u8>, Attr> = BTreeMap::new();
@@ -216,9 +205,9 @@ pub fn run(
             Ok(m) if m.file_type().is_file() => m,
             _ => return not_rewrite(path, "not a regular file in current/"),
         };
-        let same = m.size() == attr.size
-            && i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
-                == mtime_ns(attr.mtime);
+        let t = Meta::of(&attr).mtime();
+        let same =
+            m.size() == attr.size && m.mtime() == t.tv_sec() && m.mtime_nsec() == t.tv_nsec();
         items.push(Item { path, attr, same });
     }
     if !dirs.contains_key(&b""[..]) {
@@ -385,7 +374,7 @@ fn one(
             }
             let data = core.read_here(&h, off, CHUNK).map_err(|e| {
                 view_err(ViewError::Io {
-                    path: core_path(item.path),
+                    path: PathBuf::from(OsStr::from_bytes(item.path)),
                     source: e,
                 })
             })?;
@@ -423,10 +412,6 @@ fn keep_old(dest: &Path, old: &Path) -> Result<(), UpdateError> {
         ))),
         Err(_) => fs::rename(dest, old).map_err(io(old)),
     }
-}
-
-fn core_path(p: &[u8]) -> PathBuf {
-    PathBuf::from(OsStr::from_bytes(p))
 }
 
 #[cfg(test)]
