@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# selftest.sh: host-side checks of the tier's own scripts, no guest needed (< 2 s):
+# selftest.sh: host-side checks of the tier's own scripts, no guest needed (~10 s):
 # runs shellcheck on scripts/vm and tests/vm, and tests the host-mirror parser against sample
-# apt configurations. Prints PASS/FAIL lines and `N passed, N failed`; test-vm.sh runs
+# apt configurations and the relaunch of a hung boot. Prints PASS/FAIL lines and `N passed, N failed`; test-vm.sh runs
 # it first and adds its tally to the tier's.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -76,6 +76,33 @@ mirror http://trixie.example.org/debian "" "another Debian suite's archive serve
 echo 'deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main' >"$etc/sources.list"
 got=$(VM_APT_ETC=$etc bash -c '. "$1"; vm_host_mirror' _ "$HERE/vmlib.sh" 2>&1) && rc=0 || rc=$?
 if ((rc != 0)) && [[ $got == *"no Debian archive"* ]]; then ok "mirror: no Debian archive is a clear error"; else ko "mirror: no Debian archive is a clear error" "exit $rc: $got"; fi
+
+# vm_wait's relaunch of a hung boot, with a stand-in qemu (it only sleeps) and vm_ssh
+# answering once the Nth qemu runs. BOOT_TRIES ANSWER_AT: prints "rc launches alive".
+boot() {
+    local fake
+    fake=$(mktemp -d)
+    mkdir "$fake/bin" "$fake/guest"
+    touch "$fake/guest"/{vmlinuz,initrd.img,root.img,id_ed25519}
+    printf '#!/bin/sh\necho $$ >>"%s/pids"\nexec sleep 300\n' "$fake" >"$fake/bin/qemu-system-x86_64"
+    chmod +x "$fake/bin/qemu-system-x86_64"
+    PATH=$fake/bin:$PATH SNAPVEIL_VM_CACHE=$fake/cache SNAPVEIL_VM_ACCEL=tcg SNAPVEIL_VM_BOOT_TIMEOUT=2 \
+        SNAPVEIL_VM_BOOT_TRIES=$1 bash -c '
+        . "$1"
+        FAKE=$2 ANSWER_AT=$3
+        vm_ssh() { (($(wc -l <"$FAKE/pids") >= ANSWER_AT)); }
+        vm_start "$2/guest" scratch:1M 2>/dev/null
+        vm_wait 2>/dev/null && rc=0 || rc=$?
+        vm_cleanup 2>/dev/null
+        alive=0
+        while read -r p; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done <"$2/pids"
+        echo "$rc $(wc -l <"$2/pids") $alive"' _ "$HERE/vmlib.sh" "$fake" "$2"
+    rm -rf "$fake"
+}
+got=$(boot 2 2)
+if [[ $got == "0 2 0" ]]; then ok "boot: a guest that hangs is killed and booted again"; else ko "boot: a guest that hangs is killed and booted again" "want rc 0, 2 launches, none alive" "got  $got"; fi
+got=$(boot 2 3)
+if [[ $got == "1 2 0" ]]; then ok "boot: a guest that hangs every time fails after the last try, no qemu left"; else ko "boot: a guest that hangs every time fails after the last try, no qemu left" "want rc 1, 2 launches, none alive" "got  $got"; fi
 
 echo "$PASS passed, $FAIL failed"
 ((FAIL == 0))
