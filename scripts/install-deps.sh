@@ -5,6 +5,8 @@ set -euo pipefail
 pkgs=(fuse3 gocryptfs rsync openssh-server openssh-client btrfs-progs zfs-fuse e2fsprogs util-linux procps psmisc python3 systemd)
 # tests that need a clock the test sets (a run in the same second, a clock behind the target)
 pkgs+=(faketime)
+# a target filesystem without hard links (exFAT: src/target/update.rs's tests)
+pkgs+=(exfatprogs exfat-fuse)
 # raw ZFS mode: stock age is the restore oracle (tests/zfs_raw.rs)
 pkgs+=(age)
 # the shipped database hooks, tested against real servers (tests/hooks_db.rs)

@@ -526,4 +526,118 @@ mod tests {
         assert!(plan(&list).is_some());
         assert!(plan(&[b".".to_vec()]).is_some());
     }
+
+    /// A rewrite-only night where a directory on the way is a symlink in `current/`
+    /// (swapped behind snapveil's back) is left to rsync: nothing is written through the
+    /// link, and no generation is made.
+    #[test]
+    fn nothing_is_written_through_a_symlinked_directory_of_current() {
+        let (t, src, c) = fixture();
+        let current = t.path().join("current");
+        seed(&c, &src, &current);
+        let before = files(&current);
+        let file = before
+            .keys()
+            .find(|p| p.contains(&b'/') && before[*p].len() > 100)
+            .unwrap()
+            .clone();
+        let dir = parent(&file).to_vec();
+        let elsewhere = t.path().join("elsewhere");
+        fs::rename(under(&current, &dir), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, under(&current, &dir)).unwrap();
+        let held = files(&elsewhere);
+        for i in 0..12 {
+            let p = src.join(format!("d{}/f{i}", i % 3));
+            fs::write(p, vec![0xee; i * 1000 + 1]).unwrap();
+        }
+        let generation = t.path().join("generations/S");
+        assert!(run(&c, &current, &generation, &[file]).unwrap().is_none());
+        assert!(!generation.exists());
+        assert_eq!(files(&elsewhere), held, "written through the link");
+        assert_eq!(c.nodes(), 1);
+    }
+
+    /// A real exFAT (the FUSE driver, on a loop device): a filesystem with no hard
+    /// links, as on a USB disk. Unmounted and detached on drop, also after a panic.
+    struct Exfat {
+        dir: tempfile::TempDir,
+        dev: Option<String>,
+        mounted: bool,
+    }
+
+    impl Exfat {
+        fn new() -> Option<Exfat> {
+            use std::process::Command;
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("skipped: mounting an exFAT needs root");
+                return None;
+            }
+            let ok = |c: &mut Command| {
+                let o = c.output();
+                match o {
+                    Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap(),
+                    _ => panic!("{c:?} (exfatprogs, exfat-fuse: scripts/install-deps.sh): {o:?}"),
+                }
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("exfat.img");
+            fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+            ok(Command::new("mkfs.exfat").arg(&img));
+            fs::create_dir(dir.path().join("mnt")).unwrap();
+            let mut x = Exfat {
+                dir,
+                dev: None,
+                mounted: false,
+            };
+            let dev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&img));
+            x.dev = Some(dev.trim().to_owned());
+            ok(Command::new("mount.exfat-fuse")
+                .arg(dev.trim())
+                .arg(x.mnt()));
+            x.mounted = true;
+            Some(x)
+        }
+
+        fn mnt(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for Exfat {
+        fn drop(&mut self) {
+            use std::process::Command;
+            if self.mounted {
+                let _ = Command::new("umount").arg(self.mnt()).status();
+            }
+            if let Some(dev) = &self.dev {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+        }
+    }
+
+    /// Where the target's filesystem refuses hard links, the old version is moved into
+    /// the generation instead, whole; an old version already there is never replaced
+    /// (neither by the link nor by the move).
+    #[test]
+    fn keeps_the_old_version_by_moving_it_where_there_are_no_hard_links() {
+        let Some(x) = Exfat::new() else { return };
+        let m = x.mnt();
+        fs::create_dir_all(m.join("current")).unwrap();
+        fs::create_dir_all(m.join("gen")).unwrap();
+        let dest = m.join("current/f");
+        fs::write(&dest, b"old version").unwrap();
+        assert!(
+            fs::hard_link(&dest, m.join("probe")).is_err(),
+            "exFAT took a hard link"
+        );
+        keep_old(&dest, &m.join("gen/f")).unwrap();
+        assert!(!dest.exists(), "moved, not copied");
+        assert_eq!(fs::read(m.join("gen/f")).unwrap(), b"old version");
+
+        fs::write(&dest, b"newer").unwrap();
+        let e = keep_old(&dest, &m.join("gen/f")).unwrap_err();
+        assert!(e.to_string().contains("gen/f"), "{e}");
+        assert_eq!(fs::read(m.join("gen/f")).unwrap(), b"old version");
+        assert_eq!(fs::read(&dest).unwrap(), b"newer");
+    }
 }
