@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # selftest.sh: host-side checks of the tier's own scripts, no guest needed (~10 s):
-# runs shellcheck on scripts/vm and tests/vm, and tests the host-mirror parser against sample
-# apt configurations and the relaunch of a hung boot. Prints PASS/FAIL lines and `N passed, N failed`; test-vm.sh runs
-# it first and adds its tally to the tier's.
+# runs shellcheck on scripts/vm and tests/vm, tests the host-mirror parser against sample
+# apt configurations, and the relaunch of a hung boot. Prints PASS/FAIL lines and
+# `N passed, N failed`; test-vm.sh runs it first and adds its tally to the tier's.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)

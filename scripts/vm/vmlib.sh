@@ -184,7 +184,7 @@ _vm_reap_stale_runs() {
 # Stop this shell's qemu: TERM, then KILL after 5 s.
 _vm_kill() {
     if [[ -n $VM_PID ]] && kill -0 "$VM_PID" 2>/dev/null; then
-        vm_log "guard: stopping qemu pid $VM_PID"
+        vm_log "stopping qemu pid $VM_PID"
         kill "$VM_PID" 2>/dev/null || true
         for _ in $(seq 1 10); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$VM_PID" 2>/dev/null || true

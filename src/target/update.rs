@@ -446,17 +446,39 @@ mod tests {
             .collect()
     }
 
-    fn fixture() -> (tempfile::TempDir, PathBuf, ViewCore) {
-        let t = tempfile::tempdir().unwrap();
-        let src = t.path().join("src");
+    /// Writes the twelve small files of the fixture's source, file `i` holding `data(i)`.
+    fn small_files(src: &Path, data: impl Fn(usize) -> Vec<u8>) {
         for i in 0..12 {
             let p = src.join(format!("d{}/f{i}", i % 3));
             fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, vec![i as u8; i * 1000]).unwrap();
+            fs::write(p, data(i)).unwrap();
         }
+    }
+
+    /// A source, its view, and `current/` as the seed wrote it from that view.
+    fn fixture() -> (tempfile::TempDir, PathBuf, ViewCore, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        small_files(&src, |i| vec![i as u8; i * 1000]);
         fs::write(src.join("big"), vec![1u8; (2 * CHUNK + 3) as usize]).unwrap();
         let c = core(&src);
-        (t, src, c)
+        let current = t.path().join("current");
+        seed(&c, &src, &current);
+        (t, src, c, current)
+    }
+
+    /// Whether this test may run: it needs root, and without it fails (a silent skip
+    /// would pass vacuously) unless SNAPVEIL_TEST_SKIP_MISSING=1, as for a missing tool
+    /// in tests/util.
+    fn as_root(why: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+            eprintln!("SKIP: not root ({why})");
+            return false;
+        }
+        panic!("{why}: run as root (or set SNAPVEIL_TEST_SKIP_MISSING=1 locally)");
     }
 
     /// Listed with everything else unchanged, the rewritten files alone are replaced:
@@ -465,13 +487,10 @@ mod tests {
     /// and the core keeps no node the update looked up.
     #[test]
     fn replaces_the_rewritten_files_and_keeps_their_old_versions() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: the update runs as root only");
+        if !as_root("the update runs as root only") {
             return;
         }
-        let (t, src, c) = fixture();
-        let current = t.path().join("current");
-        seed(&c, &src, &current);
+        let (t, src, c, current) = fixture();
         let before = files(&current);
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(src.join("d1/f4"), vec![9u8; 4000]).unwrap();
@@ -506,9 +525,7 @@ mod tests {
     /// no generation made.
     #[test]
     fn anything_but_rewrites_is_left_to_rsync_and_nothing_is_written() {
-        let (t, src, c) = fixture();
-        let current = t.path().join("current");
-        seed(&c, &src, &current);
+        let (t, src, c, current) = fixture();
         let before = files(&current);
         let mut list: Vec<Vec<u8>> = before.keys().cloned().collect();
         assert!(plan(&list).is_none());
@@ -532,9 +549,7 @@ mod tests {
     /// link, and no generation is made.
     #[test]
     fn nothing_is_written_through_a_symlinked_directory_of_current() {
-        let (t, src, c) = fixture();
-        let current = t.path().join("current");
-        seed(&c, &src, &current);
+        let (t, src, c, current) = fixture();
         let before = files(&current);
         let file = before
             .keys()
@@ -546,10 +561,7 @@ mod tests {
         fs::rename(under(&current, &dir), &elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, under(&current, &dir)).unwrap();
         let held = files(&elsewhere);
-        for i in 0..12 {
-            let p = src.join(format!("d{}/f{i}", i % 3));
-            fs::write(p, vec![0xee; i * 1000 + 1]).unwrap();
-        }
+        small_files(&src, |i| vec![0xee; i * 1000 + 1]);
         let generation = t.path().join("generations/S");
         assert!(run(&c, &current, &generation, &[file]).unwrap().is_none());
         assert!(!generation.exists());
@@ -568,8 +580,7 @@ mod tests {
     impl Exfat {
         fn new() -> Option<Exfat> {
             use std::process::Command;
-            if !nix::unistd::geteuid().is_root() {
-                eprintln!("skipped: mounting an exFAT needs root");
+            if !as_root("mounting an exFAT") {
                 return None;
             }
             let ok = |c: &mut Command| {
