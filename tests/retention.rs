@@ -63,10 +63,10 @@ fn mutate(src: &Path, i: usize) {
     if i >= 2 {
         let _ = fs::remove_file(src.join(format!("n{}", i - 2)));
     }
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         put(src, "b", &format!("b{i}"), i);
     }
-    if i % 3 == 0 && src.join("d").is_dir() {
+    if i.is_multiple_of(3) && src.join("d").is_dir() {
         put(src, "d/x", &format!("x{i}"), i);
     }
     if i == 3 {

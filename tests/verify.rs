@@ -86,7 +86,7 @@ impl Fx {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             stderr.contains("verified the target against the manifest"),
-            runs.len() % 2 == 0,
+            runs.len().is_multiple_of(2),
             "{stderr}"
         );
         runs.pop().unwrap()

@@ -41,7 +41,7 @@ fn block(aes: &Aes256, dir: Dir, x: &[u8; 16]) -> [u8; 16] {
 /// Transforms `data` (a multiple of 16 bytes, 16..=2048) in place.
 fn transform(aes: &Aes256, tweak: &[u8; 16], data: &mut [u8], dir: Dir) {
     assert!(
-        data.len() % 16 == 0 && !data.is_empty() && data.len() <= 2048,
+        data.len().is_multiple_of(16) && !data.is_empty() && data.len() <= 2048,
         "EME input length {}",
         data.len()
     );

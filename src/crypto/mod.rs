@@ -14,6 +14,7 @@ pub mod names;
 mod siv_lanes;
 
 pub use config::{ConfigError, KeyConfig};
+pub use siv_lanes::Engine;
 
 use aes::cipher::KeyInit;
 use aes::Aes256;
@@ -91,7 +92,14 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// On the fastest AES engine this CPU runs.
     pub fn new(master: &MasterKey, flags: Flags) -> Self {
+        Self::with_engine(master, flags, Engine::best()).expect("the best engine is available")
+    }
+
+    /// As [`Keys::new`], with the laned content encryption on `engine` (the crypto
+    /// bench compares them); `None` if this CPU does not run it.
+    pub fn with_engine(master: &MasterKey, flags: Flags, engine: Engine) -> Option<Self> {
         let (siv_key, eme_key) = if flags.hkdf {
             (
                 hkdf_expand(master.bytes(), b"AES-SIV file content encryption", 64),
@@ -107,12 +115,17 @@ impl Keys {
             )
         };
         let eme = Aes256::new_from_slice(&eme_key).expect("32-byte EME key");
-        Keys {
-            lanes: siv_lanes::SivKey::new(&siv_key),
+        Some(Keys {
+            lanes: siv_lanes::SivKey::with_engine(&siv_key, engine)?,
             siv_key,
             eme,
             flags,
-        }
+        })
+    }
+
+    /// The engine the content encryption runs on.
+    pub fn engine(&self) -> Engine {
+        self.lanes.engine()
     }
 
     pub(crate) fn siv(&self) -> aes_siv::siv::Aes256Siv {

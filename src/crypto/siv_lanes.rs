@@ -6,9 +6,14 @@
 //! the one before. One block's chain keeps the AES unit mostly idle: a round takes
 //! several cycles to finish, but a new one can start every cycle. The view always has
 //! several blocks to encrypt at once (the blocks of a read, the blocks of a file read
-//! ahead), so their chains step together here: eight blocks through one call of the
-//! cipher's back end (a `BlockClosure`), which `aes`'s AES-NI back end runs
-//! interleaved. CTR is parallel already; it stays per block, eight counters per call.
+//! ahead), so their chains step together here: eight blocks per round. CTR is parallel
+//! already; it runs eight counters per round, or sixteen with VAES.
+//!
+//! Which code runs the rounds is an [`Engine`], picked once per key from what the CPU
+//! has. On x86-64 with AES-NI the chains and counters stay in registers ([`x86`]): the
+//! `aes` crate's back end, which the portable engine uses, takes its blocks through
+//! memory, and in a profile of the view the code around its rounds cost more than the
+//! rounds.
 
 use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
@@ -17,8 +22,39 @@ use aes::cipher::{BlockBackend, BlockClosure, BlockEncrypt, BlockSizeUser, KeyIn
 use aes::{Aes256, Block};
 use zeroize::Zeroize;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Blocks encrypted together: as many as `aes`'s AES-NI back end interleaves.
 pub const LANES: usize = 8;
+
+/// Which code runs the AES rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The `aes` crate's back end (AES-NI where the CPU has it, else constant-time
+    /// software), driven through its `BlockBackend`.
+    Portable,
+    /// x86-64 AES-NI in registers: CMAC and CTR eight blocks per round.
+    AesNi,
+    /// As `AesNi`, with CTR sixteen blocks per round in 512-bit registers (VAES,
+    /// AVX-512).
+    Vaes,
+}
+
+impl Engine {
+    /// The fastest engine this CPU runs.
+    pub fn best() -> Engine {
+        *Engine::available().last().expect("the portable engine")
+    }
+
+    /// Every engine this CPU runs, slowest first.
+    pub fn available() -> Vec<Engine> {
+        let mut all = vec![Engine::Portable];
+        #[cfg(target_arch = "x86_64")]
+        all.extend(x86::available());
+        all
+    }
+}
 
 /// One content block to encrypt.
 pub struct Job<'a> {
@@ -33,13 +69,15 @@ pub struct Job<'a> {
 /// The content key, expanded once for every block (the `aes-siv` crate expands both
 /// halves again for each one): CMAC's cipher and subkeys, the CMAC of the zero block
 /// that starts every S2V, and CTR's cipher. Zeroized on drop (the ciphers through
-/// `aes`'s `zeroize` feature).
+/// `aes`'s `zeroize` feature, the x86 round keys by their own `Drop`).
 pub struct SivKey {
     mac: Aes256,
     ctr: Aes256,
     k1: u128,
     k2: u128,
     d0: u128,
+    #[cfg(target_arch = "x86_64")]
+    ni: Option<x86::NiKey>,
 }
 
 impl Drop for SivKey {
@@ -95,88 +133,186 @@ fn step<B: BlockBackend<BlockSize = U16>>(backend: &mut B, blocks: &mut [Block; 
     }
 }
 
-/// CMAC of each lane's message (at least 16 bytes), with `end[l]` xored into its last
-/// 16 bytes first (S2V's "xorend"; zero for a plain CMAC).
-fn cmac<B: BlockBackend<BlockSize = U16>>(
-    backend: &mut B,
-    key: &SivKey,
-    msgs: &[&[u8]; LANES],
-    end: &[u128; LANES],
-) -> [u128; LANES] {
-    // Per lane: how many CMAC blocks, and from where on the message is copied out with
-    // the "xorend", the padding and the subkey applied (its last one or two blocks).
-    let mut n = [0usize; LANES];
-    let mut tail_at = [0usize; LANES];
-    let mut tail = [[0u8; 32]; LANES];
-    for l in 0..LANES {
-        let m = msgs[l];
-        debug_assert!(m.len() >= 16);
-        n[l] = m.len().div_ceil(16);
-        tail_at[l] = (n[l] - if m.len() % 16 == 0 { 1 } else { 2 }) * 16;
-        let t = &mut tail[l];
-        let len = m.len() - tail_at[l];
-        t[..len].copy_from_slice(&m[tail_at[l]..]);
-        for (x, y) in t[len - 16..len].iter_mut().zip(end[l].to_be_bytes()) {
-            *x ^= y;
-        }
-        let last = (n[l] - 1) * 16 - tail_at[l];
-        let sub = if len % 16 == 0 {
-            key.k1
-        } else {
-            t[len] = 0x80;
-            key.k2
-        };
-        for (x, y) in t[last..last + 16].iter_mut().zip(sub.to_be_bytes()) {
-            *x ^= y;
-        }
-    }
-    // The blocks before every lane's tail, in lockstep, then the rest lane by lane.
-    let common = tail_at.iter().min().expect("lanes") / 16;
-    let steps = *n.iter().max().expect("lanes");
-    let mut s = [Block::default(); LANES];
-    for j in 0..common {
-        let at = j * 16;
-        for (b, m) in s.iter_mut().zip(msgs.iter()) {
-            xor16(b, &m[at..at + 16]);
-        }
-        step(backend, &mut s);
-    }
-    let mut out = [0u128; LANES];
-    for j in common..steps {
-        let at = j * 16;
-        for l in 0..LANES {
-            if j >= n[l] {
-                continue;
-            }
-            if at < tail_at[l] {
-                xor16(&mut s[l], &msgs[l][at..at + 16]);
-            } else {
-                let t = at - tail_at[l];
-                xor16(&mut s[l], &tail[l][t..t + 16]);
-            }
-        }
-        step(backend, &mut s);
-        for l in 0..LANES {
-            if j + 1 == n[l] {
-                out[l] = be(&s[l]);
-            }
-        }
-    }
-    tail.zeroize();
-    for b in s.iter_mut() {
-        b.as_mut_slice().zeroize();
-    }
-    out
+/// Each lane's CMAC message (at least 16 bytes) as its engine walks it: the blocks
+/// before its last one or two come from the message itself; those last ones are copied
+/// out with S2V's "xorend", the padding and the subkey applied.
+struct Tails<'m> {
+    msgs: [&'m [u8]; LANES],
+    /// CMAC blocks per lane.
+    n: [usize; LANES],
+    /// Where each lane's copied tail starts in its message.
+    at: [usize; LANES],
+    tail: [[u8; 32]; LANES],
 }
 
-/// S2V of up to [`LANES`] blocks (associated data, nonce, plaintext), on CMAC's
-/// cipher: their tags. Lanes past `n` compute on empty input and are not used.
+impl Drop for Tails<'_> {
+    fn drop(&mut self) {
+        self.tail.zeroize();
+    }
+}
+
+impl<'m> Tails<'m> {
+    /// `end[l]` is xored into the last 16 bytes of lane `l` (zero for a plain CMAC).
+    fn new(key: &SivKey, msgs: &[&'m [u8]; LANES], end: &[u128; LANES]) -> Self {
+        let mut t = Tails {
+            msgs: *msgs,
+            n: [0; LANES],
+            at: [0; LANES],
+            tail: [[0u8; 32]; LANES],
+        };
+        for l in 0..LANES {
+            let m = msgs[l];
+            debug_assert!(m.len() >= 16);
+            t.n[l] = m.len().div_ceil(16);
+            t.at[l] = (t.n[l] - if m.len().is_multiple_of(16) { 1 } else { 2 }) * 16;
+            let tail = &mut t.tail[l];
+            let len = m.len() - t.at[l];
+            tail[..len].copy_from_slice(&m[t.at[l]..]);
+            for (x, y) in tail[len - 16..len].iter_mut().zip(end[l].to_be_bytes()) {
+                *x ^= y;
+            }
+            let last = (t.n[l] - 1) * 16 - t.at[l];
+            let sub = if len.is_multiple_of(16) {
+                key.k1
+            } else {
+                tail[len] = 0x80;
+                key.k2
+            };
+            for (x, y) in tail[last..last + 16].iter_mut().zip(sub.to_be_bytes()) {
+                *x ^= y;
+            }
+        }
+        t
+    }
+
+    /// Blocks every lane takes straight from its message: they step in lockstep.
+    fn common(&self) -> usize {
+        self.at.iter().min().expect("lanes") / 16
+    }
+
+    /// Blocks of the longest lane.
+    fn steps(&self) -> usize {
+        *self.n.iter().max().expect("lanes")
+    }
+
+    /// Block `j` of lane `l` (`j < n[l]`), as CMAC takes it.
+    #[inline(always)]
+    fn block(&self, l: usize, j: usize) -> &[u8] {
+        let at = j * 16;
+        if at < self.at[l] {
+            &self.msgs[l][at..at + 16]
+        } else {
+            let t = at - self.at[l];
+            &self.tail[l][t..t + 16]
+        }
+    }
+}
+
+/// What S2V needs of an engine: CMAC of eight messages at once, and one block
+/// encrypted on CMAC's cipher.
+trait Cmac {
+    fn cmac(&mut self, tails: &Tails<'_>) -> [u128; LANES];
+    fn encrypt_one(&mut self, block: u128) -> u128;
+}
+
+/// The portable engine: the `aes` crate's back end.
+struct Portable<'b, B>(&'b mut B);
+
+impl<B: BlockBackend<BlockSize = U16>> Cmac for Portable<'_, B> {
+    fn cmac(&mut self, t: &Tails<'_>) -> [u128; LANES] {
+        let backend = &mut *self.0;
+        let mut s = [Block::default(); LANES];
+        for j in 0..t.common() {
+            let at = j * 16;
+            for (b, m) in s.iter_mut().zip(t.msgs.iter()) {
+                xor16(b, &m[at..at + 16]);
+            }
+            step(backend, &mut s);
+        }
+        let mut out = [0u128; LANES];
+        for j in t.common()..t.steps() {
+            for (l, b) in s.iter_mut().enumerate() {
+                if j < t.n[l] {
+                    xor16(b, t.block(l, j));
+                }
+            }
+            step(backend, &mut s);
+            for l in 0..LANES {
+                if j + 1 == t.n[l] {
+                    out[l] = be(&s[l]);
+                }
+            }
+        }
+        for b in s.iter_mut() {
+            b.as_mut_slice().zeroize();
+        }
+        out
+    }
+
+    fn encrypt_one(&mut self, block: u128) -> u128 {
+        let mut one = [Block::default(); LANES];
+        one[0] = Block::from(block.to_be_bytes());
+        step(self.0, &mut one);
+        let out = be(&one[0]);
+        one[0].as_mut_slice().zeroize();
+        out
+    }
+}
+
+/// S2V of [`LANES`] blocks (associated data, nonce, plaintext): their tags.
+fn s2v_lanes(
+    key: &SivKey,
+    engine: &mut impl Cmac,
+    aads: &[&[u8]; LANES],
+    nonces: &[&[u8]; LANES],
+    pts: &[&[u8]; LANES],
+) -> [u128; LANES] {
+    // D = CMAC(0); D = dbl(D) ^ CMAC(header), for the AAD and the nonce. An AAD
+    // shorter than a block (no file ID) is one padded block.
+    let zero = [0u128; LANES];
+    let mut long = *aads;
+    for a in long.iter_mut().filter(|a| a.len() < 16) {
+        *a = EMPTY;
+    }
+    let mut c_aad = engine.cmac(&Tails::new(key, &long, &zero));
+    for l in 0..LANES {
+        if aads[l].len() < 16 {
+            c_aad[l] = engine.encrypt_one(padded(aads[l]) ^ key.k2);
+        }
+    }
+    let c_nonce = engine.cmac(&Tails::new(key, nonces, &zero));
+    // Then the plaintext: "xorend" D when it is a block or longer, else
+    // CMAC(dbl(D) ^ pad(P)).
+    let mut short = [[0u8; 16]; LANES];
+    let mut end = [0u128; LANES];
+    for l in 0..LANES {
+        let d = dbl(dbl(key.d0) ^ c_aad[l]) ^ c_nonce[l];
+        if pts[l].len() >= 16 {
+            end[l] = d;
+        } else {
+            short[l] = (dbl(d) ^ padded(pts[l])).to_be_bytes();
+        }
+    }
+    let mut msgs = [EMPTY; LANES];
+    for l in 0..LANES {
+        msgs[l] = if pts[l].len() >= 16 {
+            pts[l]
+        } else {
+            &short[l]
+        };
+    }
+    let tags = engine.cmac(&Tails::new(key, &msgs, &end));
+    short.zeroize();
+    end.zeroize();
+    tags
+}
+
+/// S2V on the portable engine, run inside the `aes` crate's `encrypt_with_backend`.
 struct S2v<'a> {
     key: &'a SivKey,
     aads: [&'a [u8]; LANES],
     nonces: [&'a [u8]; LANES],
     pts: [&'a [u8]; LANES],
-    n: usize,
     tags: &'a mut [u128; LANES],
 }
 
@@ -184,55 +320,18 @@ impl BlockSizeUser for S2v<'_> {
     type BlockSize = U16;
 }
 
-/// What an unused lane of [`S2v`] reads.
+/// What an unused lane of the portable CTR reads.
 const EMPTY: &[u8] = &[0u8; 16];
 
 impl BlockClosure for S2v<'_> {
     fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
-        let key = self.key;
-        let lanes = 0..self.n;
-        let mut aads = [EMPTY; LANES];
-        for l in lanes.clone() {
-            if self.aads[l].len() >= 16 {
-                aads[l] = self.aads[l];
-            }
-        }
-        // D = CMAC(0); D = dbl(D) ^ CMAC(header), for the AAD and the nonce. An AAD
-        // shorter than a block (no file ID) is one padded block.
-        let zero = [0u128; LANES];
-        let mut c_aad = cmac(backend, key, &aads, &zero);
-        for l in lanes.clone() {
-            if self.aads[l].len() < 16 {
-                let mut one = [Block::default(); LANES];
-                one[0] = Block::from((padded(self.aads[l]) ^ key.k2).to_be_bytes());
-                step(backend, &mut one);
-                c_aad[l] = be(&one[0]);
-            }
-        }
-        let c_nonce = cmac(backend, key, &self.nonces, &zero);
-        // Then the plaintext: "xorend" D when it is a block or longer, else
-        // CMAC(dbl(D) ^ pad(P)).
-        let mut short = [[0u8; 16]; LANES];
-        let mut end = [0u128; LANES];
-        for l in lanes.clone() {
-            let d = dbl(dbl(key.d0) ^ c_aad[l]) ^ c_nonce[l];
-            if self.pts[l].len() >= 16 {
-                end[l] = d;
-            } else {
-                short[l] = (dbl(d) ^ padded(self.pts[l])).to_be_bytes();
-            }
-        }
-        let mut msgs = [EMPTY; LANES];
-        for l in lanes {
-            msgs[l] = if self.pts[l].len() >= 16 {
-                self.pts[l]
-            } else {
-                &short[l]
-            };
-        }
-        *self.tags = cmac(backend, key, &msgs, &end);
-        short.zeroize();
-        end.zeroize();
+        *self.tags = s2v_lanes(
+            self.key,
+            &mut Portable(backend),
+            &self.aads,
+            &self.nonces,
+            &self.pts,
+        );
     }
 }
 
@@ -252,8 +351,7 @@ impl BlockClosure for Ctr<'_, '_> {
     fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
         let mut ks = [Block::default(); LANES];
         for (input, output, tag) in self.lanes.iter_mut() {
-            // The tag with bit 31 of its last two 32-bit words cleared.
-            let iv = *tag & !(1u128 << 63 | 1u128 << 31);
+            let iv = ctr_iv(*tag);
             for (i, (p, c)) in input
                 .chunks(16 * LANES)
                 .zip(output.chunks_mut(16 * LANES))
@@ -281,6 +379,13 @@ impl BlockClosure for Ctr<'_, '_> {
     }
 }
 
+/// CTR's first counter block: the tag with bit 31 of its last two 32-bit words
+/// cleared. (So the last word counts at most 2^31 blocks before it would carry: the x86
+/// engines count in that word alone.)
+fn ctr_iv(tag: u128) -> u128 {
+    tag & !(1u128 << 63 | 1u128 << 31)
+}
+
 /// One stored content block to decrypt.
 pub struct Open<'a> {
     /// The block's associated data (block number, file ID).
@@ -293,8 +398,12 @@ pub struct Open<'a> {
 
 impl SivKey {
     /// `key`: the 64-byte AES-SIV key; the first half authenticates, the second encrypts
-    /// (as the `aes-siv` crate and gocryptfs split it).
-    pub fn new(key: &[u8]) -> Self {
+    /// (as the `aes-siv` crate and gocryptfs split it). `None` if this CPU does not run
+    /// `engine`.
+    pub fn with_engine(key: &[u8], engine: Engine) -> Option<Self> {
+        if !Engine::available().contains(&engine) {
+            return None;
+        }
         let mac = Aes256::new_from_slice(&key[..32]).expect("32-byte CMAC key");
         let ctr = Aes256::new_from_slice(&key[32..]).expect("32-byte CTR key");
         let mut l = Block::default();
@@ -307,13 +416,24 @@ impl SivKey {
         l.zeroize();
         let d0 = be(&d);
         d.zeroize();
-        SivKey {
+        Some(SivKey {
             mac,
             ctr,
             k1,
             k2,
             d0,
+            #[cfg(target_arch = "x86_64")]
+            ni: x86::NiKey::new(key, engine),
+        })
+    }
+
+    /// The engine this key runs on.
+    pub fn engine(&self) -> Engine {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ni) = &self.ni {
+            return ni.engine();
         }
+        Engine::Portable
     }
 
     /// S2V of up to [`LANES`] blocks given as (AAD, nonce, plaintext): their tags.
@@ -326,16 +446,37 @@ impl SivKey {
         for (l, (a, nonce, p)) in blocks.enumerate() {
             (aads[l], nonces[l], pts[l]) = (a, nonce, p);
         }
+        // Unused lanes repeat the first: their chains are as long as its chain, so every
+        // lane steps in lockstep for as long as the shortest used one does. Their
+        // results are not used.
+        for l in n.max(1)..LANES {
+            (aads[l], nonces[l], pts[l]) = (aads[0], nonces[0], pts[0]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ni) = &self.ni {
+            return s2v_lanes(self, &mut ni.cmac_engine(), &aads, &nonces, &pts);
+        }
         let mut tags = [0u128; LANES];
         self.mac.encrypt_with_backend(S2v {
             key: self,
             aads,
             nonces,
             pts,
-            n,
             tags: &mut tags,
         });
         tags
+    }
+
+    /// CTR of each lane: (input, output of the same length, tag).
+    fn ctr<'j>(&self, lanes: &mut [(&'j [u8], &'j mut [u8], u128)]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ni) = &self.ni {
+            for (input, output, tag) in lanes.iter_mut() {
+                ni.ctr(input, output, ctr_iv(*tag));
+            }
+            return;
+        }
+        self.ctr.encrypt_with_backend(Ctr { lanes });
     }
 
     /// Encrypts up to [`LANES`] blocks, each exactly as `aes-siv`'s
@@ -359,7 +500,7 @@ impl SivKey {
                 (j.pt, ct, *t)
             })
             .collect();
-        self.ctr.encrypt_with_backend(Ctr { lanes: &mut lanes });
+        self.ctr(&mut lanes);
         for l in lanes.iter_mut() {
             l.2.zeroize();
         }
@@ -383,7 +524,7 @@ impl SivKey {
             .iter_mut()
             .map(|j| (&j.block[32..], &mut *j.out, be(&j.block[16..32])))
             .collect();
-        self.ctr.encrypt_with_backend(Ctr { lanes: &mut lanes });
+        self.ctr(&mut lanes);
         drop(lanes);
         let mut tags = self.s2v(jobs.iter().map(|j| (j.aad, &j.block[..16], &*j.out)));
         let mut ok = [false; LANES];
@@ -402,6 +543,7 @@ impl SivKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{Flags, Keys, MasterKey, NameMode};
     use aes_siv::siv::Aes256Siv;
     use proptest::prelude::*;
 
@@ -417,8 +559,21 @@ mod tests {
         out
     }
 
-    fn lanes(key: &[u8], blocks: &[(Vec<u8>, [u8; 16], Vec<u8>)]) -> Vec<Vec<u8>> {
-        let k = SivKey::new(key);
+    /// Encrypts with the lanes on every engine this CPU runs: the outputs, one set an
+    /// engine, each tagged with it.
+    fn lanes(key: &[u8], blocks: &[(Vec<u8>, [u8; 16], Vec<u8>)]) -> Vec<(Engine, Vec<Vec<u8>>)> {
+        Engine::available()
+            .into_iter()
+            .map(|e| (e, lanes_on(e, key, blocks)))
+            .collect()
+    }
+
+    fn lanes_on(
+        engine: Engine,
+        key: &[u8],
+        blocks: &[(Vec<u8>, [u8; 16], Vec<u8>)],
+    ) -> Vec<Vec<u8>> {
+        let k = SivKey::with_engine(key, engine).expect("an available engine");
         let mut outs: Vec<Vec<u8>> = blocks.iter().map(|b| vec![0u8; b.2.len() + 32]).collect();
         let mut jobs: Vec<Job<'_>> = blocks
             .iter()
@@ -452,22 +607,33 @@ mod tests {
                         (aad, nonce, pt)
                     })
                     .collect();
-                let got = lanes(&key, &blocks);
-                for (b, g) in blocks.iter().zip(&got) {
-                    assert_eq!(
-                        *g,
-                        reference(&key, &b.0, &b.1, &b.2),
-                        "pt {} aad {aad_len}",
-                        b.2.len()
-                    );
+                for (engine, got) in lanes(&key, &blocks) {
+                    for (b, g) in blocks.iter().zip(&got) {
+                        assert_eq!(
+                            *g,
+                            reference(&key, &b.0, &b.1, &b.2),
+                            "{engine:?}: pt {} aad {aad_len}",
+                            b.2.len()
+                        );
+                    }
                 }
             }
         }
     }
 
     /// Decrypts with the lanes: (authentic, plaintext) per stored block.
-    fn open(key: &[u8], blocks: &[(Vec<u8>, Vec<u8>)]) -> Vec<(bool, Vec<u8>)> {
-        let k = SivKey::new(key);
+    /// Per stored block: whether it is authentic, and its plaintext.
+    type Opened = Vec<(bool, Vec<u8>)>;
+
+    fn open(key: &[u8], blocks: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Engine, Opened)> {
+        Engine::available()
+            .into_iter()
+            .map(|e| (e, open_on(e, key, blocks)))
+            .collect()
+    }
+
+    fn open_on(engine: Engine, key: &[u8], blocks: &[(Vec<u8>, Vec<u8>)]) -> Opened {
+        let k = SivKey::with_engine(key, engine).expect("an available engine");
         let mut outs: Vec<Vec<u8>> = blocks
             .iter()
             .map(|b| vec![0xAAu8; b.1.len() - 32])
@@ -508,22 +674,96 @@ mod tests {
                     .iter()
                     .map(|(a, n, p)| (a.clone(), reference(&key, a, n, p)))
                     .collect();
-                for (got, want) in open(&key, &sealed).iter().zip(&plain) {
-                    assert_eq!(got, &(true, want.2.clone()), "pt {}", want.2.len());
+                for (engine, opened) in open(&key, &sealed) {
+                    for (got, want) in opened.iter().zip(&plain) {
+                        assert_eq!(
+                            got,
+                            &(true, want.2.clone()),
+                            "{engine:?}: pt {}",
+                            want.2.len()
+                        );
+                    }
                 }
                 for victim in 0..sealed.len() {
                     for at in [0, 16, 31, sealed[victim].1.len() - 1] {
                         let mut bad = sealed.clone();
                         bad[victim].1[at] ^= 1;
-                        for (l, (ok, pt)) in open(&key, &bad).iter().enumerate() {
-                            if l == victim {
-                                assert!(!ok, "flipped byte {at} of lane {l} passed");
-                                assert!(pt.iter().all(|b| *b == 0), "unauthentic plaintext kept");
-                            } else {
-                                assert_eq!((*ok, pt), (true, &plain[l].2));
+                        for (engine, opened) in open(&key, &bad) {
+                            for (l, (ok, pt)) in opened.iter().enumerate() {
+                                if l == victim {
+                                    assert!(
+                                        !ok,
+                                        "{engine:?}: flipped byte {at} of lane {l} passed"
+                                    );
+                                    assert!(
+                                        pt.iter().all(|b| *b == 0),
+                                        "unauthentic plaintext kept"
+                                    );
+                                } else {
+                                    assert_eq!((*ok, pt), (true, &plain[l].2), "{engine:?}");
+                                }
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The tests above run every engine this CPU has; on an x86-64 CPU with AES-NI (and
+    /// VAES) that must include the x86 engines, or they would test the portable one
+    /// alone and pass.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_engine_the_cpu_has_is_tested() {
+        let all = Engine::available();
+        assert_eq!(all[0], Engine::Portable);
+        assert_eq!(
+            all.contains(&Engine::AesNi),
+            is_x86_feature_detected!("aes") && is_x86_feature_detected!("ssse3")
+        );
+        assert_eq!(
+            all.contains(&Engine::Vaes),
+            all.contains(&Engine::AesNi)
+                && is_x86_feature_detected!("vaes")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+        );
+        assert_eq!(
+            Keys::new(
+                &MasterKey::random(),
+                Flags {
+                    names: NameMode::DirIv,
+                    hkdf: true,
+                    long_names: true,
+                    long_name_max: 255,
+                }
+            )
+            .engine(),
+            Engine::best()
+        );
+        eprintln!("engines on this CPU: {all:?}");
+    }
+
+    /// A content block and more, every length from one block under VAES's sixteen to
+    /// past them, on the keystream's edges: each engine as the `aes-siv` crate.
+    #[test]
+    fn ctr_tails_equal_the_aes_siv_crate() {
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(13) ^ 0x5c).collect();
+        for len in (15 * 16..18 * 16 + 1).chain([4095, 4096]) {
+            let blocks: Vec<_> = (0..3u8)
+                .map(|i| {
+                    let pt: Vec<u8> = (0..len).map(|k| (k as u8).wrapping_mul(i + 3)).collect();
+                    (vec![i; 24], [0xf0 | i; 16], pt)
+                })
+                .collect();
+            for (engine, got) in lanes(&key, &blocks) {
+                for (b, g) in blocks.iter().zip(&got) {
+                    assert_eq!(
+                        *g,
+                        reference(&key, &b.0, &b.1, &b.2),
+                        "{engine:?}: pt {len}"
+                    );
                 }
             }
         }
@@ -551,8 +791,10 @@ mod tests {
                 .iter()
                 .map(|(a, n, p)| (a.clone(), reference(&key, a, n, p)))
                 .collect();
-            for (got, b) in open(&key, &sealed).iter().zip(&blocks) {
-                prop_assert_eq!(got, &(true, b.2.clone()));
+            for (_, opened) in open(&key, &sealed) {
+                for (got, b) in opened.iter().zip(&blocks) {
+                    prop_assert_eq!(got, &(true, b.2.clone()));
+                }
             }
         }
 
@@ -561,9 +803,10 @@ mod tests {
             key in proptest::collection::vec(any::<u8>(), 64),
             blocks in random_blocks(),
         ) {
-            let got = lanes(&key, &blocks);
-            for (b, g) in blocks.iter().zip(&got) {
-                prop_assert_eq!(g.clone(), reference(&key, &b.0, &b.1, &b.2));
+            for (_, got) in lanes(&key, &blocks) {
+                for (b, g) in blocks.iter().zip(&got) {
+                    prop_assert_eq!(g.clone(), reference(&key, &b.0, &b.1, &b.2));
+                }
             }
         }
     }

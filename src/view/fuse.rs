@@ -758,7 +758,7 @@ impl<T: Tree> ReadAhead<T> {
             if s.by_ino.contains_key(&n) {
                 continue;
             }
-            let push = s.queued % MARK_EVERY != 0;
+            let push = !s.queued.is_multiple_of(MARK_EVERY);
             s.queued += 1;
             s.by_ino.insert(n, Slot::Queued { push });
             s.order.push_back(n);

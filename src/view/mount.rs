@@ -246,6 +246,7 @@ pub fn check_paths(source: &Path, mountpoint: &Path) -> Result<(), MountError> {
 fn build_core(source: &Path, opts: ViewOptions) -> Result<(Arc<ViewCore>, Access), MountError> {
     let keys = Keys::new(&opts.master, opts.key.flags);
     drop(opts.master);
+    tracing::debug!(engine = ?keys.engine(), "content encryption");
     let conf = ExportedConf {
         bytes: Arc::from(opts.key.raw.clone()),
         stat_path: opts.key.path.clone(),
