@@ -420,6 +420,7 @@ fn run_steps<'a>(
     // The sums of what this process wrote into current/ itself, by path: the manifest
     // takes them instead of reading those files again.
     let known = std::sync::Mutex::new(crate::target::update::Sums::new());
+    let work = snapshot::cmd::work_dir(&cfg.state_dir, &job.name);
     let send = || -> Result<crate::target::rsync::Outcome> {
         Ok(match &plan {
             changes::Plan::Full(why) => {
@@ -465,7 +466,7 @@ fn run_steps<'a>(
                     .flatten();
                 if let Some((current, generation)) = here {
                     if let Some((out, sums)) =
-                        rewrite_here(core, &current, &generation, list).map_err(explain)?
+                        rewrite_here(core, &current, &generation, list, &work).map_err(explain)?
                     {
                         *known.lock().unwrap_or_else(|p| p.into_inner()) = sums;
                         return Ok(out);
@@ -617,7 +618,7 @@ fn run_steps<'a>(
     }
     if job.verify_every > 0 {
         let runs = target.scan(runner)?.points.len() as u32;
-        if runs % job.verify_every == 0 {
+        if runs.is_multiple_of(job.verify_every) {
             let data = std::fs::read(&sha1_file)
                 .with_context(|| format!("reading {}", sha1_file.display()))?;
             let want = crate::manifest::parse("the run's manifest", &data)?
@@ -655,13 +656,14 @@ fn rewrite_here(
     current: &std::path::Path,
     generation: &std::path::Path,
     list: &[Vec<u8>],
+    work: &std::path::Path,
 ) -> Result<Option<(crate::target::rsync::Outcome, crate::target::update::Sums)>> {
     use crate::target::{rsync, update};
     if let Some(why) = update::plan(list) {
         tracing::info!("rsync sends this night: {why}");
         return Ok(None);
     }
-    let Some(u) = update::run(core, current, generation, list)
+    let Some(u) = update::run(core, current, generation, list, &update::journal(work))
         .context("writing the changed files into current/")?
     else {
         return Ok(None);
@@ -875,9 +877,17 @@ pub fn cleanup_leftovers(runner: &dyn Runner, cfg: &Config, job: &Job) -> Result
     .map_err(|e| anyhow::anyhow!(snapshot::error_chain(&e)))
     .context("removing stale snapshots of earlier runs")?;
     removed.extend(stale.into_iter().map(|s| format!("snapshot {s}")));
+    let target = Target::for_job(cfg, job);
+    if let Some(current) = target.current_here() {
+        let tmp = crate::target::update::sweep_leftovers(&work, &current);
+        removed.extend(
+            tmp.iter()
+                .map(|p| format!("temporary file {}", p.display())),
+        );
+    }
     let scratch = crate::scratch::sweep(&work);
     removed.extend(scratch.iter().map(|p| format!("scratch {}", p.display())));
-    let tmp = Target::for_job(cfg, job).sweep_tmp_files();
+    let tmp = target.sweep_tmp_files();
     removed.extend(
         tmp.iter()
             .map(|p| format!("temporary file {}", p.display())),

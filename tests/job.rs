@@ -587,6 +587,79 @@ fn cleanup_removes_leftovers_of_all_configured_jobs() {
     s.assert_clean("one", &b);
 }
 
+/// An in-process update (a night of rewrites into a local target) killed with SIGKILL
+/// while it writes a file: the temporary file it was writing stays in `current/`, and its
+/// journal in the work dir names that directory. `snapveil cleanup` (what every run
+/// starts with) removes that file and the journal, and says so; the next run completes
+/// with no temporary file anywhere in the target, its generations included, and
+/// `current/` decrypts to the source.
+#[test]
+fn a_killed_update_leaves_a_temporary_file_that_cleanup_removes() {
+    let Some((b, src, s)) = sampled() else { return };
+    write(&src, "huge.bin", &random(48 << 20));
+    let target = s.home_job(&src, "");
+    let current = target.join("current");
+    s.run_ok(&["home"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    write(&src, "huge.bin", &random(48 << 20));
+
+    let mut child = s.spawn_run("home");
+    let mark = format!(".sv{}-", child.id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let temp = loop {
+        let found = fs::read_dir(&current)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().contains(&mark));
+        if let Some(e) = found {
+            break e.path();
+        }
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the run ended before its temporary file was seen:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "no temporary file in current/");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(temp.exists(), "kill -9 leaves {}", temp.display());
+    let journal = s
+        .state
+        .join("work/home")
+        .join(format!("update-{}.dirs", child.id()));
+    assert_eq!(
+        fs::read(&journal).unwrap(),
+        b".\0",
+        "the journal names current/"
+    );
+
+    let out = ok(&mut s.cmd(&["cleanup", "home"]));
+    assert!(!temp.exists(), "cleanup left {}\n{out}", temp.display());
+    assert!(!journal.exists(), "cleanup left the journal\n{out}");
+    assert!(
+        out.contains("removed temporary file") && out.contains(&mark),
+        "{out}"
+    );
+    s.assert_clean("home", &b);
+
+    let log = s.run_ok(&["home"]);
+    assert!(log.contains("home: success"), "{log}");
+    let left: Vec<String> = contents(&target)
+        .into_keys()
+        .filter(|p| p.contains(".sv"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "temporary files in the target");
+    let restored = s.path("restored");
+    s.decrypt(&current, &restored);
+    let d = diff(&manifest(&src), &manifest(&restored));
+    assert!(d.is_empty(), "current/ differs from the source:\n{d}");
+    s.assert_clean("home", &b);
+}
+
 /// Plaintext file contents of a tree (symlinks as their targets), for comparisons that
 /// ignore metadata a point-in-time copy cannot keep.
 fn contents(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {

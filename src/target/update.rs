@@ -28,8 +28,16 @@
 //! night that adds, deletes, renames or changes the type of anything lists the
 //! directories that changed too, and rsync sends it, with `--delete`, as before (the log
 //! says why). Only for a frozen source without `rsync_args`, as the seed
-//! ([`crate::target::seed`]). A run killed while it writes can leave a temporary file in
-//! `current/`, as rsync's own can; the next full pass (`full_every`) deletes it.
+//! ([`crate::target::seed`]).
+//!
+//! A run killed while it writes (SIGKILL, the OOM killer: a signal it can catch makes
+//! it remove its temporary files itself) leaves them in `current/`, where rsync would
+//! back them up as deleted files at the next pass over their directory. So before the
+//! first one is made, the update names the directories it writes into in a journal in
+//! the job's work dir ([`journal`]), and removes the journal when it is over. The next
+//! run's start (or `snapveil cleanup`) finds a dead process's journal and removes that
+//! process's temporary files from those directories, and nothing else
+//! ([`sweep_leftovers`]).
 
 use super::seed::Meta;
 use crate::view::{Attr, Kind, ViewCore, ViewError, ROOT_INO};
@@ -133,6 +141,141 @@ impl Drop for Looked<'_> {
     }
 }
 
+/// This process's journal in `work` (a job's `STATE_DIR/work/JOB`): `update-PID.dirs`,
+/// the directories of `current/` it writes temporary files into, each as a path
+/// relative to `current/` (`.` for `current/` itself) and a NUL.
+pub fn journal(work: &Path) -> PathBuf {
+    work.join(format!("{}.dirs", crate::scratch::name("update")))
+}
+
+/// The PID of a journal named `update-PID.dirs`.
+fn journal_pid(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("update-")?.strip_suffix(".dirs")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether `name` is a temporary file name of process `pid`: `.NAME.svPID-N`.
+fn is_temp_of(name: &[u8], pid: u32) -> bool {
+    let mark = format!(".sv{pid}-");
+    let mark = mark.as_bytes();
+    let Some(at) = name.windows(mark.len()).rposition(|w| w == mark) else {
+        return false;
+    };
+    let n = &name[at + mark.len()..];
+    name.len() > 1 && name[0] == b'.' && at > 0 && !n.is_empty() && n.iter().all(u8::is_ascii_digit)
+}
+
+/// Removes what updates killed while writing left in `current`: for each journal in
+/// `work` whose process is gone, that process's temporary files (regular files named
+/// `.NAME.svPID-N`) in the directories it names, then the journal. A directory that is
+/// no longer a directory below `current` (gone, or a symlink on the way) is skipped:
+/// nothing is removed through a link. Failures are logged and skipped (the journal then
+/// stays, for the next try): a leftover must not stop a backup. Returns what it removed.
+pub fn sweep_leftovers(work: &Path, current: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(work) else {
+        return removed;
+    };
+    let Ok(root) = current.canonicalize() else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(journal_pid) else {
+            continue;
+        };
+        if pid == std::process::id() || crate::scratch::pid_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(list) = fs::read(&path) else {
+            continue;
+        };
+        let mut clean = true;
+        for rel in list.split(|b| *b == 0).filter(|d| !d.is_empty()) {
+            // Only a real directory below current/, reached through no symlink.
+            let mut dir = root.clone();
+            let mut inside = true;
+            for c in Path::new(OsStr::from_bytes(rel)).components() {
+                match c {
+                    std::path::Component::Normal(n) => dir.push(n),
+                    std::path::Component::CurDir => {}
+                    _ => inside = false,
+                }
+            }
+            if !inside || dir.canonicalize().ok().as_deref() != Some(dir.as_path()) {
+                continue;
+            }
+            let Ok(names) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for n in names.flatten() {
+                let is_file = n.file_type().is_ok_and(|t| t.is_file());
+                if !is_file || !is_temp_of(n.file_name().as_bytes(), pid) {
+                    continue;
+                }
+                let tmp = n.path();
+                match fs::remove_file(&tmp) {
+                    Ok(()) => removed.push(tmp),
+                    Err(err) => {
+                        clean = false;
+                        tracing::warn!(path = %tmp.display(), "cannot remove a killed update's temporary file: {err}");
+                    }
+                }
+            }
+        }
+        if clean {
+            if let Err(err) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), "cannot remove a killed update's journal: {err}");
+            }
+        }
+    }
+    removed.sort();
+    removed
+}
+
+/// Removes the journal when the update is over, however it ends (a kill excepted).
+struct Journal(PathBuf);
+
+impl Journal {
+    /// Names the directories of `dirs` (relative to `current/`, `""` for itself).
+    fn write<'d>(path: &Path, dirs: impl Iterator<Item = &'d [u8]>) -> Result<Self, UpdateError> {
+        if let Some(work) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(work)
+                .map_err(io(work))?;
+        }
+        let mut text = Vec::new();
+        for d in dirs {
+            text.extend_from_slice(if d.is_empty() { b"." } else { d });
+            text.push(0);
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(path))?;
+        f.write_all(&text)
+            .and_then(|()| f.sync_all())
+            .map_err(io(path))?;
+        Ok(Journal(path.to_path_buf()))
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.0) {
+            tracing::warn!(path = %self.0.display(), "cannot remove the update's journal: {e}");
+        }
+    }
+}
+
 fn parent(p: &[u8]) -> &[u8] {
     p.iter().rposition(|b| *b == b'/').map_or(&[], |i| &p[..i])
 }
@@ -147,7 +290,8 @@ fn under(root: &Path, rel: &[u8]) -> PathBuf {
 
 /// Writes the listed files (`--files-from` lines of a changes-only plan, none a
 /// directory: see [`plan`]) from the view of `core` into `current`, their old versions
-/// into `generation`; `Ok(None)`, with nothing written, when one of them is not a
+/// into `generation`, with `journal` ([`journal`]) naming where temporary files are
+/// while they may be; `Ok(None)`, with nothing written, when one of them is not a
 /// rewrite of a regular file already in `current` (rsync then sends the night).
 ///
 /// # Errors
@@ -159,6 +303,7 @@ pub fn run(
     current: &Path,
     generation: &Path,
     list: &[Vec<u8>],
+    journal: &Path,
 ) -> Result<Option<Updated>, UpdateError> {
     let mut looked = Looked {
         core,
@@ -261,6 +406,16 @@ pub fn run(
             at = end + 1;
         }
     }
+    let temps: std::collections::BTreeSet<&[u8]> = items
+        .iter()
+        .filter(|i| !i.same)
+        .map(|i| parent(i.path))
+        .collect();
+    let _journal = if temps.is_empty() {
+        None
+    } else {
+        Some(Journal::write(journal, temps.into_iter())?)
+    };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let out: Mutex<Updated> = Mutex::new(Updated::default());
@@ -497,7 +652,7 @@ mod tests {
         fs::write(src.join("big"), vec![2u8; (2 * CHUNK + 3) as usize]).unwrap();
         let list: Vec<Vec<u8>> = before.keys().cloned().collect();
         let generation = t.path().join("generations/S");
-        let u = run(&c, &current, &generation, &list)
+        let u = run(&c, &current, &generation, &list, &journal(t.path()))
             .unwrap()
             .expect("only rewrites");
         assert_eq!((u.files, u.same), (2, list.len() as u64 - 2));
@@ -518,6 +673,110 @@ mod tests {
             .map(|p| (p.clone(), <[u8; 20]>::from(Sha1::digest(&now[p]))))
             .collect();
         assert_eq!(sums, want_sums);
+        // Over: no journal, no temporary file.
+        assert!(!journal(t.path()).exists(), "the journal stays");
+        let pid = std::process::id();
+        for p in files(&current).keys() {
+            let name = p.rsplit(|b| *b == b'/').next().unwrap();
+            assert!(!is_temp_of(name, pid), "{}", String::from_utf8_lossy(p));
+        }
+    }
+
+    /// What an update killed while writing left: its temporary files in the directories
+    /// its journal names go, and nothing else (another process's, a name that only looks
+    /// like one, a directory, a directory not named, one reached through a symlink or
+    /// `..`); a live process's journal and files stay.
+    #[test]
+    fn a_killed_updates_temporary_files_go_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let (work, current) = (t.path().join("work"), t.path().join("current"));
+        for d in ["a/b", "c", "x"] {
+            fs::create_dir_all(current.join(d)).unwrap();
+        }
+        fs::create_dir_all(&work).unwrap();
+        std::os::unix::fs::symlink("a", current.join("link")).unwrap();
+        let dead = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+            + 1;
+        let mine = std::process::id();
+        let dirs = |d: &[&str]| {
+            d.iter()
+                .flat_map(|d| [d.as_bytes(), b"\0"].concat())
+                .collect::<Vec<u8>>()
+        };
+        fs::write(
+            work.join(format!("update-{dead}.dirs")),
+            dirs(&[".", "a/b", "link", "../x", "gone"]),
+        )
+        .unwrap();
+        fs::write(work.join(format!("update-{mine}.dirs")), dirs(&["c"])).unwrap();
+        let gone = [
+            format!(".f.sv{dead}-1"),
+            format!("a/b/.g.sv{dead}-22"),
+            format!("a/b/..hidden.sv{dead}-3"),
+        ];
+        let kept = [
+            format!("a/.h.sv{dead}-3"),
+            format!("a/b/.g.sv{mine}-1"),
+            format!("a/b/g.sv{dead}-1"),
+            format!("a/b/.g.sv{dead}-x"),
+            format!("a/b/.g.sv{dead}-"),
+            format!(".sv{dead}-1"),
+            format!("c/.k.sv{mine}-1"),
+            format!("c/.k.sv{dead}-1"),
+            format!("x/.y.sv{dead}-1"),
+            "a/b/f".to_string(),
+        ];
+        for f in gone.iter().chain(&kept) {
+            fs::write(current.join(f), b"x").unwrap();
+        }
+        fs::create_dir(current.join(format!("a/b/.d.sv{dead}-4"))).unwrap();
+        let removed = sweep_leftovers(&work, &current);
+        let root = current.canonicalize().unwrap();
+        let mut want: Vec<PathBuf> = gone.iter().map(|f| root.join(f)).collect();
+        want.sort();
+        assert_eq!(removed, want);
+        for f in &kept {
+            assert!(current.join(f).exists(), "{f} was removed");
+        }
+        assert!(current.join(format!("a/b/.d.sv{dead}-4")).is_dir());
+        assert!(
+            !work.join(format!("update-{dead}.dirs")).exists(),
+            "the dead journal stays"
+        );
+        assert!(
+            work.join(format!("update-{mine}.dirs")).exists(),
+            "a live journal went"
+        );
+        // Nothing left to do: a second sweep removes nothing.
+        assert_eq!(sweep_leftovers(&work, &current), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn names_of_journals_and_temporary_files() {
+        assert_eq!(journal_pid("update-42.dirs"), Some(42));
+        for n in [
+            "update-.dirs",
+            "update-4x.dirs",
+            "update-42",
+            "restore-42.dirs",
+        ] {
+            assert_eq!(journal_pid(n), None, "{n}");
+        }
+        assert!(is_temp_of(b".name.sv42-0", 42));
+        assert!(is_temp_of(b".a.sv42-b.sv42-17", 42));
+        for n in [
+            &b".name.sv42-"[..],
+            b"name.sv42-1",
+            b".name.sv421-1",
+            b".name.sv4-1",
+            b".sv42-1",
+        ] {
+            assert!(!is_temp_of(n, 42), "{}", String::from_utf8_lossy(n));
+        }
     }
 
     /// A listed path that is not a rewrite of a regular file already in `current/`
@@ -533,7 +792,9 @@ mod tests {
         fs::remove_file(under(&current, &gone)).unwrap();
         fs::write(src.join("big"), vec![3u8; 10]).unwrap();
         let generation = t.path().join("generations/S");
-        assert!(run(&c, &current, &generation, &list).unwrap().is_none());
+        assert!(run(&c, &current, &generation, &list, &journal(t.path()))
+            .unwrap()
+            .is_none());
         assert!(!generation.exists());
         let mut after = files(&current);
         after.insert(gone.clone(), before[&gone].clone());
@@ -563,7 +824,9 @@ mod tests {
         let held = files(&elsewhere);
         small_files(&src, |i| vec![0xee; i * 1000 + 1]);
         let generation = t.path().join("generations/S");
-        assert!(run(&c, &current, &generation, &[file]).unwrap().is_none());
+        assert!(run(&c, &current, &generation, &[file], &journal(t.path()))
+            .unwrap()
+            .is_none());
         assert!(!generation.exists());
         assert_eq!(files(&elsewhere), held, "written through the link");
         assert_eq!(c.nodes(), 1);
