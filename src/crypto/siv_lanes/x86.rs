@@ -100,7 +100,7 @@ impl Cmac for NiCmac<'_> {
         // SAFETY: as above.
         unsafe {
             let rk = round_keys(&self.0.mac);
-            let mut s = [load(&block.to_be_bytes()); LANES];
+            let mut s = [load(&block.to_be_bytes())];
             rounds(&rk, &mut s);
             let mut out = [0u8; 16];
             _mm_storeu_si128(out.as_mut_ptr().cast(), s[0]);
