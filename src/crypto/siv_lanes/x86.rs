@@ -1,6 +1,6 @@
 //! The x86-64 engines: AES-NI with every chain and counter in a register, and VAES for
 //! CTR. The rounds are written out with `core::arch` intrinsics, so a step of eight
-//! CMAC chains is eight loads, eight xors and 120 AES instructions, with nothing
+//! CMAC chains is eight loads, sixteen xors and 112 AES instructions, with nothing
 //! between the rounds.
 //!
 //! CTR counts in the counter block's last 32-bit word alone: SIV clears that word's top
