@@ -49,10 +49,10 @@ impl Engine {
 
     /// Every engine this CPU runs, slowest first.
     pub fn available() -> Vec<Engine> {
-        let mut all = vec![Engine::Portable];
         #[cfg(target_arch = "x86_64")]
-        all.extend(x86::available());
-        all
+        return [vec![Engine::Portable], x86::available()].concat();
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Engine::Portable]
     }
 }
 

@@ -156,7 +156,9 @@ impl Stat {
             gid: st.st_gid,
             rdev: st.st_rdev,
             size: st.st_size as u64,
-            nlink: st.st_nlink,
+            // u32 on some architectures (aarch64), u64 on x86-64.
+            #[allow(clippy::useless_conversion)]
+            nlink: u64::from(st.st_nlink),
             atime: (st.st_atime, st.st_atime_nsec),
             mtime: (st.st_mtime, st.st_mtime_nsec),
             ctime: (st.st_ctime, st.st_ctime_nsec),
