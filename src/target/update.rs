@@ -165,7 +165,7 @@ fn is_temp_of(name: &[u8], pid: u32) -> bool {
         return false;
     };
     let n = &name[at + mark.len()..];
-    name.len() > 1 && name[0] == b'.' && at > 0 && !n.is_empty() && n.iter().all(u8::is_ascii_digit)
+    at > 0 && name[0] == b'.' && !n.is_empty() && n.iter().all(u8::is_ascii_digit)
 }
 
 /// Removes what updates killed while writing left in `current`: for each journal in

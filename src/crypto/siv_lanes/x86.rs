@@ -132,56 +132,35 @@ unsafe fn round_keys(k: &[[u8; 16]; 15]) -> [__m128i; 15] {
 /// AES-256's key expansion (FIPS-197 §5.2) with `AESKEYGENASSIST`.
 #[target_feature(enable = "aes")]
 unsafe fn expand(key: &[u8]) -> [[u8; 16]; 15] {
-    /// The next even round key from the previous two.
+    /// The round key four words after `prev`: each word of `prev` xored with the ones
+    /// before it, then with `sub`'s word `W` (the assist's SubWord, rotated and with
+    /// Rcon for even keys, plain for odd ones).
     #[inline]
     #[target_feature(enable = "aes")]
-    unsafe fn even(prev: __m128i, assist: __m128i) -> __m128i {
-        let t = _mm_shuffle_epi32::<0xff>(assist);
+    unsafe fn next<const W: i32>(prev: __m128i, sub: __m128i) -> __m128i {
         let mut p = prev;
         p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
         p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
         p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
-        _mm_xor_si128(p, t)
-    }
-    /// The next odd round key: SubWord without RotWord or Rcon.
-    #[inline]
-    #[target_feature(enable = "aes")]
-    unsafe fn odd(even: __m128i, prev: __m128i) -> __m128i {
-        let t = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(even));
-        let mut p = prev;
-        p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
-        p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
-        p = _mm_xor_si128(p, _mm_slli_si128::<4>(p));
-        _mm_xor_si128(p, t)
+        _mm_xor_si128(p, _mm_shuffle_epi32::<W>(sub))
     }
     let mut rk = [_mm_setzero_si128(); 15];
     rk[0] = load(&key[..16]);
     rk[1] = load(&key[16..32]);
-    macro_rules! even {
-        ($i:expr, $rcon:expr) => {
-            rk[$i] = even(rk[$i - 2], _mm_aeskeygenassist_si128::<$rcon>(rk[$i - 1]))
+    // The round constant is an immediate: one line per constant.
+    macro_rules! pair {
+        ($i:literal, $rcon:literal) => {
+            rk[$i] = next::<0xff>(rk[$i - 2], _mm_aeskeygenassist_si128::<$rcon>(rk[$i - 1]));
+            rk[$i + 1] = next::<0xaa>(rk[$i - 1], _mm_aeskeygenassist_si128::<0>(rk[$i]));
         };
     }
-    for (i, rcon) in [
-        (2, 0x01),
-        (4, 0x02),
-        (6, 0x04),
-        (8, 0x08),
-        (10, 0x10),
-        (12, 0x20),
-    ] {
-        // The round constant is an immediate: one arm per constant.
-        match rcon {
-            0x01 => even!(i, 0x01),
-            0x02 => even!(i, 0x02),
-            0x04 => even!(i, 0x04),
-            0x08 => even!(i, 0x08),
-            0x10 => even!(i, 0x10),
-            _ => even!(i, 0x20),
-        }
-        rk[i + 1] = odd(rk[i], rk[i - 1]);
-    }
-    even!(14, 0x40);
+    pair!(2, 0x01);
+    pair!(4, 0x02);
+    pair!(6, 0x04);
+    pair!(8, 0x08);
+    pair!(10, 0x10);
+    pair!(12, 0x20);
+    rk[14] = next::<0xff>(rk[12], _mm_aeskeygenassist_si128::<0x40>(rk[13]));
     let mut out = [[0u8; 16]; 15];
     for (o, r) in out.iter_mut().zip(rk.iter_mut()) {
         _mm_storeu_si128(o.as_mut_ptr().cast(), *r);
