@@ -18,7 +18,7 @@ demo: deps build
 
 test: deps
 	$(CARGO) build --all-targets
-	$(CARGO) test -- --test-threads=2
+	./scripts/with-fuse-ring.sh $(CARGO) test -- --test-threads=2
 	./scripts/vm/test-vm.sh
 
 # The real-kernel tier alone: builds the guest on first use (cached in

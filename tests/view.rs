@@ -708,3 +708,247 @@ fn open_mounts_a_backup_copy_as_the_plaintext_tree() {
         );
     }
 }
+
+/// A kernel setting changed for one test and put back when it ends, however it ends.
+struct Knob {
+    path: &'static str,
+    was: String,
+}
+
+impl Knob {
+    /// Sets `path` to `value`; `None` when the kernel has no such setting.
+    fn set(path: &'static str, value: &str) -> Option<Knob> {
+        let was = fs::read_to_string(path).ok()?;
+        fs::write(path, value).unwrap_or_else(|e| panic!("setting {path}: {e}"));
+        Some(Knob {
+            path,
+            was: was.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, &self.was);
+    }
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// FUSE over io_uring turned on for the test. `None` (and the test skipped) only with
+/// SNAPVEIL_TEST_SKIP_MISSING=1 on a kernel without it (before 6.14): a silent skip
+/// would pass vacuously.
+fn ring_on() -> Option<Knob> {
+    let k = Knob::set(ENABLE_URING, "Y");
+    if k.is_none() {
+        if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+            eprintln!("SKIP: this kernel has no FUSE over io_uring ({ENABLE_URING})");
+            return None;
+        }
+        panic!("this kernel has no FUSE over io_uring ({ENABLE_URING}); set SNAPVEIL_TEST_SKIP_MISSING=1 locally");
+    }
+    k
+}
+
+/// `snapveil mount` in the foreground with a debug log, for `ring_figures`; ended
+/// with SIGTERM by [`Served::end`].
+struct Served {
+    child: std::process::Child,
+    guard: crate::util::fuse::Mounted,
+    log: std::path::PathBuf,
+}
+
+impl Served {
+    fn start(
+        conf: &Path,
+        pass: &Path,
+        src: &Path,
+        mnt: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
+        fs::create_dir_all(mnt).unwrap();
+        let guard = crate::util::fuse::Mounted { path: mnt.into() };
+        let log = mnt.with_extension("log");
+        let child = Command::new(bin())
+            .args(["mount", "--config"])
+            .arg(conf)
+            .arg("--passfile")
+            .arg(pass)
+            .args(args)
+            .arg(src)
+            .arg(mnt)
+            .env("SNAPVEIL_LOG", "snapveil=debug")
+            .envs(env.iter().copied())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !is_mounted(mnt) {
+            assert!(std::time::Instant::now() < deadline, "mount never appeared");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Served { child, guard, log }
+    }
+
+    /// Ends the mount and returns its log.
+    fn end(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )
+        .unwrap();
+        let st = self.child.wait().unwrap();
+        let log = fs::read_to_string(&self.log).unwrap();
+        assert!(st.success(), "mount ended with {st}:\n{log}");
+        assert!(!is_mounted(&self.guard.path), "still mounted after SIGTERM");
+        log
+    }
+}
+
+/// Requests answered through the ring's queues and through `/dev/fuse`, from a mount's
+/// debug log (`None`: our own loop did not serve it).
+fn ring_figures(log: &str) -> Option<(u64, u64)> {
+    let answered = |l: &str| -> u64 {
+        l.split(" answered=")
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {l:?}"))
+    };
+    let dev = log
+        .lines()
+        .find(|l| l.contains("FUSE device loop ended"))
+        .map(answered)?;
+    let ring = log
+        .lines()
+        .filter(|l| l.contains("FUSE ring queue ended"))
+        .map(answered)
+        .sum();
+    Some((ring, dev))
+}
+
+/// The edge tree and a few hundred small files, with gocryptfs -reverse's view of it
+/// (the oracle; hard links masked: their ciphertext is per path in ours).
+fn ring_tree(
+    t: &Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Manifest,
+) {
+    let src = t.join("src");
+    make_edge_tree(&src);
+    for d in 0..3 {
+        let dir = src.join(format!("many{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..100usize {
+            let data: Vec<u8> = (0..(i * 397 + d) % 20_000).map(|k| (k + i) as u8).collect();
+            fs::write(dir.join(format!("f{i:03}")), data).unwrap();
+        }
+    }
+    let (conf, pass) = (t.join("conf"), t.join("pass"));
+    crate::util::init_key(&conf, &pass);
+    let g = gocryptfs_reverse(Some(&conf), &pass, &src, &t.join("g"));
+    let mut want = manifest(g.path());
+    assert!(want.len() > 300, "gocryptfs view too small: {}", want.len());
+    mask_hardlinks(&mut want);
+    (src, conf, pass, want)
+}
+
+/// With the kernel's FUSE over io_uring on, a view (frozen and live) is served through
+/// the ring: every entry, attribute, link and byte is gocryptfs's, and most requests
+/// came through the ring's queues.
+#[test]
+fn the_view_over_io_uring_serves_gocryptfs_bytes_through_the_ring() {
+    require_tool("gocryptfs");
+    let Some(_ring) = ring_on() else { return };
+    let t = TempDir::new().unwrap();
+    let (src, conf, pass, want) = ring_tree(t.path());
+    for (name, args) in [("frozen", &["--frozen"][..]), ("live", &[][..])] {
+        let mnt = t.path().join(name);
+        let s = Served::start(&conf, &pass, &src, &mnt, args, &[]);
+        let mut got = manifest(&mnt);
+        got.remove(&b"gocryptfs.conf"[..]);
+        mask_hardlinks(&mut got);
+        assert!(
+            diff(&want, &got).is_empty(),
+            "{name}: {}",
+            diff(&want, &got)
+        );
+        // STATFS, and access(2).
+        ok(Command::new("stat").arg("-f").arg(&mnt));
+        ok(Command::new("test")
+            .arg("-r")
+            .arg(mnt.join("gocryptfs.diriv")));
+        let log = s.end();
+        assert!(
+            log.contains("FUSE INIT answered ring=true"),
+            "{name}: no ring in:\n{log}"
+        );
+        let (ring, dev) =
+            ring_figures(&log).unwrap_or_else(|| panic!("{name}: no figures in:\n{log}"));
+        assert!(
+            ring > 100 && ring > 10 * dev,
+            "{name}: {ring} requests through the ring, {dev} through /dev/fuse"
+        );
+    }
+}
+
+/// Where the ring is off (`SNAPVEIL_FUSE_RING=off`) fuser's loop serves the view, and
+/// where the kernel refuses it (io_uring disabled) our loop on `/dev/fuse` serves every
+/// request: the same bytes either way.
+#[test]
+fn without_the_ring_the_view_is_served_through_dev_fuse() {
+    require_tool("gocryptfs");
+    let Some(_ring) = ring_on() else { return };
+    let t = TempDir::new().unwrap();
+    let (src, conf, pass, want) = ring_tree(t.path());
+    let check = |name: &str, s: Served| -> String {
+        let mut got = manifest(&s.guard.path);
+        got.remove(&b"gocryptfs.conf"[..]);
+        mask_hardlinks(&mut got);
+        assert!(
+            diff(&want, &got).is_empty(),
+            "{name}: {}",
+            diff(&want, &got)
+        );
+        s.end()
+    };
+
+    let off = Served::start(
+        &conf,
+        &pass,
+        &src,
+        &t.path().join("off"),
+        &["--frozen"],
+        &[("SNAPVEIL_FUSE_RING", "off")],
+    );
+    let log = check("off", off);
+    assert!(
+        !log.contains("FUSE INIT answered"),
+        "ring off, yet our loop served:\n{log}"
+    );
+    assert_eq!(ring_figures(&log), None);
+
+    let refused = {
+        let _no_uring = Knob::set("/proc/sys/kernel/io_uring_disabled", "2")
+            .expect("this kernel has kernel.io_uring_disabled");
+        Served::start(
+            &conf,
+            &pass,
+            &src,
+            &t.path().join("refused"),
+            &["--frozen"],
+            &[],
+        )
+    };
+    let log = check("refused", refused);
+    assert!(
+        log.contains("FUSE over io_uring not used"),
+        "no word of the refusal:\n{log}"
+    );
+    let (ring, dev) = ring_figures(&log).unwrap_or_else(|| panic!("no figures in:\n{log}"));
+    assert_eq!(ring, 0, "{log}");
+    assert!(dev > 100, "only {dev} requests through /dev/fuse");
+}

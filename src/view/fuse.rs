@@ -18,6 +18,9 @@
 //! cloned device fds are not supported); the work that costs (encrypting reads, opening
 //! source files) runs on the pool, so the loop only parses and dispatches.
 
+use super::answer::{
+    AttrReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply, StatfsReply,
+};
 use super::{Attr, Kind, Tree, ROOT_INO};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -66,7 +69,7 @@ pub struct VeilFs<T: Tree> {
     by_ino: Arc<OpenFiles<T::Handle>>,
     next_fh: AtomicU64,
     /// Called once the kernel has initialised the session: the mount answers.
-    on_init: Option<Box<dyn FnOnce() + Send>>,
+    on_init: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Reads run here, not on rayon's global pool: code in this same process that reads
     /// the mount from global-pool threads (a manifest of the view, a verify) would
     /// otherwise hold every worker while its reads wait for a free one: a deadlock.
@@ -90,7 +93,7 @@ impl<T: Tree> VeilFs<T> {
             handles: Mutex::new(HashMap::new()),
             by_ino: Arc::new(Mutex::new(VecDeque::with_capacity(OPEN_CACHE))),
             next_fh: AtomicU64::new(1),
-            on_init: None,
+            on_init: Mutex::new(None),
             pool: Arc::new(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(
@@ -143,7 +146,7 @@ impl<T: Tree> VeilFs<T> {
     }
 
     pub fn on_init(mut self, f: impl FnOnce() + Send + 'static) -> Self {
-        self.on_init = Some(Box::new(f));
+        self.on_init = Mutex::new(Some(Box::new(f)));
         self
     }
 
@@ -248,23 +251,15 @@ fn log_err(op: &str, ino: u64, e: &super::ViewError) {
     }
 }
 
-impl<T: Tree> Filesystem for VeilFs<T> {
-    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
-        // Large reads: fewer round trips, more blocks to encrypt in parallel per request
-        // (fuser asks for max_pages to match, so a READ carries up to 1 MiB).
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
-        // Entries and their attributes in one reply: a `find` or rsync walk then needs no
-        // separate LOOKUP per file.
-        let _ = config.add_capabilities(fuser::consts::FUSE_DO_READDIRPLUS);
-        if let Some(f) = self.on_init.take() {
+impl<T: Tree> VeilFs<T> {
+    /// The kernel has initialised the session: the mount answers from now on.
+    pub(super) fn initialized(&self) {
+        if let Some(f) = self.on_init.lock().expect("on_init lock").take() {
             f();
         }
-        Ok(())
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    pub(super) fn lookup(&self, parent: u64, name: &OsStr, reply: impl EntryReply) {
         match self.core.lookup(parent, name) {
             Ok(a) => reply.entry(&self.ttl, &self.attr(&a), 0),
             Err(e) => {
@@ -274,17 +269,11 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+    pub(super) fn forget(&self, ino: u64, nlookup: u64) {
         self.core.forget(ino, nlookup);
     }
 
-    fn batch_forget(&mut self, _req: &Request<'_>, nodes: &[fuser::fuse_forget_one]) {
-        for n in nodes {
-            self.core.forget(n.nodeid, n.nlookup);
-        }
-    }
-
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+    pub(super) fn getattr(&self, ino: u64, reply: impl AttrReply) {
         match self.core.getattr(ino) {
             Ok(mut a) => {
                 if ino == ROOT_INO {
@@ -299,7 +288,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+    pub(super) fn readlink(&self, ino: u64, reply: impl DataReply) {
         match self.core.readlink(ino) {
             Ok(t) => reply.data(&t),
             Err(e) => {
@@ -309,7 +298,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    pub(super) fn open(&self, ino: u64, flags: i32, reply: impl OpenReply) {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
@@ -333,17 +322,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        offset: i64,
-        size: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: ReplyData,
-    ) {
+    pub(super) fn read(&self, ino: u64, fh: u64, offset: i64, size: u32, reply: impl DataReply) {
         tracing::trace!(ino, offset, size, "read");
         let core = Arc::clone(&self.core);
         if fh == 0 && self.caching == Caching::Frozen {
@@ -383,21 +362,12 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         });
     }
 
-    fn release(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        _flags: i32,
-        _lock: Option<u64>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    pub(super) fn release(&self, fh: u64, reply: impl EmptyReply) {
         self.handles.lock().expect("handles lock").remove(&fh);
         reply.ok();
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+    pub(super) fn opendir(&self, ino: u64, reply: impl OpenReply) {
         // A real OPENDIR even when frozen (one per directory, cheap): fusermount's
         // auto_unmount decides that the server died by opening the mountpoint, which
         // must then fail with ENOTCONN, not succeed from the kernel's caches.
@@ -414,21 +384,14 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
+    pub(super) fn readdir(&self, ino: u64, offset: i64, mut reply: impl DirReply) {
         let r = self
             .core
             .readdir(ino, offset, false, &mut |eino, next, name, kind, _| {
                 reply.add(eino, next, file_type(kind), name)
             });
         match r {
-            Ok(()) => reply.ok(),
+            Ok(()) => reply.done(),
             Err(e) => {
                 log_err("readdir", ino, &e);
                 reply.error(e.errno())
@@ -436,14 +399,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn readdirplus(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: fuser::ReplyDirectoryPlus,
-    ) {
+    pub(super) fn readdirplus(&self, ino: u64, offset: i64, mut reply: impl DirPlusReply) {
         let ttl = self.ttl;
         let owner = self.owner;
         let r = self
@@ -464,7 +420,7 @@ impl<T: Tree> Filesystem for VeilFs<T> {
                 reply.add(eino, next, name, &ttl, &a, 0)
             });
         match r {
-            Ok(()) => reply.ok(),
+            Ok(()) => reply.done(),
             Err(e) => {
                 log_err("readdirplus", ino, &e);
                 reply.error(e.errno())
@@ -472,16 +428,132 @@ impl<T: Tree> Filesystem for VeilFs<T> {
         }
     }
 
-    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+    pub(super) fn statfs(&self, reply: impl StatfsReply) {
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
-    fn access(&mut self, _req: &Request<'_>, _ino: u64, mask: i32, reply: ReplyEmpty) {
+    pub(super) fn access(&self, mask: i32, reply: impl EmptyReply) {
         if mask & libc::W_OK != 0 {
             reply.error(libc::EROFS)
         } else {
             reply.ok()
         }
+    }
+}
+
+/// What the kernel is asked for at INIT, whichever transport serves the view
+/// ([`Served`] through fuser, or [`super::ring`]).
+pub(super) mod init {
+    /// Large reads: fewer round trips, more blocks to encrypt in parallel per request
+    /// (a READ then carries up to 1 MiB).
+    pub const MAX_READAHEAD: u32 = 1 << 20;
+    /// Requests the kernel keeps in flight in the background (read-ahead), and where it
+    /// starts to hold writers back.
+    pub const MAX_BACKGROUND: u16 = 64;
+    pub const CONGESTION_THRESHOLD: u16 = 48;
+}
+
+/// A view served by fuser's session loop: the loop owns its filesystem, so it gets a
+/// handle, and the view stays reachable for the other transport ([`super::ring`]).
+pub struct Served<T: Tree>(pub Arc<VeilFs<T>>);
+
+impl<T: Tree> Filesystem for Served<T> {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        let _ = config.set_max_readahead(init::MAX_READAHEAD);
+        let _ = config.set_max_background(init::MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(init::CONGESTION_THRESHOLD);
+        // Entries and their attributes in one reply: a `find` or rsync walk then needs no
+        // separate LOOKUP per file.
+        let _ = config.add_capabilities(fuser::consts::FUSE_DO_READDIRPLUS);
+        self.0.initialized();
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        self.0.lookup(parent, name, reply)
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.0.forget(ino, nlookup)
+    }
+
+    fn batch_forget(&mut self, _req: &Request<'_>, nodes: &[fuser::fuse_forget_one]) {
+        for n in nodes {
+            self.0.forget(n.nodeid, n.nlookup);
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        self.0.getattr(ino, reply)
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        self.0.readlink(ino, reply)
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        self.0.open(ino, flags, reply)
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyData,
+    ) {
+        self.0.read(ino, fh, offset, size, reply)
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.0.release(fh, reply)
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        self.0.opendir(ino, reply)
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        reply: ReplyDirectory,
+    ) {
+        self.0.readdir(ino, offset, reply)
+    }
+
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        reply: fuser::ReplyDirectoryPlus,
+    ) {
+        self.0.readdirplus(ino, offset, reply)
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        self.0.statfs(reply)
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, mask: i32, reply: ReplyEmpty) {
+        self.0.access(mask, reply)
     }
 }
 
@@ -492,7 +564,7 @@ fn read_unopened<T: Tree>(
     ino: u64,
     offset: i64,
     size: u32,
-    reply: ReplyData,
+    reply: impl DataReply,
 ) {
     let h = match cached_open(core, cache, ino) {
         Ok(h) => h,
@@ -802,7 +874,7 @@ impl<T: Tree> ReadAhead<T> {
 
     /// Answers a read of `ino` from `data` (its whole content); forgets it once read to
     /// its end (the kernel keeps the pages).
-    fn answer(&self, ino: u64, data: &[u8], offset: i64, size: u32, reply: ReplyData) {
+    fn answer(&self, ino: u64, data: &[u8], offset: i64, size: u32, reply: impl DataReply) {
         let part = slice(data, offset, size);
         if offset.max(0) as usize + part.len() >= data.len() {
             self.slots

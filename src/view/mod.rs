@@ -19,9 +19,11 @@
 //! count 1), so the result never depends on order or remounts and `rsync -H` can never
 //! link two different ciphertexts together.
 
+mod answer;
 pub mod forward;
 pub mod fuse;
 pub mod mount;
+pub mod ring;
 mod walk;
 pub mod warm;
 

@@ -5,11 +5,13 @@
 //! unmounts the moment our process dies, even by SIGKILL, so a crashed run never leaves
 //! a dead "transport endpoint is not connected" mount behind.
 
-use super::fuse::{Caching, VeilFs};
+use super::fuse::{Caching, Served, VeilFs};
+use super::ring;
 use super::{ExportedConf, Tree, ViewCore, ViewError};
 use crate::crypto::{KeyConfig, Keys, MasterKey};
 use fuser::{MountOption, Session};
 use std::fs;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -302,7 +304,8 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// A view mounted by this process, served on background threads. Dropping it unmounts.
 pub struct MountedView {
-    session: Option<fuser::BackgroundSession>,
+    /// The thread serving the session ([`run_session`]).
+    session: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     mountpoint: PathBuf,
     /// What the session serves, for walks in this process ([`ViewCore::walk`]).
     core: Arc<ViewCore>,
@@ -323,11 +326,15 @@ impl MountedView {
             .on_init(move || {
                 let _ = tx.send(());
             });
-        let session = new_session(fs, mountpoint, &access)?;
-        let bg = session.spawn().map_err(|e| MountError::Mount {
-            path: mountpoint.into(),
-            source: e,
-        })?;
+        let (session, fs) = new_session(fs, mountpoint, &access)?;
+        let owner = session_owner(&access);
+        let bg = std::thread::Builder::new()
+            .name("snapveil-fuse".into())
+            .spawn(move || run_session(session, fs, owner))
+            .map_err(|e| MountError::Mount {
+                path: mountpoint.into(),
+                source: e,
+            })?;
         let view = MountedView {
             session: Some(bg),
             mountpoint: mountpoint.into(),
@@ -369,8 +376,7 @@ impl MountedView {
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        let fuser::BackgroundSession { guard, .. } = bg;
-        match guard.join() {
+        match bg.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session ended with {e}")
@@ -398,23 +404,47 @@ impl Drop for MountedView {
     }
 }
 
-/// The FUSE session serving `fs` at `mountpoint`, its read-ahead connected to the
-/// kernel's page cache before any request is served.
+/// The FUSE session serving `fs` at `mountpoint` (mounted), its read-ahead connected
+/// to the kernel's page cache before any request is served, and the view for
+/// [`run_session`].
 fn new_session<T: Tree>(
     fs: VeilFs<T>,
     mountpoint: &Path,
     access: &Access,
-) -> Result<Session<VeilFs<T>>, MountError> {
+) -> Result<(Session<Served<T>>, Arc<VeilFs<T>>), MountError> {
     let pages = fs.kernel_pages();
-    let session =
-        Session::new(fs, mountpoint, &mount_options(access)).map_err(|e| MountError::Mount {
+    let fs = Arc::new(fs);
+    let session = Session::new(Served(Arc::clone(&fs)), mountpoint, &mount_options(access))
+        .map_err(|e| MountError::Mount {
             path: mountpoint.into(),
             source: e,
         })?;
     if let Some(p) = pages {
         p.connect(session.notifier());
     }
-    Ok(session)
+    Ok((session, fs))
+}
+
+/// Who may use a mount, as fuser's own loop enforces it ([`ring::Owner`]): without
+/// `allow_other`, only the user who mounted it.
+fn session_owner(access: &Access) -> ring::Owner {
+    (!access.allow_other).then(|| nix::unistd::geteuid().as_raw())
+}
+
+/// Serves the session until it is unmounted: over io_uring where the kernel offers it
+/// ([`ring`]), else by fuser's loop. Either way the session is dropped at the end, which
+/// is what releases fuser's hold on the mount.
+fn run_session<T: Tree>(
+    mut session: Session<Served<T>>,
+    fs: Arc<VeilFs<T>>,
+    owner: ring::Owner,
+) -> std::io::Result<()> {
+    if ring::wanted() {
+        let dev = session.as_fd().try_clone_to_owned()?;
+        return ring::serve(fs, dev, owner);
+    }
+    drop(fs);
+    session.run()
 }
 
 /// Serves the view in this thread until it is unmounted (`snapveil umount`,
@@ -465,7 +495,7 @@ pub fn serve<T: Tree>(
                 }
             });
         });
-    let mut session = new_session(fs, mountpoint, access)?;
+    let (mut session, fs) = new_session(fs, mountpoint, access)?;
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(
@@ -484,7 +514,7 @@ pub fn serve<T: Tree>(
             }
         }
     });
-    let r = session.run();
+    let r = run_session(session, fs, session_owner(access));
     handle.close();
     let _ = waiter.join();
     r.map_err(|e| MountError::Mount {
