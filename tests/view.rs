@@ -895,6 +895,39 @@ fn the_view_over_io_uring_serves_gocryptfs_bytes_through_the_ring() {
     }
 }
 
+/// A view served over io_uring whose process is killed (SIGKILL) is unmounted all the
+/// same: fusermount3 leaves it (its open fails with ECONNABORTED, not ENOTCONN), the
+/// view's guardian does not.
+#[test]
+fn a_killed_view_over_io_uring_is_unmounted() {
+    let Some(_ring) = ring_on() else { return };
+    let t = TempDir::new().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), vec![7u8; 300_000]).unwrap();
+    let (conf, pass) = (t.path().join("conf"), t.path().join("pass"));
+    crate::util::init_key(&conf, &pass);
+    let mnt = t.path().join("m");
+    let mut s = Served::start(&conf, &pass, &src, &mnt, &["--frozen"], &[]);
+    assert!(manifest(&mnt).len() > 3);
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(&mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "killed, still mounted: {}",
+            crate::util::fuse::why_still_mounted(&mnt)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.contains("FUSE INIT answered ring=true"),
+        "no ring in:\n{log}"
+    );
+}
+
 /// Where the ring is off (`SNAPVEIL_FUSE_RING=off`) fuser's loop serves the view, and
 /// where the kernel refuses it (io_uring disabled) our loop on `/dev/fuse` serves every
 /// request: the same bytes either way.

@@ -326,11 +326,11 @@ impl MountedView {
             .on_init(move || {
                 let _ = tx.send(());
             });
-        let (session, fs) = new_session(fs, mountpoint, &access)?;
+        let (session, fs, canonical) = new_session(fs, mountpoint, &access)?;
         let owner = session_owner(&access);
         let bg = std::thread::Builder::new()
             .name("snapveil-fuse".into())
-            .spawn(move || run_session(session, fs, owner))
+            .spawn(move || run_session(session, fs, owner, &canonical))
             .map_err(|e| MountError::Mount {
                 path: mountpoint.into(),
                 source: e,
@@ -405,13 +405,18 @@ impl Drop for MountedView {
 }
 
 /// The FUSE session serving `fs` at `mountpoint` (mounted), its read-ahead connected
-/// to the kernel's page cache before any request is served, and the view for
-/// [`run_session`].
+/// to the kernel's page cache before any request is served, the view, and the
+/// mountpoint's canonical path (found before the mount: afterwards, a look at it would
+/// wait for the session), for [`run_session`].
 fn new_session<T: Tree>(
     fs: VeilFs<T>,
     mountpoint: &Path,
     access: &Access,
-) -> Result<(Session<Served<T>>, Arc<VeilFs<T>>), MountError> {
+) -> Result<(Session<Served<T>>, Arc<VeilFs<T>>, PathBuf), MountError> {
+    let canonical = fs::canonicalize(mountpoint).map_err(|e| MountError::Mount {
+        path: mountpoint.into(),
+        source: e,
+    })?;
     let pages = fs.kernel_pages();
     let fs = Arc::new(fs);
     let session = Session::new(Served(Arc::clone(&fs)), mountpoint, &mount_options(access))
@@ -422,7 +427,7 @@ fn new_session<T: Tree>(
     if let Some(p) = pages {
         p.connect(session.notifier());
     }
-    Ok((session, fs))
+    Ok((session, fs, canonical))
 }
 
 /// Who may use a mount, as fuser's own loop enforces it ([`ring::Owner`]): without
@@ -438,10 +443,23 @@ fn run_session<T: Tree>(
     mut session: Session<Served<T>>,
     fs: Arc<VeilFs<T>>,
     owner: ring::Owner,
+    mountpoint: &Path,
 ) -> std::io::Result<()> {
     if ring::wanted() {
-        let dev = session.as_fd().try_clone_to_owned()?;
-        return ring::serve(fs, dev, owner);
+        // fusermount3 would not unmount this view if the process were killed: without
+        // a guardian, no ring.
+        match ring::Guardian::spawn(mountpoint) {
+            Ok(guardian) => {
+                let dev = session.as_fd().try_clone_to_owned()?;
+                let r = ring::serve(fs, dev, owner);
+                drop(guardian);
+                return r;
+            }
+            Err(e) => tracing::warn!(
+                mountpoint = %mountpoint.display(),
+                "FUSE over io_uring not used: no guardian for the mount: {e}"
+            ),
+        }
     }
     drop(fs);
     session.run()
@@ -495,7 +513,7 @@ pub fn serve<T: Tree>(
                 }
             });
         });
-    let (mut session, fs) = new_session(fs, mountpoint, access)?;
+    let (mut session, fs, canonical) = new_session(fs, mountpoint, access)?;
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(
@@ -514,7 +532,7 @@ pub fn serve<T: Tree>(
             }
         }
     });
-    let r = run_session(session, fs, session_owner(access));
+    let r = run_session(session, fs, session_owner(access), &canonical);
     handle.close();
     let _ = waiter.join();
     r.map_err(|e| MountError::Mount {

@@ -912,5 +912,8 @@ fn bytes_of<T: Pod>(t: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((t as *const T).cast(), size_of::<T>()) }
 }
 
+mod guard;
+pub use guard::Guardian;
+
 #[cfg(test)]
 mod tests;

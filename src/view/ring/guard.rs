@@ -1,0 +1,173 @@
+//! Unmounts a view served over io_uring whose process was killed (SIGKILL, the OOM
+//! killer), as fusermount3's `auto_unmount` does for a view on `/dev/fuse`.
+//!
+//! fusermount3 unmounts a dead server's mount only when opening the mountpoint fails
+//! with ENOTCONN. Over `/dev/fuse` the kernel aborts the connection as the dying
+//! process closes its descriptors, before fusermount3 looks. Over io_uring the ring's
+//! pending commands hold the device open until the kernel has torn the ring down, a few
+//! milliseconds later, so fusermount3's open is still waiting when the connection is
+//! aborted, fails with ECONNABORTED instead, and the dead mount is left behind.
+//!
+//! The guardian is a forked child that waits for its server to end (a pipe's end of
+//! file). It does not ask the mount whether it is alive: it looks in the mount table
+//! for the very mount it guards (its device number, unique while it is mounted, at
+//! its mountpoint), which is there only if the server ended without unmounting, and
+//! detaches it.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// The guardian of one mount. Dropping it (the session ended, the view unmounted) lets
+/// the child look, find its mount gone, and end; it is then reaped.
+pub struct Guardian {
+    /// The write end of the pipe the child waits on.
+    alive: Option<OwnedFd>,
+    child: nix::unistd::Pid,
+}
+
+/// The most of `/proc/self/mountinfo` the child reads (its buffer is made before the
+/// fork: the child may not allocate).
+const MOUNTINFO_MAX: usize = 1 << 20;
+
+impl Guardian {
+    /// Forks the guardian of the FUSE mount at `mountpoint` (canonical; mounted, maybe
+    /// not yet answering: nothing here asks it anything).
+    ///
+    /// # Errors
+    /// The mount not in the mount table, the pipe or the fork failing.
+    pub fn spawn(mountpoint: &Path) -> std::io::Result<Guardian> {
+        let path = mountpoint;
+        let info = std::fs::read("/proc/self/mountinfo")?;
+        let Some(line) = mount_line(&info, &path) else {
+            return Err(std::io::Error::other(format!(
+                "{}: not in /proc/self/mountinfo",
+                path.display()
+            )));
+        };
+        // Everything the child needs is made before the fork: after it, in a process
+        // with threads, the child may only make async-signal-safe calls.
+        let mnt = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut buf = vec![0u8; MOUNTINFO_MAX];
+        let proc = c"/proc/self/mountinfo";
+        // Close-on-exec: a command this process runs later must not hold it open.
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: the child only calls `dup2`, `close_range`, `close`, `signal`, `read`,
+        // `open`, `umount2` and `_exit` (all async-signal-safe) on memory made above,
+        // and never returns into Rust code.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Child => unsafe {
+                watch(r.as_raw_fd(), &mnt, proc, &line, &mut buf)
+            },
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(r);
+                Ok(Guardian {
+                    alive: Some(w),
+                    child,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        drop(self.alive.take());
+        let _ = nix::sys::wait::waitpid(self.child, None);
+    }
+}
+
+/// What identifies the FUSE mount at `path` in `/proc/self/mountinfo`: " MAJ:MIN ROOT
+/// PATH " from its line (the last one at that path: the topmost mount), with the path
+/// escaped as the kernel escapes it.
+fn mount_line(info: &[u8], path: &Path) -> Option<Vec<u8>> {
+    let mut escaped = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => {
+                escaped.extend_from_slice(format!("\\{b:03o}").as_bytes())
+            }
+            _ => escaped.push(b),
+        }
+    }
+    info.split(|b| *b == b'\n')
+        .filter_map(|l| {
+            let f: Vec<&[u8]> = l.split(|b| *b == b' ').collect();
+            let fstype = f.iter().skip_while(|x| **x != b"-").nth(1)?;
+            (f.len() > 4 && f[4] == escaped.as_slice() && fstype.starts_with(b"fuse"))
+                .then(|| [b" ", f[2], b" ", f[3], b" ", f[4], b" "].concat())
+        })
+        .last()
+}
+
+/// The child: holds nothing but the pipe (not the FUSE device, which would keep the
+/// connection alive), waits for its end of file, then detaches the mount if it is
+/// still in the mount table.
+///
+/// # Safety
+/// Only in the child of a `fork`; never returns.
+unsafe fn watch(
+    pipe: libc::c_int,
+    mnt: &CString,
+    proc: &std::ffi::CStr,
+    line: &[u8],
+    buf: &mut [u8],
+) -> ! {
+    unsafe {
+        libc::dup2(pipe, 0);
+        if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
+            for fd in 1..65536 {
+                libc::close(fd);
+            }
+        }
+        // It must outlive its server to do its work: the signals that end a run (the
+        // terminal's, systemd's SIGTERM) are not for it. It ends at the pipe's end.
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        let mut b = [0u8; 1];
+        while libc::read(0, b.as_mut_ptr().cast(), 1) < 0
+            && *libc::__errno_location() == libc::EINTR
+        {}
+        let fd = libc::open(proc.as_ptr(), libc::O_RDONLY);
+        if fd >= 0 {
+            let mut len = 0;
+            while len < buf.len() {
+                let n = libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len);
+                if n > 0 {
+                    len += n as usize;
+                } else if n == 0 || *libc::__errno_location() != libc::EINTR {
+                    break;
+                }
+            }
+            libc::close(fd);
+            if buf[..len].windows(line.len()).any(|w| w == line) {
+                libc::umount2(mnt.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount is found by its own line: device, root and escaped mountpoint, a FUSE
+    /// type, the topmost of several at one path; other filesystems there are not it.
+    #[test]
+    fn a_mount_is_known_by_its_device_at_its_mountpoint() {
+        let info = b"22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+            90 30 0:61 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:50 - fuse.snapveil snapveil ro,user_id=0\n\
+            91 30 0:62 / /tmp/a\\040b rw,nosuid - fuse.snapveil snapveil ro\n\
+            92 30 7:1 / /tmp/c rw - btrfs /dev/loop1 rw\n";
+        assert_eq!(
+            mount_line(info, Path::new("/tmp/a b")).unwrap(),
+            b" 0:62 / /tmp/a\\040b ".to_vec()
+        );
+        assert_eq!(mount_line(info, Path::new("/tmp/c")), None);
+        assert_eq!(mount_line(info, Path::new("/tmp/a")), None);
+    }
+}
