@@ -14,9 +14,12 @@
 //! (`dir:`) gets one-second timeouts and real opens that drop the page cache, so changes
 //! show, and no read-ahead.
 //!
-//! fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes `&mut self` and
-//! cloned device fds are not supported); the work that costs (encrypting reads, opening
-//! source files) runs on the pool, so the loop only parses and dispatches.
+//! The view's operations answer through [`super::answer`]'s reply traits, so the same
+//! code serves fuser's loop on `/dev/fuse` ([`Served`]) and FUSE over io_uring
+//! ([`super::ring`]). fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes
+//! `&mut self` and cloned device fds are not supported); the ring has a thread per CPU.
+//! Either way the work that costs (encrypting reads, opening source files) runs on the
+//! pool, so the loops only parse and dispatch.
 
 use super::answer::{
     AttrReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply, StatfsReply,

@@ -373,7 +373,7 @@ struct Ent {
 }
 
 /// A payload buffer: zeroed memory that the kernel and the entry's reply write through
-/// raw pointers. Allocated zeroed, so its pages are real only once used.
+/// raw pointers. Its pages are real only once used.
 struct Payload {
     ptr: *mut u8,
     len: usize,
@@ -390,8 +390,11 @@ impl Payload {
         Ok(Payload { ptr, len })
     }
 
+    /// Aligned to 16 bytes, not to a page: with a larger alignment the allocator zeroes
+    /// the buffer itself (posix_memalign and memset), making all of it resident at once;
+    /// at 16, `calloc` maps it untouched.
     fn layout(len: usize) -> io::Result<std::alloc::Layout> {
-        std::alloc::Layout::from_size_align(len.max(1), PAGE as usize)
+        std::alloc::Layout::from_size_align(len.max(1), 16)
             .map_err(|e| io::Error::other(e.to_string()))
     }
 }
