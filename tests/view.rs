@@ -856,6 +856,14 @@ fn ring_tree(
     (src, conf, pass, want)
 }
 
+/// Fails unless the view at `mnt` shows what gocryptfs showed (`want` of [`ring_tree`]).
+fn assert_shows(want: &Manifest, mnt: &Path, name: &str) {
+    let mut got = manifest(mnt);
+    got.remove(&b"gocryptfs.conf"[..]);
+    mask_hardlinks(&mut got);
+    assert!(diff(want, &got).is_empty(), "{name}: {}", diff(want, &got));
+}
+
 /// With the kernel's FUSE over io_uring on, a view (frozen and live) is served through
 /// the ring: every entry, attribute, link and byte is gocryptfs's, and most requests
 /// came through the ring's queues.
@@ -868,14 +876,7 @@ fn the_view_over_io_uring_serves_gocryptfs_bytes_through_the_ring() {
     for (name, args) in [("frozen", &["--frozen"][..]), ("live", &[][..])] {
         let mnt = t.path().join(name);
         let s = Served::start(&conf, &pass, &src, &mnt, args, &[]);
-        let mut got = manifest(&mnt);
-        got.remove(&b"gocryptfs.conf"[..]);
-        mask_hardlinks(&mut got);
-        assert!(
-            diff(&want, &got).is_empty(),
-            "{name}: {}",
-            diff(&want, &got)
-        );
+        assert_shows(&want, &mnt, name);
         // STATFS, and access(2).
         ok(Command::new("stat").arg("-f").arg(&mnt));
         ok(Command::new("test")
@@ -938,14 +939,7 @@ fn without_the_ring_the_view_is_served_through_dev_fuse() {
     let t = TempDir::new().unwrap();
     let (src, conf, pass, want) = ring_tree(t.path());
     let check = |name: &str, s: Served| -> String {
-        let mut got = manifest(&s.guard.path);
-        got.remove(&b"gocryptfs.conf"[..]);
-        mask_hardlinks(&mut got);
-        assert!(
-            diff(&want, &got).is_empty(),
-            "{name}: {}",
-            diff(&want, &got)
-        );
+        assert_shows(&want, &s.guard.path, name);
         s.end()
     };
 

@@ -404,6 +404,9 @@ impl Drop for MountedView {
     }
 }
 
+/// A mounted session, its view and its mountpoint's canonical path ([`new_session`]).
+type NewSession<T> = (Session<Served<T>>, Arc<VeilFs<T>>, PathBuf);
+
 /// The FUSE session serving `fs` at `mountpoint` (mounted), its read-ahead connected
 /// to the kernel's page cache before any request is served, the view, and the
 /// mountpoint's canonical path (found before the mount: afterwards, a look at it would
@@ -412,7 +415,7 @@ fn new_session<T: Tree>(
     fs: VeilFs<T>,
     mountpoint: &Path,
     access: &Access,
-) -> Result<(Session<Served<T>>, Arc<VeilFs<T>>, PathBuf), MountError> {
+) -> Result<NewSession<T>, MountError> {
     let canonical = fs::canonicalize(mountpoint).map_err(|e| MountError::Mount {
         path: mountpoint.into(),
         source: e,

@@ -17,7 +17,7 @@
 //! Where the kernel does not offer it, or `SNAPVEIL_FUSE_RING=off`, the mount is served
 //! by fuser's own loop, as it always was ([`super::mount`]).
 
-use super::answer::{Answer, EmptyReply, Fail, Wire};
+use super::answer::{Answer, DataReply, EmptyReply, Fail, Wire};
 use super::fuse::{init, VeilFs};
 use super::Tree;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -175,7 +175,7 @@ fn answer_init(
         flags2: if ring { flags::OVER_IO_URING_2 } else { 0 },
         ..InitOut::default()
     };
-    super::answer::DataReply::data(Answer::new(h.unique, reply.clone()), bytes_of(&out));
+    Answer::new(h.unique, reply.clone()).data(bytes_of(&out));
     // A kernel of a newer major version sends INIT again, in ours.
     if i.major > KERNEL_MAJOR {
         return Ok(None);

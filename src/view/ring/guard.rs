@@ -40,7 +40,7 @@ impl Guardian {
     pub fn spawn(mountpoint: &Path) -> std::io::Result<Guardian> {
         let path = mountpoint;
         let info = std::fs::read("/proc/self/mountinfo")?;
-        let Some(line) = mount_line(&info, &path) else {
+        let Some(line) = mount_line(&info, path) else {
             return Err(std::io::Error::other(format!(
                 "{}: not in /proc/self/mountinfo",
                 path.display()
@@ -92,14 +92,12 @@ fn mount_line(info: &[u8], path: &Path) -> Option<Vec<u8>> {
             _ => escaped.push(b),
         }
     }
-    info.split(|b| *b == b'\n')
-        .filter_map(|l| {
-            let f: Vec<&[u8]> = l.split(|b| *b == b' ').collect();
-            let fstype = f.iter().skip_while(|x| **x != b"-").nth(1)?;
-            (f.len() > 4 && f[4] == escaped.as_slice() && fstype.starts_with(b"fuse"))
-                .then(|| [b" ", f[2], b" ", f[3], b" ", f[4], b" "].concat())
-        })
-        .last()
+    info.split(|b| *b == b'\n').rev().find_map(|l| {
+        let f: Vec<&[u8]> = l.split(|b| *b == b' ').collect();
+        let fstype = f.iter().skip_while(|x| **x != b"-").nth(1)?;
+        (f.len() > 4 && f[4] == escaped.as_slice() && fstype.starts_with(b"fuse"))
+            .then(|| [b" ", f[2], b" ", f[3], b" ", f[4], b" "].concat())
+    })
 }
 
 /// The child: holds nothing but the pipe (not the FUSE device, which would keep the
