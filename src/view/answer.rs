@@ -1,6 +1,6 @@
 //! How the view answers a request, whichever transport carries it: fuser's reply types
 //! (its own `/dev/fuse` loop), or [`Answer`], which encodes the kernel's reply structs
-//! itself for [`super::ring`] (fuser's reply types cannot be given another sender: the
+//! itself for `view::ring` (fuser's reply types cannot be given another sender: the
 //! trait they take is not exported).
 //!
 //! One trait per kind of reply, with only what the view uses; the encoding follows

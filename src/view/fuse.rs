@@ -16,7 +16,7 @@
 //!
 //! The view's operations answer through [`super::answer`]'s reply traits, so the same
 //! code serves fuser's loop on `/dev/fuse` ([`Served`]) and FUSE over io_uring
-//! ([`super::ring`]). fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes
+//! (`view::ring`). fuser 0.15 reads `/dev/fuse` from one thread (`Session::run` takes
 //! `&mut self` and cloned device fds are not supported); the ring has a thread per CPU.
 //! Either way the work that costs (encrypting reads, opening source files) runs on the
 //! pool, so the loops only parse and dispatch.
@@ -445,7 +445,7 @@ impl<T: Tree> VeilFs<T> {
 }
 
 /// What the kernel is asked for at INIT, whichever transport serves the view
-/// ([`Served`] through fuser, or [`super::ring`]).
+/// ([`Served`] through fuser, or `view::ring`).
 pub(super) mod init {
     /// Large reads: fewer round trips, more blocks to encrypt in parallel per request
     /// (a READ then carries up to 1 MiB).
@@ -457,7 +457,7 @@ pub(super) mod init {
 }
 
 /// A view served by fuser's session loop: the loop owns its filesystem, so it gets a
-/// handle, and the view stays reachable for the other transport ([`super::ring`]).
+/// handle, and the view stays reachable for the other transport (`view::ring`).
 pub struct Served<T: Tree>(pub Arc<VeilFs<T>>);
 
 impl<T: Tree> Filesystem for Served<T> {

@@ -15,7 +15,7 @@
 //! through [`super::answer`].
 //!
 //! Where the kernel does not offer it, or `SNAPVEIL_FUSE_RING=off`, the mount is served
-//! by fuser's own loop, as it always was ([`super::mount`]).
+//! by fuser's own loop, as it always was (`view::mount`).
 
 use super::answer::{Answer, DataReply, EmptyReply, Fail, Wire};
 use super::fuse::{init, VeilFs};
