@@ -897,8 +897,8 @@ fn the_view_over_io_uring_serves_gocryptfs_bytes_through_the_ring() {
 }
 
 /// A view served over io_uring whose process is killed (SIGKILL) is unmounted all the
-/// same: fusermount3 leaves it (its open fails with ECONNABORTED, not ENOTCONN), the
-/// view's guardian does not.
+/// same, even mounted through a symlink: fusermount3 leaves it (its open fails with
+/// ECONNABORTED, not ENOTCONN), the view's guardian does not.
 #[test]
 fn a_killed_view_over_io_uring_is_unmounted() {
     let Some(_ring) = ring_on() else { return };
@@ -908,7 +908,11 @@ fn a_killed_view_over_io_uring_is_unmounted() {
     fs::write(src.join("d/f"), vec![7u8; 300_000]).unwrap();
     let (conf, pass) = (t.path().join("conf"), t.path().join("pass"));
     crate::util::init_key(&conf, &pass);
-    let mnt = t.path().join("m");
+    // Mounted through a symlink: the guardian knows the mount by its real path.
+    let real = t.path().join("m");
+    fs::create_dir(&real).unwrap();
+    let mnt = t.path().join("m-link");
+    std::os::unix::fs::symlink(&real, &mnt).unwrap();
     let mut s = Served::start(&conf, &pass, &src, &mnt, &["--frozen"], &[]);
     assert!(manifest(&mnt).len() > 3);
     s.child.kill().unwrap();

@@ -152,19 +152,43 @@ fn anchored(root: &Path, hidden: &[PathBuf]) -> Vec<String> {
     out
 }
 
-/// One line of /proc/self/mountinfo: (mountpoint, fstype).
-fn mounts() -> Vec<(PathBuf, String)> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+/// One line of /proc/self/mountinfo.
+struct MountLine {
+    point: PathBuf,
+    fstype: String,
+    /// " MAJ:MIN ROOT POINT " as the kernel writes it: what tells this very mount from
+    /// any other in the table (its device number is unique while it is mounted).
+    id: String,
+}
+
+fn mounts() -> Vec<MountLine> {
+    mount_lines(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+fn mount_lines(text: &str) -> Vec<MountLine> {
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
-            Some((
-                PathBuf::from(unescape(f.get(4)?)),
-                f.get(sep + 1)?.to_string(),
-            ))
+            Some(MountLine {
+                point: PathBuf::from(unescape(f.get(4)?)),
+                fstype: f.get(sep + 1)?.to_string(),
+                id: format!(" {} {} {} ", f.get(2)?, f.get(3)?, f[4]),
+            })
         })
         .collect()
+}
+
+/// The mount table's identity ([`MountLine::id`]) of the snapveil mount at `canonical`
+/// (the topmost there). Takes a canonical path and looks at nothing but the table: the
+/// mount may not answer yet.
+fn mount_id(text: &str, canonical: &Path) -> Option<String> {
+    mount_lines(text)
+        .into_iter()
+        .rev()
+        .find(|m| m.point == canonical)
+        .filter(|m| is_ours(&m.fstype))
+        .map(|m| m.id)
 }
 
 fn unescape(s: &str) -> String {
@@ -197,8 +221,8 @@ pub fn mounted_fstype(path: &Path) -> Option<String> {
     mounts()
         .into_iter()
         .rev()
-        .find(|(m, _)| *m == p)
-        .map(|(_, t)| t)
+        .find(|m| m.point == p)
+        .map(|m| m.fstype)
 }
 
 fn is_ours(fstype: &str) -> bool {
@@ -451,7 +475,11 @@ fn run_session<T: Tree>(
     if ring::wanted() {
         // fusermount3 would not unmount this view if the process were killed: without
         // a guardian, no ring.
-        match ring::Guardian::spawn(mountpoint) {
+        let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let guardian = mount_id(&table, mountpoint)
+            .ok_or_else(|| std::io::Error::other("not in /proc/self/mountinfo"))
+            .and_then(|id| ring::Guardian::spawn(mountpoint, &id));
+        match guardian {
             Ok(guardian) => {
                 let dev = session.as_fd().try_clone_to_owned()?;
                 let r = ring::serve(fs, dev, owner);
@@ -589,6 +617,26 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> Result<bool, MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mount is known by its own line: device, root and the mountpoint as the kernel
+    /// escapes it; the topmost of several at one path; none when another filesystem is
+    /// on top or there is none.
+    #[test]
+    fn a_mount_is_known_by_its_device_at_its_mountpoint() {
+        let table = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+            90 30 0:61 / /tmp/a\\040b rw,nosuid,relatime shared:50 - fuse.snapveil snapveil ro\n\
+            91 30 0:62 / /tmp/a\\040b rw,nosuid - fuse.snapveil snapveil ro\n\
+            92 30 7:1 / /tmp/c rw - btrfs /dev/loop1 rw\n\
+            93 30 0:63 / /tmp/d rw - fuse.snapveil snapveil ro\n\
+            94 30 7:2 / /tmp/d rw - btrfs /dev/loop2 rw\n";
+        assert_eq!(
+            mount_id(table, Path::new("/tmp/a b")).as_deref(),
+            Some(" 0:62 / /tmp/a\\040b ")
+        );
+        assert_eq!(mount_id(table, Path::new("/tmp/c")), None);
+        assert_eq!(mount_id(table, Path::new("/tmp/d")), None);
+        assert_eq!(mount_id(table, Path::new("/tmp/a")), None);
+    }
 
     /// The mount point and key directories below the source become anchored, escaped
     /// excludes; a key file in the root is hidden alone; paths outside hide nothing.

@@ -32,23 +32,17 @@ pub struct Guardian {
 const MOUNTINFO_MAX: usize = 1 << 20;
 
 impl Guardian {
-    /// Forks the guardian of the FUSE mount at `mountpoint` (canonical; mounted, maybe
-    /// not yet answering: nothing here asks it anything).
+    /// Forks the guardian of the FUSE mount at `mountpoint` (canonical), known in
+    /// `/proc/self/mountinfo` by `id` (the part of its line from the device number to
+    /// the mountpoint, with spaces around). Nothing here asks the mount anything: it may
+    /// not answer yet.
     ///
     /// # Errors
-    /// The mount not in the mount table, the pipe or the fork failing.
-    pub fn spawn(mountpoint: &Path) -> std::io::Result<Guardian> {
-        let path = mountpoint;
-        let info = std::fs::read("/proc/self/mountinfo")?;
-        let Some(line) = mount_line(&info, path) else {
-            return Err(std::io::Error::other(format!(
-                "{}: not in /proc/self/mountinfo",
-                path.display()
-            )));
-        };
+    /// The pipe or the fork failing.
+    pub fn spawn(mountpoint: &Path, id: &str) -> std::io::Result<Guardian> {
         // Everything the child needs is made before the fork: after it, in a process
         // with threads, the child may only make async-signal-safe calls.
-        let mnt = CString::new(path.as_os_str().as_bytes())
+        let mnt = CString::new(mountpoint.as_os_str().as_bytes())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut buf = vec![0u8; MOUNTINFO_MAX];
         let proc = c"/proc/self/mountinfo";
@@ -59,7 +53,7 @@ impl Guardian {
         // and never returns into Rust code.
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Child => unsafe {
-                watch(r.as_raw_fd(), &mnt, proc, &line, &mut buf)
+                watch(r.as_raw_fd(), &mnt, proc, id.as_bytes(), &mut buf)
             },
             nix::unistd::ForkResult::Parent { child } => {
                 drop(r);
@@ -77,27 +71,6 @@ impl Drop for Guardian {
         drop(self.alive.take());
         let _ = nix::sys::wait::waitpid(self.child, None);
     }
-}
-
-/// What identifies the FUSE mount at `path` in `/proc/self/mountinfo`: " MAJ:MIN ROOT
-/// PATH " from its line (the last one at that path: the topmost mount), with the path
-/// escaped as the kernel escapes it.
-fn mount_line(info: &[u8], path: &Path) -> Option<Vec<u8>> {
-    let mut escaped = Vec::new();
-    for &b in path.as_os_str().as_bytes() {
-        match b {
-            b' ' | b'\t' | b'\n' | b'\\' => {
-                escaped.extend_from_slice(format!("\\{b:03o}").as_bytes())
-            }
-            _ => escaped.push(b),
-        }
-    }
-    info.split(|b| *b == b'\n').rev().find_map(|l| {
-        let f: Vec<&[u8]> = l.split(|b| *b == b' ').collect();
-        let fstype = f.iter().skip_while(|x| **x != b"-").nth(1)?;
-        (f.len() > 4 && f[4] == escaped.as_slice() && fstype.starts_with(b"fuse"))
-            .then(|| [b" ", f[2], b" ", f[3], b" ", f[4], b" "].concat())
-    })
 }
 
 /// The child: holds nothing but the pipe (not the FUSE device, which would keep the
@@ -146,26 +119,5 @@ unsafe fn watch(
             }
         }
         libc::_exit(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The mount is found by its own line: device, root and escaped mountpoint, a FUSE
-    /// type, the topmost of several at one path; other filesystems there are not it.
-    #[test]
-    fn a_mount_is_known_by_its_device_at_its_mountpoint() {
-        let info = b"22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
-            90 30 0:61 / /tmp/a\\040b rw,nosuid,nodev,relatime shared:50 - fuse.snapveil snapveil ro,user_id=0\n\
-            91 30 0:62 / /tmp/a\\040b rw,nosuid - fuse.snapveil snapveil ro\n\
-            92 30 7:1 / /tmp/c rw - btrfs /dev/loop1 rw\n";
-        assert_eq!(
-            mount_line(info, Path::new("/tmp/a b")).unwrap(),
-            b" 0:62 / /tmp/a\\040b ".to_vec()
-        );
-        assert_eq!(mount_line(info, Path::new("/tmp/c")), None);
-        assert_eq!(mount_line(info, Path::new("/tmp/a")), None);
     }
 }
