@@ -8,7 +8,7 @@ use crate::util::btrfs::BtrfsLoop;
 use crate::util::fuse::{gocryptfs_forward, is_mounted};
 use crate::util::setup::{random, wait_for, write, Setup};
 use crate::util::sshd::Sshd;
-use crate::util::{bin, describe, ok, require_tool};
+use crate::util::{bin, describe, ok, readme, require_tool};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -18,10 +18,6 @@ use std::time::Duration;
 
 /// The unprivileged backup-server account.
 const NOBODY: u32 = 65534;
-
-fn readme() -> String {
-    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
-}
 
 /// The README's first line starting with `start`.
 fn readme_line(start: &str) -> String {

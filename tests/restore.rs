@@ -230,8 +230,7 @@ fn regular_files(t: &Tree) -> usize {
 
 /// The README's whole-source restore command line (the one naming `/`), as words.
 fn readme_restore_command() -> Vec<String> {
-    let readme =
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = crate::util::readme();
     let line = readme
         .lines()
         .find(|l| l.starts_with("snapveil restore ") && l.contains(" / "))

@@ -4,7 +4,9 @@
 
 use crate::util::fuse::{gocryptfs_forward, gocryptfs_reverse, is_mounted, snapveil_mount};
 use crate::util::tree::{diff, make_edge_tree, manifest, Manifest};
-use crate::util::{bin, describe, fails, ok, passfile, private_copy, require_tool, shared};
+use crate::util::{
+    bin, describe, fails, missing, ok, passfile, private_copy, require_tool, shared,
+};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -404,36 +406,11 @@ fn a_frozen_view_reads_ahead_and_serves_the_same_bytes_as_gocryptfs() {
 
     // Serial, in name order, on a foreground mount whose debug log counts the hits.
     let mnt = t.path().join("s");
-    fs::create_dir(&mnt).unwrap();
-    let guard = crate::util::fuse::Mounted { path: mnt.clone() };
-    let log = t.path().join("mount.log");
-    let mut child = Command::new(bin())
-        .args(["mount", "--frozen", "--config"])
-        .arg(&conf)
-        .arg("--passfile")
-        .arg(&pass)
-        .arg(&src)
-        .arg(&mnt)
-        .env("SNAPVEIL_LOG", "snapveil=debug")
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !is_mounted(&mnt) {
-        assert!(std::time::Instant::now() < deadline, "mount never appeared");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let served = Served::start(&conf, &pass, &src, &mnt, &["--frozen"], &[]);
     let mut got = manifest(&mnt);
     got.remove(&b"gocryptfs.conf"[..]); // ours shows the key config, gocryptfs with -config does not
     assert!(diff(&want, &got).is_empty(), "{}", diff(&want, &got));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
-    drop(guard);
-    let log = fs::read_to_string(&log).unwrap();
+    let log = served.end();
     let figure = |name: &str| -> usize {
         log.lines()
             .find(|l| l.contains("read ahead ended"))
@@ -716,10 +693,10 @@ struct Knob {
 }
 
 impl Knob {
-    /// Sets `path` to `value`; `None` when the kernel has no such setting.
-    fn set(path: &'static str, value: &str) -> Option<Knob> {
+    /// Remembers `path`'s value, put back on drop; `None` when the kernel has no such
+    /// setting.
+    fn keep(path: &'static str) -> Option<Knob> {
         let was = fs::read_to_string(path).ok()?;
-        fs::write(path, value).unwrap_or_else(|e| panic!("setting {path}: {e}"));
         Some(Knob {
             path,
             was: was.trim().to_string(),
@@ -734,23 +711,28 @@ impl Drop for Knob {
 }
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+/// The README's line that turns the kernel's FUSE over io_uring on, run as written.
+const RING_ON: &str = "echo Y > /sys/module/fuse/parameters/enable_uring";
 
 /// FUSE over io_uring turned on for the test. `None` (and the test skipped) only with
 /// SNAPVEIL_TEST_SKIP_MISSING=1 on a kernel without it (before 6.14): a silent skip
 /// would pass vacuously.
 fn ring_on() -> Option<Knob> {
-    let k = Knob::set(ENABLE_URING, "Y");
-    if k.is_none() {
-        if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
-            eprintln!("SKIP: this kernel has no FUSE over io_uring ({ENABLE_URING})");
-            return None;
-        }
-        panic!("this kernel has no FUSE over io_uring ({ENABLE_URING}); set SNAPVEIL_TEST_SKIP_MISSING=1 locally");
-    }
-    k
+    let Some(k) = Knob::keep(ENABLE_URING) else {
+        missing(&format!(
+            "this kernel has no FUSE over io_uring ({ENABLE_URING})"
+        ));
+        return None;
+    };
+    assert!(
+        crate::util::readme().contains(RING_ON),
+        "README lacks {RING_ON:?}"
+    );
+    ok(Command::new("sh").args(["-c", RING_ON]));
+    Some(k)
 }
 
-/// `snapveil mount` in the foreground with a debug log, for `ring_figures`; ended
+/// `snapveil mount` in the foreground with a debug log (read-ahead and ring figures); ended
 /// with SIGTERM by [`Served::end`].
 struct Served {
     child: std::process::Child,
@@ -963,8 +945,9 @@ fn without_the_ring_the_view_is_served_through_dev_fuse() {
     assert_eq!(ring_figures(&log), None);
 
     let refused = {
-        let _no_uring = Knob::set("/proc/sys/kernel/io_uring_disabled", "2")
-            .expect("this kernel has kernel.io_uring_disabled");
+        let no_uring = "/proc/sys/kernel/io_uring_disabled";
+        let _was = Knob::keep(no_uring).expect("this kernel has kernel.io_uring_disabled");
+        fs::write(no_uring, "2").unwrap();
         Served::start(
             &conf,
             &pass,

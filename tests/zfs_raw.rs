@@ -60,8 +60,7 @@ fn mounted_tree(pool: &ZfsPool, ds: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 fn readme_age_lines() -> Vec<String> {
-    let readme =
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = crate::util::readme();
     let v: Vec<String> = readme
         .lines()
         .filter(|l| l.starts_with("age -d -i "))
@@ -258,8 +257,7 @@ fn raw_age_streams_restore_with_snapveil_and_stock_age_and_refuse_alterations() 
 
 /// The README's `snapveil SUBCOMMAND db ...` line, as arguments after `snapveil`.
 fn readme_snapveil_line(start: &str) -> Vec<String> {
-    let readme =
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = crate::util::readme();
     let line = readme
         .lines()
         .find(|l| l.starts_with(start))

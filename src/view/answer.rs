@@ -45,18 +45,20 @@ pub trait EmptyReply: Fail {
 
 /// A STATFS's reply.
 pub trait StatfsReply: Fail {
-    #[allow(clippy::too_many_arguments)]
-    fn statfs(
-        self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    );
+    fn statfs(self, s: &Statfs);
+}
+
+/// What STATFS answers (`struct statfs`'s counts and sizes).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
 }
 
 /// A READDIR's reply: entries while they fit (`add` returns true when full).
@@ -133,19 +135,9 @@ impl EmptyReply for fuser::ReplyEmpty {
 }
 
 impl StatfsReply for fuser::ReplyStatfs {
-    fn statfs(
-        self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
+    fn statfs(self, s: &Statfs) {
         fuser::ReplyStatfs::statfs(
-            self, blocks, bfree, bavail, files, ffree, bsize, namelen, frsize,
+            self, s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
         )
     }
 }
@@ -233,16 +225,9 @@ impl<S: Wire> Answer<S> {
         }
     }
 
-    fn push_dirent(&mut self, parts: [&[u8]; 2]) -> bool {
-        let len = parts[0].len() + parts[1].len();
-        let padded = len.next_multiple_of(8);
-        if self.dir.len() + padded > self.max {
-            return true;
-        }
-        self.dir.extend_from_slice(parts[0]);
-        self.dir.extend_from_slice(parts[1]);
-        self.dir.resize(self.dir.len() + padded - len, 0);
-        false
+    /// Whether an entry of `len` bytes (8-byte aligned in the listing) still fits.
+    fn fits(&self, len: usize) -> bool {
+        self.dir.len() + len.next_multiple_of(8) <= self.max
     }
 
     fn send_listing(mut self) {
@@ -273,7 +258,9 @@ impl<S: Wire> Fail for Answer<S> {
 
 impl<S: Wire> EntryReply for Answer<S> {
     fn entry(self, ttl: &Duration, attr: &FileAttr, generation: u64) {
-        self.send(0, &[&entry_out(ttl, attr, generation)])
+        let mut b = Vec::with_capacity(ENTRY_OUT);
+        entry_out(&mut b, ttl, attr, generation);
+        self.send(0, &[&b])
     }
 }
 
@@ -310,34 +297,26 @@ impl<S: Wire> EmptyReply for Answer<S> {
 }
 
 impl<S: Wire> StatfsReply for Answer<S> {
-    fn statfs(
-        self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
-        let mut b = Vec::with_capacity(80);
-        for v in [blocks, bfree, bavail, files, ffree] {
+    fn statfs(self, s: &Statfs) {
+        let mut b = Vec::with_capacity(STATFS_OUT);
+        for v in [s.blocks, s.bfree, s.bavail, s.files, s.ffree] {
             b.extend_from_slice(&v.to_ne_bytes());
         }
-        for v in [bsize, namelen, frsize, 0] {
+        for v in [s.bsize, s.namelen, s.frsize] {
             b.extend_from_slice(&v.to_ne_bytes());
         }
-        b.resize(80, 0);
+        b.resize(STATFS_OUT, 0);
         self.send(0, &[&b])
     }
 }
 
 impl<S: Wire> DirReply for Answer<S> {
     fn add(&mut self, ino: u64, offset: i64, kind: FileType, name: &OsStr) -> bool {
-        let mut h = [0u8; DIRENT];
-        dirent(&mut h, ino, offset, kind, name);
-        self.push_dirent([&h, name.as_bytes()])
+        if !self.fits(DIRENT + name.len()) {
+            return true;
+        }
+        dirent(&mut self.dir, ino, offset, kind, name);
+        false
     }
 
     fn done(self) {
@@ -355,12 +334,13 @@ impl<S: Wire> DirPlusReply for Answer<S> {
         attr: &FileAttr,
         generation: u64,
     ) -> bool {
+        if !self.fits(ENTRY_OUT + DIRENT + name.len()) {
+            return true;
+        }
         // As fuser: the entry's node is its attributes' inode.
-        let mut h = entry_out(ttl, attr, generation);
-        let mut d = [0u8; DIRENT];
-        dirent(&mut d, attr.ino, offset, attr.kind, name);
-        h.extend_from_slice(&d);
-        self.push_dirent([&h, name.as_bytes()])
+        entry_out(&mut self.dir, ttl, attr, generation);
+        dirent(&mut self.dir, attr.ino, offset, attr.kind, name);
+        false
     }
 
     fn done(self) {
@@ -374,17 +354,16 @@ const ATTR: usize = 88;
 const ATTR_OUT: usize = 16 + ATTR;
 const ENTRY_OUT: usize = 40 + ATTR;
 const DIRENT: usize = 24;
+const STATFS_OUT: usize = 80;
 
-/// `fuse_entry_out`.
-fn entry_out(ttl: &Duration, attr: &FileAttr, generation: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(ENTRY_OUT + DIRENT);
+/// `fuse_entry_out`, appended.
+fn entry_out(b: &mut Vec<u8>, ttl: &Duration, attr: &FileAttr, generation: u64) {
     for v in [attr.ino, generation, ttl.as_secs(), ttl.as_secs()] {
         b.extend_from_slice(&v.to_ne_bytes());
     }
     b.extend_from_slice(&ttl.subsec_nanos().to_ne_bytes());
     b.extend_from_slice(&ttl.subsec_nanos().to_ne_bytes());
-    fuse_attr(&mut b, attr);
-    b
+    fuse_attr(b, attr);
 }
 
 /// `fuse_attr`, appended.
@@ -414,12 +393,15 @@ fn fuse_attr(b: &mut Vec<u8>, a: &FileAttr) {
     }
 }
 
-/// `fuse_dirent`'s header: `name` follows.
-fn dirent(h: &mut [u8; DIRENT], ino: u64, offset: i64, kind: FileType, name: &OsStr) {
-    h[0..8].copy_from_slice(&ino.to_ne_bytes());
-    h[8..16].copy_from_slice(&offset.to_ne_bytes());
-    h[16..20].copy_from_slice(&(name.len() as u32).to_ne_bytes());
-    h[20..24].copy_from_slice(&(mode(kind) >> 12).to_ne_bytes());
+/// `fuse_dirent` with `name`, padded to 8 bytes, appended.
+fn dirent(b: &mut Vec<u8>, ino: u64, offset: i64, kind: FileType, name: &OsStr) {
+    let start = b.len();
+    b.extend_from_slice(&ino.to_ne_bytes());
+    b.extend_from_slice(&offset.to_ne_bytes());
+    b.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&(mode(kind) >> 12).to_ne_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.resize(start + (b.len() - start).next_multiple_of(8), 0);
 }
 
 /// Seconds and nanoseconds since the epoch, negative seconds before it (as fuser).

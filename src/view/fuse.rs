@@ -22,7 +22,8 @@
 //! pool, so the loops only parse and dispatch.
 
 use super::answer::{
-    AttrReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply, StatfsReply,
+    AttrReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply, Statfs,
+    StatfsReply,
 };
 use super::{Attr, Kind, Tree, ROOT_INO};
 use fuser::{
@@ -432,7 +433,12 @@ impl<T: Tree> VeilFs<T> {
     }
 
     pub(super) fn statfs(&self, reply: impl StatfsReply) {
-        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+        reply.statfs(&Statfs {
+            bsize: 4096,
+            namelen: 255,
+            frsize: 4096,
+            ..Statfs::default()
+        });
     }
 
     pub(super) fn access(&self, mask: i32, reply: impl EmptyReply) {

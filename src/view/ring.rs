@@ -369,7 +369,8 @@ struct Queue {
 struct Ent {
     headers: Box<UnsafeCell<Headers>>,
     payload: Payload,
-    iov: Box<[libc::iovec; 2]>,
+    /// What REGISTER hands the kernel: the two buffers' places (read then, not kept).
+    iov: [libc::iovec; 2],
 }
 
 /// A payload buffer: zeroed memory that the kernel and the entry's reply write through
@@ -425,7 +426,7 @@ impl Queue {
             .map(|_| {
                 let headers = Box::new(UnsafeCell::new(Headers::default()));
                 let payload = Payload::new(payload_len)?;
-                let iov = Box::new([
+                let iov = [
                     libc::iovec {
                         iov_base: headers.get().cast(),
                         iov_len: size_of::<Headers>(),
@@ -434,7 +435,7 @@ impl Queue {
                         iov_base: payload.ptr.cast(),
                         iov_len: payload.len,
                     },
-                ]);
+                ];
                 Ok(Ent {
                     headers,
                     payload,
@@ -891,18 +892,26 @@ struct CmdReq {
 /// # Safety
 /// Only for `repr(C)` structs of integers (and arrays of them) without padding.
 unsafe trait Pod: Copy {}
-unsafe impl Pod for InHeader {}
-unsafe impl Pod for InitIn {}
-unsafe impl Pod for InitOut {}
-unsafe impl Pod for ForgetIn {}
-unsafe impl Pod for BatchForgetIn {}
-unsafe impl Pod for ForgetOne {}
-unsafe impl Pod for GetattrIn {}
-unsafe impl Pod for OpenIn {}
-unsafe impl Pod for ReadIn {}
-unsafe impl Pod for ReleaseIn {}
-unsafe impl Pod for AccessIn {}
-unsafe impl Pod for CmdReq {}
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: a `repr(C)` struct of integers without padding (sizes pinned in tests).
+        unsafe impl Pod for $t {}
+    )*};
+}
+pod!(
+    InHeader,
+    InitIn,
+    InitOut,
+    ForgetIn,
+    BatchForgetIn,
+    ForgetOne,
+    GetattrIn,
+    OpenIn,
+    ReadIn,
+    ReleaseIn,
+    AccessIn,
+    CmdReq
+);
 
 /// The `T` at the start of `b`, if `b` holds one.
 fn pod<T: Pod>(b: &[u8]) -> Option<T> {

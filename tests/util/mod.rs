@@ -63,14 +63,24 @@ pub fn require_tool(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !found {
-        if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
-            eprintln!("SKIP: {tool} not installed");
-            return false;
-        }
-        panic!("{tool} is not installed: run `make deps` (or set SNAPVEIL_TEST_SKIP_MISSING=1 locally)");
+    found || missing(&format!("{tool} is not installed: run `make deps`"))
+}
+
+/// What a test does when something it needs is not here (`what`, with what to do):
+/// fails, unless SNAPVEIL_TEST_SKIP_MISSING=1 is set (never in CI), when it says so and
+/// returns false for the test to return.
+pub fn missing(what: &str) -> bool {
+    if std::env::var("SNAPVEIL_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+        eprintln!("SKIP: {what}");
+        return false;
     }
-    true
+    panic!("{what} (or set SNAPVEIL_TEST_SKIP_MISSING=1 locally)");
+}
+
+/// The README, whose command lines tests run as written.
+pub fn readme() -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .unwrap()
 }
 
 pub mod fuse;

@@ -163,7 +163,17 @@ fn a_listing_plus_entry_carries_its_attributes() {
 #[test]
 fn statfs_and_open_have_the_kernels_sizes() {
     let c = Capture::default();
-    Answer::new(1, c.clone()).statfs(1, 2, 3, 4, 5, 4096, 255, 4096);
+    let fs = Statfs {
+        blocks: 1,
+        bfree: 2,
+        bavail: 3,
+        files: 4,
+        ffree: 5,
+        bsize: 4096,
+        namelen: 255,
+        frsize: 4096,
+    };
+    Answer::new(1, c.clone()).statfs(&fs);
     let b = c.one();
     assert_eq!(b.len(), OUT_HEADER + 80);
     assert_eq!(u32_at(&b, OUT_HEADER + 40), 4096);
